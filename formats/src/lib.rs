@@ -1,0 +1,1 @@
+//! The `.smolmachine` file format and the trailer of packed executables.

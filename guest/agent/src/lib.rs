@@ -1,0 +1,1 @@
+//! The agent protocol, the agent itself and the host-side client.

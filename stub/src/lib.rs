@@ -1,0 +1,3 @@
+//! The smolvm VMM runtime.
+
+pub mod devices;
