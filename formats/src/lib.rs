@@ -1,1 +1,200 @@
 //! The `.smolmachine` file format and the trailer of packed executables.
+//!
+//! A `.smolmachine` is a 64-byte header, sections, and a section table; `docs/FORMAT.md`
+//! specifies every byte. The parts that matter to callers:
+//!
+//! * [`MachineWriter`] streams a machine to disk atomically: `create`, then `add_manifest`,
+//!   `add_blob(SectionKind::VmState, ..)`, `add_memory(&[GuestRegion])`, `add_disk`, then
+//!   `finish`. Guest memory and disks are scanned in granules (4 KiB by default) and only
+//!   non-zero runs are stored, each region's data starting [`DATA_ALIGN`]-aligned.
+//! * [`MachineReader`] opens a `.smolmachine` or a packed executable, checks the header and
+//!   table checksum, and exposes [`MemoryLayout`]: per region, sorted runs that are either
+//!   zero or data at an absolute `file_offset` in [`MachineReader::file`] that the VMM can
+//!   `mmap(MAP_PRIVATE)` in place. Compressed memory is not mappable; the VMM then calls
+//!   [`MachineReader::read_memory_region`]. [`MachineReader::verify`] checks every checksum.
+//! * [`trailer`] packs and locates the payload of `stub ‖ padding ‖ machine ‖ trailer`.
+//!
+//! The reader never panics on bad input and never allocates more than the caps below (or
+//! the file's own size) allow; every offset is bounds-checked before use.
+
+mod atomic;
+mod error;
+mod image;
+mod layout;
+mod manifest;
+mod reader;
+mod source;
+pub mod trailer;
+mod writer;
+
+use std::fmt;
+
+pub use error::{Error, Result};
+pub use image::{
+    MAX_GRANULE, MAX_IMAGE_SIZE, MAX_INDEX_LEN, MAX_NAME_LEN, MAX_REGIONS, MIN_GRANULE,
+};
+pub use layout::{
+    Header, ENTRY_LEN, HEADER_LEN, MACHINE_MAGIC, SECTION_ALIGN, VERSION_MAJOR, VERSION_MINOR,
+};
+pub use manifest::{Manifest, MAX_MANIFEST_LEN};
+pub use reader::{
+    DiskLayout, MachineReader, MemRun, MemoryLayout, RegionLayout, SectionEntry, VerifyReport,
+};
+pub use source::ReadAt;
+pub use trailer::Trailer;
+pub use writer::{GuestRegion, MachineWriter, DEFAULT_GRANULE, DEFAULT_ZSTD_LEVEL};
+
+/// Alignment of every uncompressed memory region's and disk's data in the file (and of the
+/// payload inside a packed executable): a multiple of 4 KiB, 16 KiB and 64 KiB host pages.
+pub const DATA_ALIGN: u64 = 65536;
+/// Most sections a reader accepts.
+pub const MAX_SECTIONS: u32 = 1024;
+/// Largest blob (e.g. VM state) read in full, stored or decompressed.
+pub const MAX_BLOB_LEN: u64 = 256 << 20;
+
+/// Guest CPU architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// Code stored in the header.
+    pub fn code(self) -> u16 {
+        match self {
+            Arch::X86_64 => 1,
+            Arch::Aarch64 => 2,
+        }
+    }
+    /// Decodes a header code.
+    pub fn from_code(code: u16) -> Option<Arch> {
+        match code {
+            1 => Some(Arch::X86_64),
+            2 => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+    /// The architecture this program runs on, if supported.
+    pub fn host() -> Option<Arch> {
+        if cfg!(target_arch = "x86_64") {
+            Some(Arch::X86_64)
+        } else if cfg!(target_arch = "aarch64") {
+            Some(Arch::Aarch64)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        })
+    }
+}
+
+/// How a section's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    /// Raw: memory and disks can be mapped straight from the file.
+    None,
+    /// zstd frames: smaller for distribution, must be decompressed to read.
+    Zstd,
+}
+
+impl Compression {
+    /// Code stored in the table.
+    pub fn code(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Zstd => 1,
+        }
+    }
+    /// Decodes a table code.
+    pub fn from_code(code: u8) -> Option<Compression> {
+        match code {
+            0 => Some(Compression::None),
+            1 => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+/// What a section holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SectionKind {
+    /// JSON [`Manifest`].
+    Manifest,
+    /// VM, vCPU and device state: an opaque, versioned blob owned by the VMM.
+    VmState,
+    /// Guest memory: regions with a zero-run map.
+    Memory,
+    /// A disk image with a zero-run map; there may be several.
+    Disk,
+    /// A kind this build does not know (listed, never interpreted).
+    Unknown(u32),
+}
+
+impl SectionKind {
+    /// Code stored in the table.
+    pub fn code(self) -> u32 {
+        match self {
+            SectionKind::Manifest => 1,
+            SectionKind::VmState => 2,
+            SectionKind::Memory => 3,
+            SectionKind::Disk => 4,
+            SectionKind::Unknown(c) => c,
+        }
+    }
+    /// Decodes a table code.
+    pub fn from_code(code: u32) -> SectionKind {
+        match code {
+            1 => SectionKind::Manifest,
+            2 => SectionKind::VmState,
+            3 => SectionKind::Memory,
+            4 => SectionKind::Disk,
+            c => SectionKind::Unknown(c),
+        }
+    }
+    /// Kinds that may appear at most once.
+    pub fn is_singleton(self) -> bool {
+        matches!(
+            self,
+            SectionKind::Manifest | SectionKind::VmState | SectionKind::Memory
+        )
+    }
+    /// Kinds stored as an image (region data + run map).
+    pub fn is_image(self) -> bool {
+        matches!(self, SectionKind::Memory | SectionKind::Disk)
+    }
+    pub(crate) fn static_name(self) -> &'static str {
+        match self {
+            SectionKind::Manifest => "manifest",
+            SectionKind::VmState => "vm-state",
+            SectionKind::Memory => "memory",
+            SectionKind::Disk => "disk",
+            SectionKind::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for SectionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SectionKind::Unknown(c) => write!(f, "unknown({c})"),
+            k => f.write_str(k.static_name()),
+        }
+    }
+}

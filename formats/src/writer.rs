@@ -1,0 +1,616 @@
+//! Streaming, atomic `.smolmachine` writer.
+//!
+//! Sections are written one after another in a single pass; guest memory and disks are scanned
+//! granule by granule and only non-zero runs are written, straight from the caller's memory or
+//! a bounded read buffer, so a whole image is never held in RAM. The table goes at the end and
+//! the header is written last, at offset 0, once everything else is known.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::atomic::AtomicFile;
+use crate::error::{Error, Result};
+use crate::image::{self, encode_index, Extent, RegionRec};
+use crate::layout::{
+    align_up, Header, RawEntry, ENTRY_LEN, HEADER_LEN, SECTION_ALIGN, SECTION_FLAG_REQUIRED,
+    VERSION_MAJOR, VERSION_MINOR,
+};
+use crate::manifest::Manifest;
+use crate::source::{read_exact_at, CHUNK};
+use crate::{Arch, Compression, SectionKind, DATA_ALIGN, MAX_BLOB_LEN, MAX_SECTIONS};
+
+/// Default zero-elision granule: the smallest host page size.
+pub const DEFAULT_GRANULE: u32 = 4096;
+/// Default zstd level: fast, and most of the gain on memory images comes from zero pages.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+static ZEROS: [u8; DATA_ALIGN as usize] = [0u8; DATA_ALIGN as usize];
+
+/// One guest memory region as the VMM sees it: guest-physical base and the host mapping.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRegion<'a> {
+    pub guest_addr: u64,
+    pub data: &'a [u8],
+}
+
+/// Output with position tracking and the running hashes of the current section and region.
+struct Out {
+    w: BufWriter<File>,
+    pos: u64,
+    section: Option<Xxh3>,
+    region: Option<Xxh3>,
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.w.write(buf)?;
+        if let Some(h) = &mut self.section {
+            h.update(&buf[..n]);
+        }
+        if let Some(h) = &mut self.region {
+            h.update(&buf[..n]);
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+impl Out {
+    fn pad_to(&mut self, align: u64) -> io::Result<()> {
+        let target = align_up(self.pos, align)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        while self.pos < target {
+            let n = ((target - self.pos) as usize).min(ZEROS.len());
+            self.write_all(&ZEROS[..n])?;
+        }
+        Ok(())
+    }
+}
+
+/// True if every byte is zero; word-at-a-time so it runs near memory bandwidth.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            acc |= u64::from_ne_bytes(a);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&x| x == 0)
+}
+
+enum Sink<'o> {
+    Raw(&'o mut Out),
+    Zstd(zstd::stream::write::Encoder<'static, &'o mut Out>),
+}
+
+/// Receives a region's bytes in order and writes only the non-zero granules.
+struct RegionEmitter<'o> {
+    sink: Sink<'o>,
+    granule: u64,
+    extents: Vec<Extent>,
+    data_len: u64,
+    max_extents: usize,
+}
+
+impl<'o> RegionEmitter<'o> {
+    fn new(
+        out: &'o mut Out,
+        codec: Compression,
+        level: i32,
+        granule: u32,
+        max_extents: usize,
+    ) -> Result<Self> {
+        let sink = match codec {
+            Compression::None => Sink::Raw(out),
+            Compression::Zstd => Sink::Zstd(
+                zstd::stream::write::Encoder::new(out, level)
+                    .map_err(|e| Error::io("starting zstd stream", e))?,
+            ),
+        };
+        Ok(RegionEmitter {
+            sink,
+            granule: u64::from(granule),
+            extents: Vec::new(),
+            data_len: 0,
+            max_extents,
+        })
+    }
+
+    /// Feeds bytes starting at region offset `offset` (a granule multiple, increasing).
+    fn feed(&mut self, offset: u64, chunk: &[u8]) -> Result<()> {
+        let g = self.granule as usize;
+        let mut i = 0usize;
+        while i < chunk.len() {
+            // Skip zero granules.
+            while i < chunk.len() && is_zero(&chunk[i..(i + g).min(chunk.len())]) {
+                i += g;
+            }
+            if i >= chunk.len() {
+                break;
+            }
+            let start = i;
+            while i < chunk.len() && !is_zero(&chunk[i..(i + g).min(chunk.len())]) {
+                i += g;
+            }
+            let end = i.min(chunk.len());
+            let off = offset + start as u64;
+            let len = (end - start) as u64;
+            match self.extents.last_mut() {
+                Some(last) if last.offset + last.len == off => last.len += len,
+                _ => {
+                    if self.extents.len() >= self.max_extents {
+                        return Err(Error::InvalidInput(
+                            "image is too fragmented for the extent map limit; use a larger granule"
+                                .into(),
+                        ));
+                    }
+                    self.extents.push(Extent { offset: off, len });
+                }
+            }
+            self.data_len += len;
+            let bytes = &chunk[start..end];
+            match &mut self.sink {
+                Sink::Raw(o) => o.write_all(bytes),
+                Sink::Zstd(e) => e.write_all(bytes),
+            }
+            .map_err(|e| Error::io("writing image data", e))?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(Vec<Extent>, u64)> {
+        if let Sink::Zstd(enc) = self.sink {
+            enc.finish()
+                .map_err(|e| Error::io("finishing zstd stream", e))?;
+        }
+        Ok((self.extents, self.data_len))
+    }
+}
+
+/// Streams a `.smolmachine` to a temp file and renames it into place on [`finish`].
+///
+/// Dropping the writer without calling `finish` deletes the temp file.
+///
+/// [`finish`]: MachineWriter::finish
+pub struct MachineWriter {
+    file: AtomicFile,
+    out: Out,
+    arch: Arch,
+    entries: Vec<RawEntry>,
+    granule: u32,
+    zstd_level: i32,
+    failed: bool,
+}
+
+impl std::fmt::Debug for MachineWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineWriter")
+            .field("tmp", &self.file.tmp_path())
+            .field("arch", &self.arch)
+            .field("sections", &self.entries.len())
+            .finish()
+    }
+}
+
+impl MachineWriter {
+    /// Starts a machine for `arch` that will appear at `path` when finished.
+    pub fn create(path: &Path, arch: Arch) -> Result<MachineWriter> {
+        let file = AtomicFile::create(path)?;
+        let dup = file
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io("duplicating output handle", e))?;
+        let mut out = Out {
+            w: BufWriter::with_capacity(CHUNK, dup),
+            pos: 0,
+            section: None,
+            region: None,
+        };
+        // Placeholder; the real header is written at offset 0 by `finish`.
+        out.write_all(&[0u8; HEADER_LEN as usize])
+            .map_err(|e| Error::io(format!("writing {}", file.tmp_path().display()), e))?;
+        Ok(MachineWriter {
+            file,
+            out,
+            arch,
+            entries: Vec::new(),
+            granule: DEFAULT_GRANULE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            failed: false,
+        })
+    }
+
+    /// Sets the zero-elision granule for memory and disks written after this call (a power of
+    /// two in 4096..=65536). Use the largest host page size the file must be mappable on.
+    pub fn set_granule(&mut self, granule: u32) -> Result<()> {
+        if !granule.is_power_of_two()
+            || !(image::MIN_GRANULE..=image::MAX_GRANULE).contains(&granule)
+        {
+            return Err(Error::InvalidInput(format!(
+                "granule {granule} must be a power of two in 4096..=65536"
+            )));
+        }
+        self.granule = granule;
+        Ok(())
+    }
+
+    /// Sets the zstd level used by sections written with [`Compression::Zstd`].
+    pub fn set_zstd_level(&mut self, level: i32) {
+        self.zstd_level = level;
+    }
+
+    /// Adds the manifest (required, exactly once).
+    pub fn add_manifest(&mut self, manifest: &Manifest) -> Result<()> {
+        let json = manifest.to_json()?;
+        self.add_section(SectionKind::Manifest, true, &json, Compression::None)
+    }
+
+    /// Adds an opaque blob such as the VM and vCPU state. `kind` must not be `Manifest`,
+    /// `Memory` or `Disk` (they have their own methods); known kinds are marked required.
+    pub fn add_blob(
+        &mut self,
+        kind: SectionKind,
+        data: &[u8],
+        compression: Compression,
+    ) -> Result<()> {
+        let required = !matches!(kind, SectionKind::Unknown(_));
+        self.add_blob_with(kind, data, compression, required)
+    }
+
+    /// Like [`add_blob`](Self::add_blob) with an explicit required flag; an optional section
+    /// of a kind a reader does not know is skipped by that reader instead of refused.
+    pub fn add_blob_with(
+        &mut self,
+        kind: SectionKind,
+        data: &[u8],
+        compression: Compression,
+        required: bool,
+    ) -> Result<()> {
+        match kind {
+            SectionKind::Manifest | SectionKind::Memory | SectionKind::Disk => {
+                return Err(Error::InvalidInput(format!(
+                    "{kind} sections have a dedicated writer method"
+                )))
+            }
+            SectionKind::Unknown(code) if SectionKind::from_code(code) != kind => {
+                return Err(Error::InvalidInput(format!(
+                    "section code {code} is a known kind; use that kind"
+                )))
+            }
+            _ => {}
+        }
+        self.add_section(kind, required, data, compression)
+    }
+
+    fn check_can_add(&self, kind: SectionKind) -> Result<()> {
+        if self.failed {
+            return Err(Error::InvalidInput(
+                "an earlier write failed; start a new writer".into(),
+            ));
+        }
+        if self.entries.len() >= MAX_SECTIONS as usize {
+            return Err(Error::InvalidInput(format!(
+                "a .smolmachine holds at most {MAX_SECTIONS} sections"
+            )));
+        }
+        if kind.is_singleton() && self.entries.iter().any(|e| e.kind() == kind) {
+            return Err(Error::InvalidInput(format!(
+                "the machine already has a {kind} section"
+            )));
+        }
+        Ok(())
+    }
+
+    fn add_section(
+        &mut self,
+        kind: SectionKind,
+        required: bool,
+        data: &[u8],
+        compression: Compression,
+    ) -> Result<()> {
+        self.check_can_add(kind)?;
+        let level = self.zstd_level;
+        if data.len() as u64 > MAX_BLOB_LEN {
+            return Err(Error::InvalidInput(format!(
+                "{kind} blob is {} bytes; readers accept at most {MAX_BLOB_LEN}",
+                data.len()
+            )));
+        }
+        let r = self.write_section(kind, required, compression, |out| {
+            write_blob(out, data, compression, level)
+                .map_err(|e| Error::io("writing section", e))?;
+            Ok(data.len() as u64)
+        });
+        self.fail_on_err(r)
+    }
+
+    fn fail_on_err<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    /// Writes one section with `body`, which returns the logical length.
+    fn write_section(
+        &mut self,
+        kind: SectionKind,
+        required: bool,
+        compression: Compression,
+        body: impl FnOnce(&mut Out) -> Result<u64>,
+    ) -> Result<()> {
+        let align = if kind.is_image() {
+            DATA_ALIGN
+        } else {
+            SECTION_ALIGN
+        };
+        self.out
+            .pad_to(align)
+            .map_err(|e| Error::io("writing padding", e))?;
+        let start = self.out.pos;
+        self.out.section = Some(Xxh3::new());
+        let logical = body(&mut self.out);
+        let hasher = self.out.section.take();
+        let logical = logical?;
+        self.entries.push(RawEntry {
+            kind: kind.code(),
+            flags: if required { SECTION_FLAG_REQUIRED } else { 0 },
+            codec: compression.code(),
+            offset: start,
+            stored_len: self.out.pos - start,
+            logical_len: logical,
+            checksum: hasher.map(|h| h.digest()).unwrap_or(0),
+        });
+        Ok(())
+    }
+
+    /// Adds guest memory. Regions must be sorted by guest address and must not overlap; each
+    /// is scanned in granules and only non-zero runs are stored. Uncompressed, every region's
+    /// data starts 64 KiB aligned so the VMM can map it straight from the file.
+    pub fn add_memory(
+        &mut self,
+        regions: &[GuestRegion<'_>],
+        compression: Compression,
+    ) -> Result<()> {
+        self.check_can_add(SectionKind::Memory)?;
+        if regions.len() > image::MAX_REGIONS as usize {
+            return Err(Error::InvalidInput(format!(
+                "at most {} memory regions",
+                image::MAX_REGIONS
+            )));
+        }
+        let mut end = 0u64;
+        for (i, r) in regions.iter().enumerate() {
+            let size = r.data.len() as u64;
+            if size > image::MAX_IMAGE_SIZE {
+                return Err(Error::InvalidInput(format!(
+                    "memory region {i} is larger than 1 TiB"
+                )));
+            }
+            if (i > 0 && r.guest_addr < end) || r.guest_addr.checked_add(size).is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "memory region {i} overlaps or is not sorted by guest address"
+                )));
+            }
+            end = r.guest_addr + size;
+        }
+        let granule = self.granule;
+        let level = self.zstd_level;
+        let r = self.write_section(SectionKind::Memory, true, compression, |out| {
+            write_image(
+                out,
+                "",
+                granule,
+                level,
+                compression,
+                regions.len(),
+                |i, em| {
+                    let r = &regions[i];
+                    let g = u64::from(granule) as usize;
+                    // Feed in CHUNK-sized pieces (a multiple of the granule).
+                    let step = CHUNK.max(g);
+                    let mut off = 0usize;
+                    while off < r.data.len() {
+                        let end = (off + step).min(r.data.len());
+                        em.feed(off as u64, &r.data[off..end])?;
+                        off = end;
+                    }
+                    Ok((r.guest_addr, r.data.len() as u64))
+                },
+            )
+        });
+        self.fail_on_err(r)
+    }
+
+    /// Adds a disk image read from `src`. Holes (via `SEEK_DATA`/`SEEK_HOLE`) are skipped
+    /// without reading and zero granules are elided, so a sparse disk stays small. Moves the
+    /// file position of `src`.
+    pub fn add_disk(&mut self, name: &str, src: &mut File, compression: Compression) -> Result<()> {
+        self.check_can_add(SectionKind::Disk)?;
+        if name.is_empty() || name.len() > image::MAX_NAME_LEN as usize {
+            return Err(Error::InvalidInput(format!(
+                "disk name must be 1..={} bytes",
+                image::MAX_NAME_LEN
+            )));
+        }
+        let size = src
+            .metadata()
+            .map_err(|e| Error::io(format!("reading size of disk {name}"), e))?
+            .len();
+        if size > image::MAX_IMAGE_SIZE {
+            return Err(Error::InvalidInput(format!(
+                "disk {name} is larger than 1 TiB"
+            )));
+        }
+        let granule = self.granule;
+        let level = self.zstd_level;
+        let r = self.write_section(SectionKind::Disk, true, compression, |out| {
+            write_image(out, name, granule, level, compression, 1, |_, em| {
+                let g = u64::from(granule);
+                let mut buf = vec![0u8; CHUNK.max(g as usize)];
+                let mut off = 0u64;
+                while off < size {
+                    let Some((data, hole)) = next_data(src, off, size)? else {
+                        break;
+                    };
+                    let mut a = (data / g * g).max(off);
+                    let b = align_up(hole, g).unwrap_or(size).min(size);
+                    while a < b {
+                        let n = ((b - a) as usize).min(buf.len());
+                        read_exact_at(&*src, &mut buf[..n], a, "disk image")?;
+                        em.feed(a, &buf[..n])?;
+                        a += n as u64;
+                    }
+                    off = b.max(off + 1);
+                }
+                Ok((0, size))
+            })
+        });
+        self.fail_on_err(r)
+    }
+
+    /// Writes the table and header, syncs, and renames the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        if self.failed {
+            return Err(Error::InvalidInput(
+                "an earlier write failed; nothing was written".into(),
+            ));
+        }
+        if !self
+            .entries
+            .iter()
+            .any(|e| e.kind() == SectionKind::Manifest)
+        {
+            return Err(Error::InvalidInput(
+                "a .smolmachine needs a manifest; call add_manifest".into(),
+            ));
+        }
+        let ctx = format!("writing {}", self.file.tmp_path().display());
+        self.out
+            .pad_to(SECTION_ALIGN)
+            .map_err(|e| Error::io(&ctx, e))?;
+        let table_offset = self.out.pos;
+        let mut table = Vec::with_capacity(self.entries.len() * ENTRY_LEN as usize);
+        for e in &self.entries {
+            table.extend_from_slice(&e.encode());
+        }
+        self.out.write_all(&table).map_err(|e| Error::io(&ctx, e))?;
+        self.out.flush().map_err(|e| Error::io(&ctx, e))?;
+        let header = Header {
+            version_major: VERSION_MAJOR,
+            version_minor: VERSION_MINOR,
+            arch: self.arch,
+            flags: 0,
+            section_count: self.entries.len() as u32,
+            table_offset,
+            file_len: self.out.pos,
+        }
+        .encode(&table);
+        self.file
+            .file()
+            .write_all_at(&header, 0)
+            .map_err(|e| Error::io(&ctx, e))?;
+        self.file.commit(None)
+    }
+}
+
+fn write_blob(out: &mut Out, data: &[u8], codec: Compression, level: i32) -> io::Result<()> {
+    match codec {
+        Compression::None => out.write_all(data),
+        Compression::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(out, level)?;
+            enc.include_contentsize(true)?;
+            enc.set_pledged_src_size(Some(data.len() as u64))?;
+            enc.write_all(data)?;
+            enc.finish()?;
+            Ok(())
+        }
+    }
+}
+
+/// Writes the data of `count` regions, then the index. `fill(i, emitter)` feeds region `i`
+/// and returns its guest address and size. Returns the section's logical length.
+fn write_image(
+    out: &mut Out,
+    name: &str,
+    granule: u32,
+    level: i32,
+    codec: Compression,
+    count: usize,
+    mut fill: impl FnMut(usize, &mut RegionEmitter<'_>) -> Result<(u64, u64)>,
+) -> Result<u64> {
+    let start = out.pos;
+    let max_extents = (image::MAX_INDEX_LEN / image::EXTENT_LEN) as usize;
+    let mut recs = Vec::with_capacity(count);
+    let mut all = Vec::new();
+    for i in 0..count {
+        if codec == Compression::None {
+            out.pad_to(DATA_ALIGN)
+                .map_err(|e| Error::io("writing padding", e))?;
+        }
+        let data_offset = out.pos - start;
+        out.region = Some(Xxh3::new());
+        let mut em = RegionEmitter::new(
+            &mut *out,
+            codec,
+            level,
+            granule,
+            max_extents.saturating_sub(all.len()),
+        )?;
+        let (guest_addr, size) = fill(i, &mut em)?;
+        let (extents, data_len) = em.finish()?;
+        let data_checksum = out.region.take().map(|h| h.digest()).unwrap_or(0);
+        recs.push(RegionRec {
+            guest_addr,
+            size,
+            data_offset,
+            data_stored_len: out.pos - start - data_offset,
+            data_len,
+            first_extent: all.len() as u32,
+            extent_count: extents.len() as u32,
+            data_checksum,
+        });
+        all.extend(extents);
+    }
+    let index = encode_index(name, granule, &recs, &all);
+    out.write_all(&index)
+        .map_err(|e| Error::io("writing image index", e))?;
+    Ok(recs.iter().map(|r| r.size).sum())
+}
+
+/// Finds the next data segment at or after `off` with `SEEK_DATA`/`SEEK_HOLE`; where the
+/// filesystem does not support them, the rest of the file counts as data.
+fn next_data(src: &File, off: u64, size: u64) -> Result<Option<(u64, u64)>> {
+    let fd = src.as_raw_fd();
+    let Ok(off_i) = i64::try_from(off) else {
+        return Ok(None);
+    };
+    // SAFETY: lseek on a valid open fd only moves its file position; no memory is touched.
+    let data = unsafe { libc::lseek(fd, off_i, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((off, size))),
+            _ => Err(Error::io("seeking disk image data", e)),
+        };
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+    let hole = if hole < 0 { size } else { hole as u64 };
+    Ok(Some((data as u64, hole.min(size))))
+}
