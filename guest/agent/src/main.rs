@@ -1,1 +1,246 @@
-fn main() {}
+//! `smol-agent`: PID 1 of a smolvm guest, or a host-side agent for tests.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use smolvm_agent::agent::{run_session, HostSystem, SessionConfig, SessionEnd, System};
+use smolvm_agent::agent_log;
+use smolvm_agent::init::{self, BootConfig, GuestSystem};
+use smolvm_agent::protocol::PROTOCOL_VERSION;
+
+const USAGE: &str = "\
+usage: smol-agent                    run as PID 1 of a smolvm guest (port from smolvm.agent=)
+       smol-agent --socket PATH      listen on a Unix socket, serve one connection at a time
+       smol-agent --connect PATH     connect to a Unix socket and serve that session
+       smol-agent --fd N             serve the inherited descriptor N
+       smol-agent --device PATH      serve a device (e.g. /dev/hvc1), reopening after each session
+options: --system     set the clock, add entropy and drop caches for real (implied as PID 1)
+         --etc DIR    where passwd and group live (default /etc)
+         --version    print the agent and protocol versions";
+
+enum Mode {
+    Socket(PathBuf),
+    Connect(PathBuf),
+    Fd(i32),
+    Device(PathBuf),
+}
+
+fn main() -> ExitCode {
+    // SAFETY: getpid cannot fail.
+    if unsafe { libc::getpid() } == 1 {
+        pid1();
+    }
+    let mut args = std::env::args().skip(1);
+    let mut mode = None;
+    let mut real_system = false;
+    let mut config = SessionConfig::default();
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| {
+            args.next()
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        let parsed = match a.as_str() {
+            "--socket" => val("--socket").map(|v| mode = Some(Mode::Socket(v.into()))),
+            "--connect" => val("--connect").map(|v| mode = Some(Mode::Connect(v.into()))),
+            "--device" => val("--device").map(|v| mode = Some(Mode::Device(v.into()))),
+            "--fd" => val("--fd").and_then(|v| {
+                v.parse()
+                    .map(|n| mode = Some(Mode::Fd(n)))
+                    .map_err(|_| format!("--fd needs a descriptor number, got {v:?}"))
+            }),
+            "--etc" => val("--etc").map(|v| config.etc_dir = v.into()),
+            "--system" => {
+                real_system = true;
+                Ok(())
+            }
+            "--version" => {
+                println!(
+                    "smol-agent {} (protocol {PROTOCOL_VERSION})",
+                    env!("CARGO_PKG_VERSION")
+                );
+                return ExitCode::SUCCESS;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => Err(format!("unknown argument {other:?}\n{USAGE}")),
+        };
+        if let Err(e) = parsed {
+            eprintln!("smol-agent: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let Some(mode) = mode else {
+        eprintln!("smol-agent: not PID 1, so a transport is needed\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let mut system: Box<dyn System> = if real_system {
+        Box::new(GuestSystem)
+    } else {
+        Box::new(HostSystem)
+    };
+    match serve(mode, system.as_mut(), &config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smol-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn log_end(end: &SessionEnd) {
+    match end {
+        SessionEnd::Closed => agent_log!("session closed by the host"),
+        SessionEnd::Failed(e) => agent_log!("session failed: {e}"),
+        SessionEnd::Panicked(e) => agent_log!("session aborted by an agent bug: {e}"),
+        SessionEnd::Shutdown { reboot } => agent_log!("shutdown requested (reboot: {reboot})"),
+    }
+}
+
+fn serve(mode: Mode, system: &mut dyn System, config: &SessionConfig) -> Result<(), String> {
+    match mode {
+        Mode::Socket(path) => {
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            agent_log!("listening on {}", path.display());
+            for conn in listener.incoming() {
+                let stream = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        agent_log!("accept failed: {e}");
+                        continue;
+                    }
+                };
+                let end = run_session(stream, system, config);
+                log_end(&end);
+                if matches!(end, SessionEnd::Shutdown { .. }) {
+                    let _ = std::fs::remove_file(&path);
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+        Mode::Connect(path) => {
+            let stream = UnixStream::connect(&path)
+                .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+            finish(run_session(stream, system, config))
+        }
+        Mode::Fd(n) => {
+            // SAFETY: the caller handed us descriptor `n` to own; fcntl checks it is open.
+            if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+                return Err(format!("descriptor {n} is not open"));
+            }
+            // SAFETY: checked open above; nothing else in this process owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(n) };
+            let stream = UnixStream::from(fd);
+            finish(run_session(stream, system, config))
+        }
+        Mode::Device(path) => loop {
+            let port = init::open_port(&path.to_string_lossy())
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let end = run_session(port, system, config);
+            log_end(&end);
+            if matches!(end, SessionEnd::Shutdown { .. }) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        },
+    }
+}
+
+fn finish(end: SessionEnd) -> Result<(), String> {
+    log_end(&end);
+    match end {
+        SessionEnd::Closed | SessionEnd::Shutdown { .. } => Ok(()),
+        SessionEnd::Failed(e) | SessionEnd::Panicked(e) => Err(e),
+    }
+}
+
+/// PID 1: never returns. Anything that would end the agent powers the machine off instead.
+fn pid1() -> ! {
+    let result = catch_unwind(AssertUnwindSafe(pid1_serve));
+    match result {
+        Ok(reboot) => init::power_off(reboot),
+        Err(_) => {
+            agent_log!("agent crashed outside a session; powering off");
+            init::power_off(false)
+        }
+    }
+}
+
+/// Sets the guest up and serves the agent port; returns only to shut down (`true`: reboot).
+fn pid1_serve() -> bool {
+    init::mount_filesystems();
+    if let Ok(kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        smolvm_agent::log::use_kmsg(kmsg);
+    }
+    let boot =
+        BootConfig::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Err(e) = init::set_hostname(&boot.hostname) {
+        agent_log!("cannot set hostname {:?}: {e}", boot.hostname);
+    }
+    if let Err(e) = init::loopback_up() {
+        agent_log!("cannot bring up lo: {e}");
+    }
+    let sigfd = match init::signal_fd() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            agent_log!("cannot set up signal handling: {e}");
+            None
+        }
+    };
+    let config = SessionConfig {
+        reap_all: true,
+        signal_fd: sigfd.as_ref().map(|f| f.as_raw_fd()),
+        ..SessionConfig::default()
+    };
+    let mut system = GuestSystem;
+    agent_log!(
+        "serving protocol {PROTOCOL_VERSION} on {} as {}",
+        boot.agent_port,
+        boot.hostname
+    );
+    let mut open_failures = 0u32;
+    loop {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            match init::open_port(&boot.agent_port) {
+                Ok(port) => {
+                    open_failures = 0;
+                    let end = run_session(port, &mut system, &config);
+                    log_end(&end);
+                    match end {
+                        SessionEnd::Shutdown { reboot } => Some(reboot),
+                        _ => None,
+                    }
+                }
+                Err(e) => {
+                    if open_failures < 3 {
+                        agent_log!("cannot open agent port {}: {e}", boot.agent_port);
+                    }
+                    open_failures += 1;
+                    None
+                }
+            }
+        }));
+        if let Ok(Some(reboot)) = outcome {
+            return reboot;
+        }
+        // Between sessions: keep reaping and honour shutdown signals.
+        match &sigfd {
+            Some(fd) => {
+                init::wait_signal(fd.as_raw_fd(), Duration::from_millis(500));
+                if let Some(reboot) = init::drain_signals(fd.as_raw_fd()) {
+                    return reboot;
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(500)),
+        }
+        init::reap_orphans();
+    }
+}

@@ -1,0 +1,982 @@
+//! The agent's server side: one session per connected stream, a single-threaded poll(2) loop
+//! multiplexing the transport, every exec's pipes or terminal, and process exits.
+//!
+//! Nothing here exits the process or panics on peer input: a bad frame ends the session with
+//! [`SessionEnd::Failed`], and [`run_session`] catches any panic so PID 1 keeps serving.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::agent_log;
+use crate::protocol::{
+    encode_frame, AgentMsg, Applied, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
+    QuiesceReport, ResumeReport, Stream, WallClock, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY,
+    PROTOCOL_VERSION,
+};
+use crate::sys::{self, Creds};
+
+/// Anything the agent can serve a session over: a Unix socket, a virtio-console TTY, a pipe
+/// pair wrapped in one type. It must expose a pollable descriptor.
+pub trait Transport: Read + Write + AsRawFd {}
+impl<T: Read + Write + AsRawFd> Transport for T {}
+
+/// System actions that need privileges; injectable so tests never touch the host.
+pub trait System {
+    /// Flushes filesystems and drops the page cache before a snapshot: (sync, drop_caches).
+    fn quiesce(&mut self) -> (Applied, Applied);
+    /// Sets `CLOCK_REALTIME`.
+    fn set_clock(&mut self, now: WallClock) -> Applied;
+    /// Mixes `bytes` into the kernel RNG and forces a reseed.
+    fn add_entropy(&mut self, bytes: &[u8]) -> Applied;
+}
+
+/// The system as seen by an agent running as an ordinary host process: syncs, but leaves the
+/// clock, the RNG and the page cache alone.
+#[derive(Debug, Default)]
+pub struct HostSystem;
+
+impl System for HostSystem {
+    fn quiesce(&mut self) -> (Applied, Applied) {
+        // SAFETY: sync takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        (Applied::Applied, Applied::Skipped)
+    }
+    fn set_clock(&mut self, _now: WallClock) -> Applied {
+        Applied::Skipped
+    }
+    fn add_entropy(&mut self, _bytes: &[u8]) -> Applied {
+        Applied::Skipped
+    }
+}
+
+/// How a session behaves.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Reap every child with `waitpid(-1)` (PID 1 adopts orphans). Off in host mode so an
+    /// agent embedded in a test process never steals another thread's children.
+    pub reap_all: bool,
+    /// A non-blocking signalfd for SIGCHLD and the shutdown signals (PID 1 only).
+    pub signal_fd: Option<RawFd>,
+    /// Directory holding `passwd` and `group` for user lookups.
+    pub etc_dir: PathBuf,
+    /// After a command exits, how long its output may stay idle before the agent stops
+    /// waiting for background processes that inherited the pipes.
+    pub exit_grace: Duration,
+    /// Most execs (running or held) at once.
+    pub max_execs: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            reap_all: false,
+            signal_fd: None,
+            etc_dir: PathBuf::from("/etc"),
+            exit_grace: Duration::from_millis(500),
+            max_execs: 256,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The peer closed the stream.
+    Closed,
+    /// Protocol or I/O error; the agent can serve a new session.
+    Failed(String),
+    /// The host (or a signal to PID 1) asked to power off or reboot.
+    Shutdown { reboot: bool },
+    /// A bug in the agent; the session was abandoned, the agent lives on.
+    Panicked(String),
+}
+
+/// Stop reading the transport while this much output waits to be written to it.
+const OUT_HIGH_WATER: usize = 2 * 1024 * 1024;
+/// Return stdin credit once this much has been delivered (or the buffer ran dry).
+const STDIN_CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
+/// Poll interval used only when the kernel lacks pidfds and no signalfd is available.
+const FALLBACK_TICK: Duration = Duration::from_millis(50);
+
+struct OutStream {
+    fd: OwnedFd,
+    window: u32,
+}
+
+struct Exec {
+    /// Request held while quiesced; `None` once started.
+    pending: Option<ExecRequest>,
+    pid: Option<i32>,
+    pidfd: Option<OwnedFd>,
+    /// Pipe write end, or a duplicate of the terminal master.
+    stdin: Option<OwnedFd>,
+    stdin_buf: VecDeque<u8>,
+    stdin_eof: bool,
+    stdin_uncredited: u32,
+    /// Terminal master kept for resizes.
+    tty: Option<OwnedFd>,
+    outs: [Option<OutStream>; 2],
+    status: Option<ExitStatus>,
+    exited_at: Option<Instant>,
+    last_output: Instant,
+}
+
+impl Exec {
+    fn held(req: ExecRequest) -> Self {
+        Exec {
+            pending: Some(req),
+            pid: None,
+            pidfd: None,
+            stdin: None,
+            stdin_buf: VecDeque::new(),
+            stdin_eof: false,
+            stdin_uncredited: 0,
+            tty: None,
+            outs: [None, None],
+            status: None,
+            exited_at: None,
+            last_output: Instant::now(),
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.pid.is_some() && self.status.is_none()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Token {
+    Transport,
+    Signals,
+    Out(ExecId, usize),
+    In(ExecId),
+    Pid,
+}
+
+/// Serves one session on `transport` until it ends. Catches panics: whatever happens, every
+/// command started in the session is killed and reaped before this returns.
+pub fn run_session<T: Transport>(
+    transport: T,
+    system: &mut dyn System,
+    config: &SessionConfig,
+) -> SessionEnd {
+    let mut session = match Session::new(transport, system, config) {
+        Ok(s) => s,
+        Err(e) => return SessionEnd::Failed(format!("cannot set up the transport: {e}")),
+    };
+    let end = match catch_unwind(AssertUnwindSafe(|| session.run())) {
+        Ok(end) => end,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            SessionEnd::Panicked(msg)
+        }
+    };
+    if catch_unwind(AssertUnwindSafe(|| session.kill_all())).is_err() {
+        agent_log!("cleanup after the session panicked");
+    }
+    end
+}
+
+struct Session<'a, T: Transport> {
+    transport: T,
+    fd: RawFd,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+    out_pos: usize,
+    execs: BTreeMap<ExecId, Exec>,
+    quiesced: bool,
+    system: &'a mut dyn System,
+    config: &'a SessionConfig,
+    end: Option<SessionEnd>,
+    readbuf: Vec<u8>,
+    pidfds_work: bool,
+}
+
+impl<'a, T: Transport> Session<'a, T> {
+    fn new(
+        transport: T,
+        system: &'a mut dyn System,
+        config: &'a SessionConfig,
+    ) -> io::Result<Self> {
+        let fd = transport.as_raw_fd();
+        sys::make_raw_if_tty(fd)?;
+        sys::set_nonblocking(fd, true)?;
+        Ok(Session {
+            transport,
+            fd,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            execs: BTreeMap::new(),
+            quiesced: false,
+            system,
+            config,
+            end: None,
+            readbuf: vec![0u8; MAX_CHUNK],
+            pidfds_work: true,
+        })
+    }
+
+    fn send(&mut self, msg: &AgentMsg) {
+        if self.out_pos > 0 && self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        }
+        if let Err(e) = encode_frame(msg, &mut self.out) {
+            // Only oversized messages fail; ours are bounded, so this is an agent bug.
+            agent_log!("dropping an unencodable message: {e}");
+        }
+    }
+
+    fn out_pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.end.is_none() {
+            agent_log!("ending session: {why}");
+            self.send(&AgentMsg::Error {
+                message: why.clone(),
+            });
+            self.end = Some(SessionEnd::Failed(why));
+        }
+    }
+
+    fn run(&mut self) -> SessionEnd {
+        self.send(&AgentMsg::Ready {
+            version: PROTOCOL_VERSION,
+        });
+        loop {
+            self.flush();
+            if let Some(end) = self.end.clone() {
+                self.final_flush();
+                return end;
+            }
+            let (mut fds, tokens, timeout) = self.poll_set();
+            let timeout_ms = match timeout {
+                Some(d) => d.as_millis().min(60_000) as libc::c_int,
+                None => -1,
+            };
+            // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return SessionEnd::Failed(format!("poll failed: {e}"));
+            }
+            let mut reap = !self.pidfds_work;
+            for (pfd, tok) in fds.iter().zip(tokens.iter()) {
+                if pfd.revents == 0 {
+                    continue;
+                }
+                match *tok {
+                    Token::Transport => self.on_transport(pfd.revents),
+                    Token::Signals => reap |= self.on_signals(),
+                    Token::Out(id, idx) => self.on_output(id, idx),
+                    Token::In(id) => self.pump_stdin(id),
+                    Token::Pid => reap = true,
+                }
+                if self.end.is_some() {
+                    break;
+                }
+            }
+            if reap {
+                self.reap();
+            }
+            self.housekeeping();
+        }
+    }
+
+    fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Token>, Option<Duration>) {
+        let mut fds = Vec::with_capacity(2 + self.execs.len() * 4);
+        let mut tokens = Vec::with_capacity(fds.capacity());
+        let mut add = |fd: RawFd, events: libc::c_short, tok: Token| {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            tokens.push(tok);
+        };
+        let mut ev = 0;
+        if self.out_pending() < OUT_HIGH_WATER {
+            ev |= libc::POLLIN;
+        }
+        if self.out_pending() > 0 {
+            ev |= libc::POLLOUT;
+        }
+        add(self.fd, ev, Token::Transport);
+        if let Some(sfd) = self.config.signal_fd {
+            add(sfd, libc::POLLIN, Token::Signals);
+        }
+        let mut timeout: Option<Duration> = None;
+        let now = Instant::now();
+        // While quiesced nothing but answers leaves the agent: output and stdin are held.
+        let move_data = !self.quiesced && self.out_pending() < OUT_HIGH_WATER;
+        for (&id, e) in &self.execs {
+            if move_data {
+                for (idx, o) in e.outs.iter().enumerate() {
+                    // A stream without credit is left out entirely: its hang-up would
+                    // otherwise wake poll in a loop.
+                    if let Some(o) = o.as_ref().filter(|o| o.window > 0) {
+                        add(o.fd.as_raw_fd(), libc::POLLIN, Token::Out(id, idx));
+                    }
+                }
+                if let Some(fd) = &e.stdin {
+                    if !e.stdin_buf.is_empty() {
+                        add(fd.as_raw_fd(), libc::POLLOUT, Token::In(id));
+                    }
+                }
+            }
+            if e.running() {
+                if let Some(p) = &e.pidfd {
+                    add(p.as_raw_fd(), libc::POLLIN, Token::Pid);
+                }
+            }
+            if let Some(at) = e.exited_at {
+                if move_data && e.outs.iter().any(|o| o.is_some()) {
+                    let due = at.max(e.last_output) + self.config.exit_grace;
+                    let wait = due.saturating_duration_since(now);
+                    timeout = Some(timeout.map_or(wait, |t: Duration| t.min(wait)));
+                }
+            }
+        }
+        if !self.pidfds_work && self.execs.values().any(|e| e.running()) {
+            timeout = Some(timeout.map_or(FALLBACK_TICK, |t| t.min(FALLBACK_TICK)));
+        }
+        (fds, tokens, timeout)
+    }
+
+    fn flush(&mut self) {
+        while self.out_pending() > 0 {
+            match self.transport.write(&self.out[self.out_pos..]) {
+                Ok(0) => {
+                    self.end.get_or_insert(SessionEnd::Closed);
+                    return;
+                }
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    if self.end.is_none() {
+                        self.end = Some(if e.kind() == ErrorKind::BrokenPipe {
+                            SessionEnd::Closed
+                        } else {
+                            SessionEnd::Failed(format!("write to host failed: {e}"))
+                        });
+                    }
+                    self.out.clear();
+                    self.out_pos = 0;
+                    return;
+                }
+            }
+        }
+        let _ = self.transport.flush();
+    }
+
+    /// Best effort to deliver the last frames (an error report, `ShuttingDown`) before the
+    /// session ends: waits at most a second for the host to take them.
+    fn final_flush(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.out_pending() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+            if n <= 0 || pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                break;
+            }
+            let before = self.out_pending();
+            self.flush();
+            if self.out_pending() == before {
+                break;
+            }
+        }
+    }
+
+    fn on_transport(&mut self, _revents: libc::c_short) {
+        if self.out_pending() > 0 {
+            self.flush();
+        }
+        if self.out_pending() >= OUT_HIGH_WATER {
+            return;
+        }
+        match self.transport.read(&mut self.readbuf) {
+            Ok(0) => {
+                self.end.get_or_insert(SessionEnd::Closed);
+                return;
+            }
+            Ok(n) => {
+                let chunk = &self.readbuf[..n];
+                self.decoder.feed(chunk);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return
+            }
+            Err(e) => {
+                self.end
+                    .get_or_insert(SessionEnd::Failed(format!("read from host failed: {e}")));
+                return;
+            }
+        }
+        loop {
+            match self.decoder.next_msg::<HostMsg>() {
+                Ok(Some(msg)) => {
+                    self.handle(msg);
+                    if self.end.is_some() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.fail(format!("malformed frame from host: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_signals(&mut self) -> bool {
+        let Some(sfd) = self.config.signal_fd else {
+            return false;
+        };
+        let (child, shutdown) = sys::read_signals(sfd);
+        if let Some(reboot) = shutdown {
+            agent_log!("shutdown signal received (reboot: {reboot})");
+            self.end.get_or_insert(SessionEnd::Shutdown { reboot });
+        }
+        child
+    }
+
+    fn handle(&mut self, msg: HostMsg) {
+        match msg {
+            HostMsg::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    self.fail(format!(
+                        "host speaks protocol version {version}, this agent speaks \
+                         {PROTOCOL_VERSION}: rebuild the guest image with a matching agent"
+                    ));
+                } else {
+                    self.send(&AgentMsg::Ready {
+                        version: PROTOCOL_VERSION,
+                    });
+                }
+            }
+            HostMsg::Ping { req } => self.send(&AgentMsg::Pong { req }),
+            HostMsg::Exec { id, req } => self.on_exec(id, req),
+            HostMsg::Stdin { id, data } => self.on_stdin(id, data),
+            HostMsg::StdinEof { id } => {
+                if let Some(e) = self.execs.get_mut(&id) {
+                    if !e.stdin_eof {
+                        e.stdin_eof = true;
+                        if e.tty.is_some() || e.pending.as_ref().is_some_and(|r| r.tty.is_some()) {
+                            // A terminal has no half-close: send its EOF character (^D).
+                            e.stdin_buf.push_back(4);
+                        }
+                    }
+                    self.pump_stdin(id);
+                }
+            }
+            HostMsg::Resize { id, size } => {
+                if let Some(e) = self.execs.get_mut(&id) {
+                    if let Some(req) = e.pending.as_mut() {
+                        if req.tty.is_some() {
+                            req.tty = Some(size);
+                        }
+                    } else if let Some(t) = &e.tty {
+                        if let Err(err) = sys::set_winsize(t.as_raw_fd(), size) {
+                            agent_log!("resize of exec {id} failed: {err}");
+                        }
+                    }
+                }
+            }
+            HostMsg::Signal { id, signal } => self.on_signal(id, signal),
+            HostMsg::Credit { id, stream, bytes } => {
+                if let Some(e) = self.execs.get_mut(&id) {
+                    if let Some(o) = e.outs[stream_index(stream)].as_mut() {
+                        o.window = o.window.saturating_add(bytes);
+                    }
+                }
+            }
+            HostMsg::Quiesce { req } => {
+                self.quiesced = true;
+                let (sync, drop_caches) = self.system.quiesce();
+                let running_execs = self.execs.values().filter(|e| e.running()).count() as u32;
+                self.send(&AgentMsg::Quiesced {
+                    req,
+                    report: QuiesceReport {
+                        sync,
+                        drop_caches,
+                        running_execs,
+                    },
+                });
+            }
+            HostMsg::Unquiesce { req } => {
+                self.send(&AgentMsg::Unquiesced { req });
+                self.release();
+            }
+            HostMsg::Resume { req, now, entropy } => {
+                if entropy.len() > MAX_ENTROPY {
+                    self.fail(format!(
+                        "resume carries {} bytes of entropy, the limit is {MAX_ENTROPY}",
+                        entropy.len()
+                    ));
+                    return;
+                }
+                // Clock and RNG first, so nothing started afterwards sees stale state.
+                let clock = self.system.set_clock(now);
+                let entropy = self.system.add_entropy(&entropy);
+                // Execs of the previous host have nobody to talk to any more.
+                let dropped_execs = self.kill_all();
+                self.quiesced = false;
+                self.send(&AgentMsg::Resumed {
+                    req,
+                    report: ResumeReport {
+                        clock,
+                        entropy,
+                        dropped_execs,
+                    },
+                });
+                self.send(&AgentMsg::Ready {
+                    version: PROTOCOL_VERSION,
+                });
+            }
+            HostMsg::Shutdown { req, reboot } => {
+                self.send(&AgentMsg::ShuttingDown { req });
+                self.end = Some(SessionEnd::Shutdown { reboot });
+            }
+        }
+    }
+
+    fn on_exec(&mut self, id: ExecId, req: ExecRequest) {
+        if self.execs.contains_key(&id) {
+            self.send(&AgentMsg::ExecFailed {
+                id,
+                error: format!("exec id {id} is still in use: pick a fresh id"),
+            });
+            return;
+        }
+        if self.execs.len() >= self.config.max_execs {
+            self.send(&AgentMsg::ExecFailed {
+                id,
+                error: format!(
+                    "{} execs are already live: wait for some to finish",
+                    self.execs.len()
+                ),
+            });
+            return;
+        }
+        if req.argv.is_empty() {
+            self.send(&AgentMsg::ExecFailed {
+                id,
+                error: "empty argv: name a program to run".into(),
+            });
+            return;
+        }
+        self.execs.insert(id, Exec::held(req));
+        if !self.quiesced {
+            self.start(id);
+        }
+    }
+
+    /// Starts a held exec.
+    fn start(&mut self, id: ExecId) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        let Some(req) = e.pending.take() else {
+            return;
+        };
+        match spawn(&req, self.config) {
+            Ok(sp) => {
+                e.pid = Some(sp.pid);
+                e.pidfd = sp.pidfd;
+                if e.pidfd.is_none() {
+                    self.pidfds_work = false;
+                }
+                e.stdin = Some(sp.stdin);
+                e.tty = sp.tty;
+                e.outs = sp.outs.map(|o| {
+                    o.map(|fd| OutStream {
+                        fd,
+                        window: INITIAL_WINDOW,
+                    })
+                });
+                e.last_output = Instant::now();
+                self.send(&AgentMsg::Started {
+                    id,
+                    pid: sp.pid as u32,
+                });
+                self.pump_stdin(id);
+            }
+            Err(error) => {
+                self.execs.remove(&id);
+                self.send(&AgentMsg::ExecFailed { id, error });
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        self.quiesced = false;
+        let held: Vec<ExecId> = self
+            .execs
+            .iter()
+            .filter(|(_, e)| e.pending.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            self.start(id);
+        }
+    }
+
+    fn on_stdin(&mut self, id: ExecId, data: Vec<u8>) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return; // Raced with the exit; the host forgets the exec on `Exited`.
+        };
+        if e.stdin_buf.len() + data.len() > INITIAL_WINDOW as usize {
+            let why = format!(
+                "host sent stdin for exec {id} beyond its credit window of {INITIAL_WINDOW} bytes"
+            );
+            self.fail(why);
+            return;
+        }
+        let closed = e.pending.is_none() && e.stdin.is_none();
+        if closed || e.stdin_eof {
+            // Nobody will read it: give the credit straight back.
+            e.stdin_uncredited += data.len() as u32;
+        } else {
+            e.stdin_buf.extend(data);
+        }
+        self.pump_stdin(id);
+    }
+
+    fn on_signal(&mut self, id: ExecId, signal: i32) {
+        let Some(e) = self.execs.get(&id) else {
+            return;
+        };
+        if e.pending.is_some() {
+            // Killed before it ever ran.
+            self.execs.remove(&id);
+            self.send(&AgentMsg::Exited {
+                id,
+                status: ExitStatus::Signal(signal),
+            });
+            return;
+        }
+        if let (Some(pid), true) = (e.pid, e.running()) {
+            if let Err(err) = sys::kill(pid, signal) {
+                agent_log!("signal {signal} to exec {id} failed: {err}");
+            }
+        }
+    }
+
+    /// Writes buffered stdin to the command; closes the pipe after EOF once drained.
+    fn pump_stdin(&mut self, id: ExecId) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        if self.quiesced || e.pending.is_some() {
+            return;
+        }
+        while let Some(fd) = e.stdin.as_ref().map(|f| f.as_raw_fd()) {
+            if e.stdin_buf.is_empty() {
+                break;
+            }
+            let (front, _) = e.stdin_buf.as_slices();
+            // SAFETY: `front` is a valid readable slice of the given length.
+            let n = unsafe { libc::write(fd, front.as_ptr().cast(), front.len()) };
+            if n > 0 {
+                e.stdin_buf.drain(..n as usize);
+                e.stdin_uncredited += n as u32;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                ErrorKind::Interrupted => continue,
+                ErrorKind::WouldBlock => break,
+                _ => {
+                    // The command closed its stdin (EPIPE): discard what is left.
+                    e.stdin_uncredited += e.stdin_buf.len() as u32;
+                    e.stdin_buf.clear();
+                    e.stdin = None;
+                }
+            }
+        }
+        if e.stdin_buf.is_empty() && e.stdin_eof && e.tty.is_none() {
+            e.stdin = None;
+        }
+        if e.stdin.is_none() && !e.stdin_buf.is_empty() {
+            e.stdin_uncredited += e.stdin_buf.len() as u32;
+            e.stdin_buf.clear();
+        }
+        if e.stdin_uncredited >= STDIN_CREDIT_BATCH
+            || (e.stdin_uncredited > 0 && e.stdin_buf.is_empty())
+        {
+            let bytes = std::mem::take(&mut e.stdin_uncredited);
+            self.send(&AgentMsg::StdinCredit { id, bytes });
+        }
+    }
+
+    fn on_output(&mut self, id: ExecId, idx: usize) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        let Some(o) = e.outs[idx].as_mut() else {
+            return;
+        };
+        let want = (o.window as usize).min(self.readbuf.len());
+        if want == 0 {
+            return;
+        }
+        // SAFETY: `readbuf` is writable for at least `want` bytes.
+        let n = unsafe { libc::read(o.fd.as_raw_fd(), self.readbuf.as_mut_ptr().cast(), want) };
+        if n > 0 {
+            let n = n as usize;
+            o.window -= n as u32;
+            e.last_output = Instant::now();
+            let data = self.readbuf[..n].to_vec();
+            let stream = if idx == 0 {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            };
+            self.send(&AgentMsg::Output { id, stream, data });
+            return;
+        }
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
+                return;
+            }
+            // EIO from a terminal master means every slave is closed: end of output.
+        }
+        e.outs[idx] = None;
+    }
+
+    fn reap(&mut self) {
+        if self.config.reap_all {
+            while let Some((pid, status)) = sys::try_wait(-1) {
+                if let Some(e) = self
+                    .execs
+                    .values_mut()
+                    .find(|e| e.pid == Some(pid) && e.status.is_none())
+                {
+                    e.status = Some(status);
+                    e.exited_at = Some(Instant::now());
+                    e.pidfd = None;
+                }
+            }
+        } else {
+            for e in self.execs.values_mut().filter(|e| e.running()) {
+                if let Some((_, status)) = e.pid.and_then(sys::try_wait) {
+                    e.status = Some(status);
+                    e.exited_at = Some(Instant::now());
+                    e.pidfd = None;
+                }
+            }
+        }
+    }
+
+    /// Sends `Exited` for finished commands, gives up on output held open by background
+    /// processes after the grace period.
+    fn housekeeping(&mut self) {
+        if self.quiesced {
+            return;
+        }
+        let now = Instant::now();
+        let mut done = Vec::new();
+        for (&id, e) in self.execs.iter_mut() {
+            let Some(status) = e.status else {
+                continue;
+            };
+            if let Some(at) = e.exited_at {
+                let idle = now >= at.max(e.last_output) + self.config.exit_grace;
+                let blocked = e.outs.iter().flatten().any(|o| o.window == 0);
+                if idle && !blocked && self.out.len() - self.out_pos < OUT_HIGH_WATER {
+                    e.outs = [None, None];
+                }
+            }
+            if e.outs.iter().all(|o| o.is_none()) {
+                done.push((id, status));
+            }
+        }
+        for (id, status) in done {
+            self.execs.remove(&id);
+            self.send(&AgentMsg::Exited { id, status });
+        }
+    }
+
+    /// Kills and reaps every command of this session; returns how many there were.
+    fn kill_all(&mut self) -> u32 {
+        let count = self.execs.len() as u32;
+        for e in self.execs.values().filter(|e| e.running()) {
+            if let Some(pid) = e.pid {
+                let _ = sys::kill(-pid, libc::SIGKILL);
+                let _ = sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        for e in self.execs.values().filter(|e| e.running()) {
+            if let Some(pid) = e.pid {
+                sys::wait_blocking(pid);
+            }
+        }
+        self.execs.clear();
+        count
+    }
+}
+
+fn stream_index(s: Stream) -> usize {
+    match s {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+struct Spawned {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+    stdin: OwnedFd,
+    tty: Option<OwnedFd>,
+    outs: [Option<OwnedFd>; 2],
+}
+
+/// Base environment: predictable rather than inherited from whatever started the agent.
+fn build_env(req: &ExecRequest, creds: Option<&Creds>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    )];
+    let home = creds.and_then(|c| c.home.clone()).unwrap_or_else(|| {
+        if creds.is_some() {
+            "/".into()
+        } else {
+            "/root".into()
+        }
+    });
+    env.push(("HOME".into(), home));
+    if let Some(name) = creds.and_then(|c| c.name.clone()) {
+        env.push(("USER".into(), name.clone()));
+        env.push(("LOGNAME".into(), name));
+    }
+    if req.tty.is_some() {
+        env.push(("TERM".into(), "xterm-256color".into()));
+    }
+    for (k, v) in &req.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
+    let argv0 = &req.argv[0];
+    let creds = match &req.user {
+        Some(u) => Some(sys::resolve_user(u, &config.etc_dir).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let cwd = req.cwd.as_deref().unwrap_or("/");
+    if !std::path::Path::new(cwd).is_dir() {
+        return Err(format!(
+            "cannot start {argv0:?}: working directory {cwd:?} does not exist in the guest"
+        ));
+    }
+    let mut cmd = Command::new(argv0);
+    cmd.args(&req.argv[1..]);
+    cmd.env_clear();
+    cmd.envs(build_env(req, creds.as_ref()));
+    cmd.current_dir(cwd);
+    let err = |e: sys::SysError| format!("cannot start {argv0:?}: {e}");
+
+    let (stdin, tty, outs);
+    if let Some(size) = req.tty {
+        let (master, slave) = sys::open_pty(size).map_err(err)?;
+        let s_in = sys::dup(slave.as_raw_fd()).map_err(err)?;
+        let s_out = sys::dup(slave.as_raw_fd()).map_err(err)?;
+        cmd.stdin(Stdio::from(s_in));
+        cmd.stdout(Stdio::from(s_out));
+        cmd.stderr(Stdio::from(slave));
+        stdin = sys::dup(master.as_raw_fd()).map_err(err)?;
+        tty = Some(sys::dup(master.as_raw_fd()).map_err(err)?);
+        outs = [Some(master), None];
+    } else {
+        let (in_r, in_w) = sys::pipe().map_err(err)?;
+        let (out_r, out_w) = sys::pipe().map_err(err)?;
+        let (err_r, err_w) = sys::pipe().map_err(err)?;
+        cmd.stdin(Stdio::from(in_r));
+        cmd.stdout(Stdio::from(out_w));
+        cmd.stderr(Stdio::from(err_w));
+        stdin = in_w;
+        tty = None;
+        outs = [Some(out_r), Some(err_r)];
+    }
+    for fd in outs
+        .iter()
+        .flatten()
+        .map(|f| f.as_raw_fd())
+        .chain([stdin.as_raw_fd()])
+    {
+        sys::set_nonblocking(fd, true).map_err(|e| format!("cannot start {argv0:?}: {e}"))?;
+    }
+
+    let is_tty = req.tty.is_some();
+    let ids = creds.map(|c| (c.uid, c.gid, c.groups));
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on data prepared before the fork (no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if is_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(*gid) < 0
+                    || libc::setuid(*uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {argv0:?}: {e}"))?;
+    // Drop the child's ends of the pipes / the slave held by `cmd`.
+    drop(cmd);
+    let pid = child.id() as i32;
+    // The exit status is collected with waitpid, not through `child`.
+    drop(child);
+    Ok(Spawned {
+        pid,
+        pidfd: sys::pidfd_open(pid),
+        stdin,
+        tty,
+        outs,
+    })
+}

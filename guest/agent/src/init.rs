@@ -1,0 +1,350 @@
+//! Duties of PID 1 in the guest: early mounts, hostname, loopback, signal routing and
+//! power-off, plus the privileged [`GuestSystem`] used for quiesce and resume.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::agent::System;
+use crate::agent_log;
+use crate::protocol::{
+    Applied, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY, DEFAULT_AGENT_PORT,
+    DEFAULT_HOSTNAME, MAX_ENTROPY,
+};
+use crate::sys::{self, cvt};
+
+/// `_IOW('R', 0x03, int[2])`: add entropy and credit it.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// The real system: what PID 1 in the guest does for quiesce and resume.
+#[derive(Debug, Default)]
+pub struct GuestSystem;
+
+impl System for GuestSystem {
+    fn quiesce(&mut self) -> (Applied, Applied) {
+        // SAFETY: sync takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        let drop = match fs::write("/proc/sys/vm/drop_caches", b"3") {
+            Ok(()) => Applied::Applied,
+            Err(e) => Applied::Failed(format!("write /proc/sys/vm/drop_caches: {e}")),
+        };
+        (Applied::Applied, drop)
+    }
+
+    fn set_clock(&mut self, now: WallClock) -> Applied {
+        let ts = libc::timespec {
+            tv_sec: now.secs as libc::time_t,
+            tv_nsec: now.nanos.min(999_999_999) as libc::c_long,
+        };
+        // SAFETY: `ts` is a valid timespec for the kernel to read.
+        match cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }) {
+            Ok(_) => Applied::Applied,
+            Err(e) => Applied::Failed(format!("clock_settime: {e}")),
+        }
+    }
+
+    fn add_entropy(&mut self, bytes: &[u8]) -> Applied {
+        match add_entropy(bytes) {
+            Ok(()) => Applied::Applied,
+            Err(e) => Applied::Failed(e.to_string()),
+        }
+    }
+}
+
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; MAX_ENTROPY],
+}
+
+fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    let urandom = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    let len = bytes.len().min(MAX_ENTROPY);
+    let mut info = RandPoolInfo {
+        entropy_count: (len * 8) as libc::c_int,
+        buf_size: len as libc::c_int,
+        buf: [0; MAX_ENTROPY],
+    };
+    info.buf[..len].copy_from_slice(&bytes[..len]);
+    // SAFETY: RNDADDENTROPY reads `buf_size` bytes after the two ints of a valid struct.
+    cvt(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, &info) })
+        .map_err(|e| io::Error::new(e.kind(), format!("RNDADDENTROPY: {e}")))?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    cvt(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) })
+        .map_err(|e| io::Error::new(e.kind(), format!("RNDRESEEDCRNG: {e}")))?;
+    Ok(())
+}
+
+/// Settings read from the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootConfig {
+    pub agent_port: String,
+    pub hostname: String,
+}
+
+impl BootConfig {
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        BootConfig {
+            agent_port: sys::cmdline_value(cmdline, CMDLINE_AGENT_KEY)
+                .unwrap_or_else(|| DEFAULT_AGENT_PORT.into()),
+            hostname: sys::cmdline_value(cmdline, CMDLINE_HOSTNAME_KEY)
+                .unwrap_or_else(|| DEFAULT_HOSTNAME.into()),
+        }
+    }
+}
+
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (src, target, fstype, data) = (c(src)?, c(target)?, c(fstype)?, c(data)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    cvt(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    })?;
+    Ok(())
+}
+
+fn mounted_points() -> HashSet<String> {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Mounts the pseudo filesystems a userland expects, skipping those already there.
+pub fn mount_filesystems() {
+    let _ = fs::create_dir_all("/proc");
+    if !Path::new("/proc/self").exists() {
+        if let Err(e) = mount(
+            "proc",
+            "/proc",
+            "proc",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "",
+        ) {
+            agent_log!("mount /proc failed: {e}");
+        }
+    }
+    let nsne = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let table: [(&str, &str, &str, libc::c_ulong, &str); 6] = [
+        ("sysfs", "/sys", "sysfs", nsne, ""),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "gid=5,mode=0620,ptmxmode=0666",
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=1777",
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=0755",
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=1777",
+        ),
+    ];
+    for (src, target, fstype, flags, data) in table {
+        if mounted_points().contains(target) {
+            continue;
+        }
+        let _ = fs::create_dir_all(target);
+        if let Err(e) = mount(src, target, fstype, flags, data) {
+            agent_log!("mount {target} ({fstype}) failed: {e}");
+        }
+    }
+    let ptmx_ok = fs::metadata("/dev/ptmx")
+        .map(|m| m.file_type().is_char_device())
+        .unwrap_or(false);
+    if !ptmx_ok {
+        let _ = fs::remove_file("/dev/ptmx");
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    for (link, to) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        if fs::symlink_metadata(link).is_err() {
+            let _ = std::os::unix::fs::symlink(to, link);
+        }
+    }
+}
+
+/// Sets the kernel hostname.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// Brings up `lo` (the kernel then assigns 127.0.0.1/8 and ::1 itself).
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket takes plain integers; the result is checked.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `s` is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: ifreq is plain old data; zeroed is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills the flags of a valid ifreq.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the kernel just wrote the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads a valid ifreq.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(())
+}
+
+/// Blocks the signals PID 1 handles and returns a non-blocking signalfd for them. Children
+/// get an empty mask back before exec.
+pub fn signal_fd() -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for these calls.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGPWR,
+        ] {
+            libc::sigaddset(&mut set, s);
+        }
+        cvt(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+    // SAFETY: `fd` is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reaps every exited child (orphans adopted by PID 1) without blocking.
+pub fn reap_orphans() {
+    while sys::try_wait(-1).is_some() {}
+}
+
+/// Drains a signalfd; returns `Some(reboot)` if a shutdown signal arrived.
+pub fn drain_signals(fd: RawFd) -> Option<bool> {
+    sys::read_signals(fd).1
+}
+
+/// Waits up to `timeout` for a signal on `fd`.
+pub fn wait_signal(fd: RawFd, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+}
+
+/// Stops every process, syncs and powers off (or reboots). Never returns: if the reboot
+/// call itself fails, PID 1 sleeps forever rather than exit (which would panic the kernel).
+pub fn power_off(reboot: bool) -> ! {
+    agent_log!("{}", if reboot { "rebooting" } else { "powering off" });
+    let _ = io::stderr().flush();
+    // SAFETY: plain syscalls without pointers.
+    unsafe {
+        libc::kill(-1, libc::SIGTERM);
+    }
+    // Give processes a moment to exit cleanly, reaping as they go.
+    for _ in 0..20 {
+        reap_orphans();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: plain syscalls without pointers.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        libc::sync();
+    }
+    reap_orphans();
+    let cmd = if reboot {
+        libc::RB_AUTOBOOT
+    } else {
+        libc::RB_POWER_OFF
+    };
+    // SAFETY: reboot(2) with a valid command; on success it does not return.
+    unsafe { libc::reboot(cmd) };
+    agent_log!("reboot(2) failed: {}", io::Error::last_os_error());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Opens the agent port read-write.
+pub fn open_port(path: &str) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_config_defaults_and_overrides() {
+        let d = BootConfig::from_cmdline("console=ttyS0 quiet");
+        assert_eq!(d.agent_port, "/dev/hvc1");
+        assert_eq!(d.hostname, "smolvm");
+        let c = BootConfig::from_cmdline("smolvm.agent=/dev/hvc2 smolvm.hostname=db");
+        assert_eq!(c.agent_port, "/dev/hvc2");
+        assert_eq!(c.hostname, "db");
+    }
+
+    #[test]
+    fn rand_pool_info_layout_matches_the_kernel() {
+        assert_eq!(std::mem::offset_of!(RandPoolInfo, buf), 8);
+    }
+}

@@ -1,0 +1,392 @@
+//! Thin, checked wrappers over the Linux system calls the agent needs.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use crate::protocol::{ExitStatus, User, WinSize};
+
+/// Errors of system set-up steps (user lookup, terminals, processes).
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("user {0:?} is not in /etc/passwd: create it in the image or pass a numeric uid")]
+    UnknownUser(String),
+    #[error("cannot {what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn os_err(what: &'static str) -> SysError {
+    SysError::Os {
+        what,
+        source: io::Error::last_os_error(),
+    }
+}
+
+/// Converts a `-1` return into the current `errno`.
+pub fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a caller-owned descriptor touch no memory.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags))?;
+    }
+    Ok(())
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> Result<(OwnedFd, OwnedFd), SysError> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(os_err("create a pipe"));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are fresh and owned by us.
+    unsafe { Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+}
+
+/// Duplicates a descriptor (close-on-exec).
+pub fn dup(fd: RawFd) -> Result<OwnedFd, SysError> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one we own.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(os_err("duplicate a descriptor"));
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// A new pseudo-terminal: (master, slave). The master is close-on-exec; the slave too (the
+/// child gets it through dup2 onto 0/1/2).
+pub fn open_pty(size: WinSize) -> Result<(OwnedFd, OwnedFd), SysError> {
+    // SAFETY: posix_openpt takes flags only; the result is checked.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(os_err("open /dev/ptmx (is devpts mounted?)"));
+    }
+    // SAFETY: `m` is a fresh descriptor we own.
+    let master = unsafe { OwnedFd::from_raw_fd(m) };
+    // SAFETY: grantpt/unlockpt only take the descriptor.
+    if unsafe { libc::grantpt(m) } < 0 || unsafe { libc::unlockpt(m) } < 0 {
+        return Err(os_err("unlock the pseudo-terminal"));
+    }
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `name` is writable for its full length, which is passed.
+    if unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) } != 0 {
+        return Err(os_err("name the pseudo-terminal"));
+    }
+    // SAFETY: ptsname_r NUL-terminated `name` within its length; open reads the string only.
+    let s = unsafe {
+        libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if s < 0 {
+        return Err(os_err("open the pseudo-terminal slave"));
+    }
+    // SAFETY: `s` is a fresh descriptor we own.
+    let slave = unsafe { OwnedFd::from_raw_fd(s) };
+    set_winsize(master.as_raw_fd(), size).map_err(|source| SysError::Os {
+        what: "set the terminal size",
+        source,
+    })?;
+    Ok((master, slave))
+}
+
+/// Sets a terminal's size (the kernel then sends SIGWINCH to its foreground group).
+pub fn set_winsize(fd: RawFd, size: WinSize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a `winsize` from the valid pointer.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+/// Puts a terminal into raw mode (no echo, no line editing, no CR/LF mangling, no flow
+/// control) so protocol bytes pass unchanged. Not a terminal: nothing to do.
+pub fn make_raw_if_tty(fd: RawFd) -> io::Result<()> {
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(fd) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: zeroed termios is a valid buffer; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid termios to fill.
+    cvt(unsafe { libc::tcgetattr(fd, &mut t) })?;
+    // SAFETY: `t` is a valid termios to modify in place.
+    unsafe { libc::cfmakeraw(&mut t) };
+    t.c_cc[libc::VMIN] = 1;
+    t.c_cc[libc::VTIME] = 0;
+    // SAFETY: `t` is a valid termios to read.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) })?;
+    Ok(())
+}
+
+/// A pidfd for `pid` (Linux 5.3+), readable once the process exits; `None` if unsupported.
+pub fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall returned a fresh descriptor (fits in c_int).
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Decodes a `waitpid` status word.
+pub fn decode_status(raw: libc::c_int) -> ExitStatus {
+    if libc::WIFSIGNALED(raw) {
+        ExitStatus::Signal(libc::WTERMSIG(raw))
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(raw))
+    }
+}
+
+/// Non-blocking wait for `pid` (-1: any child). `Some((pid, status))` when one was reaped.
+pub fn try_wait(pid: i32) -> Option<(i32, ExitStatus)> {
+    let mut raw = 0;
+    loop {
+        // SAFETY: `raw` is a valid out-pointer for the status word.
+        let r = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
+        if r > 0 {
+            if libc::WIFEXITED(raw) || libc::WIFSIGNALED(raw) {
+                return Some((r, decode_status(raw)));
+            }
+            continue;
+        }
+        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
+/// Blocking wait for `pid`; `None` if it is not our child (already reaped).
+pub fn wait_blocking(pid: i32) -> Option<ExitStatus> {
+    let mut raw = 0;
+    loop {
+        // SAFETY: `raw` is a valid out-pointer for the status word.
+        let r = unsafe { libc::waitpid(pid, &mut raw, 0) };
+        if r == pid && (libc::WIFEXITED(raw) || libc::WIFSIGNALED(raw)) {
+            return Some(decode_status(raw));
+        }
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return None;
+        }
+    }
+}
+
+/// Sends `sig` to `pid` (negative: a process group).
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill takes plain integers.
+    cvt(unsafe { libc::kill(pid, sig) })?;
+    Ok(())
+}
+
+/// Resolved identity for a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<libc::gid_t>,
+    pub name: Option<String>,
+    pub home: Option<String>,
+}
+
+struct PasswdEntry {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 7 {
+                return None;
+            }
+            Some(PasswdEntry {
+                name: f[0].to_string(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                home: f[5].to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Groups in `/etc/group` that list `name` as a member.
+fn supplementary_groups(text: &str, name: &str) -> Vec<libc::gid_t> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 4 || !f[3].split(',').any(|m| m == name) {
+                return None;
+            }
+            f[2].parse().ok()
+        })
+        .collect()
+}
+
+/// Resolves `user` against `<etc>/passwd` and `<etc>/group` (read directly: a static binary
+/// must not depend on NSS).
+pub fn resolve_user(user: &User, etc: &Path) -> Result<Creds, SysError> {
+    let passwd = fs::read_to_string(etc.join("passwd")).unwrap_or_default();
+    let entries = parse_passwd(&passwd);
+    let group = fs::read_to_string(etc.join("group")).unwrap_or_default();
+    let found = match user {
+        User::Name(n) => match entries.into_iter().find(|e| &e.name == n) {
+            Some(e) => Some(e),
+            None => match n.parse::<u32>() {
+                Ok(uid) => {
+                    return Ok(Creds {
+                        uid,
+                        gid: uid,
+                        groups: vec![uid],
+                        name: None,
+                        home: None,
+                    })
+                }
+                Err(_) => return Err(SysError::UnknownUser(n.clone())),
+            },
+        },
+        User::Id { uid, .. } => entries.into_iter().find(|e| e.uid == *uid),
+    };
+    let (uid, gid_default) = match (user, &found) {
+        (_, Some(e)) => (e.uid, e.gid),
+        (User::Id { uid, .. }, None) => (*uid, *uid),
+        (User::Name(n), None) => return Err(SysError::UnknownUser(n.clone())),
+    };
+    let gid = match user {
+        User::Id { gid: Some(g), .. } => *g,
+        _ => gid_default,
+    };
+    let mut groups = vec![gid];
+    if let Some(e) = &found {
+        for g in supplementary_groups(&group, &e.name) {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+    }
+    Ok(Creds {
+        uid,
+        gid,
+        groups,
+        name: found.as_ref().map(|e| e.name.clone()),
+        home: found.map(|e| e.home),
+    })
+}
+
+/// Reads `/proc/cmdline`-style text and returns the value of `key=`.
+pub fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline.split_ascii_whitespace().find_map(|w| {
+        let (k, v) = w.split_once('=')?;
+        (k == key).then(|| v.to_string())
+    })
+}
+
+/// Drains a non-blocking signalfd: (a child exited, `Some(reboot)` if a shutdown signal
+/// arrived). SIGTERM and SIGINT (Ctrl-Alt-Del) mean reboot; SIGUSR1, SIGUSR2 and SIGPWR
+/// mean power off, as with busybox init.
+pub fn read_signals(fd: RawFd) -> (bool, Option<bool>) {
+    // SAFETY: signalfd_siginfo is plain old data; zeroed is valid.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    let (mut child, mut shutdown) = (false, None);
+    loop {
+        // SAFETY: `info` is writable for `size` bytes.
+        let n = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        if n != size as isize {
+            return (child, shutdown);
+        }
+        match info.ssi_signo as libc::c_int {
+            libc::SIGCHLD => child = true,
+            libc::SIGTERM | libc::SIGINT => shutdown = Some(true),
+            libc::SIGUSR1 | libc::SIGUSR2 | libc::SIGPWR => shutdown = Some(false),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_users_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:100:Alice:/home/alice:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("group"),
+            "root:x:0:\nusers:x:100:\nwheel:x:10:bob,alice\n",
+        )
+        .unwrap();
+        let c = resolve_user(&User::Name("alice".into()), dir.path()).unwrap();
+        assert_eq!((c.uid, c.gid), (1000, 100));
+        assert_eq!(c.groups, vec![100, 10]);
+        assert_eq!(c.home.as_deref(), Some("/home/alice"));
+        let c = resolve_user(
+            &User::Id {
+                uid: 1000,
+                gid: Some(5),
+            },
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!((c.uid, c.gid), (1000, 5));
+        let c = resolve_user(
+            &User::Id {
+                uid: 4242,
+                gid: None,
+            },
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!((c.uid, c.gid, c.home), (4242, 4242, None));
+        assert!(matches!(
+            resolve_user(&User::Name("mallory".into()), dir.path()),
+            Err(SysError::UnknownUser(_))
+        ));
+    }
+
+    #[test]
+    fn cmdline_keys() {
+        let c = "console=hvc0 smolvm.agent=/dev/hvc3 quiet smolvm.hostname=web\n";
+        assert_eq!(
+            cmdline_value(c, "smolvm.agent").as_deref(),
+            Some("/dev/hvc3")
+        );
+        assert_eq!(cmdline_value(c, "smolvm.hostname").as_deref(), Some("web"));
+        assert_eq!(cmdline_value(c, "root"), None);
+    }
+}
