@@ -241,7 +241,7 @@ impl<S: ReadAt> MachineReader<S> {
             });
         }
         let table_len = u64::from(header.section_count) * ENTRY_LEN;
-        let table_end = header
+        header
             .table_offset
             .checked_add(table_len)
             .filter(|&e| header.table_offset >= HEADER_LEN && e <= len)
@@ -261,7 +261,6 @@ impl<S: ReadAt> MachineReader<S> {
         if unknown != 0 {
             return Err(Error::UnsupportedFeatures(unknown));
         }
-        let _ = table_end;
 
         let raw: Vec<RawEntry> = table
             .chunks_exact(ENTRY_LEN as usize)
@@ -733,7 +732,15 @@ impl<S: ReadAt> MachineReader<S> {
         for i in 0..self.raw.len() {
             self.check_section(i)?;
         }
-        // Everything not covered by a checksum must be zero padding.
+        self.check_padding()?;
+        Ok(VerifyReport {
+            sections_checked: self.raw.len(),
+            bytes_checked: self.len,
+        })
+    }
+
+    /// Checks that every byte not covered by a checksum (alignment padding) is zero.
+    pub fn check_padding(&self) -> Result<()> {
         let mut covered: Vec<(u64, u64)> = self
             .raw
             .iter()
@@ -758,10 +765,12 @@ impl<S: ReadAt> MachineReader<S> {
             }
             cursor = cursor.max(t);
         }
-        Ok(VerifyReport {
-            sections_checked: self.raw.len(),
-            bytes_checked: self.len,
-        })
+        Ok(())
+    }
+
+    /// Number of entries in the section table, skipped ones included.
+    pub fn table_len(&self) -> usize {
+        self.raw.len()
     }
 }
 

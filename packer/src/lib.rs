@@ -1,0 +1,3 @@
+//! The smolpack library: what the `smolpack` command is built from.
+
+pub mod smolfile;
