@@ -41,7 +41,7 @@ pub type ExecId = u32;
 /// Errors of framing and encoding.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("bad frame magic {0:02x?}: the stream is not the smolvm agent protocol or lost sync")]
+    #[error("bad frame magic {0:02x?} (want \"SM\"): the stream is not the smolvm agent protocol or lost sync")]
     BadMagic([u8; 2]),
     #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     TooLarge(usize),
