@@ -244,7 +244,6 @@ impl<'a, T: Transport> Session<'a, T> {
 
     fn fail(&mut self, why: String) {
         if self.end.is_none() {
-            agent_log!("ending session: {why}");
             self.send(&AgentMsg::Error {
                 message: why.clone(),
             });
