@@ -4,3 +4,5 @@
 //! `Bus::read`/`Bus::write` call by the run loop.
 
 pub mod bus;
+pub mod legacy;
+pub mod virtio;

@@ -1,0 +1,640 @@
+//! virtio-blk over a read-only base image with a private copy-on-write overlay.
+//!
+//! The base image file is opened read-only and never written: one image can
+//! back any number of machines. Guest writes land in an overlay (an unlinked
+//! sparse temp file) at the same offsets, tracked per 4 KiB block by a bitmap;
+//! the first write to a block copies the rest of that block up from the base.
+//! Reads take each block from the overlay when present, else from the base.
+//!
+//! For snapshots, [`CowDisk::export_delta`] writes just the overlay blocks (in
+//! the order of [`DiskState::dirty_runs`]) and [`CowDisk::with_delta`] rebuilds
+//! the overlay from them; [`CowDisk::write_merged_to`] writes the whole merged
+//! disk instead.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::chain::{Chain, SegCursor, Segment, COPY_CHUNK};
+use super::{
+    read_config_bytes, GuestMemoryMmap, Persist, VirtioCommon, VirtioCommonState, VirtioDevice,
+    VirtioError, VirtioInterrupt, COMMON_FEATURES,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request advertised through `seg_max`.
+pub const SEG_MAX: u32 = 126;
+/// Descriptors accepted per request: header + data segments + status.
+pub const MAX_DESCS: usize = SEG_MAX as usize + 2;
+/// Virtio sector size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Copy-on-write granularity of the overlay.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Length of a `GET_ID` answer.
+pub const ID_BYTES: usize = 20;
+
+/// `VIRTIO_BLK_F_SEG_MAX`.
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_RO`.
+pub const F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_BLK_SIZE`.
+pub const F_BLK_SIZE: u64 = 1 << 6;
+/// `VIRTIO_BLK_F_FLUSH`.
+pub const F_FLUSH: u64 = 1 << 9;
+
+/// Request types.
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+/// Request status values.
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Disk image errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The base image cannot be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// Image path.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// I/O on the base image or the overlay failed.
+    #[error("disk I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The image holds less than one sector.
+    #[error("disk image is smaller than one 512-byte sector")]
+    TooSmall,
+    /// A saved overlay does not fit this base image.
+    #[error("saved disk state does not match the base image: {0}")]
+    Mismatch(String),
+}
+
+/// Saved overlay layout: which blocks the overlay holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    /// Disk size in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Overlay granularity in bytes ([`BLOCK_SIZE`]).
+    pub block_size: u64,
+    /// Overlay blocks as `(first block, count)` runs, ascending.
+    pub dirty_runs: Vec<(u64, u64)>,
+}
+
+/// A base image plus a private copy-on-write overlay.
+pub struct CowDisk {
+    base: File,
+    overlay: File,
+    capacity: u64,
+    present: Vec<u64>,
+}
+
+impl CowDisk {
+    /// Open the image at `path` read-only, with an empty overlay in the
+    /// system temp directory.
+    pub fn open(path: &Path) -> Result<Self, DiskError> {
+        let base = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::from_base(base)
+    }
+
+    /// Use an already open base image (only ever read) with an empty overlay
+    /// in the system temp directory.
+    pub fn from_base(base: File) -> Result<Self, DiskError> {
+        Self::with_overlay(base, tempfile::tempfile()?)
+    }
+
+    /// Use `overlay` (truncated here) for copied-up blocks.
+    pub fn with_overlay(base: File, overlay: File) -> Result<Self, DiskError> {
+        let len = base.metadata()?.len();
+        let capacity = len / SECTOR_SIZE * SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(DiskError::TooSmall);
+        }
+        if capacity != len {
+            log::warn!("disk image size {len} is not a multiple of 512; the tail is ignored");
+        }
+        overlay.set_len(0)?;
+        overlay.set_len(capacity)?;
+        let blocks = capacity.div_ceil(BLOCK_SIZE);
+        Ok(Self {
+            base,
+            overlay,
+            capacity,
+            present: vec![0; blocks.div_ceil(64) as usize],
+        })
+    }
+
+    /// Rebuild a disk from `base`, a saved [`DiskState`] and the block data
+    /// [`CowDisk::export_delta`] wrote.
+    pub fn with_delta(
+        base: File,
+        state: &DiskState,
+        delta: &mut dyn Read,
+    ) -> Result<Self, DiskError> {
+        let mut disk = Self::from_base(base)?;
+        if state.capacity_sectors != disk.capacity_sectors() || state.block_size != BLOCK_SIZE {
+            return Err(DiskError::Mismatch(format!(
+                "{} sectors in {}-byte blocks saved, image has {} sectors",
+                state.capacity_sectors,
+                state.block_size,
+                disk.capacity_sectors()
+            )));
+        }
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for &(start, count) in &state.dirty_runs {
+            let end = start
+                .checked_add(count)
+                .filter(|&e| e <= disk.block_count())
+                .ok_or_else(|| {
+                    DiskError::Mismatch(format!("block run {start}+{count} out of range"))
+                })?;
+            for b in start..end {
+                let n = disk.block_len(b);
+                delta.read_exact(&mut buf[..n])?;
+                disk.overlay.write_all_at(&buf[..n], b * BLOCK_SIZE)?;
+                disk.set_present(b);
+            }
+        }
+        Ok(disk)
+    }
+
+    /// Disk size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Disk size in sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity / SECTOR_SIZE
+    }
+
+    /// Number of overlay blocks (the last may be short).
+    pub fn block_count(&self) -> u64 {
+        self.capacity.div_ceil(BLOCK_SIZE)
+    }
+
+    fn block_len(&self, b: u64) -> usize {
+        (self.capacity - b * BLOCK_SIZE).min(BLOCK_SIZE) as usize
+    }
+
+    /// Whether block `b` lives in the overlay.
+    pub fn is_dirty(&self, b: u64) -> bool {
+        self.present
+            .get((b / 64) as usize)
+            .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    }
+
+    fn set_present(&mut self, b: u64) {
+        if let Some(w) = self.present.get_mut((b / 64) as usize) {
+            *w |= 1 << (b % 64);
+        }
+    }
+
+    /// Overlay blocks as ascending `(first, count)` runs.
+    pub fn dirty_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (wi, &w) in self.present.iter().enumerate() {
+            let mut bits = w;
+            while bits != 0 {
+                let b = wi as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                match runs.last_mut() {
+                    Some((s, c)) if *s + *c == b => *c += 1,
+                    _ => runs.push((b, 1)),
+                }
+            }
+        }
+        runs
+    }
+
+    /// Layout to store in a snapshot next to [`CowDisk::export_delta`].
+    pub fn state(&self) -> DiskState {
+        DiskState {
+            capacity_sectors: self.capacity_sectors(),
+            block_size: BLOCK_SIZE,
+            dirty_runs: self.dirty_runs(),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.capacity => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "access beyond the end of the disk",
+            )),
+        }
+    }
+
+    /// Read merged disk contents at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let b = pos / BLOCK_SIZE;
+            let n = ((b + 1) * BLOCK_SIZE - pos).min((buf.len() - done) as u64) as usize;
+            let src = if self.is_dirty(b) {
+                &self.overlay
+            } else {
+                &self.base
+            };
+            src.read_exact_at(&mut buf[done..done + n], pos)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at `offset` into the overlay.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        let mut done = 0usize;
+        let mut block = Vec::new();
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let b = pos / BLOCK_SIZE;
+            let start = b * BLOCK_SIZE;
+            let n = ((b + 1) * BLOCK_SIZE - pos).min((buf.len() - done) as u64) as usize;
+            let part = &buf[done..done + n];
+            let whole = pos == start && n == self.block_len(b);
+            if self.is_dirty(b) || whole {
+                self.overlay.write_all_at(part, pos)?;
+            } else {
+                // First partial write to this block: copy it up, then patch.
+                block.resize(self.block_len(b), 0);
+                self.base.read_exact_at(&mut block, start)?;
+                let at = (pos - start) as usize;
+                block[at..at + n].copy_from_slice(part);
+                self.overlay.write_all_at(&block, start)?;
+            }
+            self.set_present(b);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Make overlay writes durable (the overlay is private, so this only
+    /// matters when it is a named file).
+    pub fn flush(&self) -> io::Result<()> {
+        self.overlay.sync_data()
+    }
+
+    /// Read merged block `b` into `buf` (at least [`BLOCK_SIZE`] long);
+    /// returns its length (short for the last block).
+    pub fn read_block(&self, b: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if b >= self.block_count() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such block"));
+        }
+        let n = self.block_len(b);
+        let dst = buf.get_mut(..n).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "buffer shorter than a block")
+        })?;
+        self.read_at(dst, b * BLOCK_SIZE)?;
+        Ok(n)
+    }
+
+    /// Write the whole merged disk (base with overlay applied) to `out`.
+    pub fn write_merged_to(&self, out: &mut dyn Write) -> io::Result<u64> {
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut pos = 0u64;
+        while pos < self.capacity {
+            let n = (self.capacity - pos).min(COPY_CHUNK as u64) as usize;
+            self.read_at(&mut buf[..n], pos)?;
+            out.write_all(&buf[..n])?;
+            pos += n as u64;
+        }
+        Ok(pos)
+    }
+
+    /// Write the overlay blocks, in [`CowDisk::dirty_runs`] order, to `out`.
+    pub fn export_delta(&self, out: &mut dyn Write) -> io::Result<u64> {
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut total = 0u64;
+        for (start, count) in self.dirty_runs() {
+            for b in start..start + count {
+                let n = self.block_len(b);
+                self.overlay.read_exact_at(&mut buf[..n], b * BLOCK_SIZE)?;
+                out.write_all(&buf[..n])?;
+                total += n as u64;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Device options.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// Refuse guest writes (and advertise `VIRTIO_BLK_F_RO`).
+    pub read_only: bool,
+    /// Serial reported by `GET_ID` (at most 20 bytes used).
+    pub id: String,
+}
+
+/// A virtio-blk device over a [`CowDisk`].
+pub struct Block {
+    common: VirtioCommon,
+    disk: CowDisk,
+    config: BlockConfig,
+    scratch: Vec<u8>,
+}
+
+/// Saved [`Block`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Queues, features, status.
+    pub common: VirtioCommonState,
+    /// Device options.
+    pub config: BlockConfig,
+    /// Overlay layout at save time.
+    pub disk: DiskState,
+}
+
+/// Host resources for [`Block::restore`].
+pub struct BlockArgs {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Interrupt line.
+    pub interrupt: VirtioInterrupt,
+    /// The disk, rebuilt by the caller (e.g. [`CowDisk::with_delta`], or a
+    /// merged image via [`CowDisk::open`]); its size must match the state.
+    pub disk: CowDisk,
+}
+
+impl Block {
+    /// A block device over `disk`.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        disk: CowDisk,
+        config: BlockConfig,
+    ) -> Result<Self, VirtioError> {
+        Ok(Self {
+            common: VirtioCommon::new(&[QUEUE_SIZE], mem, interrupt)?,
+            disk,
+            config,
+            scratch: vec![0; COPY_CHUNK],
+        })
+    }
+
+    /// The disk (for exporting it into a snapshot).
+    pub fn disk(&self) -> &CowDisk {
+        &self.disk
+    }
+
+    fn config_space(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        c[0..8].copy_from_slice(&self.disk.capacity_sectors().to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+}
+
+/// Parsed request outcome: status and bytes written into the data-in part.
+struct Outcome {
+    status: u8,
+    written: u32,
+}
+
+impl Outcome {
+    fn status(status: u8) -> Self {
+        Self { status, written: 0 }
+    }
+}
+
+/// Split the writable part into data-in segments and the status byte (the
+/// last writable byte).
+fn split_status(writable: &[Segment]) -> Option<(Vec<Segment>, GuestAddress)> {
+    let last = writable.iter().rposition(|s| s.len > 0)?;
+    let seg = writable[last];
+    let status = GuestAddress(seg.addr.0 + u64::from(seg.len) - 1);
+    let mut data: Vec<Segment> = writable[..last].to_vec();
+    if seg.len > 1 {
+        data.push(Segment {
+            addr: seg.addr,
+            len: seg.len - 1,
+        });
+    }
+    Some((data, status))
+}
+
+fn handle_request(
+    disk: &mut CowDisk,
+    config: &BlockConfig,
+    scratch: &mut [u8],
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+) -> u32 {
+    let Some((data_in, status_addr)) = split_status(&chain.writable) else {
+        log::warn!("virtio-blk: request without a status byte dropped");
+        return 0;
+    };
+    let mut reader = SegCursor::new(&chain.readable);
+    let mut hdr = [0u8; 16];
+    let out = if reader.read(mem, &mut hdr) < hdr.len() {
+        log::warn!("virtio-blk: short request header");
+        Outcome::status(S_IOERR)
+    } else {
+        let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&hdr[8..16]);
+        let sector = u64::from_le_bytes(sector);
+        let mut writer = SegCursor::new(&data_in);
+        execute(
+            disk,
+            config,
+            scratch,
+            mem,
+            ty,
+            sector,
+            &mut reader,
+            &mut writer,
+        )
+    };
+    if mem.write_obj(out.status, status_addr).is_err() {
+        return out.written;
+    }
+    out.written + 1
+}
+
+/// Byte range `[sector * 512, +len)` if it is sector-aligned and on the disk.
+fn disk_range(disk: &CowDisk, sector: u64, len: u64) -> Option<u64> {
+    if len % SECTOR_SIZE != 0 {
+        return None;
+    }
+    let start = sector.checked_mul(SECTOR_SIZE)?;
+    (start.checked_add(len)? <= disk.capacity()).then_some(start)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    disk: &mut CowDisk,
+    config: &BlockConfig,
+    scratch: &mut [u8],
+    mem: &GuestMemoryMmap,
+    ty: u32,
+    sector: u64,
+    reader: &mut SegCursor,
+    writer: &mut SegCursor,
+) -> Outcome {
+    match ty {
+        T_IN => {
+            let len = writer.remaining();
+            let Some(mut pos) = disk_range(disk, sector, len) else {
+                return Outcome::status(S_IOERR);
+            };
+            let mut written = 0u32;
+            let end = pos + len;
+            while pos < end {
+                let n = (end - pos).min(scratch.len() as u64) as usize;
+                if let Err(e) = disk.read_at(&mut scratch[..n], pos) {
+                    log::error!("virtio-blk: read failed: {e}");
+                    return Outcome {
+                        status: S_IOERR,
+                        written,
+                    };
+                }
+                let k = writer.write(mem, &scratch[..n]);
+                written += k as u32;
+                if k < n {
+                    return Outcome {
+                        status: S_IOERR,
+                        written,
+                    };
+                }
+                pos += n as u64;
+            }
+            Outcome {
+                status: S_OK,
+                written,
+            }
+        }
+        T_OUT => {
+            if config.read_only {
+                return Outcome::status(S_IOERR);
+            }
+            let len = reader.remaining();
+            let Some(mut pos) = disk_range(disk, sector, len) else {
+                return Outcome::status(S_IOERR);
+            };
+            let end = pos + len;
+            while pos < end {
+                let n = (end - pos).min(scratch.len() as u64) as usize;
+                if reader.read(mem, &mut scratch[..n]) < n {
+                    return Outcome::status(S_IOERR);
+                }
+                if let Err(e) = disk.write_at(&scratch[..n], pos) {
+                    log::error!("virtio-blk: write failed: {e}");
+                    return Outcome::status(S_IOERR);
+                }
+                pos += n as u64;
+            }
+            Outcome::status(S_OK)
+        }
+        T_FLUSH => match disk.flush() {
+            Ok(()) => Outcome::status(S_OK),
+            Err(e) => {
+                log::error!("virtio-blk: flush failed: {e}");
+                Outcome::status(S_IOERR)
+            }
+        },
+        T_GET_ID => {
+            let mut id = [0u8; ID_BYTES];
+            let src = config.id.as_bytes();
+            let n = src.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&src[..n]);
+            let len = (writer.remaining() as usize).min(ID_BYTES);
+            Outcome {
+                status: S_OK,
+                written: writer.write(mem, &id[..len]) as u32,
+            }
+        }
+        _ => Outcome::status(S_UNSUPP),
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn device_features(&self) -> u64 {
+        let ro = if self.config.read_only { F_RO } else { 0 };
+        COMMON_FEATURES | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | ro
+    }
+
+    fn common(&self) -> &VirtioCommon {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let disk = &mut self.disk;
+        let config = &self.config;
+        let scratch = &mut self.scratch;
+        self.common.drain_queue(index, MAX_DESCS, |mem, chain| {
+            Some(match chain {
+                Ok(c) => handle_request(disk, config, scratch, mem, &c),
+                Err(e) => {
+                    log::warn!("virtio-blk: bad request: {e}");
+                    0
+                }
+            })
+        });
+    }
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type Args = BlockArgs;
+    type Error = VirtioError;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            common: self.common.save(),
+            config: self.config.clone(),
+            disk: self.disk.state(),
+        }
+    }
+
+    fn restore(args: BlockArgs, state: &BlockState) -> Result<Self, VirtioError> {
+        if args.disk.capacity_sectors() != state.disk.capacity_sectors {
+            return Err(VirtioError::StateMismatch(format!(
+                "disk has {} sectors, snapshot expects {}",
+                args.disk.capacity_sectors(),
+                state.disk.capacity_sectors
+            )));
+        }
+        Ok(Self {
+            common: VirtioCommon::restore(&[QUEUE_SIZE], args.mem, args.interrupt, &state.common)?,
+            disk: args.disk,
+            config: state.config.clone(),
+            scratch: vec![0; COPY_CHUNK],
+        })
+    }
+}
