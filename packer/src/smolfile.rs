@@ -480,12 +480,8 @@ impl Cx<'_> {
                 format!("`{field}` applies only to type = \"{owner}\", not \"{kind}\""),
             )
         };
-        let need = |field: &str| {
-            self.err(
-                b.span(),
-                format!("base type \"{kind}\" needs `{field}`"),
-            )
-        };
+        let need =
+            |field: &str| self.err(b.span(), format!("base type \"{kind}\" needs `{field}`"));
         if kind != "debian" {
             if let Some(s) = &raw.suite {
                 return Err(only("suite", s.span(), "debian"));
@@ -577,7 +573,7 @@ impl Cx<'_> {
         }
         if let Some(v) = &r.memory {
             let bytes = self.size(v, "memory")?;
-            if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || bytes % MIB != 0 {
+            if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || !bytes.is_multiple_of(MIB) {
                 return Err(self.err(
                     v.span(),
                     "memory must be a whole number of MiB from 32M to 1T".to_string(),
@@ -587,7 +583,7 @@ impl Cx<'_> {
         }
         if let Some(v) = &r.disk_size {
             let bytes = self.size(v, "disk_size")?;
-            if !(MIN_DISK..=MAX_DISK).contains(&bytes) || bytes % 4096 != 0 {
+            if !(MIN_DISK..=MAX_DISK).contains(&bytes) || !bytes.is_multiple_of(4096) {
                 return Err(self.err(
                     v.span(),
                     "disk_size must be a multiple of 4K from 16M to 2T".to_string(),
@@ -600,9 +596,9 @@ impl Cx<'_> {
 
     fn size(&self, v: &Spanned<toml::Value>, what: &str) -> R<u64> {
         match v.get_ref() {
-            toml::Value::String(s) => parse_size(s).map_err(|m| {
-                self.err(v.span(), format!("{what} = {s:?}: {m}"))
-            }),
+            toml::Value::String(s) => {
+                parse_size(s).map_err(|m| self.err(v.span(), format!("{what} = {s:?}: {m}")))
+            }
             toml::Value::Integer(n) => Err(self.err(
                 v.span(),
                 format!("{what} = {n} has no unit; write it as a string with one, e.g. \"{n}M\""),
@@ -659,7 +655,9 @@ impl Cx<'_> {
         if argv.is_empty() || argv[0].is_empty() {
             return Err(self.err(
                 v.span(),
-                format!("`{what}` needs a command: a non-empty array whose first item is the program"),
+                format!(
+                    "`{what}` needs a command: a non-empty array whose first item is the program"
+                ),
             ));
         }
         if argv.iter().any(|a| a.contains('\0')) {
@@ -705,9 +703,15 @@ impl Cx<'_> {
         let mut probes = Vec::new();
         if let Some(t) = &raw.tcp {
             let port = *t.get_ref();
-            let port = u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| {
-                self.err(t.span(), format!("tcp port {port} is out of range; use 1 to 65535"))
-            })?;
+            let port = u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    self.err(
+                        t.span(),
+                        format!("tcp port {port} is out of range; use 1 to 65535"),
+                    )
+                })?;
             probes.push(Probe::Tcp(port));
         }
         if let Some(f) = &raw.file {
@@ -912,13 +916,10 @@ cmd = ["echo hello from smolvm"]
                 timeout: DEFAULT_READY_TIMEOUT
             })
         );
-        assert_eq!(s.services[1].line, 36);
+        assert_eq!(s.services[1].line, 35);
         assert_eq!(s.env["GREETING"], "hello");
         assert_eq!(s.run.workdir.as_deref(), Some("/app"));
-        assert_eq!(
-            s.run.argv(&[]),
-            ["/bin/sh", "-c", "echo hello from smolvm"]
-        );
+        assert_eq!(s.run.argv(&[]), ["/bin/sh", "-c", "echo hello from smolvm"]);
         assert_eq!(
             s.run.argv(&["echo bye".into()]),
             ["/bin/sh", "-c", "echo bye"]
@@ -948,7 +949,9 @@ cmd = ["echo hello from smolvm"]
 
     #[test]
     fn unknown_key_names_its_line() {
-        let (line, msg) = err("name = \"m\"\n[base]\ntype = \"busybox\"\n\n[resources]\nvcpus = 1\nmemroy = \"1G\"\n");
+        let (line, msg) = err(
+            "name = \"m\"\n[base]\ntype = \"busybox\"\n\n[resources]\nvcpus = 1\nmemroy = \"1G\"\n",
+        );
         assert_eq!(line, 7, "{msg}");
         assert!(msg.contains("Smolfile:7:"), "{msg}");
         assert!(msg.contains("memroy"), "{msg}");
@@ -1009,7 +1012,9 @@ cmd = ["echo hello from smolvm"]
         let (line, msg) = err(&format!("{head}[[copy]]\nfrom = \"app\"\nto = \"app\"\n"));
         assert_eq!(line, 6, "{msg}");
         assert!(msg.contains("absolute"), "{msg}");
-        let (line, msg) = err(&format!("{head}[[copy]]\nfrom = \"app\"\nto = \"/a/../b\"\n"));
+        let (line, msg) = err(&format!(
+            "{head}[[copy]]\nfrom = \"app\"\nto = \"/a/../b\"\n"
+        ));
         assert_eq!(line, 6, "{msg}");
         let (line, msg) = err(&format!("{head}[[copy]]\nfrom = \"nope\"\nto = \"/a\"\n"));
         assert_eq!(line, 5, "{msg}");
@@ -1040,12 +1045,18 @@ cmd = ["echo hello from smolvm"]
         assert_eq!(line, 5, "{msg}");
         let (line, msg) = err(&format!("{head}{}", svc("w", "ready = { tcp = 70000 }\n")));
         assert_eq!(line, 7, "{msg}");
-        let (line, msg) = err(&format!("{head}{}", svc("w", "ready = { tcp = 1, file = \"/x\" }\n")));
+        let (line, msg) = err(&format!(
+            "{head}{}",
+            svc("w", "ready = { tcp = 1, file = \"/x\" }\n")
+        ));
         assert_eq!(line, 7, "{msg}");
         assert!(msg.contains("exactly one"), "{msg}");
         let (line, msg) = err(&format!(
             "{head}{}",
-            svc("w", "ready = { exec = [\"true\"], timeout = \"5 fortnights\" }\n")
+            svc(
+                "w",
+                "ready = { exec = [\"true\"], timeout = \"5 fortnights\" }\n"
+            )
         ));
         assert_eq!(line, 7, "{msg}");
         let (line, msg) = err(&format!("{head}[env]\nOK = \"1\"\n1BAD = \"x\"\n"));
@@ -1099,7 +1110,10 @@ cmd = ["echo hello from smolvm"]
         // Errors name the file as given.
         std::fs::write(&path, "name = 5\n").unwrap();
         let e = Smolfile::load(&path).unwrap_err();
-        assert!(e.to_string().starts_with(&format!("{}:1:", path.display())), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("{}:1:", path.display())),
+            "{e}"
+        );
     }
 
     #[test]
