@@ -214,6 +214,29 @@ impl Smolfile {
         cx.validate(raw)
     }
 
+    /// Fills what the Smolfile leaves unset from an OCI image's configuration, the way
+    /// `docker run` would: image `Env` entries for names `[env]` does not set, `WorkingDir`
+    /// when `[run] workdir` is unset, and `Entrypoint`/`Cmd` unless `[run]` sets them
+    /// (setting `entrypoint` drops the image's `Cmd`, as Docker does).
+    pub fn apply_image_defaults(&mut self, image: &smolvm_rootfs::OciConfig) {
+        for entry in &image.env {
+            if let Some((k, v)) = entry.split_once('=') {
+                self.env
+                    .entry(k.to_string())
+                    .or_insert_with(|| v.to_string());
+            }
+        }
+        if self.run.workdir.is_none() && image.workdir.starts_with('/') {
+            self.run.workdir = Some(image.workdir.clone());
+        }
+        if self.run.entrypoint.is_empty() {
+            self.run.entrypoint = image.entrypoint.clone();
+            if self.run.cmd.is_empty() {
+                self.run.cmd = image.cmd.clone();
+            }
+        }
+    }
+
     /// The root filesystem spec for this machine, with `agent` as `/sbin/init`.
     pub fn rootfs_spec(&self, agent: impl Into<PathBuf>) -> smolvm_rootfs::RootfsSpec {
         smolvm_rootfs::RootfsSpec {
@@ -927,6 +950,41 @@ cmd = ["echo hello from smolvm"]
         let spec = s.rootfs_spec("/agent");
         assert_eq!(spec.copies.len(), 2);
         assert_eq!(spec.size, Some(1 << 30));
+    }
+
+    #[test]
+    fn image_defaults_fill_only_unset_values() {
+        let image = smolvm_rootfs::OciConfig {
+            env: vec![
+                "PATH=/usr/bin".into(),
+                "GREETING=image".into(),
+                "junk".into(),
+            ],
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+            workdir: "/srv".into(),
+            user: String::new(),
+        };
+        let head = "name = \"m\"\n[base]\ntype = \"busybox\"\n";
+        let mut s = parse(&format!("{head}[env]\nGREETING = \"file\"\n")).unwrap();
+        s.apply_image_defaults(&image);
+        assert_eq!(s.env["GREETING"], "file");
+        assert_eq!(s.env["PATH"], "/usr/bin");
+        assert_eq!(s.env.len(), 2);
+        assert_eq!(s.run.workdir.as_deref(), Some("/srv"));
+        assert_eq!(s.run.argv(&[]), ["/entry", "serve"]);
+
+        let mut s = parse(&format!("{head}[run]\ncmd = [\"other\"]\n")).unwrap();
+        s.apply_image_defaults(&image);
+        assert_eq!(s.run.argv(&[]), ["/entry", "other"]);
+
+        let mut s = parse(&format!(
+            "{head}[run]\nentrypoint = [\"/mine\"]\nworkdir = \"/w\"\n"
+        ))
+        .unwrap();
+        s.apply_image_defaults(&image);
+        assert_eq!(s.run.argv(&[]), ["/mine"]);
+        assert_eq!(s.run.workdir.as_deref(), Some("/w"));
     }
 
     #[test]
