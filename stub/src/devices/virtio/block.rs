@@ -497,6 +497,10 @@ fn execute(
 ) -> Outcome {
     match ty {
         T_IN => {
+            if reader.remaining() != 0 {
+                // Data buffers must be device-writable for a read.
+                return Outcome::status(S_IOERR);
+            }
             let len = writer.remaining();
             let Some(mut pos) = disk_range(disk, sector, len) else {
                 return Outcome::status(S_IOERR);
@@ -528,7 +532,8 @@ fn execute(
             }
         }
         T_OUT => {
-            if config.read_only {
+            if config.read_only || writer.remaining() != 0 {
+                // Read-only disk, or data buffers marked device-writable.
                 return Outcome::status(S_IOERR);
             }
             let len = reader.remaining();
@@ -636,5 +641,376 @@ impl Persist for Block {
             config: state.config.clone(),
             scratch: vec![0; COPY_CHUNK],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use crate::devices::virtio::mmio::{regs, MmioDeviceState, MmioTransport};
+    use crate::devices::virtio::status::*;
+    use crate::devices::virtio::testutil::*;
+    use crate::devices::virtio::VIRTIO_F_VERSION_1;
+    use std::io::Seek;
+
+    /// A base image whose byte `i` is `i * 7 % 251` (never zero-filled, so
+    /// copy-up mistakes show).
+    fn base_image(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&data).unwrap();
+        f.flush().unwrap();
+        (f, data)
+    }
+
+    fn merged(disk: &CowDisk) -> Vec<u8> {
+        let mut out = Vec::new();
+        disk.write_merged_to(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn cow_overlay_never_touches_base() {
+        // 5 KiB + 100 bytes: two blocks (the second short) and a partial
+        // sector tail that is not part of the disk.
+        let (base, mut expect) = base_image(5 * 1024 + 100);
+        let orig = std::fs::read(base.path()).unwrap();
+        let mut disk = CowDisk::open(base.path()).unwrap();
+        assert_eq!(disk.capacity(), 5 * 1024);
+        assert_eq!(disk.capacity_sectors(), 10);
+        assert_eq!(disk.block_count(), 2);
+        expect.truncate(5 * 1024);
+
+        // Partial write inside block 0: copy-up keeps the rest of the block.
+        disk.write_at(b"hello", 10).unwrap();
+        expect[10..15].copy_from_slice(b"hello");
+        // Write spanning the block boundary into the short last block.
+        let span = vec![0xabu8; 200];
+        disk.write_at(&span, 4000).unwrap();
+        expect[4000..4200].copy_from_slice(&span);
+        assert_eq!(merged(&disk), expect);
+        assert_eq!(disk.dirty_runs(), vec![(0, 2)]);
+
+        let mut b = vec![0u8; BLOCK_SIZE as usize];
+        assert_eq!(disk.read_block(1, &mut b).unwrap(), 1024);
+        assert_eq!(&b[..1024], &expect[4096..]);
+        assert!(disk.read_block(2, &mut b).is_err());
+        assert!(disk.write_at(b"x", 5 * 1024).is_err());
+        assert!(disk.read_at(&mut [0u8; 2], u64::MAX).is_err());
+        disk.flush().unwrap();
+
+        assert_eq!(std::fs::read(base.path()).unwrap(), orig);
+    }
+
+    #[test]
+    fn delta_export_round_trips() {
+        let (base, _) = base_image(64 * 1024);
+        let mut disk = CowDisk::open(base.path()).unwrap();
+        disk.write_at(&[1u8; 512], 512).unwrap();
+        disk.write_at(&[2u8; 8192], 5 * 4096).unwrap();
+        disk.write_at(&[3u8; 4096], 15 * 4096).unwrap();
+        let state = disk.state();
+        assert_eq!(state.dirty_runs, vec![(0, 1), (5, 2), (15, 1)]);
+        let mut delta = Vec::new();
+        assert_eq!(disk.export_delta(&mut delta).unwrap(), 4 * 4096);
+
+        let reopened = std::fs::File::open(base.path()).unwrap();
+        let back = CowDisk::with_delta(reopened, &state, &mut delta.as_slice()).unwrap();
+        assert_eq!(merged(&back), merged(&disk));
+        assert_eq!(back.dirty_runs(), state.dirty_runs);
+
+        // A delta for a different image or a truncated delta is refused.
+        let bad = DiskState {
+            capacity_sectors: 1,
+            ..state.clone()
+        };
+        let f = std::fs::File::open(base.path()).unwrap();
+        assert!(CowDisk::with_delta(f, &bad, &mut delta.as_slice()).is_err());
+        let f = std::fs::File::open(base.path()).unwrap();
+        assert!(CowDisk::with_delta(f, &state, &mut &delta[..100]).is_err());
+        let runaway = DiskState {
+            dirty_runs: vec![(15, u64::MAX)],
+            ..state
+        };
+        let f = std::fs::File::open(base.path()).unwrap();
+        assert!(CowDisk::with_delta(f, &runaway, &mut delta.as_slice()).is_err());
+    }
+
+    #[test]
+    fn empty_image_is_refused() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(CowDisk::open(f.path()), Err(DiskError::TooSmall)));
+        assert!(matches!(
+            CowDisk::open(Path::new("/nonexistent/disk.img")),
+            Err(DiskError::Open { .. })
+        ));
+    }
+
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x11000;
+    const STATUS: u64 = 0x30000;
+
+    struct Rig<'a> {
+        m: &'a GuestMemoryMmap,
+        t: MmioTransport<Block>,
+        q: TestQueue<'a>,
+        n: u64,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(m: &'a GuestMemoryMmap, image: &Path, config: BlockConfig) -> Self {
+            let (irq, _) = counting_interrupt();
+            let disk = CowDisk::open(image).unwrap();
+            let mut t = MmioTransport::new(Block::new(m.clone(), irq, disk, config).unwrap());
+            let q = TestQueue::new(m, QUEUE_SIZE, GuestAddress(0x1000));
+            assert_ne!(handshake(&mut t, VIRTIO_F_VERSION_1, &[&q]) & DRIVER_OK, 0);
+            Self { m, t, q, n: 0 }
+        }
+
+        /// Write a request header into a fresh slot; returns (hdr, status).
+        fn header(&mut self, ty: u32, sector: u64) -> (u64, u64) {
+            let hdr = HDR + self.n * 16;
+            let status = STATUS + self.n;
+            self.n += 1;
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&ty.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.m.write_slice(&h, GuestAddress(hdr)).unwrap();
+            self.m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+            (hdr, status)
+        }
+
+        fn submit(&mut self, descs: &[Desc]) -> (u32, u32) {
+            let before = self.q.used_idx();
+            self.q.add(descs);
+            wr(&mut self.t, regs::QUEUE_NOTIFY, 0);
+            assert_eq!(self.q.used_idx(), before.wrapping_add(1));
+            self.q.used_elem(before)
+        }
+
+        fn status(&self, at: u64) -> u8 {
+            self.m.read_obj(GuestAddress(at)).unwrap()
+        }
+
+        fn read_guest(&self, at: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.m.read_slice(&mut v, GuestAddress(at)).unwrap();
+            v
+        }
+    }
+
+    #[test]
+    fn requests_read_write_flush_get_id() {
+        let m = mem(0x100000);
+        let (base, data) = base_image(64 * 1024);
+        let mut r = Rig::new(
+            &m,
+            base.path(),
+            BlockConfig {
+                read_only: false,
+                id: "smolvm-root".into(),
+            },
+        );
+        // Config space: capacity and seg_max.
+        let mut cap = [0u8; 8];
+        r.t.read(regs::CONFIG, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 128);
+        assert_eq!(rd(&mut r.t, regs::CONFIG + 12), SEG_MAX);
+
+        // Read sectors 2..4 split over two data buffers.
+        let (h, s) = r.header(T_IN, 2);
+        let (_, len) = r.submit(&[
+            Desc::r(h, 16),
+            Desc::w(DATA, 512),
+            Desc::w(DATA + 0x1000, 512),
+            Desc::w(s, 1),
+        ]);
+        assert_eq!((len, r.status(s)), (1025, S_OK));
+        assert_eq!(r.read_guest(DATA, 512), &data[1024..1536]);
+        assert_eq!(r.read_guest(DATA + 0x1000, 512), &data[1536..2048]);
+
+        // Write sector 3, read it back.
+        m.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        let (h, s) = r.header(T_OUT, 3);
+        let (_, len) = r.submit(&[Desc::r(h, 16), Desc::r(DATA, 512), Desc::w(s, 1)]);
+        assert_eq!((len, r.status(s)), (1, S_OK));
+        let (h, s) = r.header(T_IN, 2);
+        r.submit(&[Desc::r(h, 16), Desc::w(DATA + 0x2000, 1024), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_OK);
+        assert_eq!(r.read_guest(DATA + 0x2000, 512), &data[1024..1536]);
+        assert_eq!(r.read_guest(DATA + 0x2200, 512), vec![0x5a; 512]);
+
+        let (h, s) = r.header(T_FLUSH, 0);
+        let (_, len) = r.submit(&[Desc::r(h, 16), Desc::w(s, 1)]);
+        assert_eq!((len, r.status(s)), (1, S_OK));
+
+        let (h, s) = r.header(T_GET_ID, 0);
+        let (_, len) = r.submit(&[Desc::r(h, 16), Desc::w(DATA + 0x3000, 20), Desc::w(s, 1)]);
+        assert_eq!((len, r.status(s)), (21, S_OK));
+        assert_eq!(&r.read_guest(DATA + 0x3000, 12), b"smolvm-root\0");
+
+        let (h, s) = r.header(99, 0);
+        r.submit(&[Desc::r(h, 16), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_UNSUPP);
+        assert_eq!(r.t.status() & NEEDS_RESET, 0);
+        // The base image is untouched.
+        assert_eq!(std::fs::read(base.path()).unwrap(), data);
+    }
+
+    #[test]
+    fn malformed_requests_get_errors_not_crashes() {
+        let m = mem(0x100000);
+        let (base, data) = base_image(128 * 1024);
+        let mut r = Rig::new(&m, base.path(), BlockConfig::default());
+
+        // Past the end, overflowing sector, unaligned length.
+        for (sector, len) in [(255, 1024), (u64::MAX / 256, 512), (0, 100)] {
+            let (h, s) = r.header(T_IN, sector);
+            r.submit(&[Desc::r(h, 16), Desc::w(DATA, len), Desc::w(s, 1)]);
+            assert_eq!(r.status(s), S_IOERR, "sector {sector} len {len}");
+        }
+        // Write past the end.
+        let (h, s) = r.header(T_OUT, 256);
+        r.submit(&[Desc::r(h, 16), Desc::r(DATA, 512), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_IOERR);
+        // Wrong direction: read into a device-readable buffer, write from a
+        // device-writable one.
+        let (h, s) = r.header(T_IN, 0);
+        r.submit(&[Desc::r(h, 16), Desc::r(DATA, 512), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_IOERR);
+        let (h, s) = r.header(T_OUT, 0);
+        r.submit(&[Desc::r(h, 16), Desc::w(DATA, 512), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_IOERR);
+        // Header in a writable buffer (so no readable header at all).
+        let (h, s) = r.header(T_IN, 0);
+        r.submit(&[Desc::w(h, 16), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_IOERR);
+        // Short header.
+        let (h, s) = r.header(T_IN, 0);
+        r.submit(&[Desc::r(h, 8), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_IOERR);
+        // No status byte: completed with nothing written.
+        let (h, _) = r.header(T_IN, 0);
+        assert_eq!(r.submit(&[Desc::r(h, 16)]).1, 0);
+        // Zero-length status buffer.
+        let (h, s) = r.header(T_IN, 0);
+        assert_eq!(r.submit(&[Desc::r(h, 16), Desc::w(s, 0)]).1, 0);
+        assert_eq!(r.status(s), 0xee);
+        // Data buffer outside guest memory.
+        let (h, s) = r.header(T_IN, 0);
+        assert_eq!(
+            r.submit(&[Desc::r(h, 16), Desc::w(0xfff0_0000, 512), Desc::w(s, 1)])
+                .1,
+            0
+        );
+        // Oversized: a 4 GiB - 1 data buffer (rejected as out of memory).
+        let (h, s) = r.header(T_OUT, 0);
+        r.submit(&[Desc::r(h, 16), Desc::r(DATA, u32::MAX), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), 0xee);
+        // The longest chain accepted, then one descriptor more.
+        for extra in [0u64, 1] {
+            let (h, s) = r.header(T_IN, 0);
+            let segs = MAX_DESCS as u64 - 2 + extra;
+            let mut descs = vec![Desc::r(h, 16)];
+            descs.extend((0..segs).map(|i| Desc::w(DATA + (i % 16) * 512, 512)));
+            descs.push(Desc::w(s, 1));
+            let (_, len) = r.submit(&descs);
+            if extra == 0 {
+                assert_eq!((len, r.status(s)), (segs as u32 * 512 + 1, S_OK));
+            } else {
+                assert_eq!((len, r.status(s)), (0, 0xee));
+            }
+        }
+
+        assert_eq!(r.t.status() & NEEDS_RESET, 0);
+        assert_eq!(std::fs::read(base.path()).unwrap(), data);
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes() {
+        let m = mem(0x100000);
+        let (base, _) = base_image(8 * 1024);
+        let mut r = Rig::new(
+            &m,
+            base.path(),
+            BlockConfig {
+                read_only: true,
+                id: String::new(),
+            },
+        );
+        wr(&mut r.t, regs::DEVICE_FEATURES_SEL, 0);
+        assert_ne!(u64::from(rd(&mut r.t, regs::DEVICE_FEATURES)) & F_RO, 0);
+        let (h, s) = r.header(T_OUT, 0);
+        r.submit(&[Desc::r(h, 16), Desc::r(DATA, 512), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_IOERR);
+        assert!(r.t.device().disk().dirty_runs().is_empty());
+    }
+
+    #[test]
+    fn save_restore_mid_stream() {
+        let m = mem(0x100000);
+        let (base, data) = base_image(32 * 1024);
+        let mut r = Rig::new(&m, base.path(), BlockConfig::default());
+        m.write_slice(&[0x77; 1024], GuestAddress(DATA)).unwrap();
+        let (h, s) = r.header(T_OUT, 9);
+        r.submit(&[Desc::r(h, 16), Desc::r(DATA, 1024), Desc::w(s, 1)]);
+        assert_eq!(r.status(s), S_OK);
+        // A read request is posted but not yet notified when the snapshot is
+        // taken.
+        let (h, s) = r.header(T_IN, 8);
+        r.q.add(&[Desc::r(h, 16), Desc::w(DATA + 0x4000, 2048), Desc::w(s, 1)]);
+
+        let state = r.t.save();
+        let mut delta = Vec::new();
+        r.t.device().disk().export_delta(&mut delta).unwrap();
+        let json = serde_json::to_vec(&state).unwrap();
+        let state: MmioDeviceState<BlockState> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(state.device.common.queues[0].next_avail, 1);
+
+        let (irq, count) = counting_interrupt();
+        let f = std::fs::File::open(base.path()).unwrap();
+        let disk = CowDisk::with_delta(f, &state.device.disk, &mut delta.as_slice()).unwrap();
+        let mut t = MmioTransport::<Block>::restore(
+            BlockArgs {
+                mem: m.clone(),
+                interrupt: irq,
+                disk,
+            },
+            &state,
+        )
+        .unwrap();
+        wr(&mut t, regs::QUEUE_NOTIFY, 0);
+        assert_eq!(r.q.used_idx(), 2);
+        assert_eq!(r.q.used_elem(1), (3, 2049));
+        assert_eq!(r.status(s), S_OK);
+        let got = r.read_guest(DATA + 0x4000, 2048);
+        assert_eq!(&got[..512], &data[4096..4608]);
+        assert_eq!(&got[512..1536], &[0x77; 1024][..]);
+        assert_eq!(&got[1536..], &data[5632..6144]);
+        assert!(count.count() >= 1);
+
+        // Restoring onto a disk of another size is refused.
+        let (small, _) = base_image(4096);
+        let (irq, _) = counting_interrupt();
+        let err = MmioTransport::<Block>::restore(
+            BlockArgs {
+                mem: m.clone(),
+                interrupt: irq,
+                disk: CowDisk::open(small.path()).unwrap(),
+            },
+            &state,
+        );
+        assert!(err.is_err());
+
+        // The merged export equals what the guest sees.
+        let mut out = tempfile::tempfile().unwrap();
+        let n = t.device().disk().write_merged_to(&mut out).unwrap();
+        assert_eq!(n, 32 * 1024);
+        out.rewind().unwrap();
+        let mut img = Vec::new();
+        out.read_to_end(&mut img).unwrap();
+        assert_eq!(&img[4608..5632], &[0x77; 1024][..]);
+        assert_eq!(&img[..4608], &data[..4608]);
     }
 }

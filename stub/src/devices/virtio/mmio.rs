@@ -284,7 +284,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // With VIRTIO_F_NOTIFICATION_DATA (not offered) the high half would
         // carry ring positions; only the queue index matters here.
         let index = (v & 0xffff) as usize;
-        if self.status & DRIVER_OK == 0 || index >= self.device.common().queues.len() {
+        let common = self.device.common();
+        if self.status & DRIVER_OK == 0 || common.broken || index >= common.queues.len() {
             log::debug!("virtio-mmio notify of queue {index} ignored");
             return;
         }
@@ -418,5 +419,303 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
                 data.len()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::status::*;
+    use crate::devices::virtio::testutil::*;
+    use crate::devices::virtio::{
+        cmdline_fragment, mmio_slot, GuestMemoryMmap, VirtioCommon, VirtioInterrupt, INT_CONFIG,
+        INT_VRING,
+    };
+    use vm_memory::GuestAddress;
+
+    /// Records notifications and exposes an 8-byte config space.
+    struct Dummy {
+        common: VirtioCommon,
+        notified: Vec<usize>,
+        activations: usize,
+        resets: usize,
+        config: [u8; 8],
+    }
+
+    const OFFERED: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << 3;
+
+    impl Dummy {
+        fn new(mem: GuestMemoryMmap, irq: VirtioInterrupt) -> Self {
+            Self {
+                common: VirtioCommon::new(&[16, 8], mem, irq).unwrap(),
+                notified: Vec::new(),
+                activations: 0,
+                resets: 0,
+                config: *b"ABCDEFGH",
+            }
+        }
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn device_features(&self) -> u64 {
+            OFFERED
+        }
+        fn common(&self) -> &VirtioCommon {
+            &self.common
+        }
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.common
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            super::super::read_config_bytes(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            if let Some(dst) = self
+                .config
+                .get_mut(offset as usize..offset as usize + data.len())
+            {
+                dst.copy_from_slice(data);
+            }
+        }
+        fn activate(&mut self) {
+            self.activations += 1;
+        }
+        fn process_queue(&mut self, index: usize) {
+            self.notified.push(index);
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn rig(m: &GuestMemoryMmap) -> MmioTransport<Dummy> {
+        let (irq, _) = counting_interrupt();
+        MmioTransport::new(Dummy::new(m.clone(), irq))
+    }
+
+    #[test]
+    fn identity_and_features() {
+        let m = mem(0x10000);
+        let mut t = rig(&m);
+        assert_eq!(rd(&mut t, regs::MAGIC), MMIO_MAGIC);
+        assert_eq!(rd(&mut t, regs::VERSION), 2);
+        assert_eq!(rd(&mut t, regs::DEVICE_ID), 42);
+        assert_eq!(rd(&mut t, regs::VENDOR_ID), VENDOR_ID);
+        assert_eq!(rd(&mut t, regs::DEVICE_FEATURES), OFFERED as u32);
+        wr(&mut t, regs::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, regs::DEVICE_FEATURES), 1);
+        wr(&mut t, regs::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(rd(&mut t, regs::DEVICE_FEATURES), 0);
+        assert_eq!(rd(&mut t, regs::SHM_LEN_LOW), u32::MAX);
+        assert_eq!(
+            cmdline_fragment(0xd000_0000, 5),
+            "virtio_mmio.device=0x1000@0xd0000000:5"
+        );
+        assert_eq!(mmio_slot(1), Some((0xd000_1000, 6)));
+        assert_eq!(mmio_slot(3), Some((0xd000_3000, 9)));
+        assert_eq!(mmio_slot(6), None);
+    }
+
+    #[test]
+    fn full_handshake_then_notify() {
+        let m = mem(0x10000);
+        let mut t = rig(&m);
+        let q0 = TestQueue::new(&m, 16, GuestAddress(0x1000));
+        let q1 = TestQueue::new(&m, 8, GuestAddress(0x2000));
+        let st = handshake(
+            &mut t,
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+            &[&q0, &q1],
+        );
+        assert_eq!(st, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(t.device().activations, 1);
+        assert!(t.device().common.activated);
+        assert!(t.device().common.queues[1].event_idx_enabled());
+        assert_eq!(t.device().common.queues[1].desc_table(), 0x2000);
+        // Queue registers are frozen after DRIVER_OK.
+        wr(&mut t, regs::QUEUE_SEL, 0);
+        wr(&mut t, regs::QUEUE_DESC_LOW, 0x5000);
+        assert_eq!(t.device().common.queues[0].desc_table(), 0x1000);
+
+        wr(&mut t, regs::QUEUE_NOTIFY, 1);
+        wr(&mut t, regs::QUEUE_NOTIFY, 0);
+        wr(&mut t, regs::QUEUE_NOTIFY, 2); // no such queue
+        assert_eq!(t.device().notified, vec![1, 0]);
+
+        // Config space passthrough, any width.
+        let mut b = [0u8; 2];
+        t.read(regs::CONFIG + 2, &mut b);
+        assert_eq!(&b, b"CD");
+        t.write(regs::CONFIG + 7, b"z");
+        let mut b = [0u8; 1];
+        t.read(regs::CONFIG + 7, &mut b);
+        assert_eq!(&b, b"z");
+        let mut far = [0xffu8; 4];
+        t.read(regs::CONFIG + 6, &mut far);
+        assert_eq!(far, [0xff; 4], "access crossing the end is ignored");
+
+        // Interrupt status and acknowledge.
+        t.device().common.interrupt.signal_used_queue();
+        t.device().common.interrupt.signal_config_change();
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+        wr(&mut t, regs::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), INT_CONFIG);
+
+        // Reset returns everything to power-on.
+        wr(&mut t, regs::STATUS, 0);
+        assert_eq!(rd(&mut t, regs::STATUS), 0);
+        assert_eq!(rd(&mut t, regs::INTERRUPT_STATUS), 0);
+        assert_eq!(t.device().resets, 2, "handshake resets first, then us");
+        assert!(!t.device().common.activated);
+        assert_eq!(t.device().common.acked_features, 0);
+        wr(&mut t, regs::QUEUE_SEL, 1);
+        assert_eq!(rd(&mut t, regs::QUEUE_READY), 0);
+        wr(&mut t, regs::QUEUE_NOTIFY, 0);
+        assert_eq!(
+            t.device().notified,
+            vec![1, 0],
+            "notify after reset ignored"
+        );
+        // And the handshake works again.
+        let st = handshake(&mut t, VIRTIO_F_VERSION_1, &[&q0, &q1]);
+        assert_eq!(st & DRIVER_OK, DRIVER_OK);
+        assert_eq!(t.device().activations, 2);
+    }
+
+    #[test]
+    fn features_ok_refused_for_bad_feature_sets() {
+        let m = mem(0x10000);
+        let mut t = rig(&m);
+        // Without VERSION_1.
+        assert_eq!(handshake(&mut t, 1 << 3, &[]) & FEATURES_OK, 0);
+        // A feature that was not offered.
+        wr(&mut t, regs::STATUS, 0);
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER);
+        wr(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, regs::DRIVER_FEATURES, 1 | 1 << 4);
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(rd(&mut t, regs::STATUS) & FEATURES_OK, 0);
+        // DRIVER_OK without FEATURES_OK is ignored.
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+        assert_eq!(rd(&mut t, regs::STATUS) & DRIVER_OK, 0);
+        assert_eq!(t.device().activations, 0);
+        // Feature writes after FEATURES_OK do not change the accepted set.
+        wr(&mut t, regs::STATUS, 0);
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER);
+        wr(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, regs::DRIVER_FEATURES, 1);
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_ne!(rd(&mut t, regs::STATUS) & FEATURES_OK, 0);
+        wr(&mut t, regs::DRIVER_FEATURES, 0);
+        assert_eq!(t.device().common.acked_features, VIRTIO_F_VERSION_1);
+        // Clearing bits without a reset is rejected.
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE);
+        assert_ne!(rd(&mut t, regs::STATUS) & FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_setup_is_validated() {
+        let m = mem(0x10000);
+        let mut t = rig(&m);
+        // Queue registers before FEATURES_OK are ignored.
+        wr(&mut t, regs::QUEUE_SEL, 0);
+        wr(&mut t, regs::QUEUE_NUM, 4);
+        wr(&mut t, regs::QUEUE_READY, 1);
+        assert_eq!(rd(&mut t, regs::QUEUE_READY), 0);
+        assert_eq!(t.device().common.queues[0].size(), 16);
+
+        assert_eq!(
+            handshake(&mut t, VIRTIO_F_VERSION_1, &[]) & FEATURES_OK,
+            FEATURES_OK
+        );
+        wr(&mut t, regs::STATUS, 0);
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER);
+        wr(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, regs::DRIVER_FEATURES, 1);
+        wr(&mut t, regs::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        // Invalid sizes and misaligned rings are refused.
+        wr(&mut t, regs::QUEUE_NUM, 3);
+        wr(&mut t, regs::QUEUE_NUM, 32);
+        wr(&mut t, regs::QUEUE_NUM, 0x1_0000);
+        assert_eq!(t.device().common.queues[0].size(), 16);
+        wr(&mut t, regs::QUEUE_DESC_LOW, 0x1001);
+        assert_ne!(t.device().common.queues[0].desc_table(), 0x1001);
+        // No such queue: reads as absent, writes ignored.
+        wr(&mut t, regs::QUEUE_SEL, 9);
+        assert_eq!(rd(&mut t, regs::QUEUE_NUM_MAX), 0);
+        wr(&mut t, regs::QUEUE_NUM, 4);
+        wr(&mut t, regs::QUEUE_READY, 1);
+        // A ready queue whose rings lie outside guest memory: DRIVER_OK is
+        // accepted but the device reports NEEDS_RESET instead of using it.
+        wr(&mut t, regs::QUEUE_SEL, 0);
+        wr(&mut t, regs::QUEUE_DESC_LOW, 0);
+        wr(&mut t, regs::QUEUE_DESC_HIGH, 0x10);
+        wr(&mut t, regs::QUEUE_AVAIL_LOW, 0x2000);
+        wr(&mut t, regs::QUEUE_USED_LOW, 0x3000);
+        wr(&mut t, regs::QUEUE_READY, 1);
+        wr(
+            &mut t,
+            regs::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_ne!(rd(&mut t, regs::STATUS) & NEEDS_RESET, 0);
+        assert_eq!(
+            t.device().activations,
+            1,
+            "only the first handshake activated"
+        );
+        wr(&mut t, regs::QUEUE_NOTIFY, 0);
+        assert!(t.device().notified.is_empty());
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored() {
+        let m = mem(0x10000);
+        let mut t = rig(&m);
+        let mut b = [0xffu8; 2];
+        t.read(regs::MAGIC, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        let mut b = [0xffu8; 4];
+        t.read(regs::MAGIC + 1, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        t.write(regs::STATUS, &[1]);
+        t.write(regs::STATUS + 2, &[1, 0, 0, 0]);
+        assert_eq!(rd(&mut t, regs::STATUS), 0);
+        // Write-only and unknown registers read as zero.
+        assert_eq!(rd(&mut t, regs::QUEUE_NOTIFY), 0);
+        assert_eq!(rd(&mut t, 0x0f0), 0);
+        wr(&mut t, 0x0f0, 1);
+    }
+
+    #[test]
+    fn transport_state_round_trips() {
+        let m = mem(0x10000);
+        let mut t = rig(&m);
+        let q0 = TestQueue::new(&m, 16, GuestAddress(0x1000));
+        let q1 = TestQueue::new(&m, 8, GuestAddress(0x2000));
+        handshake(&mut t, VIRTIO_F_VERSION_1, &[&q0, &q1]);
+        wr(&mut t, regs::QUEUE_SEL, 1);
+        let regs_state = t.save_transport();
+        let common = t.device().common.save();
+        let (irq, _) = counting_interrupt();
+        let mut dev = Dummy::new(m.clone(), irq.clone());
+        dev.common = VirtioCommon::restore(&[16, 8], m.clone(), irq, &common).unwrap();
+        let mut t2 = MmioTransport::restore_transport(dev, &regs_state);
+        assert_eq!(rd(&mut t2, regs::STATUS), rd(&mut t, regs::STATUS));
+        assert_eq!(rd(&mut t2, regs::QUEUE_READY), 1);
+        assert_eq!(rd(&mut t2, regs::QUEUE_NUM_MAX), 8);
+        wr(&mut t2, regs::QUEUE_NOTIFY, 1);
+        assert_eq!(t2.device().notified, vec![1]);
+
+        // An active snapshot whose queue no longer fits guest memory fails.
+        let small = mem(0x1800);
+        let (irq, _) = counting_interrupt();
+        assert!(matches!(
+            VirtioCommon::restore(&[16, 8], small, irq, &common),
+            Err(VirtioError::QueueOutsideMemory(1))
+        ));
     }
 }
