@@ -1,3 +1,20 @@
-//! The smolvm VMM runtime.
+//! The smolvm VMM runtime: boots, pauses, snapshots and resumes machines.
+//!
+//! Entry points: [`builder::build_for_boot`] and [`builder::resume`] give a
+//! [`machine::Machine`]; `start`, `pause`/[`machine::PauseHandle`], `wait`,
+//! `run_to_exit` and `save` drive it.
 
+#[cfg(target_arch = "x86_64")]
+pub mod arch;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod builder;
 pub mod devices;
+pub mod host;
+pub mod hypervisor;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod machine;
+pub mod snapshot;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod testguest;
+pub mod timing;
+pub mod vstate;

@@ -4,5 +4,6 @@
 //! `Bus::read`/`Bus::write` call by the run loop.
 
 pub mod bus;
+pub mod exit;
 pub mod legacy;
 pub mod virtio;

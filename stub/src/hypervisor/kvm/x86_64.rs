@@ -1,0 +1,478 @@
+//! x86_64 vCPU and VM state on KVM: boot setup, save and restore.
+//!
+//! State types are plain serde structs, separate from the runtime objects.
+//! KVM's ordering rules are written beside the calls that depend on them.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use super::{KvmVcpu, KvmVm};
+use crate::arch::x86_64::{cpuid, gdt, interrupts, layout, msr, paging, regs};
+use crate::hypervisor::HypervisorError;
+use crate::vstate::memory::GuestMemory;
+
+type Result<T> = std::result::Result<T, HypervisorError>;
+
+fn op(name: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
+    move |e| HypervisorError::op(name, e)
+}
+
+/// x87/SSE/AVX state: the XSAVE area where the host supports it, else the
+/// legacy FXSAVE-format registers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FpuState {
+    /// The XSAVE area as KVM returns it (4 KiB, more with KVM_CAP_XSAVE2).
+    Xsave(Vec<u32>),
+    /// `kvm_fpu` as raw bytes.
+    Legacy(Vec<u8>),
+}
+
+/// Everything KVM holds for one x86_64 vCPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u32,
+    pub cpuid: CpuId,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub fpu: FpuState,
+    pub xcrs: Option<kvm_xcrs>,
+    pub debug_regs: Option<kvm_debugregs>,
+    pub lapic: kvm_lapic_state,
+    /// (index, value), in the host's KVM_GET_MSR_INDEX_LIST order, limited
+    /// to the MSRs KVM_GET_MSRS accepts.
+    pub msrs: Vec<(u32, u64)>,
+    pub vcpu_events: Option<kvm_vcpu_events>,
+    pub tsc_khz: Option<u32>,
+}
+
+/// VM-wide KVM state: the in-kernel interrupt controllers, the PIT and kvmclock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: Option<kvm_pit_state2>,
+    pub clock: Option<kvm_clock_data>,
+}
+
+fn fpu_to_bytes(fpu: &kvm_fpu) -> Vec<u8> {
+    // SAFETY: kvm_fpu is a repr(C) struct of integers with explicit padding
+    // fields, so every byte is initialised and readable.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (fpu as *const kvm_fpu).cast::<u8>(),
+            std::mem::size_of::<kvm_fpu>(),
+        )
+    };
+    bytes.to_vec()
+}
+
+fn fpu_from_bytes(bytes: &[u8]) -> Result<kvm_fpu> {
+    if bytes.len() != std::mem::size_of::<kvm_fpu>() {
+        return Err(HypervisorError::BadState(format!(
+            "FPU state is {} bytes, expected {}",
+            bytes.len(),
+            std::mem::size_of::<kvm_fpu>()
+        )));
+    }
+    // SAFETY: the length matches and every bit pattern is a valid kvm_fpu
+    // (integers only); read_unaligned copes with the Vec's alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<kvm_fpu>()) })
+}
+
+/// Number of u32 entries past the legacy 4 KiB area that KVM_GET_XSAVE2 needs.
+pub(super) fn xsave_fam_len(vm: &VmFd) -> usize {
+    let size = vm.check_extension_int(Cap::Xsave2);
+    let base = std::mem::size_of::<kvm_xsave>();
+    if size as usize > base {
+        (size as usize - base).div_ceil(4)
+    } else {
+        0
+    }
+}
+
+/// The MSRs of the host's KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS accepts,
+/// with their values. KVM_GET_MSRS stops at the first MSR it cannot read, so
+/// that one is dropped and the batch continues after it.
+fn read_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<(u32, u64)>> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(op("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut pending: Vec<u32> = list.as_slice().to_vec();
+    let mut out = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let n = pending.len().min(KVM_MAX_MSR_ENTRIES);
+        let entries: Vec<kvm_msr_entry> = pending[..n]
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| HypervisorError::BadState(format!("MSR list: {e:?}")))?;
+        let read = fd.get_msrs(&mut msrs).map_err(op("KVM_GET_MSRS"))?;
+        out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        // Skip the entry that failed (if any) and go on after it.
+        let consumed = (read + 1).min(n);
+        pending.drain(..consumed);
+    }
+    Ok(out)
+}
+
+/// Write MSRs in chunks; an MSR KVM refuses is logged and skipped (hosts
+/// differ in what they accept).
+fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
+    let mut rest = msrs;
+    while !rest.is_empty() {
+        let n = rest.len().min(KVM_MAX_MSR_ENTRIES);
+        let entries: Vec<kvm_msr_entry> = rest[..n]
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let wrapper = Msrs::from_entries(&entries)
+            .map_err(|e| HypervisorError::BadState(format!("MSR list: {e:?}")))?;
+        let written = fd.set_msrs(&wrapper).map_err(op("KVM_SET_MSRS"))?;
+        if written < n {
+            log::warn!(
+                "KVM refused MSR {:#x} = {:#x}; skipped",
+                rest[written].0,
+                rest[written].1
+            );
+        }
+        rest = &rest[(written + 1).min(n)..];
+    }
+    Ok(())
+}
+
+/// Create the in-kernel IRQ chip (PIC + IOAPIC + per-vCPU LAPIC) and the PIT.
+/// Call after the memory slots are registered: on PVM a slot added after the
+/// IRQ chip costs 5-8 ms instead of 0.1 ms.
+pub fn create_irqchip(vm: &KvmVm, pit: bool) -> Result<()> {
+    vm.fd
+        .set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(op("KVM_SET_TSS_ADDR"))?;
+    vm.fd.create_irq_chip().map_err(op("KVM_CREATE_IRQCHIP"))?;
+    if pit {
+        let config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.fd.create_pit2(config).map_err(op("KVM_CREATE_PIT2"))?;
+    }
+    Ok(())
+}
+
+fn get_chip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    fd.get_irqchip(&mut chip).map_err(op("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+impl KvmVm {
+    /// Save the IRQ chips, the PIT (when `pit`) and kvmclock.
+    pub fn save_state(&self, pit: bool) -> Result<VmState> {
+        let clock = if self.kvm.check_extension(Cap::AdjustClock) {
+            Some(self.fd.get_clock().map_err(op("KVM_GET_CLOCK"))?)
+        } else {
+            None
+        };
+        Ok(VmState {
+            pic_master: get_chip(&self.fd, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: get_chip(&self.fd, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: get_chip(&self.fd, KVM_IRQCHIP_IOAPIC)?,
+            pit: if pit {
+                Some(self.fd.get_pit2().map_err(op("KVM_GET_PIT2"))?)
+            } else {
+                None
+            },
+            clock,
+        })
+    }
+
+    /// Restore the IRQ chips and the PIT. The chips and PIT must exist
+    /// (`create_irqchip`). The clock is restored separately, after the vCPUs.
+    pub fn restore_irqchip(&self, state: &VmState) -> Result<()> {
+        for (chip, id) in [
+            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(HypervisorError::BadState(format!(
+                    "IRQ chip {id} saved as chip {}",
+                    chip.chip_id
+                )));
+            }
+            self.fd.set_irqchip(chip).map_err(op("KVM_SET_IRQCHIP"))?;
+        }
+        if let Some(pit) = &state.pit {
+            self.fd.set_pit2(pit).map_err(op("KVM_SET_PIT2"))?;
+        }
+        Ok(())
+    }
+
+    /// Restore kvmclock. Done after every vCPU is restored, so that KVM
+    /// propagates the clock to all of them (its master clock is per VM).
+    /// Flags are cleared: the guest clock resumes from the saved value
+    /// instead of jumping by the time the machine spent on disk.
+    pub fn restore_clock(&self, state: &VmState) -> Result<()> {
+        if let Some(clock) = &state.clock {
+            let clock = kvm_clock_data {
+                clock: clock.clock,
+                ..Default::default()
+            };
+            self.fd.set_clock(&clock).map_err(op("KVM_SET_CLOCK"))?;
+        }
+        Ok(())
+    }
+}
+
+impl KvmVcpu {
+    /// Set up this vCPU (one of `count`) for a direct 64-bit entry.
+    pub fn configure_boot(&self, kvm: &Kvm, entry: &regs::Entry64, count: u32) -> Result<()> {
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(op("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::patch_for_vcpu(cpuid.as_mut_slice(), self.id, count);
+        // CPUID first: KVM derives feature-dependent vCPU state from it.
+        self.fd.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
+        write_msrs(&self.fd, &msr::boot_msrs())?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(op("KVM_SET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(op("KVM_GET_SREGS"))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs))
+            .map_err(op("KVM_SET_SREGS"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(op("KVM_SET_FPU"))?;
+        // LAPIC after SREGS (the APIC base and mode come from there).
+        let mut lapic = self.fd.get_lapic().map_err(op("KVM_GET_LAPIC"))?;
+        // SAFETY: [i8; 1024] and [u8; 1024] have the same layout.
+        let regs_u8 = unsafe { &mut *(&mut lapic.regs as *mut [i8; 1024]).cast::<[u8; 1024]>() };
+        interrupts::set_lint(regs_u8);
+        self.fd.set_lapic(&lapic).map_err(op("KVM_SET_LAPIC"))?;
+        Ok(())
+    }
+
+    /// Save everything KVM holds for this vCPU. The vCPU must be out of
+    /// KVM_RUN with its last exit completed (paused).
+    pub fn save_state(&self) -> Result<VcpuState> {
+        let fd = &self.fd;
+        // MP state first: KVM_GET_MP_STATE runs kvm_apic_accept_events(),
+        // which can change vCPU and LAPIC state read below.
+        let mp_state = fd.get_mp_state().map_err(op("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(op("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(op("KVM_GET_SREGS"))?;
+        let fpu = if self.kvm.check_extension(Cap::Xsave) {
+            let fam = self.xsave_fam;
+            if fam > 0 {
+                let mut xsave = Xsave::new(fam)
+                    .map_err(|e| HypervisorError::BadState(format!("XSAVE buffer: {e:?}")))?;
+                // SAFETY: the buffer has the size KVM_CAP_XSAVE2 reported, and
+                // the VMM enables no XSTATE features dynamically.
+                unsafe { fd.get_xsave2(&mut xsave) }.map_err(op("KVM_GET_XSAVE2"))?;
+                let mut words = xsave.as_fam_struct_ref().xsave.region.to_vec();
+                words.extend_from_slice(xsave.as_slice());
+                FpuState::Xsave(words)
+            } else {
+                let xsave = fd.get_xsave().map_err(op("KVM_GET_XSAVE"))?;
+                FpuState::Xsave(xsave.region.to_vec())
+            }
+        } else {
+            FpuState::Legacy(fpu_to_bytes(&fd.get_fpu().map_err(op("KVM_GET_FPU"))?))
+        };
+        let xcrs = if self.kvm.check_extension(Cap::Xcrs) {
+            Some(fd.get_xcrs().map_err(op("KVM_GET_XCRS"))?)
+        } else {
+            None
+        };
+        let debug_regs = if self.kvm.check_extension(Cap::Debugregs) {
+            Some(fd.get_debug_regs().map_err(op("KVM_GET_DEBUGREGS"))?)
+        } else {
+            None
+        };
+        let lapic = fd.get_lapic().map_err(op("KVM_GET_LAPIC"))?;
+        let msrs = read_msrs(&self.kvm, fd)?;
+        // vCPU events after REGS: pending exceptions and interrupt shadows
+        // refer to the RIP saved above.
+        let vcpu_events = if self.kvm.check_extension(Cap::VcpuEvents) {
+            Some(fd.get_vcpu_events().map_err(op("KVM_GET_VCPU_EVENTS"))?)
+        } else {
+            None
+        };
+        let tsc_khz = if self.kvm.check_extension(Cap::GetTscKhz) {
+            fd.get_tsc_khz().ok()
+        } else {
+            None
+        };
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(op("KVM_GET_CPUID2"))?;
+        Ok(VcpuState {
+            id: self.id,
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            fpu,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            vcpu_events,
+            tsc_khz,
+        })
+    }
+
+    /// Restore a freshly created vCPU from `state`.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<()> {
+        let fd = &self.fd;
+        // TSC frequency before anything that reads or writes the TSC.
+        if let Some(khz) = state.tsc_khz {
+            let here = fd.get_tsc_khz().ok();
+            if here != Some(khz) {
+                if self.kvm.check_extension(Cap::TscControl) {
+                    if let Err(e) = fd.set_tsc_khz(khz) {
+                        log::warn!(
+                            "cannot scale the guest TSC to {khz} kHz: {e}; guest time may drift"
+                        );
+                    }
+                } else {
+                    log::warn!("host TSC is {here:?} kHz, machine saved at {khz} kHz, and KVM cannot scale it");
+                }
+            }
+        }
+        // CPUID before any other state: KVM sizes XSAVE and gates MSRs and
+        // LAPIC modes on the guest's CPUID.
+        fd.set_cpuid2(&state.cpuid).map_err(op("KVM_SET_CPUID2"))?;
+        // MP state first of the run state (it can reset LAPIC events).
+        fd.set_mp_state(state.mp_state)
+            .map_err(op("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs).map_err(op("KVM_SET_REGS"))?;
+        // SREGS before LAPIC: APIC base and x2APIC mode are set through SREGS.
+        fd.set_sregs(&state.sregs).map_err(op("KVM_SET_SREGS"))?;
+        match &state.fpu {
+            FpuState::Xsave(words) => {
+                let fam = self.xsave_fam;
+                let mut xsave = Xsave::new(fam)
+                    .map_err(|e| HypervisorError::BadState(format!("XSAVE buffer: {e:?}")))?;
+                let region_len = xsave.as_fam_struct_ref().xsave.region.len();
+                if words.len() < region_len {
+                    return Err(HypervisorError::BadState(format!(
+                        "XSAVE area of {} words is shorter than {region_len}",
+                        words.len()
+                    )));
+                }
+                let extra = &words[region_len..];
+                if extra.len() > fam && extra[fam..].iter().any(|&w| w != 0) {
+                    return Err(HypervisorError::BadState(
+                        "the saved XSAVE area uses CPU features this host lacks".into(),
+                    ));
+                }
+                // SAFETY: the header is plain data and not resized here.
+                let region = unsafe { &mut xsave.as_mut_fam_struct().xsave.region };
+                region.copy_from_slice(&words[..region_len]);
+                let extra = &words[region_len..];
+                let n = extra.len().min(fam);
+                xsave.as_mut_slice()[..n].copy_from_slice(&extra[..n]);
+                // SAFETY: the buffer has the size KVM_CAP_XSAVE2 reports (or
+                // the legacy 4 KiB without it).
+                unsafe { fd.set_xsave2(&xsave) }.map_err(op("KVM_SET_XSAVE"))?;
+            }
+            FpuState::Legacy(bytes) => {
+                fd.set_fpu(&fpu_from_bytes(bytes)?)
+                    .map_err(op("KVM_SET_FPU"))?;
+            }
+        }
+        if let Some(xcrs) = &state.xcrs {
+            fd.set_xcrs(xcrs).map_err(op("KVM_SET_XCRS"))?;
+        }
+        if let Some(dr) = &state.debug_regs {
+            fd.set_debug_regs(dr).map_err(op("KVM_SET_DEBUGREGS"))?;
+        }
+        fd.set_lapic(&state.lapic).map_err(op("KVM_SET_LAPIC"))?;
+        // MSRs after LAPIC (TSC deadline needs the LAPIC timer mode), with
+        // IA32_TSC before IA32_TSC_DEADLINE.
+        let mut order: Vec<u32> = state.msrs.iter().map(|m| m.0).collect();
+        msr::restore_order(&mut order);
+        let msrs: Vec<(u32, u64)> = order
+            .iter()
+            .filter_map(|i| state.msrs.iter().find(|m| m.0 == *i).copied())
+            .collect();
+        write_msrs(fd, &msrs)?;
+        // vCPU events last and after REGS: they re-inject pending exceptions
+        // and interrupts relative to the restored RIP.
+        if let Some(ev) = &state.vcpu_events {
+            fd.set_vcpu_events(ev).map_err(op("KVM_SET_VCPU_EVENTS"))?;
+        }
+        Ok(())
+    }
+}
+
+/// "RIP 0x... (phys 0x...): bytes" for an error message.
+pub fn describe_position(fd: &VcpuFd, memory: &GuestMemory) -> String {
+    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
+        return String::from("RIP unknown (cannot read registers)");
+    };
+    let linear = s.cs.base.wrapping_add(r.rip);
+    let phys = if s.cr0 & (1 << 31) != 0 && s.efer & (1 << 10) != 0 {
+        paging::translate(s.cr3, linear, |a| memory.read_u64(a).ok())
+    } else {
+        Some(linear)
+    };
+    let Some(phys) = phys else {
+        return format!("RIP {:#x} (not mapped by the guest page tables)", r.rip);
+    };
+    let mut bytes = [0u8; 16];
+    let mut n = 0;
+    for (i, b) in bytes.iter_mut().enumerate() {
+        let mut one = [0u8; 1];
+        if memory.read(phys + i as u64, &mut one).is_err() {
+            break;
+        }
+        *b = one[0];
+        n += 1;
+    }
+    let hex: Vec<String> = bytes[..n].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "RIP {:#x} (guest-physical {phys:#x}), CPL {}, instruction bytes: {}",
+        r.rip,
+        s.cs.dpl,
+        if hex.is_empty() {
+            String::from("(outside guest memory)")
+        } else {
+            hex.join(" ")
+        }
+    )
+}
+
+/// The guest-physical addresses of the boot GDT/page tables, for the builder.
+pub fn write_boot_tables(
+    memory: &GuestMemory,
+) -> std::result::Result<(), crate::vstate::memory::MemoryError> {
+    memory.write(layout::GDT_ADDR, &gdt::gdt_bytes(&gdt::BOOT_GDT))?;
+    memory.write(layout::IDT_ADDR, &[0u8; 8])?;
+    let pages = paging::identity_map(layout::PML4_ADDR, layout::IDENTITY_MAP_BYTES)
+        .map_err(|e| crate::vstate::memory::MemoryError::BadLayout(e.to_string()))?;
+    for (addr, page) in pages {
+        memory.write(addr, &page)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! The hypervisor seam: the few operations the VMM needs from a backend.
+//!
+//! The run loop (`vstate::vcpu`) and the builder only see these traits and the
+//! backend-neutral [`VcpuExit`]; port I/O and MMIO exits are dispatched to the
+//! device [`Bus`](crate::devices::bus::Bus), so devices never see the backend.
+//! Architecture state (registers, interrupt controllers) is backend-specific and
+//! lives with the backend (`kvm::x86_64`); another backend (aarch64 KVM, macOS
+//! Hypervisor.framework) adds its own module and state types.
+
+#[cfg(target_os = "linux")]
+pub mod kvm;
+
+use std::os::unix::thread::RawPthread;
+
+/// Why `Vcpu::run` returned. Borrowed data must be consumed (reads filled in)
+/// before the next `run`.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// The guest read `data.len()` bytes from an I/O port.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// The guest wrote to an I/O port.
+    IoOut { port: u16, data: &'a [u8] },
+    /// The guest read from a guest-physical address that has no memory.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// The guest wrote to a guest-physical address that has no memory.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The vCPU executed `HLT` and the backend returned it to user space.
+    Hlt,
+    /// Triple fault or reset request.
+    Shutdown,
+    /// The run was cut short by a kick (`Vcpu::kick_thread`) or a pending
+    /// immediate exit; pending I/O has been completed, guest state is consistent.
+    Interrupted,
+    /// The backend could not run or emulate the guest (KVM_EXIT_INTERNAL_ERROR).
+    InternalError { suberror: u32, data: Vec<u64> },
+    /// The hardware refused to enter the guest.
+    FailEntry { reason: u64 },
+    /// A system event (reset, shutdown, crash) reported by the backend.
+    SystemEvent { kind: u32 },
+    /// Any exit the VMM does not handle, by name.
+    Unhandled(&'static str),
+}
+
+/// Errors from a hypervisor backend: the operation that failed and the OS error.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// Opening the hypervisor device failed.
+    #[error("cannot open {path}: {source} (is KVM available and accessible?)")]
+    Open {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    /// An ioctl or system call failed.
+    #[error("{op} failed: {source}")]
+    Op {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// The host lacks something the VMM needs.
+    #[error("the hypervisor lacks {0}")]
+    Missing(&'static str),
+    /// Saved state does not fit this host or is inconsistent.
+    #[error("invalid vCPU/VM state: {0}")]
+    BadState(String),
+}
+
+impl HypervisorError {
+    pub(crate) fn op(op: &'static str, source: impl Into<std::io::Error>) -> Self {
+        HypervisorError::Op {
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+/// A hypervisor: creates VMs.
+pub trait Hypervisor {
+    /// The VM type of this backend.
+    type Vm: Vm;
+    /// Create an empty VM (no memory, no vCPUs).
+    fn create_vm(&self) -> Result<Self::Vm, HypervisorError>;
+}
+
+/// A VM: guest memory slots and vCPUs.
+pub trait Vm: Send + Sync {
+    /// The vCPU type of this backend.
+    type Vcpu: Vcpu;
+
+    /// Make `size` bytes at `host_addr` the guest-physical range at `guest_addr`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must stay mapped (and not be reused) for
+    /// the life of the VM.
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        host_addr: *mut u8,
+        size: u64,
+    ) -> Result<(), HypervisorError>;
+
+    /// Create vCPU `id`.
+    fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu, HypervisorError>;
+}
+
+/// A virtual CPU, run by one thread at a time.
+pub trait Vcpu: Send {
+    /// Enter the guest until the next exit.
+    fn run(&mut self) -> Result<VcpuExit<'_>, HypervisorError>;
+
+    /// Ask the next `run` to return [`VcpuExit::Interrupted`] at once (after
+    /// completing pending I/O), or clear that request.
+    fn set_immediate_exit(&mut self, on: bool);
+
+    /// Arm the kick for the calling thread: after this, `kick_thread` on this
+    /// thread makes the current or next `run` return `Interrupted`.
+    fn arm_kick(&mut self);
+
+    /// Disarm the kick before the vCPU leaves the calling thread.
+    fn disarm_kick(&mut self);
+
+    /// Kick the vCPU running on `thread` out of the guest.
+    fn kick_thread(thread: RawPthread);
+
+    /// Describe the guest's current position for an error message: the
+    /// instruction pointer and the bytes there, read from guest memory.
+    fn describe_position(&self, memory: &crate::vstate::memory::GuestMemory) -> String;
+}

@@ -1,0 +1,327 @@
+//! A running (or paused) machine: start, pause, wait, save.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
+
+use crate::devices::bus::Bus;
+use crate::host::HostProfile;
+use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
+use crate::hypervisor::{HypervisorError, Vcpu};
+use crate::snapshot::{DeviceStates, MachineState, RegionState, StateError};
+use crate::vstate::memory::{GuestMemory, MemoryError};
+use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
+
+/// Errors from running or saving a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot write the machine file: {0}")]
+    Write(#[from] smolvm_formats::Error),
+    /// The operation needs the vCPUs parked (call `pause` or `wait` first).
+    #[error("the machine is running; pause it first")]
+    Running,
+    /// The operation needs running vCPUs.
+    #[error("the machine is not running")]
+    NotRunning,
+    /// The boot entry can only be set on a machine built for boot, before it starts.
+    #[error("the boot entry can only be set before a booted machine first starts")]
+    EntryAfterStart,
+    /// A vCPU thread could not be started or panicked.
+    #[error("vCPU thread failed: {0}")]
+    Thread(String),
+}
+
+/// What `wait` observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEvent {
+    /// A pause was requested; every vCPU is parked and the machine can be
+    /// saved or started again.
+    Paused,
+    /// The machine stopped for good.
+    Stopped(ExitReason),
+}
+
+/// Asks a running machine to pause from any thread.
+#[derive(Clone)]
+pub struct PauseHandle {
+    control: Arc<RunControl>,
+}
+
+impl PauseHandle {
+    /// Kick every vCPU out of the guest; `Machine::wait` then returns `Paused`.
+    pub fn pause(&self) {
+        self.control.request_pause();
+    }
+}
+
+/// A machine: guest memory, the VM, its vCPUs and devices.
+///
+/// Fields drop in order: vCPUs, then the VM, then guest memory.
+pub struct Machine {
+    pub(crate) threads: Vec<JoinHandle<KvmVcpu>>,
+    pub(crate) parked: Vec<KvmVcpu>,
+    pub(crate) vm: Arc<KvmVm>,
+    pub(crate) _hypervisor: KvmHypervisor,
+    pub(crate) memory: GuestMemory,
+    pub(crate) io_bus: Bus,
+    pub(crate) mmio_bus: Bus,
+    pub(crate) control: Arc<RunControl>,
+    pub(crate) pit: bool,
+    pub(crate) devices: DeviceStates,
+    pub(crate) profile: HostProfile,
+    /// Set for a machine built for boot until it first starts.
+    pub(crate) needs_entry: bool,
+}
+
+impl Machine {
+    /// Guest memory (to load images before a boot, or inspect a paused guest).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The port I/O bus: insert devices before `start`.
+    pub fn io_bus_mut(&mut self) -> &mut Bus {
+        &mut self.io_bus
+    }
+
+    /// The MMIO bus: insert devices before `start`.
+    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.mmio_bus
+    }
+
+    /// The control shared with vCPUs and devices (devices use it to stop the machine).
+    pub fn control(&self) -> Arc<RunControl> {
+        self.control.clone()
+    }
+
+    /// A handle that pauses this machine from another thread.
+    pub fn pause_handle(&self) -> PauseHandle {
+        PauseHandle {
+            control: self.control.clone(),
+        }
+    }
+
+    /// The host profile this machine runs under.
+    pub fn host_profile(&self) -> HostProfile {
+        self.profile
+    }
+
+    /// Device states carried in the snapshot (devices outside the VMM core
+    /// store theirs here before `save`, and read them after a resume).
+    pub fn device_states_mut(&mut self) -> &mut DeviceStates {
+        &mut self.devices
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.parked.len() + self.threads.len()
+    }
+
+    /// Whether vCPU threads are running.
+    pub fn is_running(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Set the 64-bit entry point of vCPU 0 of a machine built for boot
+    /// (after loading the guest image into `memory()`), before `start`.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_entry(
+        &mut self,
+        entry: &crate::arch::x86_64::regs::Entry64,
+    ) -> Result<(), MachineError> {
+        if !self.needs_entry {
+            return Err(MachineError::EntryAfterStart);
+        }
+        let count = self.parked.len() as u32;
+        let kvm = self.vm.kvm();
+        for vcpu in &self.parked {
+            vcpu.configure_boot(kvm, entry, count)?;
+        }
+        self.needs_entry = false;
+        Ok(())
+    }
+
+    /// Start (or restart after a pause) one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), MachineError> {
+        if self.is_running() {
+            return Err(MachineError::Running);
+        }
+        if self.needs_entry {
+            return Err(MachineError::EntryAfterStart);
+        }
+        self.control.clear_pause();
+        let ctx = VcpuContext {
+            io_bus: self.io_bus.clone(),
+            mmio_bus: self.mmio_bus.clone(),
+            memory: self.memory.clone(),
+            control: self.control.clone(),
+        };
+        let mut pthreads = Vec::new();
+        for mut vcpu in std::mem::take(&mut self.parked) {
+            let ctx = ctx.clone();
+            let id = vcpu.id();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    run_loop(&mut vcpu, id, &ctx);
+                    vcpu
+                })
+                .map_err(|e| MachineError::Thread(e.to_string()))?;
+            pthreads.push(handle.as_pthread_t());
+            self.threads.push(handle);
+        }
+        self.control.set_threads(pthreads);
+        Ok(())
+    }
+
+    /// Block until a pause is requested or the guest stops; on return every
+    /// vCPU is parked (a stopped machine can still be inspected or saved).
+    pub fn wait(&mut self) -> Result<RunEvent, MachineError> {
+        if !self.is_running() {
+            return Err(MachineError::NotRunning);
+        }
+        self.control.wait_not_running();
+        self.join()
+    }
+
+    /// Pause from the owning thread: kick the vCPUs and wait for them.
+    pub fn pause(&mut self) -> Result<RunEvent, MachineError> {
+        self.control.request_pause();
+        self.wait()
+    }
+
+    fn join(&mut self) -> Result<RunEvent, MachineError> {
+        // Forget the pthreads under the control's lock before joining, so no
+        // kick can target a joined thread.
+        self.control.take_threads();
+        let mut failed = None;
+        for h in std::mem::take(&mut self.threads) {
+            match h.join() {
+                Ok(vcpu) => self.parked.push(vcpu),
+                Err(_) => failed = Some(MachineError::Thread("a vCPU thread panicked".into())),
+            }
+        }
+        self.parked.sort_by_key(|v| v.id());
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(match self.control.outcome() {
+            Some(reason) => RunEvent::Stopped(reason),
+            None => RunEvent::Paused,
+        })
+    }
+
+    /// Run until the guest stops (pauses requested meanwhile are honoured
+    /// and resumed at once).
+    pub fn run_to_exit(&mut self) -> Result<ExitReason, MachineError> {
+        if !self.is_running() {
+            self.start()?;
+        }
+        loop {
+            match self.wait()? {
+                RunEvent::Stopped(reason) => return Ok(reason),
+                RunEvent::Paused => self.start()?,
+            }
+        }
+    }
+
+    /// Capture the machine state (vCPUs must be parked).
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        if self.is_running() {
+            return Err(MachineError::Running);
+        }
+        let vcpus = self
+            .parked
+            .iter()
+            .map(|v| v.save_state())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            arch: "x86_64".into(),
+            backend: "kvm".into(),
+            host_profile: self.profile.as_str().into(),
+            memory: self
+                .memory
+                .layout()
+                .into_iter()
+                .map(|(guest_addr, size)| RegionState { guest_addr, size })
+                .collect(),
+            pit: self.pit,
+            vm: self.vm.save_state(self.pit)?,
+            vcpus,
+            devices: self.devices.clone(),
+        })
+    }
+
+    /// Save the paused machine to a `.smolmachine` at `path`: the manifest
+    /// (vCPU count, memory size and host profile filled in), the state and
+    /// guest memory (zero pages elided). The write is atomic.
+    pub fn save(
+        &self,
+        path: &Path,
+        manifest: &Manifest,
+        compression: Compression,
+    ) -> Result<(), MachineError> {
+        let state = self.save_state()?;
+        let blob = state.to_bytes()?;
+        let mut manifest = manifest.clone();
+        manifest.vcpus = state.vcpus.len() as u32;
+        manifest.memory_bytes = state.memory.iter().map(|r| r.size).sum();
+        manifest.host_profile = self.profile.as_str().into();
+        if manifest.producer.is_empty() {
+            manifest.producer = format!("smolvm {}", env!("CARGO_PKG_VERSION"));
+        }
+        if manifest.created_unix_s == 0 {
+            manifest.created_unix_s = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+        }
+        let mut w = MachineWriter::create(path, Arch::X86_64)?;
+        w.add_manifest(&manifest)?;
+        w.add_blob(SectionKind::VmState, &blob, Compression::None)?;
+        // SAFETY: every vCPU is parked (checked by save_state above) and
+        // devices only touch guest memory on vCPU exits, so nothing writes
+        // guest memory while the writer reads it.
+        let slices = unsafe { self.memory.region_slices() };
+        let regions: Vec<GuestRegion<'_>> = slices
+            .into_iter()
+            .map(|(guest_addr, data)| GuestRegion { guest_addr, data })
+            .collect();
+        w.add_memory(&regions, compression)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    /// Registers of vCPU `id` (parked), for inspection and tests.
+    #[cfg(target_arch = "x86_64")]
+    pub fn vcpu_regs(&self, id: usize) -> Result<kvm_bindings::kvm_regs, MachineError> {
+        let vcpu = self.parked.get(id).ok_or(MachineError::Running)?;
+        vcpu.fd()
+            .get_regs()
+            .map_err(|e| MachineError::Hypervisor(HypervisorError::op("KVM_GET_REGS", e)))
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.control
+                .finish(ExitReason::Error("machine dropped while running".into()));
+            let _ = self.join();
+        }
+    }
+}
+
+/// The backend's vCPU kick, for the run control.
+pub(crate) fn kick(thread: std::os::unix::thread::RawPthread) {
+    <KvmVcpu as Vcpu>::kick_thread(thread)
+}

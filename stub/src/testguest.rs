@@ -1,0 +1,196 @@
+//! The VMM test guest: a tiny 64-bit program (`testguest/guest.S`, built by
+//! `build.rs`) used to test boot, pause, snapshot and resume without a Linux
+//! kernel. Not a product guest.
+//!
+//! The guest counts in memory, keeps fixed values in registers and checks
+//! them every loop, and every `report_every` iterations fills a 4 KiB block
+//! from the counter and reports the counter and the block's checksum through
+//! [`REPORT_PORT`]. At `limit` it writes `exit_status` to the exit port.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use crate::arch::x86_64::regs::Entry64;
+use crate::builder::{build_for_boot, BootConfig, BuildError};
+use crate::devices::bus::BusDevice;
+use crate::devices::exit::EXIT_PORT;
+use crate::machine::Machine;
+use crate::vstate::memory::GuestMemory;
+
+/// The assembled guest (empty when binutils was missing at build time).
+pub const IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.bin"));
+/// Guest-physical load and entry address.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// Initial stack pointer.
+pub const STACK_TOP: u64 = 0x18_0000;
+/// Parameters: u64 report_every, u64 limit, u64 exit_status.
+pub const PARAMS_ADDR: u64 = 0x2000;
+/// The loop counter.
+pub const COUNTER_ADDR: u64 = 0x20_0000;
+/// The block the guest fills before each report.
+pub const BLOCK_ADDR: u64 = 0x20_1000;
+/// Block size in u64 words.
+pub const BLOCK_QWORDS: usize = 512;
+/// Report port: four 32-bit writes (counter low/high, checksum low/high).
+pub const REPORT_PORT: u16 = 0x510;
+/// Guest memory size.
+pub const MEMORY_BYTES: u64 = 4 << 20;
+/// The register values the guest keeps: rbx, rbp, r12, r13, r14, r15.
+pub const FIXED_REGS: [u64; 6] = [
+    0x1111_1111_1111_1111,
+    0x2222_2222_2222_2222,
+    0x3333_3333_3333_3333,
+    0x4444_4444_4444_4444,
+    0x5555_5555_5555_5555,
+    0x6666_6666_6666_6666,
+];
+/// Guest exit status when a fixed register changed.
+pub const FAIL_REGS: u8 = 3;
+/// Guest exit status when an unclaimed port/MMIO read was not all ones.
+pub const FAIL_UNCLAIMED: u8 = 4;
+/// Guest exit status when the counter and its register shadow disagree.
+pub const FAIL_SHADOW: u8 = 5;
+
+/// Test guest parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub report_every: u64,
+    pub limit: u64,
+    pub exit_status: u8,
+}
+
+/// Errors of the test guest helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum TestGuestError {
+    #[error("the test guest was not assembled (install binutils: as, objcopy) and rebuild")]
+    NotBuilt,
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Machine(#[from] crate::machine::MachineError),
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    #[error(transparent)]
+    Bus(#[from] crate::devices::bus::BusError),
+}
+
+/// The checksum the guest computes over its block for `counter`.
+pub fn expected_checksum(counter: u64) -> u64 {
+    let mut sum = 0u64;
+    for i in 0..BLOCK_QWORDS as u64 {
+        let v = (i + 1).wrapping_mul(counter) ^ 0x9e37_79b9_7f4a_7c15;
+        sum = sum.rotate_left(5) ^ v;
+    }
+    sum
+}
+
+/// Checksum of the block as it is in guest memory.
+pub fn memory_checksum(memory: &GuestMemory) -> Result<u64, crate::vstate::memory::MemoryError> {
+    let mut block = vec![0u8; BLOCK_QWORDS * 8];
+    memory.read(BLOCK_ADDR, &mut block)?;
+    Ok(block.chunks_exact(8).fold(0u64, |sum, w| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        sum.rotate_left(5) ^ u64::from_le_bytes(b)
+    }))
+}
+
+/// One report of the guest, with the checksum the host read from guest
+/// memory at the moment of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub counter: u64,
+    pub checksum: u64,
+    pub memory_checksum: u64,
+}
+
+/// The report port: collects the four writes and sends a [`Report`].
+pub struct ReportDevice {
+    memory: GuestMemory,
+    words: [u32; 4],
+    tx: Sender<Report>,
+}
+
+impl BusDevice for ReportDevice {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let i = (offset / 4) as usize;
+        if i >= 4 || data.len() != 4 {
+            return;
+        }
+        self.words[i] = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        if i == 3 {
+            let counter = u64::from(self.words[0]) | (u64::from(self.words[1]) << 32);
+            let checksum = u64::from(self.words[2]) | (u64::from(self.words[3]) << 32);
+            // The vCPU is stopped at this OUT, so the block is stable.
+            let memory_checksum = memory_checksum(&self.memory).unwrap_or(!checksum);
+            let _ = self.tx.send(Report {
+                counter,
+                checksum,
+                memory_checksum,
+            });
+        }
+    }
+}
+
+/// Attach a report device to `machine`; reports arrive on the receiver.
+pub fn attach_reporter(machine: &mut Machine) -> Result<Receiver<Report>, TestGuestError> {
+    let (tx, rx) = channel();
+    let dev = ReportDevice {
+        memory: machine.memory().clone(),
+        words: [0; 4],
+        tx,
+    };
+    machine
+        .io_bus_mut()
+        .insert(Arc::new(Mutex::new(dev)), u64::from(REPORT_PORT), 16)?;
+    Ok(rx)
+}
+
+/// Build a machine with the test guest loaded and its entry set (not started).
+pub fn boot(params: &Params) -> Result<Machine, TestGuestError> {
+    if IMAGE.is_empty() {
+        return Err(TestGuestError::NotBuilt);
+    }
+    let mut m = build_for_boot(&BootConfig {
+        vcpus: 1,
+        memory_bytes: MEMORY_BYTES,
+        pit: false,
+        exit_port: Some(EXIT_PORT),
+    })?;
+    let mem = m.memory();
+    mem.write(LOAD_ADDR, IMAGE)?;
+    let mut p = Vec::with_capacity(24);
+    p.extend_from_slice(&params.report_every.max(1).to_le_bytes());
+    p.extend_from_slice(&params.limit.to_le_bytes());
+    p.extend_from_slice(&u64::from(params.exit_status).to_le_bytes());
+    mem.write(PARAMS_ADDR, &p)?;
+    m.set_entry(&Entry64 {
+        rip: LOAD_ADDR,
+        rsp: STACK_TOP,
+        rsi: 0,
+    })?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_is_assembled_on_x86_64_linux() {
+        if IMAGE.is_empty() {
+            eprintln!("SKIP: test guest not assembled (binutils missing)");
+            return;
+        }
+        // Starts with `mov $0xcfc, %dx` (66 ba fc 0c).
+        assert_eq!(&IMAGE[..4], &[0x66, 0xba, 0xfc, 0x0c]);
+    }
+
+    #[test]
+    fn checksum_of_counter_zero_is_stable() {
+        assert_eq!(expected_checksum(7), expected_checksum(7));
+        assert_ne!(expected_checksum(7), expected_checksum(8));
+    }
+}
