@@ -32,7 +32,7 @@ enum Mode {
 fn main() -> ExitCode {
     // SAFETY: getpid cannot fail.
     if unsafe { libc::getpid() } == 1 {
-        pid1();
+        pid1(Pid1Options::parse(std::env::args().skip(1)));
     }
     let mut args = std::env::args().skip(1);
     let mut mode = None;
@@ -162,9 +162,33 @@ fn finish(end: SessionEnd) -> Result<(), String> {
     }
 }
 
+/// Arguments PID 1 accepts (the kernel passes words after `--` on its command line); unknown
+/// ones are ignored, as PID 1 must come up whatever it is given.
+#[derive(Default)]
+struct Pid1Options {
+    /// Agent port overriding `smolvm.agent=`.
+    device: Option<String>,
+    /// Log to stderr instead of /dev/kmsg (PID 1 of a container-style namespace in tests).
+    log_stderr: bool,
+}
+
+impl Pid1Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Self {
+        let mut o = Pid1Options::default();
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--device" => o.device = args.next(),
+                "--log-stderr" => o.log_stderr = true,
+                _ => {}
+            }
+        }
+        o
+    }
+}
+
 /// PID 1: never returns. Anything that would end the agent powers the machine off instead.
-fn pid1() -> ! {
-    let result = catch_unwind(AssertUnwindSafe(pid1_serve));
+fn pid1(opts: Pid1Options) -> ! {
+    let result = catch_unwind(AssertUnwindSafe(|| pid1_serve(opts)));
     match result {
         Ok(reboot) => init::power_off(reboot),
         Err(_) => {
@@ -175,13 +199,18 @@ fn pid1() -> ! {
 }
 
 /// Sets the guest up and serves the agent port; returns only to shut down (`true`: reboot).
-fn pid1_serve() -> bool {
+fn pid1_serve(opts: Pid1Options) -> bool {
     init::mount_filesystems();
-    if let Ok(kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        smolvm_agent::log::use_kmsg(kmsg);
+    if !opts.log_stderr {
+        if let Ok(kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+            smolvm_agent::log::use_kmsg(kmsg);
+        }
     }
-    let boot =
+    let mut boot =
         BootConfig::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Some(d) = opts.device {
+        boot.agent_port = d;
+    }
     if let Err(e) = init::set_hostname(&boot.hostname) {
         agent_log!("cannot set hostname {:?}: {e}", boot.hostname);
     }
