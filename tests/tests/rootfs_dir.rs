@@ -32,6 +32,9 @@ fn directory_base_preserves_metadata() {
     )
     .unwrap();
     symlink("usr/bin", src.join("bin")).unwrap();
+    // A tree owned by a user still gives the guest a root-owned `/`.
+    std::os::unix::fs::chown(&src, Some(1000), Some(1000)).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::hard_link(src.join("home/alice/notes"), src.join("home/notes-link")).unwrap();
     // An existing /sbin/init is replaced by the agent.
     std::fs::create_dir_all(src.join("sbin")).unwrap();
@@ -45,6 +48,8 @@ fn directory_base_preserves_metadata() {
 
     assert_fsck_clean(&img);
     assert_agent_installed(&img, &agent);
+    let root = stat(&img, "/").unwrap();
+    assert_eq!((root.mode & 0o7777, root.uid, root.gid), (0o755, 0, 0));
     let suid = stat(&img, "/usr/bin/suid").unwrap();
     assert_eq!((suid.mode & 0o7777, suid.uid), (0o4755, 0));
     let alice = stat(&img, "/home/alice").unwrap();

@@ -159,6 +159,9 @@ pub fn build(spec: &RootfsSpec, out: &Path) -> Result<ImageInfo> {
             fsutil::copy_tree(path, &root, fsutil::Owners::Preserve)?;
         }
     }
+    // The guest's `/` belongs to root whatever the base's top directory said.
+    fsutil::lchown(&root, 0, 0)?;
+    fsutil::set_mode(&root, 0o755)?;
     fsutil::ensure_mountpoints(&root)?;
     for (src, dst) in &spec.copies {
         fsutil::copy_in(&root, src, dst)?;
