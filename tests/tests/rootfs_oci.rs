@@ -1,5 +1,6 @@
 //! The OCI base: two-layer images built here (docker-save tar, OCI layout directory and OCI
-//! layout tar) with whiteouts, an opaque directory, symlinks, hard links and owners.
+//! layout tar; gzip, zstd and plain layers) with whiteouts, an opaque directory, symlinks,
+//! hard links and owners.
 
 mod rootfs_util;
 
@@ -168,7 +169,8 @@ fn docker_save() -> Vec<u8> {
         ("manifest.json", manifest.as_bytes()),
         ("cfg.json", CONFIG.as_bytes()),
         ("l1/layer.tar", &layer1()),
-        ("l2/layer.tar", &layer2()),
+        // The upper layer zstd-compressed here, plain in the OCI layout.
+        ("l2/layer.tar", &zstd::encode_all(&layer2()[..], 3).unwrap()),
     ])
 }
 
