@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use smolvm_agent::protocol::{read_frame, AgentMsg, FrameDecoder, HostMsg, HEADER_LEN, MAX_PAYLOAD};
+use smolvm_agent::protocol::{
+    read_frame, AgentMsg, FrameDecoder, HostMsg, HEADER_LEN, MAX_PAYLOAD,
+};
 
 fuzz_target!(|data: &[u8]| {
     let split = data.first().map_or(0, |b| *b as usize).min(data.len());
