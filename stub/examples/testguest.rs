@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! testguest boot     [--every N] [--limit L] [--status S]
-//! testguest snapshot OUT --at K [--every N] [--limit L] [--status S]
+//! testguest snapshot OUT --at K [--exit-after N] [--every N] [--limit L] [--status S]
 //! testguest resume   FILE
 //! ```
 //! `boot` and `resume` print each report and exit with the guest's status.
@@ -110,6 +110,12 @@ fn main() -> ExitCode {
                 }
                 let _ = watcher.join();
                 let counter = m.memory().read_u64(testguest::COUNTER_ADDR)?;
+                // --exit-after N: the resumed guest stops N iterations later
+                // (the benchmark wants the first exit to be the exit port).
+                if let Some(i) = args.iter().position(|a| a == "--exit-after") {
+                    let n: u64 = args.get(i + 1).ok_or_else(|| anyhow!("--exit-after needs a value"))?.parse()?;
+                    m.memory().write(testguest::PARAMS_ADDR + 8, &(counter + n).to_le_bytes())?;
+                }
                 m.save(Path::new(out), &smolvm_formats::Manifest {
                     name: "testguest".into(),
                     ..Default::default()

@@ -52,7 +52,11 @@ fn run(path: &Path, _guest_args: &[String]) -> Result<u8> {
     let mut machine = smolvm::builder::resume(path)
         .with_context(|| format!("cannot resume {}", path.display()))?;
     machine.start()?;
-    match machine.run_to_exit()? {
+    let reason = machine.run_to_exit()?;
+    timing::mark("guest-stopped");
+    drop(machine);
+    timing::mark("machine-dropped");
+    match reason {
         smolvm::vstate::vcpu::ExitReason::Exited(status) => Ok(status),
         smolvm::vstate::vcpu::ExitReason::Shutdown => {
             bail!("the guest shut down (triple fault or reset) without an exit status")

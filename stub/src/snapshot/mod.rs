@@ -335,3 +335,123 @@ mod tests {
         assert!(matches!(decode::<Sample>(&b), Err(StateError::Decode(_))));
     }
 }
+
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
+mod machine_state_tests {
+    use super::*;
+    use crate::hypervisor::kvm::x86_64::FpuState;
+    use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, CpuId};
+
+    fn state() -> MachineState {
+        let cpuid = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f8,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                edx: 0,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        lapic.regs[0x20] = 7;
+        let vcpu = VcpuState {
+            id: 0,
+            cpuid,
+            mp_state: Default::default(),
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                rbx: 0x1111_1111_1111_1111,
+                rflags: 2,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            fpu: FpuState::Xsave((0..1024u32).collect()),
+            xcrs: Some(Default::default()),
+            debug_regs: Some(Default::default()),
+            lapic,
+            msrs: vec![(0x10, 12345), (0x6e0, 99), (0xc000_0080, 0x500)],
+            vcpu_events: Some(Default::default()),
+            tsc_khz: Some(2_400_000),
+        };
+        let mut devices = DeviceStates {
+            exit_port: Some(0xf4),
+            ..Default::default()
+        };
+        devices.blobs.insert("serial".into(), vec![1, 2, 3]);
+        MachineState {
+            arch: "x86_64".into(),
+            backend: "kvm".into(),
+            host_profile: "kvm-pvm".into(),
+            memory: vec![RegionState {
+                guest_addr: 0,
+                size: 4 << 20,
+            }],
+            pit: false,
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: kvm_bindings::kvm_irqchip {
+                    chip_id: 1,
+                    ..Default::default()
+                },
+                ioapic: kvm_bindings::kvm_irqchip {
+                    chip_id: 2,
+                    ..Default::default()
+                },
+                pit: None,
+                clock: Some(kvm_bindings::kvm_clock_data {
+                    clock: 42,
+                    ..Default::default()
+                }),
+            },
+            vcpus: vec![vcpu],
+            devices,
+        }
+    }
+
+    #[test]
+    fn machine_state_round_trips() {
+        let s = state();
+        let bytes = s.to_bytes().unwrap();
+        let back = MachineState::from_bytes(&bytes).unwrap();
+        assert_eq!(back.vcpus[0].regs.rip, 0x10_0000);
+        assert_eq!(back.vcpus[0].regs.rbx, 0x1111_1111_1111_1111);
+        assert_eq!(back.vcpus[0].cpuid.as_slice().len(), 2);
+        assert_eq!(back.vcpus[0].cpuid.as_slice()[0].eax, 0x806f8);
+        assert_eq!(back.vcpus[0].lapic.regs[0x20], 7);
+        assert_eq!(back.vcpus[0].msrs, s.vcpus[0].msrs);
+        assert_eq!(back.vcpus[0].fpu, s.vcpus[0].fpu);
+        assert_eq!(back.vcpus[0].tsc_khz, Some(2_400_000));
+        assert_eq!(back.vm.clock.unwrap().clock, 42);
+        assert_eq!(back.vm.ioapic.chip_id, 2);
+        assert_eq!(back.devices, s.devices);
+        // Re-encoding is stable.
+        assert_eq!(back.to_bytes().unwrap(), bytes);
+    }
+
+    #[test]
+    fn inconsistent_states_are_refused() {
+        let mut s = state();
+        s.vcpus[0].id = 1;
+        assert!(matches!(
+            MachineState::from_bytes(&s.to_bytes().unwrap()),
+            Err(StateError::Invalid(_))
+        ));
+        let mut s = state();
+        s.vcpus.clear();
+        assert!(MachineState::from_bytes(&s.to_bytes().unwrap()).is_err());
+        let mut s = state();
+        s.memory.push(RegionState {
+            guest_addr: 0x1000,
+            size: 0x1000,
+        });
+        assert!(MachineState::from_bytes(&s.to_bytes().unwrap()).is_err());
+        let mut s = state();
+        s.arch = "aarch64".into();
+        assert!(MachineState::from_bytes(&s.to_bytes().unwrap()).is_err());
+    }
+}
