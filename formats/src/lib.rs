@@ -42,6 +42,81 @@ pub use reader::{
 };
 pub use source::ReadAt;
 pub use trailer::Trailer;
+/// Helpers shared by the property tests and the fuzzer; not a stable API.
+#[doc(hidden)]
+pub mod testing {
+    use crate::{trailer, MachineReader, ReadAt, Result};
+
+    /// Most region bytes the exerciser decompresses into memory per machine.
+    const MAX_REGION_READ: u64 = 64 << 20;
+
+    /// Drives every reader entry point over `bytes`, as a standalone machine and as a packed
+    /// executable. Returns whether the whole thing opened and verified; never panics.
+    pub fn exercise(bytes: &[u8]) -> bool {
+        let mut ok = walk(bytes, 0, bytes.len() as u64).unwrap_or(false);
+        if let Ok(Some(t)) = trailer::locate_in(bytes) {
+            let _ = trailer::check_stub_extent(bytes, &t);
+            ok |= walk(bytes, t.payload_offset, t.payload_len).unwrap_or(false);
+        }
+        let _ = trailer::elf_extent(bytes);
+        ok
+    }
+
+    /// A minimal static x86_64 ELF executable that exits 0: a stand-in stub for tests.
+    pub fn tiny_elf() -> Vec<u8> {
+        let code: [u8; 9] = [0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]; // exit(0)
+        let total = 64 + 56 + code.len() as u64;
+        let mut b = Vec::with_capacity(total as usize);
+        b.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        b.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&(0x400000u64 + 120).to_le_bytes()); // entry
+        b.extend_from_slice(&64u64.to_le_bytes()); // phoff
+        b.extend_from_slice(&0u64.to_le_bytes()); // shoff
+        b.extend_from_slice(&0u32.to_le_bytes()); // flags
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        b.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        for v in [0u64, 0x400000, 0x400000, total, total, 0x1000] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&code);
+        b
+    }
+
+    fn walk<S: ReadAt>(src: S, base: u64, len: u64) -> Result<bool> {
+        let r = MachineReader::from_source(src, base, len)?;
+        let _ = r.manifest();
+        for s in r.sections() {
+            if !s.kind.is_image() {
+                let _ = r.read_section(s);
+            }
+        }
+        if let Ok(l) = r.memory_layout() {
+            let mut budget = MAX_REGION_READ;
+            for (i, reg) in l.regions.iter().enumerate() {
+                if reg.size <= budget {
+                    budget -= reg.size;
+                    let mut buf = vec![0u8; reg.size as usize];
+                    let _ = r.read_memory_region(i, &mut buf);
+                }
+            }
+        }
+        if let Ok(disks) = r.disks() {
+            for d in &disks {
+                let _ = r.read_disk_with(d, |_, _| Ok(()));
+            }
+        }
+        for i in 0..r.table_len() {
+            let _ = r.check_section(i);
+        }
+        Ok(r.verify().is_ok())
+    }
+}
+
 pub use writer::{GuestRegion, MachineWriter, DEFAULT_GRANULE, DEFAULT_ZSTD_LEVEL};
 
 /// Alignment of every uncompressed memory region's and disk's data in the file (and of the

@@ -179,22 +179,13 @@ impl MachineReader<File> {
         &self.src
     }
 
-    /// Writes disk `idx` of [`disks`](Self::disks) to `dest` (sparse: zero runs are holes).
+    /// Writes a disk of [`disks`](Self::disks) to `dest`, truncating it first; zero runs
+    /// become holes. The region checksum is checked (an error means `dest` is incomplete).
     pub fn extract_disk(&self, disk: &DiskLayout, dest: &File) -> Result<()> {
         dest.set_len(0)
             .and_then(|_| dest.set_len(disk.size))
             .map_err(|e| Error::io("sizing extracted disk", e))?;
-        let entry = self
-            .sections
-            .get(disk.section)
-            .filter(|e| e.kind == SectionKind::Disk)
-            .ok_or_else(|| Error::InvalidInput("disk does not belong to this file".into()))?;
-        let index = self.image_index(entry)?;
-        let r = index
-            .regions
-            .first()
-            .ok_or_else(|| Error::corrupt("disk section has no region"))?;
-        self.stream_region(entry, &index, r, |off, bytes| {
+        self.read_disk_with(disk, |off, bytes| {
             dest.write_all_at(bytes, off)
                 .map_err(|e| Error::io("writing extracted disk", e))
         })
@@ -503,7 +494,7 @@ impl<S: ReadAt> MachineReader<S> {
     }
 
     fn is_mappable(&self, e: &SectionEntry) -> bool {
-        e.compression == Compression::None && e.file_offset % DATA_ALIGN == 0
+        e.compression == Compression::None && e.file_offset.is_multiple_of(DATA_ALIGN)
     }
 
     /// The memory map of the guest: regions with their zero and data runs (index checksum
@@ -651,6 +642,26 @@ impl<S: ReadAt> MachineReader<S> {
             });
         }
         Ok(out)
+    }
+
+    /// Streams the stored (non-zero) bytes of a disk as `(disk offset, bytes)` in bounded
+    /// chunks, decompressing if needed, then checks the region checksum.
+    pub fn read_disk_with(
+        &self,
+        disk: &DiskLayout,
+        emit: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let entry = self
+            .sections
+            .get(disk.section)
+            .filter(|e| e.kind == SectionKind::Disk)
+            .ok_or_else(|| Error::InvalidInput("disk does not belong to this file".into()))?;
+        let index = self.image_index(entry)?;
+        let r = index
+            .regions
+            .first()
+            .ok_or_else(|| Error::corrupt("disk section has no region"))?;
+        self.stream_region(entry, &index, r, emit)
     }
 
     /// Checks one table entry (by table position): its checksum, and for known kinds its

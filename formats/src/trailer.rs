@@ -88,7 +88,7 @@ pub fn locate_in<S: ReadAt + ?Sized>(src: &S) -> Result<Option<Trailer>> {
         payload_len: u64_at(&b, 24),
         stub_len: u64_at(&b, 32),
     };
-    let ok = t.payload_offset % DATA_ALIGN == 0
+    let ok = t.payload_offset.is_multiple_of(DATA_ALIGN)
         && t.stub_len <= t.payload_offset
         && t.payload_len >= HEADER_LEN
         && t.payload_offset.checked_add(t.payload_len) == Some(len - TRAILER_LEN);

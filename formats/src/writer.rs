@@ -353,7 +353,8 @@ impl MachineWriter {
         compression: Compression,
         body: impl FnOnce(&mut Out) -> Result<u64>,
     ) -> Result<()> {
-        let align = if kind.is_image() {
+        // Raw image data must map in place; compressed sections only need word alignment.
+        let align = if kind.is_image() && compression == Compression::None {
             DATA_ALIGN
         } else {
             SECTION_ALIGN
