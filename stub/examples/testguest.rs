@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use smolvm::machine::RunEvent;
 use smolvm::testguest::{self, Params, Report};
 use smolvm::vstate::vcpu::ExitReason;
 
@@ -89,26 +88,10 @@ fn main() -> ExitCode {
             Some("snapshot") => {
                 let out = args.get(1).ok_or_else(|| anyhow!("snapshot needs OUT"))?;
                 let at = flag(&args, "--at", 3)?;
-                let mut m = testguest::boot(&params(&args)?)?;
-                let rx = testguest::attach_reporter(&mut m)?;
-                let pauser = m.pause_handle();
-                let watcher = std::thread::spawn(move || {
-                    let mut seen = 0;
-                    for r in rx.iter() {
-                        print_report(&r);
-                        seen += 1;
-                        if seen == at {
-                            pauser.pause();
-                            break;
-                        }
-                    }
-                });
-                m.start()?;
-                match m.wait()? {
-                    RunEvent::Paused => {}
-                    RunEvent::Stopped(r) => bail!("guest stopped before the snapshot: {r:?}"),
+                let (m, reports) = testguest::boot_and_pause_at(&params(&args)?, at)?;
+                for r in &reports {
+                    print_report(r);
                 }
-                let _ = watcher.join();
                 let counter = m.memory().read_u64(testguest::COUNTER_ADDR)?;
                 // --exit-after N: the resumed guest stops N iterations later
                 // (the benchmark wants the first exit to be the exit port).

@@ -251,6 +251,7 @@ pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
     // clock, which KVM propagates to the vCPUs that exist.
     vm.restore_irqchip(&state.vm)?;
     for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
+        // Same contract as `Persist::restore`, on the vCPU created above.
         vcpu.restore_state(s)?;
     }
     vm.restore_clock(&state.vm)?;

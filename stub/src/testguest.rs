@@ -72,6 +72,8 @@ pub enum TestGuestError {
     Memory(#[from] crate::vstate::memory::MemoryError),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::BusError),
+    #[error("the test guest stopped before it could be paused: {0:?}")]
+    StoppedEarly(crate::vstate::vcpu::ExitReason),
 }
 
 /// The checksum the guest computes over its block for `counter`.
@@ -109,6 +111,11 @@ pub struct ReportDevice {
     memory: GuestMemory,
     words: [u32; 4],
     tx: Sender<Report>,
+    seen: u64,
+    /// Hold the vCPU at report N until the receiver gets a message (or
+    /// closes), so another thread can pause the guest at a known point
+    /// however fast the host runs it.
+    hold: Option<(u64, Receiver<()>)>,
 }
 
 impl BusDevice for ReportDevice {
@@ -130,6 +137,12 @@ impl BusDevice for ReportDevice {
                 checksum,
                 memory_checksum,
             });
+            self.seen += 1;
+            if let Some((at, release)) = &self.hold {
+                if self.seen == *at {
+                    let _ = release.recv();
+                }
+            }
         }
     }
 }
@@ -137,15 +150,70 @@ impl BusDevice for ReportDevice {
 /// Attach a report device to `machine`; reports arrive on the receiver.
 pub fn attach_reporter(machine: &mut Machine) -> Result<Receiver<Report>, TestGuestError> {
     let (tx, rx) = channel();
+    insert_reporter(machine, tx, None)?;
+    Ok(rx)
+}
+
+/// Attach a report device that holds the vCPU inside report number `at`
+/// (1-based) until a message arrives on (or the drop of) the returned sender.
+pub fn attach_reporter_holding_at(
+    machine: &mut Machine,
+    at: u64,
+) -> Result<(Receiver<Report>, Sender<()>), TestGuestError> {
+    let (tx, rx) = channel();
+    let (release_tx, release_rx) = channel();
+    insert_reporter(machine, tx, Some((at, release_rx)))?;
+    Ok((rx, release_tx))
+}
+
+fn insert_reporter(
+    machine: &mut Machine,
+    tx: Sender<Report>,
+    hold: Option<(u64, Receiver<()>)>,
+) -> Result<(), TestGuestError> {
     let dev = ReportDevice {
         memory: machine.memory().clone(),
         words: [0; 4],
         tx,
+        seen: 0,
+        hold,
     };
     machine
         .io_bus_mut()
         .insert(Arc::new(Mutex::new(dev)), u64::from(REPORT_PORT), 16)?;
-    Ok(rx)
+    Ok(())
+}
+
+/// Boot the test guest and pause it from another thread while the vCPU is
+/// held at report `at`: the saved counter is then exactly
+/// `at * report_every` on any host. Returns the paused machine and the
+/// reports seen.
+pub fn boot_and_pause_at(
+    params: &Params,
+    at: u64,
+) -> Result<(Machine, Vec<Report>), TestGuestError> {
+    let mut m = boot(params)?;
+    let (rx, release) = attach_reporter_holding_at(&mut m, at)?;
+    let pauser = m.pause_handle();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for r in rx.iter() {
+            seen.push(r);
+            if seen.len() as u64 == at {
+                pauser.pause();
+                let _ = release.send(());
+                break;
+            }
+        }
+        seen
+    });
+    m.start()?;
+    let event = m.wait()?;
+    let reports = watcher.join().unwrap_or_default();
+    match event {
+        crate::machine::RunEvent::Paused => Ok((m, reports)),
+        crate::machine::RunEvent::Stopped(r) => Err(TestGuestError::StoppedEarly(r)),
+    }
 }
 
 /// Build a machine with the test guest loaded and its entry set (not started).

@@ -147,3 +147,35 @@ fn smolvm_run_exits_with_guest_status() {
         );
     }
 }
+
+#[test]
+fn packed_executable_resumes_its_own_machine() {
+    if !common::kvm_ready("packed_executable_resumes_its_own_machine") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = snapshot(dir.path(), Compression::None);
+    let exe = dir.path().join("myguest");
+    smolvm_formats::trailer::pack(Path::new(env!("CARGO_BIN_EXE_smolvm")), &path, &exe).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = std::fs::read(&exe).unwrap();
+    let out = std::process::Command::new(&exe).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(common::PARAMS.exit_status)),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `smolvm run` also accepts the packed executable as a machine file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smolvm"))
+        .arg("run")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(common::PARAMS.exit_status))
+    );
+    assert_eq!(std::fs::read(&exe).unwrap(), before);
+}

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use smolvm::machine::{Machine, RunEvent};
+use smolvm::machine::Machine;
 use smolvm::testguest::{self, Params, Report};
 
 /// Whether KVM tests can run here. Without /dev/kvm (or the assembled test
@@ -38,31 +38,19 @@ pub const PARAMS: Params = Params {
     exit_status: 9,
 };
 
-/// Boot the test guest, pause it from another thread after `at` reports,
-/// and return the paused machine, the reports seen and the counter then.
+/// Boot the test guest, pause it from another thread at report `at`, and
+/// return the paused machine, the reports seen and the counter then.
 pub fn boot_and_pause(params: &Params, at: usize) -> (Machine, Vec<Report>, u64) {
-    let mut m = testguest::boot(params).expect("boot test guest");
-    let rx = testguest::attach_reporter(&mut m).expect("attach reporter");
-    let pauser = m.pause_handle();
-    let watcher = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for r in rx.iter() {
-            seen.push(r);
-            if seen.len() == at {
-                pauser.pause();
-                break;
-            }
-        }
-        seen
-    });
-    m.start().expect("start");
-    let event = m.wait().expect("wait");
-    assert_eq!(event, RunEvent::Paused, "guest stopped before the pause");
-    let reports = watcher.join().expect("watcher");
+    let (m, reports) = testguest::boot_and_pause_at(params, at as u64).expect("boot and pause");
     let counter = m
         .memory()
         .read_u64(testguest::COUNTER_ADDR)
         .expect("counter");
+    assert_eq!(
+        counter,
+        at as u64 * params.report_every,
+        "paused at the held report"
+    );
     (m, reports, counter)
 }
 

@@ -476,3 +476,21 @@ pub fn write_boot_tables(
     }
     Ok(())
 }
+
+impl crate::snapshot::Persist for KvmVcpu {
+    type State = VcpuState;
+    type Args<'a> = &'a KvmVm;
+    type Error = HypervisorError;
+
+    fn save(&self) -> Result<VcpuState> {
+        self.save_state()
+    }
+
+    /// Create vCPU `state.id` in `vm` and restore it. The VM's memory slots
+    /// and IRQ chip must exist (the LAPIC is created with the vCPU).
+    fn restore(vm: &KvmVm, state: &VcpuState) -> Result<Self> {
+        let vcpu = crate::hypervisor::Vm::create_vcpu(vm, state.id)?;
+        vcpu.restore_state(state)?;
+        Ok(vcpu)
+    }
+}
