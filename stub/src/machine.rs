@@ -110,6 +110,14 @@ impl Machine {
         }
     }
 
+    /// An interrupt line raising GSI `gsi` (an irqfd), for devices.
+    pub fn interrupt_line(
+        &self,
+        gsi: u32,
+    ) -> Result<Arc<dyn crate::devices::virtio::InterruptTrigger>, MachineError> {
+        Ok(Arc::new(IrqLine(self.vm.irqfd_line(gsi)?)))
+    }
+
     /// The host profile this machine runs under.
     pub fn host_profile(&self) -> HostProfile {
         self.profile
@@ -317,6 +325,16 @@ impl Drop for Machine {
             self.control
                 .finish(ExitReason::Error("machine dropped while running".into()));
             let _ = self.join();
+        }
+    }
+}
+
+struct IrqLine(crate::hypervisor::kvm::IrqFdLine);
+
+impl crate::devices::virtio::InterruptTrigger for IrqLine {
+    fn trigger(&self) {
+        if let Err(e) = self.0.trigger() {
+            log::warn!("cannot raise GSI {}: {e}", self.0.gsi());
         }
     }
 }

@@ -120,3 +120,26 @@ fn reports_emulation_failure_with_rip_and_bytes() {
         (profile, other) => panic!("{profile}: unexpected {other:?}"),
     }
 }
+
+#[test]
+fn interrupt_lines_and_reset_hook() {
+    if !common::kvm_ready("interrupt_lines_and_reset_hook") {
+        return;
+    }
+    let params = Params {
+        report_every: 1000,
+        limit: u64::MAX / 2,
+        exit_status: 0,
+    };
+    let mut m = testguest::boot(&params).unwrap();
+    // irqfd lines for the legacy and virtio GSIs register and fire (the test
+    // guest runs with interrupts off, so they stay pending in the IRQ chip).
+    for gsi in [4u32, 5, 6] {
+        m.interrupt_line(gsi).unwrap().trigger();
+    }
+    // Devices stop the machine through the control (e.g. the i8042 reset).
+    let control = m.control();
+    m.start().unwrap();
+    control.finish(ExitReason::Shutdown);
+    assert_eq!(m.wait().unwrap(), RunEvent::Stopped(ExitReason::Shutdown));
+}

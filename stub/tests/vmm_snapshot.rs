@@ -8,8 +8,10 @@ use std::path::Path;
 use smolvm::testguest::FIXED_REGS;
 use smolvm_formats::{Compression, Manifest};
 
-/// Not a test of its own: the body of the resume child processes.
+/// Not a test of its own: the entry point of the resume child processes
+/// (run with `--ignored --exact child` and the child environment variable).
 #[test]
+#[ignore = "entry point of the resume child processes"]
 fn child() {
     common::child_main();
 }

@@ -68,7 +68,13 @@ pub const CHILD_ENV: &str = "SMOLVM_TEST_RESUME_CHILD";
 /// Run the test binary's `child` test in a new process that resumes `file`.
 pub fn spawn_child(child_test: &str, file: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().expect("current exe"))
-        .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            child_test,
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, file)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -115,6 +115,40 @@ impl KvmVm {
     }
 }
 
+/// A guest interrupt line backed by an irqfd: each `trigger` makes KVM
+/// inject GSI `gsi` through the in-kernel IRQ chip (edge: assert, deassert).
+pub struct IrqFdLine {
+    fd: vmm_sys_util::eventfd::EventFd,
+    gsi: u32,
+}
+
+impl IrqFdLine {
+    /// Raise the interrupt.
+    pub fn trigger(&self) -> Result<(), HypervisorError> {
+        self.fd
+            .write(1)
+            .map_err(|e| HypervisorError::op("irqfd write", e))
+    }
+
+    /// The GSI this line raises.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
+
+impl KvmVm {
+    /// An interrupt line for GSI `gsi` (needs the IRQ chip, which every
+    /// machine has). Devices get one each at build and at resume.
+    pub fn irqfd_line(&self, gsi: u32) -> Result<IrqFdLine, HypervisorError> {
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| HypervisorError::op("eventfd", e))?;
+        self.fd
+            .register_irqfd(&fd, gsi)
+            .map_err(|e| HypervisorError::op("KVM_IRQFD", e))?;
+        Ok(IrqFdLine { fd, gsi })
+    }
+}
+
 impl super::Vm for KvmVm {
     type Vcpu = KvmVcpu;
 
