@@ -73,7 +73,10 @@ fn pauses_from_another_thread_and_continues() {
         t.join().unwrap();
         let now = m.memory().read_u64(testguest::COUNTER_ADDR).unwrap();
         assert!(now >= last, "counter went back from {last} to {now}");
-        assert_eq!(m.vcpu_regs(0).unwrap().rsi, now);
+        // The pause can land between the guest's store of the counter and
+        // its increment of the shadow register.
+        let rsi = m.vcpu_regs(0).unwrap().rsi;
+        assert!(rsi == now || rsi + 1 == now, "shadow {rsi}, counter {now}");
         last = now;
     }
     assert!(last > counter, "the guest made no progress while running");
