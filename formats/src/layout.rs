@@ -85,9 +85,10 @@ impl Header {
         b
     }
 
-    /// Decodes the fields that locate the table; magic, version and arch are checked here,
-    /// the checksum by the caller once the table is read.
-    pub(crate) fn decode(b: &[u8; HEADER_LEN as usize]) -> Result<Header> {
+    /// Decodes the header. Magic and major version are checked first (they decide how the
+    /// rest is laid out); the arch code is returned raw so the caller can check it after the
+    /// checksum, making a damaged byte read as damage rather than as an unknown arch.
+    pub(crate) fn decode(b: &[u8; HEADER_LEN as usize]) -> Result<(Header, u16)> {
         if b[0..8] != MACHINE_MAGIC {
             return Err(Error::NotAMachine("wrong magic in header".into()));
         }
@@ -100,15 +101,16 @@ impl Header {
             });
         }
         let arch_code = u16_at(b, 12);
-        Ok(Header {
+        let header = Header {
             version_major,
             version_minor: u16_at(b, 10),
-            arch: Arch::from_code(arch_code).ok_or(Error::UnsupportedArch(arch_code))?,
+            arch: Arch::from_code(arch_code).unwrap_or(Arch::X86_64),
             flags: u32_at(b, 16),
             section_count: u32_at(b, 20),
             table_offset: u64_at(b, 24),
             file_len: u64_at(b, 32),
-        })
+        };
+        Ok((header, arch_code))
     }
 }
 

@@ -47,6 +47,8 @@ pub use trailer::Trailer;
 pub mod testing {
     use crate::{trailer, MachineReader, ReadAt, Result};
 
+    pub use crate::writer::is_zero;
+
     /// Most region bytes the exerciser decompresses into memory per machine.
     const MAX_REGION_READ: u64 = 64 << 20;
 

@@ -211,7 +211,7 @@ impl<S: ReadAt> MachineReader<S> {
         }
         let mut hb = [0u8; HEADER_LEN as usize];
         read_exact_at(&src, &mut hb, base, "header")?;
-        let header = Header::decode(&hb)?;
+        let (header, arch_code) = Header::decode(&hb)?;
         if header.file_len > len {
             return Err(Error::corrupt(format!(
                 "file is truncated: header says {} bytes, only {len} present",
@@ -247,6 +247,9 @@ impl<S: ReadAt> MachineReader<S> {
         let stored = crate::layout::u64_at(&hb, 56);
         if crate::layout::header_checksum(&hb, &table) != stored {
             return Err(Error::ChecksumMismatch("header and section table".into()));
+        }
+        if Arch::from_code(arch_code).is_none() {
+            return Err(Error::UnsupportedArch(arch_code));
         }
         let unknown = header.flags & HEADER_REQUIRED_FEATURES_MASK & !HEADER_KNOWN_FEATURES;
         if unknown != 0 {

@@ -76,7 +76,7 @@ impl Out {
 }
 
 /// True if every byte is zero; word-at-a-time so it runs near memory bandwidth.
-pub(crate) fn is_zero(b: &[u8]) -> bool {
+pub fn is_zero(b: &[u8]) -> bool {
     let mut chunks = b.chunks_exact(64);
     for c in &mut chunks {
         let mut acc = 0u64;

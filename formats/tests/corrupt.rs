@@ -95,6 +95,10 @@ fn header_errors_are_specific() {
     let mut b = bytes.clone();
     patch(&mut b, |h, _| h[12] = 9);
     assert!(matches!(open(&b), Err(Error::UnsupportedArch(9))));
+    // The same byte damaged in place reads as damage, not as a new architecture.
+    let mut b = bytes.clone();
+    b[12] = 9;
+    assert!(matches!(open(&b), Err(Error::ChecksumMismatch(_))));
 
     // Unknown required feature bit refused; unknown optional bit ignored.
     let mut b = bytes.clone();
