@@ -1,18 +1,25 @@
 //! The `.smolmachine` file format and the trailer of packed executables.
 //!
 //! A `.smolmachine` is a 64-byte header, sections, and a section table; `docs/FORMAT.md`
-//! specifies every byte. The parts that matter to callers:
+//! specifies every byte. The API:
 //!
-//! * [`MachineWriter`] streams a machine to disk atomically: `create`, then `add_manifest`,
-//!   `add_blob(SectionKind::VmState, ..)`, `add_memory(&[GuestRegion])`, `add_disk`, then
-//!   `finish`. Guest memory and disks are scanned in granules (4 KiB by default) and only
-//!   non-zero runs are stored, each region's data starting [`DATA_ALIGN`]-aligned.
-//! * [`MachineReader`] opens a `.smolmachine` or a packed executable, checks the header and
-//!   table checksum, and exposes [`MemoryLayout`]: per region, sorted runs that are either
-//!   zero or data at an absolute `file_offset` in [`MachineReader::file`] that the VMM can
-//!   `mmap(MAP_PRIVATE)` in place. Compressed memory is not mappable; the VMM then calls
-//!   [`MachineReader::read_memory_region`]. [`MachineReader::verify`] checks every checksum.
-//! * [`trailer`] packs and locates the payload of `stub ‖ padding ‖ machine ‖ trailer`.
+//! * [`MachineWriter`] streams a machine to disk atomically (temp file, fsync, rename):
+//!   `create(path, arch)`, then `add_manifest(&Manifest)`, `add_blob(SectionKind::VmState,
+//!   bytes, compression)`, `add_memory(&[GuestRegion], compression)`, `add_disk(name, &mut
+//!   File, compression)`, then `finish()`. Memory and disks are scanned in granules (4 KiB by
+//!   default, `set_granule` for 16/64 KiB page hosts) and only non-zero runs are stored; raw
+//!   region data starts [`DATA_ALIGN`]-aligned. Dropping an unfinished writer deletes the
+//!   temp file.
+//! * [`MachineReader::open`] takes a `.smolmachine` or a packed executable and checks the
+//!   header and table checksum. [`MachineReader::memory_layout`] gives, per region, sorted
+//!   [`MemRun`]s covering it exactly: `zero` runs, and data runs whose `file_offset` is an
+//!   absolute offset in [`MachineReader::file`] to `mmap(MAP_PRIVATE)` in place. When
+//!   `MemoryLayout::mappable` is false (zstd), fill memory with
+//!   [`MachineReader::read_memory_region`] instead. `manifest()`, `read_blob(kind)`,
+//!   `disks()`/`extract_disk()` read the rest; [`MachineReader::verify`] checks every
+//!   checksum and that all padding is zero.
+//! * [`trailer`]: `pack(stub, machine, out)`, `locate(file)` and the goblin-based ELF extent
+//!   check for `stub ‖ padding ‖ machine ‖ trailer` executables.
 //!
 //! The reader never panics on bad input and never allocates more than the caps below (or
 //! the file's own size) allow; every offset is bounds-checked before use.

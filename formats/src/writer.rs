@@ -615,3 +615,21 @@ fn next_data(src: &File, off: u64, size: u64) -> Result<Option<(u64, u64)>> {
     let hole = if hole < 0 { size } else { hole as u64 };
     Ok(Some((data as u64, hole.min(size))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn is_zero_sees_every_position() {
+        for len in [0usize, 1, 7, 8, 63, 64, 65, 127, 200, 4096] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b));
+            for i in 0..len {
+                b[i] = 0x80;
+                assert!(!is_zero(&b), "len {len} pos {i}");
+                b[i] = 0;
+            }
+        }
+    }
+}
