@@ -754,9 +754,11 @@ impl Read for ExecReader {
                 let b = &mut s.streams[i];
                 if !b.data.is_empty() {
                     let n = b.data.len().min(buf.len());
-                    for (d, s) in buf.iter_mut().zip(b.data.drain(..n)) {
-                        *d = s;
-                    }
+                    let (front, back) = b.data.as_slices();
+                    let k = front.len().min(n);
+                    buf[..k].copy_from_slice(&front[..k]);
+                    buf[k..n].copy_from_slice(&back[..n - k]);
+                    b.data.drain(..n);
                     b.uncredited += n as u32;
                     // Batch credits, but never let the agent's window run dry while the
                     // buffer here is empty.
