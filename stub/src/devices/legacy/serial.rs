@@ -9,7 +9,8 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::devices::bus::BusDevice;
-use crate::devices::virtio::{InterruptTrigger, Persist};
+use crate::devices::virtio::InterruptTrigger;
+use crate::snapshot::Persist;
 
 /// Where guest serial output goes.
 pub type SerialSink = Box<dyn Write + Send>;
@@ -108,12 +109,12 @@ impl BusDevice for SerialDevice {
 
 impl Persist for SerialDevice {
     type State = SerialDeviceState;
-    type Args = SerialArgs;
+    type Args<'a> = SerialArgs;
     type Error = SerialError;
 
-    fn save(&self) -> SerialDeviceState {
+    fn save(&self) -> Result<SerialDeviceState, SerialError> {
         let s = self.inner.state();
-        SerialDeviceState {
+        Ok(SerialDeviceState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -124,7 +125,7 @@ impl Persist for SerialDevice {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer,
-        }
+        })
     }
 
     fn restore(args: SerialArgs, s: &SerialDeviceState) -> Result<Self, SerialError> {
@@ -189,7 +190,7 @@ mod tests {
         assert_eq!(b, [b'h']);
         dev.write(7, &[0x5a]);
 
-        let state = dev.save();
+        let state = dev.save().unwrap();
         assert_eq!(state.in_buffer, b"i");
         let mut dev2 = SerialDevice::restore(
             SerialArgs {

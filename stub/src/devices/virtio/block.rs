@@ -17,6 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_blk as blk;
 
 use super::chain::{Chain, SegCursor, Segment, COPY_CHUNK};
 use super::{
@@ -26,7 +27,7 @@ use super::{
 use vm_memory::{Bytes, GuestAddress};
 
 /// Virtio device ID of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_ID_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request advertised through `seg_max`.
@@ -41,23 +42,23 @@ pub const BLOCK_SIZE: u64 = 4096;
 pub const ID_BYTES: usize = 20;
 
 /// `VIRTIO_BLK_F_SEG_MAX`.
-pub const F_SEG_MAX: u64 = 1 << 2;
+pub const F_SEG_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SEG_MAX;
 /// `VIRTIO_BLK_F_RO`.
-pub const F_RO: u64 = 1 << 5;
+pub const F_RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
 /// `VIRTIO_BLK_F_BLK_SIZE`.
-pub const F_BLK_SIZE: u64 = 1 << 6;
+pub const F_BLK_SIZE: u64 = 1 << blk::VIRTIO_BLK_F_BLK_SIZE;
 /// `VIRTIO_BLK_F_FLUSH`.
-pub const F_FLUSH: u64 = 1 << 9;
+pub const F_FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
 
 /// Request types.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
+const T_IN: u32 = blk::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = blk::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = blk::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = blk::VIRTIO_BLK_T_GET_ID;
 /// Request status values.
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+const S_OK: u8 = blk::VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = blk::VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Disk image errors.
 #[derive(Debug, thiserror::Error)]
@@ -477,7 +478,7 @@ fn handle_request(
 
 /// Byte range `[sector * 512, +len)` if it is sector-aligned and on the disk.
 fn disk_range(disk: &CowDisk, sector: u64, len: u64) -> Option<u64> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return None;
     }
     let start = sector.checked_mul(SECTOR_SIZE)?;
@@ -616,15 +617,15 @@ impl VirtioDevice for Block {
 
 impl Persist for Block {
     type State = BlockState;
-    type Args = BlockArgs;
+    type Args<'a> = BlockArgs;
     type Error = VirtioError;
 
-    fn save(&self) -> BlockState {
-        BlockState {
+    fn save(&self) -> Result<BlockState, VirtioError> {
+        Ok(BlockState {
             common: self.common.save(),
             config: self.config.clone(),
             disk: self.disk.state(),
-        }
+        })
     }
 
     fn restore(args: BlockArgs, state: &BlockState) -> Result<Self, VirtioError> {
@@ -961,11 +962,11 @@ mod tests {
         let (h, s) = r.header(T_IN, 8);
         r.q.add(&[Desc::r(h, 16), Desc::w(DATA + 0x4000, 2048), Desc::w(s, 1)]);
 
-        let state = r.t.save();
+        let state = r.t.save().unwrap();
         let mut delta = Vec::new();
         r.t.device().disk().export_delta(&mut delta).unwrap();
-        let json = serde_json::to_vec(&state).unwrap();
-        let state: MmioDeviceState<BlockState> = serde_json::from_slice(&json).unwrap();
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        let state: MmioDeviceState<BlockState> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(state.device.common.queues[0].next_avail, 1);
 
         let (irq, count) = counting_interrupt();

@@ -18,7 +18,7 @@ use super::{
 };
 
 /// Virtio device ID of a console.
-pub const VIRTIO_ID_CONSOLE: u32 = 3;
+pub const VIRTIO_ID_CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 /// Size of both queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// receiveq (host to guest).
@@ -213,15 +213,15 @@ impl VirtioDevice for Console {
 
 impl Persist for Console {
     type State = ConsoleState;
-    type Args = ConsoleArgs;
+    type Args<'a> = ConsoleArgs;
     type Error = VirtioError;
 
-    fn save(&self) -> ConsoleState {
-        ConsoleState {
+    fn save(&self) -> Result<ConsoleState, VirtioError> {
+        Ok(ConsoleState {
             common: self.common.save(),
             pending_rx: self.pending.iter().copied().collect(),
             rx_capacity: self.rx_capacity,
-        }
+        })
     }
 
     fn restore(args: ConsoleArgs, state: &ConsoleState) -> Result<Self, VirtioError> {
@@ -324,7 +324,7 @@ mod tests {
                 },
                 &ConsoleState {
                     rx_capacity: 8,
-                    ..t.device().save()
+                    ..t.device().save().unwrap()
                 },
             )
             .unwrap(),
@@ -444,10 +444,11 @@ mod tests {
         assert_eq!(rxq.used_idx(), 2);
         rxq.add(&[Desc::w(0x13000, 4)]); // posted but not yet seen (no notify)
 
-        let state = t.save();
-        let json = serde_json::to_string(&state).unwrap();
+        let state = t.save().unwrap();
+        // Through the snapshot codec.
+        let bytes = postcard::to_allocvec(&state).unwrap();
         let state: crate::devices::virtio::mmio::MmioDeviceState<ConsoleState> =
-            serde_json::from_str(&json).unwrap();
+            postcard::from_bytes(&bytes).unwrap();
         assert_eq!(state.device.pending_rx, b"ghij");
         assert_eq!(state.device.common.queues[TX_QUEUE].next_avail, 3);
         assert_eq!(state.device.common.queues[RX_QUEUE].next_used, 2);
@@ -482,7 +483,7 @@ mod tests {
     fn restore_rejects_mismatched_state() {
         let m = mem(0x40000);
         let (t, _s, _c) = setup(&m);
-        let mut state = t.device().save();
+        let mut state = t.device().save().unwrap();
         state.common.queues.pop();
         let (irq, _) = counting_interrupt();
         assert!(Console::restore(
@@ -494,7 +495,7 @@ mod tests {
             &state
         )
         .is_err());
-        let mut state = t.device().save();
+        let mut state = t.device().save().unwrap();
         state.common.queues[0].size = 3;
         assert!(Console::restore(
             ConsoleArgs {

@@ -373,17 +373,17 @@ where
     D: VirtioDevice + Persist<Error = VirtioError>,
 {
     type State = MmioDeviceState<D::State>;
-    type Args = D::Args;
+    type Args<'a> = D::Args<'a>;
     type Error = VirtioError;
 
-    fn save(&self) -> Self::State {
-        MmioDeviceState {
+    fn save(&self) -> Result<Self::State, VirtioError> {
+        Ok(MmioDeviceState {
             transport: self.save_transport(),
-            device: self.device.save(),
-        }
+            device: self.device.save()?,
+        })
     }
 
-    fn restore(args: D::Args, state: &Self::State) -> Result<Self, VirtioError> {
+    fn restore(args: D::Args<'_>, state: &Self::State) -> Result<Self, VirtioError> {
         let device = D::restore(args, &state.device)?;
         if state.transport.status & DRIVER_OK != 0 && !device.common().activated {
             return Err(VirtioError::StateMismatch(
@@ -398,7 +398,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= regs::CONFIG {
             self.device.read_config(offset - regs::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             log::debug!(

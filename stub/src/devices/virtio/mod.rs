@@ -133,21 +133,9 @@ impl VirtioInterrupt {
     }
 }
 
-/// Firecracker-style snapshot contract: a plain serde `State` saved from the
-/// runtime object, and a constructor that rebuilds the runtime object from it
-/// plus the host resources (`Args`) that cannot be serialized.
-pub trait Persist: Sized {
-    /// Serializable state.
-    type State;
-    /// Host resources needed to rebuild (memory, interrupt line, sinks, files).
-    type Args;
-    /// Why a state cannot be restored.
-    type Error;
-    /// Capture the state.
-    fn save(&self) -> Self::State;
-    /// Rebuild from a saved state.
-    fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
-}
+/// The snapshot contract the device models implement (state structs apart
+/// from runtime objects; restore is construction).
+pub use crate::snapshot::Persist;
 
 /// Errors of the virtio device models.
 #[derive(Debug, thiserror::Error)]

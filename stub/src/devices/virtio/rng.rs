@@ -13,7 +13,7 @@ use super::{
 };
 
 /// Virtio device ID of an entropy source.
-pub const VIRTIO_ID_RNG: u32 = 4;
+pub const VIRTIO_ID_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 64;
 /// Most bytes handed out per request, so one request costs bounded work.
@@ -125,13 +125,13 @@ impl VirtioDevice for Rng {
 
 impl Persist for Rng {
     type State = RngState;
-    type Args = RngArgs;
+    type Args<'a> = RngArgs;
     type Error = VirtioError;
 
-    fn save(&self) -> RngState {
-        RngState {
+    fn save(&self) -> Result<RngState, VirtioError> {
+        Ok(RngState {
             common: self.common.save(),
-        }
+        })
     }
 
     fn restore(args: RngArgs, state: &RngState) -> Result<Self, VirtioError> {
