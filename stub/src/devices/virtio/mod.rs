@@ -294,44 +294,50 @@ impl VirtioCommon {
         self.activated && !self.broken && self.queues.get(index).is_some_and(|q| q.ready())
     }
 
-    /// Publish a completed chain on queue `index` and raise the interrupt when
-    /// the driver wants one. A failure means the used ring is unusable: the
-    /// device is marked broken.
-    pub fn complete(&mut self, index: usize, head: u16, len: u32) -> bool {
+    /// Raise the used-buffer interrupt for queue `index` if the driver wants
+    /// one for the entries added since the last check (event index or
+    /// `NO_INTERRUPT` flag). A failure marks the device broken.
+    pub fn notify_used(&mut self, index: usize) {
         let Some(q) = self.queues.get_mut(index) else {
-            return false;
+            return;
         };
-        if let Err(e) = q.add_used(&self.mem, head, len) {
-            self.mark_broken(&e);
-            return false;
-        }
         match q.needs_notification(&self.mem) {
             Ok(true) => self.interrupt.signal_used_queue(),
             Ok(false) => {}
-            Err(e) => {
-                self.mark_broken(&e);
-                return false;
-            }
+            Err(e) => self.mark_broken(&e),
         }
-        true
     }
 
     /// Pop the available chains of queue `index` one at a time, parse each
     /// (at most `max_descs` descriptors) and hand it to `handle`, which
     /// returns the used length to publish, or `None` to leave that chain
-    /// available and stop (e.g. console input ran dry). Queue-level faults
-    /// (corrupt avail index, unwritable used ring) mark the device broken.
-    pub fn drain_queue<F>(&mut self, index: usize, max_descs: usize, mut handle: F)
+    /// available and stop (e.g. console input ran dry). The guest gets at
+    /// most one interrupt per call. Queue-level faults (corrupt avail index,
+    /// unwritable used ring) mark the device broken.
+    pub fn drain_queue<F>(&mut self, index: usize, max_descs: usize, handle: F)
     where
         F: FnMut(&GuestMemoryMmap, Result<Chain, ChainError>) -> Option<u32>,
     {
         if !self.queue_usable(index) {
             return;
         }
+        let added = self.drain_inner(index, max_descs, handle);
+        if added && !self.broken {
+            self.notify_used(index);
+        }
+    }
+
+    /// The loop of [`VirtioCommon::drain_queue`]; returns whether any used
+    /// entry was added.
+    fn drain_inner<F>(&mut self, index: usize, max_descs: usize, mut handle: F) -> bool
+    where
+        F: FnMut(&GuestMemoryMmap, Result<Chain, ChainError>) -> Option<u32>,
+    {
+        let mut added = false;
         loop {
             if let Err(e) = self.queues[index].disable_notification(&self.mem) {
                 self.mark_broken(&e);
-                return;
+                return added;
             }
             loop {
                 let popped = match self.queues[index].iter(&self.mem) {
@@ -341,33 +347,31 @@ impl VirtioCommon {
                     }),
                     Err(e) => {
                         self.mark_broken(&e);
-                        return;
+                        return added;
                     }
                 };
                 let Some((head, chain)) = popped else {
                     break;
                 };
-                match handle(&self.mem, chain) {
-                    Some(len) => {
-                        if !self.complete(index, head, len) {
-                            return;
-                        }
+                let Some(len) = handle(&self.mem, chain) else {
+                    self.queues[index].go_to_previous_position();
+                    if let Err(e) = self.queues[index].enable_notification(&self.mem) {
+                        self.mark_broken(&e);
                     }
-                    None => {
-                        self.queues[index].go_to_previous_position();
-                        if let Err(e) = self.queues[index].enable_notification(&self.mem) {
-                            self.mark_broken(&e);
-                        }
-                        return;
-                    }
+                    return added;
+                };
+                if let Err(e) = self.queues[index].add_used(&self.mem, head, len) {
+                    self.mark_broken(&e);
+                    return added;
                 }
+                added = true;
             }
             match self.queues[index].enable_notification(&self.mem) {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => return added,
                 Err(e) => {
                     self.mark_broken(&e);
-                    return;
+                    return added;
                 }
             }
         }
