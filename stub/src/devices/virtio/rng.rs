@@ -148,6 +148,7 @@ mod tests {
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::status::*;
     use crate::devices::virtio::testutil::*;
+    use crate::devices::virtio::Persist;
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
@@ -175,6 +176,27 @@ mod tests {
         assert_ne!(a, [0u8; 32]);
         assert_eq!(count.count(), 1, "one interrupt per batch");
         assert_eq!(t.status() & NEEDS_RESET, 0);
+        // Round trip through the snapshot codec, then keep serving.
+        let state = t.save().unwrap();
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        let state: crate::devices::virtio::mmio::MmioDeviceState<RngState> =
+            postcard::from_bytes(&bytes).unwrap();
+        let (irq2, count2) = counting_interrupt();
+        let mut t = MmioTransport::<Rng>::restore(
+            RngArgs {
+                mem: m.clone(),
+                interrupt: irq2,
+            },
+            &state,
+        )
+        .unwrap();
+        tq.set_used_event(3); // interrupt me when entry 3 is used
+        tq.add(&[Desc::w(0x10300, 16)]);
+        wr(&mut t, crate::devices::virtio::mmio::regs::QUEUE_NOTIFY, 0);
+        assert_eq!(tq.used_idx(), 4);
+        assert_eq!(tq.used_elem(3), (4, 16));
+        assert_eq!(count2.count(), 1);
+
         // No config space: reads leave the bus's all-ones in place.
         let mut cfg = [0xffu8; 4];
         t.read(0x100, &mut cfg);
