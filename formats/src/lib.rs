@@ -71,6 +71,93 @@ pub mod testing {
         ok
     }
 
+    /// Recomputes every checksum in `bytes` (header, sections, image indexes and regions,
+    /// trailer) where the structure is in range, so a fuzzer's mutations reach the
+    /// structural checks behind the checksums. Best effort; never panics.
+    pub fn reseal(bytes: &mut [u8]) {
+        use crate::layout::{put, u32_at, u64_at};
+        use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+        fn range(b: &[u8], off: u64, len: u64) -> Option<std::ops::Range<usize>> {
+            let end = off.checked_add(len)?;
+            (end <= b.len() as u64).then(|| off as usize..end as usize)
+        }
+        fn machine(b: &mut [u8]) {
+            if b.len() < 64 || b[..8] != crate::MACHINE_MAGIC {
+                return;
+            }
+            let count = u64::from(u32_at(b, 20));
+            let toff = u64_at(b, 24);
+            let Some(table) = range(b, toff, count.saturating_mul(64)) else {
+                return;
+            };
+            if count > u64::from(crate::MAX_SECTIONS) {
+                return;
+            }
+            for i in 0..count as usize {
+                let e = table.start + i * 64;
+                let (kind, off, len) = (u32_at(b, e), u64_at(b, e + 16), u64_at(b, e + 24));
+                let Some(sec) = range(b, off, len) else {
+                    continue;
+                };
+                if (kind == 3 || kind == 4) && len >= 64 {
+                    image(&mut b[sec.clone()]);
+                }
+                let sum = xxh3_64(&b[sec]);
+                put(b, e + 40, &sum.to_le_bytes());
+            }
+            let mut h = Xxh3::new();
+            h.update(&b[..56]);
+            h.update(&b[table]);
+            let sum = h.digest();
+            put(b, 56, &sum.to_le_bytes());
+        }
+        fn image(s: &mut [u8]) {
+            let f = s.len() - 64;
+            if s[f..f + 4] != *b"SMIX" {
+                return;
+            }
+            let body_len = u64_at(s, f + 24);
+            let Some(body) = range(s, (f as u64).saturating_sub(body_len), body_len) else {
+                return;
+            };
+            if body.end != f {
+                return;
+            }
+            let regions = u64::from(u32_at(s, f + 12));
+            let first = body.start as u64 + ((u64::from(u32_at(s, f + 20)) + 7) & !7);
+            for r in 0..regions {
+                let at = first + r * 64;
+                if at + 64 > f as u64 {
+                    break;
+                }
+                let at = at as usize;
+                let (off, len) = (u64_at(s, at + 16), u64_at(s, at + 24));
+                if let Some(d) = range(s, off, len) {
+                    let sum = xxh3_64(&s[d]);
+                    put(s, at + 48, &sum.to_le_bytes());
+                }
+            }
+            let mut h = Xxh3::new();
+            h.update(&s[body]);
+            h.update(&s[f..f + 56]);
+            let sum = h.digest();
+            put(s, f + 56, &sum.to_le_bytes());
+        }
+
+        let n = bytes.len();
+        if n >= 64 && bytes[n - 64..n - 56] == trailer::TRAILER_MAGIC {
+            let (off, len) = (u64_at(bytes, n - 48), u64_at(bytes, n - 40));
+            if let Some(p) = range(bytes, off, len) {
+                machine(&mut bytes[p]);
+            }
+            let sum = xxh3_64(&bytes[n - 64..n - 8]);
+            put(bytes, n - 8, &sum.to_le_bytes());
+        } else {
+            machine(bytes);
+        }
+    }
+
     /// A minimal static x86_64 ELF executable that exits 0: a stand-in stub for tests.
     pub fn tiny_elf() -> Vec<u8> {
         let code: [u8; 9] = [0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]; // exit(0)

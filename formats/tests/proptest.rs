@@ -168,3 +168,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn reseal_leaves_intact_files_unchanged() {
+    for orig in originals() {
+        let mut b = orig.clone();
+        testing::reseal(&mut b);
+        assert_eq!(&b, orig);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Damage with every checksum recomputed reaches the structural checks; they must
+    /// refuse or accept cleanly, never panic.
+    #[test]
+    fn resealed_damage_never_panics(
+        which in 0usize..2,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..6),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+    ) {
+        let mut b = originals()[which].clone();
+        for (at, bit) in &flips {
+            let i = at.index(b.len());
+            b[i] ^= 1 << bit;
+        }
+        if let Some(c) = cut {
+            b.truncate(c.index(b.len()));
+        }
+        testing::reseal(&mut b);
+        testing::exercise(&b);
+    }
+}
