@@ -80,7 +80,7 @@ pub mod testing {
 
         fn range(b: &[u8], off: u64, len: u64) -> Option<std::ops::Range<usize>> {
             let end = off.checked_add(len)?;
-            (end <= b.len() as u64).then(|| off as usize..end as usize)
+            (end <= b.len() as u64).then_some(off as usize..end as usize)
         }
         fn machine(b: &mut [u8]) {
             if b.len() < 64 || b[..8] != crate::MACHINE_MAGIC {
