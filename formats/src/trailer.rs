@@ -195,6 +195,7 @@ pub fn check_stub_extent<S: ReadAt + ?Sized>(src: &S, t: &Trailer) -> Result<u64
 
 /// Writes `out = stub ‖ zeros ‖ machine ‖ trailer` atomically with the exec bit set.
 ///
+/// The machine is verified first (every checksum), so a damaged file is never packed.
 /// `machine` may itself be a packed executable; its payload is used.
 pub fn pack(stub: &Path, machine: &Path, out: &Path) -> Result<Trailer> {
     let stub_file =
@@ -211,6 +212,8 @@ pub fn pack(stub: &Path, machine: &Path, out: &Path) -> Result<Trailer> {
         )));
     }
     let m = MachineReader::open(machine)?;
+    // Never ship a damaged payload: check every checksum before copying.
+    m.verify()?;
     let payload_offset = crate::layout::align_up(stub_len, DATA_ALIGN)
         .ok_or_else(|| Error::InvalidInput("stub is too large".into()))?;
     let t = Trailer {

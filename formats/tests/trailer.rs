@@ -149,8 +149,14 @@ fn pack_refuses_bad_stubs() {
         "{err}"
     );
 
-    // Not a machine.
+    // Not a machine, or a damaged one.
     assert!(trailer::pack(&stub, &not_elf, &dir.path().join("y")).is_err());
+    let mut bytes = fs::read(&m).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    let damaged = dir.path().join("damaged.smolmachine");
+    fs::write(&damaged, &bytes).unwrap();
+    assert!(trailer::pack(&stub, &damaged, &dir.path().join("y")).is_err());
     assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
 }
 
