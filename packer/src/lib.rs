@@ -1,3 +1,6 @@
 //! The smolpack library: what the `smolpack` command is built from.
 
+pub mod artifacts;
+pub mod guest;
+pub mod progress;
 pub mod smolfile;

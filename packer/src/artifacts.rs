@@ -1,0 +1,212 @@
+//! Finding the guest artifacts a build needs: the kernel and the static agent.
+//!
+//! An explicit path (`--kernel`, `--agent`) wins, then the environment (`SMOLVM_KERNEL`,
+//! `SMOLVM_AGENT`), then `target/guest/NAME` of the repository the `smolpack` executable or
+//! the current directory lives in (`scripts/setup` puts them there).
+
+use std::path::{Path, PathBuf};
+
+/// A guest artifact the build needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Artifact {
+    /// The guest kernel (`vmlinux`, an uncompressed ELF).
+    Kernel,
+    /// The static guest agent, installed as `/sbin/init`.
+    Agent,
+}
+
+impl Artifact {
+    /// File name under `target/guest/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "vmlinux",
+            Artifact::Agent => "smol-agent",
+        }
+    }
+
+    /// The environment variable that overrides the search.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "SMOLVM_KERNEL",
+            Artifact::Agent => "SMOLVM_AGENT",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "--kernel",
+            Artifact::Agent => "--agent",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "guest kernel",
+            Artifact::Agent => "guest agent",
+        }
+    }
+
+    fn how_to_build(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "scripts/setup (or guest/kernel/build.sh)",
+            Artifact::Agent => "scripts/setup (or guest/agent/build.sh)",
+        }
+    }
+}
+
+/// A guest artifact that could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// Given explicitly (flag or environment) but not a file.
+    #[error("{what} {} (from {source_name}) is not a file: fix the path, or unset it to use target/guest/{file}", path.display())]
+    NotAFile {
+        what: &'static str,
+        path: PathBuf,
+        source_name: String,
+        file: &'static str,
+    },
+    /// Not found anywhere searched.
+    #[error("{what} not found: looked for target/guest/{file} near {searched}; build it with {how}, or pass {flag} PATH / set {env}")]
+    Missing {
+        what: &'static str,
+        file: &'static str,
+        searched: String,
+        how: &'static str,
+        flag: &'static str,
+        env: &'static str,
+    },
+}
+
+/// Finds `artifact`: `explicit` (a flag), else its environment variable, else
+/// `target/guest/` beside the executable or above the current directory.
+pub fn locate(artifact: Artifact, explicit: Option<&Path>) -> Result<PathBuf, ArtifactError> {
+    let env = std::env::var_os(artifact.env_var()).filter(|v| !v.is_empty());
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    locate_in(
+        artifact,
+        explicit,
+        env.as_deref().map(Path::new),
+        &[exe.as_deref(), cwd.as_deref()],
+    )
+}
+
+/// [`locate`] with its inputs given: the search starts at each of `starts` and walks up.
+pub fn locate_in(
+    artifact: Artifact,
+    explicit: Option<&Path>,
+    env: Option<&Path>,
+    starts: &[Option<&Path>],
+) -> Result<PathBuf, ArtifactError> {
+    let given = explicit
+        .map(|p| (p, artifact.flag().to_string()))
+        .or_else(|| env.map(|p| (p, artifact.env_var().to_string())));
+    if let Some((path, source_name)) = given {
+        if path.is_file() {
+            return Ok(path.to_path_buf());
+        }
+        return Err(ArtifactError::NotAFile {
+            what: artifact.what(),
+            path: path.to_path_buf(),
+            source_name,
+            file: artifact.file_name(),
+        });
+    }
+    let name = artifact.file_name();
+    let mut searched = Vec::new();
+    for start in starts.iter().flatten() {
+        searched.push(start.display().to_string());
+        for dir in start.ancestors() {
+            // `DIR/target/guest/NAME` from inside a repository, `DIR/guest/NAME` when DIR is
+            // the target directory holding the executable (`target/release/smolpack`).
+            for candidate in [
+                dir.join("target/guest").join(name),
+                dir.join("guest").join(name),
+            ] {
+                if candidate.is_file()
+                    && candidate
+                        .parent()
+                        .is_some_and(|p| p.ends_with("target/guest"))
+                {
+                    return Ok(candidate);
+                }
+            }
+        }
+    }
+    Err(ArtifactError::Missing {
+        what: artifact.what(),
+        file: name,
+        searched: if searched.is_empty() {
+            "nothing (no executable or current directory)".into()
+        } else {
+            searched.join(" and ")
+        },
+        how: artifact.how_to_build(),
+        flag: artifact.flag(),
+        env: artifact.env_var(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_then_env_then_search() {
+        let t = tempfile::tempdir().unwrap();
+        let guest = t.path().join("repo/target/guest");
+        std::fs::create_dir_all(&guest).unwrap();
+        std::fs::create_dir_all(t.path().join("repo/target/release")).unwrap();
+        std::fs::create_dir_all(t.path().join("repo/examples/hello")).unwrap();
+        std::fs::write(guest.join("vmlinux"), "k").unwrap();
+        let other = t.path().join("other-kernel");
+        std::fs::write(&other, "k2").unwrap();
+
+        let exe = t.path().join("repo/target/release/smolpack");
+        let cwd = t.path().join("repo/examples/hello");
+        let k = Artifact::Kernel;
+        // Found from the executable's directory and from a directory inside the repo.
+        assert_eq!(
+            locate_in(k, None, None, &[Some(&exe), None]).unwrap(),
+            guest.join("vmlinux")
+        );
+        assert_eq!(
+            locate_in(k, None, None, &[None, Some(&cwd)]).unwrap(),
+            guest.join("vmlinux")
+        );
+        // The environment beats the search, a flag beats the environment.
+        assert_eq!(
+            locate_in(k, None, Some(&other), &[Some(&exe)]).unwrap(),
+            other
+        );
+        assert_eq!(
+            locate_in(k, Some(&guest.join("vmlinux")), Some(&other), &[]).unwrap(),
+            guest.join("vmlinux")
+        );
+        // A wrong explicit path is an error, not a silent fallback.
+        let e = locate_in(k, Some(Path::new("/nope/vmlinux")), None, &[Some(&exe)]).unwrap_err();
+        assert!(e.to_string().contains("--kernel"), "{e}");
+        let e = locate_in(k, None, Some(Path::new("/nope")), &[Some(&exe)]).unwrap_err();
+        assert!(e.to_string().contains("SMOLVM_KERNEL"), "{e}");
+        // Missing: says where it looked and how to build it.
+        let e = locate_in(Artifact::Agent, None, None, &[Some(&exe), Some(&cwd)]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("target/guest/smol-agent"), "{msg}");
+        assert!(msg.contains("guest/agent/build.sh"), "{msg}");
+        assert!(
+            msg.contains("--agent") && msg.contains("SMOLVM_AGENT"),
+            "{msg}"
+        );
+        assert!(msg.contains(&exe.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn a_guest_directory_outside_target_is_not_taken() {
+        let t = tempfile::tempdir().unwrap();
+        // `repo/guest/` holds sources, not artifacts.
+        std::fs::create_dir_all(t.path().join("repo/guest")).unwrap();
+        std::fs::write(t.path().join("repo/guest/vmlinux"), "k").unwrap();
+        let start = t.path().join("repo");
+        assert!(locate_in(Artifact::Kernel, None, None, &[Some(&start)]).is_err());
+    }
+}
