@@ -12,6 +12,8 @@ pub mod devices;
 pub mod host;
 pub mod hypervisor;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod linux;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod machine;
 pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

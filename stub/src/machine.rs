@@ -278,6 +278,20 @@ impl Machine {
         manifest: &Manifest,
         compression: Compression,
     ) -> Result<(), MachineError> {
+        let mut w = MachineWriter::create(path, Arch::X86_64)?;
+        self.write_snapshot(&mut w, manifest, compression)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    /// Add the manifest, the state and guest memory of the paused machine to
+    /// `w` (more sections, e.g. disks, may follow before `finish`).
+    pub fn write_snapshot(
+        &self,
+        w: &mut MachineWriter,
+        manifest: &Manifest,
+        compression: Compression,
+    ) -> Result<(), MachineError> {
         let state = self.save_state()?;
         let blob = state.to_bytes()?;
         let mut manifest = manifest.clone();
@@ -293,7 +307,6 @@ impl Machine {
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
         }
-        let mut w = MachineWriter::create(path, Arch::X86_64)?;
         w.add_manifest(&manifest)?;
         w.add_blob(SectionKind::VmState, &blob, Compression::None)?;
         // SAFETY: every vCPU is parked (checked by save_state above) and
@@ -305,7 +318,6 @@ impl Machine {
             .map(|(guest_addr, data)| GuestRegion { guest_addr, data })
             .collect();
         w.add_memory(&regions, compression)?;
-        w.finish()?;
         Ok(())
     }
 

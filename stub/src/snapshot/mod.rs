@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 /// Magic at the start of an encoded machine state.
 pub const STATE_MAGIC: [u8; 8] = *b"SMOLVMST";
 /// Version of the state layout this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// Largest encoded state accepted (vCPU state is about 10 KiB per vCPU).
 pub const MAX_STATE_BYTES: usize = 16 << 20;
 /// Most vCPUs a machine state may hold.
@@ -92,6 +92,8 @@ pub struct DeviceStates {
     pub exit_port: Option<u16>,
     /// Other devices' state, by device name, each encoded by its device.
     pub blobs: BTreeMap<String, Vec<u8>>,
+    /// The devices of a Linux guest (serial, virtio), when it is one.
+    pub linux: Option<crate::devices::state::LinuxDeviceStates>,
 }
 
 /// Everything needed to resume a machine besides its memory.

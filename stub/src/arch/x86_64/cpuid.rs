@@ -23,6 +23,34 @@ pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], id: u32, count: u32) {
     }
 }
 
+/// The hypervisor leaves a Linux guest looks for (`KVM_CPUID_SIGNATURE`,
+/// `KVM_CPUID_FEATURES`): "KVMKVMKVM" and kvmclock (both MSR sets) with the
+/// stable bit and no-op I/O delay. Used when the host's supported CPUID
+/// lacks them; KVM's own values are kept when present.
+pub fn kvm_leaves() -> [kvm_cpuid_entry2; 2] {
+    const SIG: &[u8; 12] = b"KVMKVMKVM\0\0\0";
+    let word = |i: usize| u32::from_le_bytes([SIG[i], SIG[i + 1], SIG[i + 2], SIG[i + 3]]);
+    const CLOCKSOURCE: u32 = 1 << 0;
+    const NOP_IO_DELAY: u32 = 1 << 1;
+    const CLOCKSOURCE2: u32 = 1 << 3;
+    const CLOCKSOURCE_STABLE: u32 = 1 << 24;
+    [
+        kvm_cpuid_entry2 {
+            function: 0x4000_0000,
+            eax: 0x4000_0001,
+            ebx: word(0),
+            ecx: word(4),
+            edx: word(8),
+            ..Default::default()
+        },
+        kvm_cpuid_entry2 {
+            function: 0x4000_0001,
+            eax: CLOCKSOURCE | NOP_IO_DELAY | CLOCKSOURCE2 | CLOCKSOURCE_STABLE,
+            ..Default::default()
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +73,17 @@ mod tests {
         assert_eq!(entries[0].ebx, 0x0304_0800);
         assert_ne!(entries[0].ecx & (1 << 31), 0);
         assert_eq!(entries[1].edx, 3);
+    }
+
+    #[test]
+    fn kvm_signature() {
+        let [sig, features] = kvm_leaves();
+        let mut b = Vec::new();
+        for w in [sig.ebx, sig.ecx, sig.edx] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(&b[..9], b"KVMKVMKVM");
+        assert_eq!(sig.eax, 0x4000_0001);
+        assert_ne!(features.eax & 1, 0);
     }
 }

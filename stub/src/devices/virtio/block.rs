@@ -93,9 +93,28 @@ pub struct DiskState {
     pub dirty_runs: Vec<(u64, u64)>,
 }
 
+/// Where a disk's base bytes come from. Only ever read: a plain image file,
+/// or a disk section read in place from a machine file through its run map.
+pub trait DiskBase: Send {
+    /// Size in bytes.
+    fn size(&self) -> io::Result<u64>;
+    /// Fill `buf` from `offset` (within the size).
+    fn read_base_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl DiskBase for File {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_base_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
 /// A base image plus a private copy-on-write overlay.
 pub struct CowDisk {
-    base: File,
+    base: Box<dyn DiskBase>,
     overlay: File,
     capacity: u64,
     present: Vec<u64>,
@@ -123,7 +142,16 @@ impl CowDisk {
 
     /// Use `overlay` (truncated here) for copied-up blocks.
     pub fn with_overlay(base: File, overlay: File) -> Result<Self, DiskError> {
-        let len = base.metadata()?.len();
+        Self::with_base_and_overlay(Box::new(base), overlay)
+    }
+
+    /// Any [`DiskBase`] with an empty overlay in the system temp directory.
+    pub fn from_disk_base(base: Box<dyn DiskBase>) -> Result<Self, DiskError> {
+        Self::with_base_and_overlay(base, tempfile::tempfile()?)
+    }
+
+    fn with_base_and_overlay(base: Box<dyn DiskBase>, overlay: File) -> Result<Self, DiskError> {
+        let len = base.size()?;
         let capacity = len / SECTOR_SIZE * SECTOR_SIZE;
         if capacity == 0 {
             return Err(DiskError::TooSmall);
@@ -251,13 +279,20 @@ impl CowDisk {
         while done < buf.len() {
             let pos = offset + done as u64;
             let b = pos / BLOCK_SIZE;
-            let n = ((b + 1) * BLOCK_SIZE - pos).min((buf.len() - done) as u64) as usize;
-            let src = if self.is_dirty(b) {
-                &self.overlay
+            let dirty = self.is_dirty(b);
+            // One read for the whole stretch of blocks that share a source.
+            let mut end_block = b + 1;
+            let last = (offset + buf.len() as u64 - 1) / BLOCK_SIZE;
+            while end_block <= last && self.is_dirty(end_block) == dirty {
+                end_block += 1;
+            }
+            let n = (end_block * BLOCK_SIZE - pos).min((buf.len() - done) as u64) as usize;
+            let dst = &mut buf[done..done + n];
+            if dirty {
+                self.overlay.read_exact_at(dst, pos)?;
             } else {
-                &self.base
-            };
-            src.read_exact_at(&mut buf[done..done + n], pos)?;
+                self.base.read_base_at(dst, pos)?;
+            }
             done += n;
         }
         Ok(())
@@ -280,7 +315,7 @@ impl CowDisk {
             } else {
                 // First partial write to this block: copy it up, then patch.
                 block.resize(self.block_len(b), 0);
-                self.base.read_exact_at(&mut block, start)?;
+                self.base.read_base_at(&mut block, start)?;
                 let at = (pos - start) as usize;
                 block[at..at + n].copy_from_slice(part);
                 self.overlay.write_all_at(&block, start)?;

@@ -249,6 +249,13 @@ impl KvmVcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(op("KVM_GET_SUPPORTED_CPUID"))?;
         cpuid::patch_for_vcpu(cpuid.as_mut_slice(), self.id, count);
+        if !cpuid.as_slice().iter().any(|e| e.function == 0x4000_0000) {
+            for leaf in cpuid::kvm_leaves() {
+                cpuid
+                    .push(leaf)
+                    .map_err(|e| HypervisorError::BadState(format!("CPUID table full: {e:?}")))?;
+            }
+        }
         // CPUID first: KVM derives feature-dependent vCPU state from it.
         self.fd.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
         write_msrs(&self.fd, &msr::boot_msrs())?;

@@ -1,0 +1,72 @@
+//! Boot a Linux guest, run a command through the agent, optionally save it
+//! and resume the saved machine (a hand driver for the Linux path).
+//!
+//! `cargo run --release -p smolvm --example linux -- KERNEL ROOTFS [OUT.smolmachine]`
+//! with `SMOLVM_CONSOLE=1` to see the kernel log.
+
+use std::time::Instant;
+
+use smolvm::linux::{boot_linux, resume_linux, LinuxConfig, ResumeOptions};
+
+struct Stderr;
+
+impl log::Log for Stderr {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        eprintln!("smolvm: {}: {}", r.level(), r.args());
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [kernel, rootfs, rest @ ..] = args.as_slice() else {
+        eprintln!("usage: linux KERNEL ROOTFS [OUT.smolmachine]");
+        std::process::exit(2);
+    };
+    let mut cfg = LinuxConfig::new(kernel, rootfs);
+    if std::env::var_os("SMOLVM_CONSOLE").is_some() {
+        cfg.console = Some(Box::new(std::io::stderr()));
+    }
+    if let Ok(extra) = std::env::var("SMOLVM_EXTRA_CMDLINE") {
+        cfg.extra_cmdline = extra;
+    }
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    let t = Instant::now();
+    let mut m = boot_linux(cfg)?;
+    eprintln!("agent ready after {:.1} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let out = m.agent().run_capture(["echo", "hello from the guest"])?;
+    eprintln!(
+        "echo: {:?} {:?} in {:.2} s",
+        String::from_utf8_lossy(&out.stdout),
+        out.status,
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(path) = rest.first() {
+        let t = Instant::now();
+        m.save(
+            path.as_ref(),
+            &Default::default(),
+            smolvm_formats::Compression::None,
+        )?;
+        eprintln!("saved {path} in {:.2} s", t.elapsed().as_secs_f64());
+        drop(m);
+        let t = Instant::now();
+        let r = resume_linux(path.as_ref(), ResumeOptions::default())?;
+        eprintln!("resumed in {:.3} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let out = r.agent().run_capture(["cat", "/proc/uptime"])?;
+        eprintln!(
+            "after resume: {:?} {:?} in {:.2} s",
+            String::from_utf8_lossy(&out.stdout),
+            out.status,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The host ends of a Linux guest's two byte streams: the kernel log (8250
+//! serial), kept as a bounded tail for error messages and scanned for
+//! panics, and the agent's virtio-console port, bridged to a Unix socket
+//! that the agent client serves.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::devices::virtio::console::Console;
+use crate::devices::virtio::mmio::MmioTransport;
+
+/// Bytes of kernel log kept for error messages.
+pub const LOG_TAIL_BYTES: usize = 16 << 10;
+
+/// What the kernel prints when it gives up; with `panic=-1` a reset follows.
+const PANIC_MARK: &[u8] = b"Kernel panic";
+/// Printed by `kernel_power_off` (the reset that follows is how it ends here:
+/// without ACPI, PID 1's exit after power-off panics and `panic=-1` resets).
+const POWER_OFF_MARK: &[u8] = b"reboot: Power down";
+/// Printed by `kernel_restart`.
+const RESTART_MARK: &[u8] = b"reboot: Restarting system";
+
+/// Where guest console output may also go (a terminal, a file).
+pub type ConsoleSink = Box<dyn Write + Send>;
+
+#[derive(Default)]
+struct LogInner {
+    tail: VecDeque<u8>,
+    /// The last line so far (marks are matched per line).
+    line: Vec<u8>,
+    sink: Option<ConsoleSink>,
+}
+
+/// The kernel log: a bounded tail plus markers seen.
+#[derive(Default)]
+pub struct ConsoleLog {
+    inner: Mutex<LogInner>,
+    panicked: AtomicBool,
+    powered_off: AtomicBool,
+    restarted: AtomicBool,
+}
+
+/// How the guest kernel said it was ending, from its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelEnd {
+    /// Nothing seen.
+    None,
+    /// `reboot`.
+    Restart,
+    /// `poweroff`.
+    PowerOff,
+    /// A kernel panic.
+    Panic,
+}
+
+impl ConsoleLog {
+    /// A log that also copies output to `sink`.
+    pub fn new(sink: Option<ConsoleSink>) -> Arc<Self> {
+        Arc::new(ConsoleLog {
+            inner: Mutex::new(LogInner {
+                sink,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last [`LOG_TAIL_BYTES`] of output, lossily decoded.
+    pub fn tail(&self) -> String {
+        let g = self.lock();
+        let (a, b) = g.tail.as_slices();
+        let mut v = a.to_vec();
+        v.extend_from_slice(b);
+        String::from_utf8_lossy(&v).replace('\r', "")
+    }
+
+    /// The last `lines` lines of the tail.
+    pub fn tail_lines(&self, lines: usize) -> String {
+        let t = self.tail();
+        let all: Vec<&str> = t.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// How the kernel said it ends (panic wins over the others).
+    pub fn kernel_end(&self) -> KernelEnd {
+        if self.panicked.load(Ordering::SeqCst) && !self.powered_off.load(Ordering::SeqCst) {
+            KernelEnd::Panic
+        } else if self.powered_off.load(Ordering::SeqCst) {
+            KernelEnd::PowerOff
+        } else if self.restarted.load(Ordering::SeqCst) {
+            KernelEnd::Restart
+        } else {
+            KernelEnd::None
+        }
+    }
+
+    /// Whether a kernel panic was logged (a power-off's panic excluded).
+    pub fn panicked(&self) -> bool {
+        self.kernel_end() == KernelEnd::Panic
+    }
+
+    fn scan_line(&self, line: &[u8]) {
+        let has = |m: &[u8]| line.windows(m.len()).any(|w| w == m);
+        if has(PANIC_MARK) {
+            self.panicked.store(true, Ordering::SeqCst);
+        }
+        if has(POWER_OFF_MARK) {
+            self.powered_off.store(true, Ordering::SeqCst);
+        }
+        if has(RESTART_MARK) {
+            self.restarted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn push(&self, data: &[u8]) {
+        let mut g = self.lock();
+        g.tail.extend(data);
+        let excess = g.tail.len().saturating_sub(LOG_TAIL_BYTES);
+        g.tail.drain(..excess);
+        let mut lines = Vec::new();
+        for &b in data {
+            if b == b'\n' {
+                lines.push(std::mem::take(&mut g.line));
+            } else if g.line.len() < 512 {
+                g.line.push(b);
+            }
+        }
+        if let Some(s) = g.sink.as_mut() {
+            let _ = s.write_all(data);
+            let _ = s.flush();
+        }
+        drop(g);
+        for l in lines {
+            self.scan_line(&l);
+        }
+    }
+}
+
+/// The serial device's sink: writes into a shared [`ConsoleLog`].
+pub struct LogWriter(pub Arc<ConsoleLog>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The console device's transmit sink: the VMM end of the agent socket.
+/// A vCPU thread writes guest output here; the client's reader thread
+/// always drains the other end, so this blocks only briefly.
+pub struct SocketSink(pub UnixStream);
+
+impl Write for SocketSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Pumps host bytes from the VMM end of the agent socket into the console's
+/// receive queue, until the socket closes.
+pub struct AgentBridge {
+    socket: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AgentBridge {
+    /// Start pumping from `socket` into `console`.
+    pub fn start(
+        socket: UnixStream,
+        console: Arc<Mutex<MmioTransport<Console>>>,
+    ) -> io::Result<AgentBridge> {
+        let mut reader = socket.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("agent-bridge".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match reader.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    };
+                    let mut rest = &buf[..n];
+                    while !rest.is_empty() {
+                        let took = console
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .device_mut()
+                            .enqueue_input(rest);
+                        rest = &rest[took..];
+                        if took == 0 {
+                            // The guest has not drained its receive buffers
+                            // yet (the pending buffer is full): wait for it.
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            })?;
+        Ok(AgentBridge {
+            socket,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AgentBridge {
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_a_bounded_tail_and_spots_marks() {
+        let log = ConsoleLog::new(None);
+        let mut w = LogWriter(log.clone());
+        for i in 0..2000 {
+            writeln!(w, "line {i} of the boot log").unwrap();
+        }
+        assert!(log.tail().len() <= LOG_TAIL_BYTES);
+        assert!(log.tail_lines(1).ends_with("line 1999 of the boot log"));
+        assert_eq!(log.kernel_end(), KernelEnd::None);
+        write!(w, "[ 1.0] Kernel pan").unwrap();
+        assert_eq!(log.kernel_end(), KernelEnd::None);
+        writeln!(w, "ic - not syncing: VFS: Unable to mount root fs").unwrap();
+        assert_eq!(log.kernel_end(), KernelEnd::Panic);
+        writeln!(w, "[ 2.0] reboot: Power down").unwrap();
+        assert_eq!(log.kernel_end(), KernelEnd::PowerOff);
+    }
+}

@@ -1,0 +1,579 @@
+//! Linux guests: boot a kernel with the project's devices and agent, save
+//! the whole machine (vCPUs, memory, devices, disk) into a `.smolmachine`,
+//! and resume it without booting.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), smolvm::linux::LinuxError> {
+//! use smolvm::linux::{boot_linux, resume_linux, LinuxConfig, ResumeOptions};
+//! let mut m = boot_linux(LinuxConfig::new("vmlinux", "rootfs.ext4"))?;
+//! let out = m.agent().run_capture(["echo", "hi"])?;
+//! m.save("hello.smolmachine".as_ref(), &Default::default(), smolvm_formats::Compression::None)?;
+//! m.shutdown();
+//! let r = resume_linux("hello.smolmachine".as_ref(), ResumeOptions::default())?;
+//! # let _ = (out, r); Ok(()) }
+//! ```
+//!
+//! Boot and resume share the machine builder and the device set
+//! ([`devices::LinuxDevices`]); they differ only in where memory, registers
+//! and device state come from. After a resume the agent is sent `Resume`
+//! (wall clock, fresh entropy) before anything else runs.
+
+pub mod boot;
+pub mod console;
+pub mod devices;
+pub mod disk;
+pub mod run;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smolvm_agent::client::{Client, ClientError};
+use smolvm_agent::protocol::{QuiesceReport, WallClock};
+use smolvm_formats::{Arch, Compression, MachineReader, MachineWriter, Manifest, SectionKind};
+
+use crate::arch::x86_64::regs::Entry64;
+use crate::builder::{build_for_boot, build_from_snapshot, BootConfig, BuildError, SnapshotPlan};
+use crate::devices::virtio::block::{CowDisk, DiskError};
+use crate::host::HostProfile;
+use crate::machine::{Machine, MachineError, RunEvent};
+use crate::timing;
+use crate::vstate::vcpu::ExitReason;
+
+use console::{AgentBridge, ConsoleLog, ConsoleSink, KernelEnd, SocketSink};
+use devices::{LinuxDevices, ROOT_DISK};
+
+/// Device node of the agent's port in the guest (the only virtio console).
+pub const AGENT_PORT: &str = "/dev/hvc0";
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Default wait for a booting guest's agent (PVM hosts boot in 30-120 s).
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default wait for agent control requests (quiesce, resume, handshakes).
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Kernel log lines quoted in errors.
+const TAIL_LINES: usize = 40;
+
+/// Errors of Linux machines.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The kernel image cannot be loaded.
+    #[error("kernel {path}: {msg}")]
+    Kernel { path: PathBuf, msg: String },
+    /// The root filesystem image cannot be used.
+    #[error("root disk: {0}")]
+    Disk(#[from] DiskError),
+    /// A bad configuration.
+    #[error("invalid Linux machine configuration: {0}")]
+    Config(String),
+    /// A device could not be created or restored.
+    #[error("device setup failed: {0}")]
+    Device(String),
+    /// The machine file has no Linux guest in it.
+    #[error("{0} holds no Linux guest (it was not saved by a Linux machine)")]
+    NotLinux(PathBuf),
+    /// Reading or writing a machine file failed.
+    #[error("machine file: {0}")]
+    File(#[from] smolvm_formats::Error),
+    /// The guest stopped, panicked or never became ready.
+    #[error("{why}\n--- last kernel console lines ---\n{tail}\n--- end of console ---")]
+    Guest { why: String, tail: String },
+    /// The agent failed a request.
+    #[error("guest agent: {0}")]
+    Agent(#[from] ClientError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<crate::hypervisor::HypervisorError> for LinuxError {
+    fn from(e: crate::hypervisor::HypervisorError) -> Self {
+        LinuxError::Machine(MachineError::Hypervisor(e))
+    }
+}
+
+/// How to boot a Linux guest.
+pub struct LinuxConfig {
+    /// An uncompressed x86_64 `vmlinux` (ELF).
+    pub kernel: PathBuf,
+    /// The root filesystem image: only read; guest writes go to a private
+    /// overlay.
+    pub rootfs: PathBuf,
+    /// vCPUs: must be 1 on PVM hosts.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Mount the root read-only (the overlay still exists).
+    pub read_only: bool,
+    /// Extra kernel command-line options (appended last).
+    pub extra_cmdline: String,
+    /// Also copy the kernel log here (it is always kept as a tail).
+    pub console: Option<ConsoleSink>,
+    /// How long to wait for the agent to become ready.
+    pub boot_timeout: Duration,
+    /// How long agent control requests may take.
+    pub agent_timeout: Duration,
+}
+
+impl LinuxConfig {
+    /// One vCPU, [`DEFAULT_MEMORY`], read-write root, default timeouts.
+    pub fn new(kernel: impl Into<PathBuf>, rootfs: impl Into<PathBuf>) -> Self {
+        LinuxConfig {
+            kernel: kernel.into(),
+            rootfs: rootfs.into(),
+            vcpus: 1,
+            memory_bytes: DEFAULT_MEMORY,
+            read_only: false,
+            extra_cmdline: String::new(),
+            console: None,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+        }
+    }
+}
+
+/// How to resume a Linux machine.
+pub struct ResumeOptions {
+    /// Also copy the kernel log here.
+    pub console: Option<ConsoleSink>,
+    /// How long agent control requests may take (the resume itself too).
+    pub agent_timeout: Duration,
+    /// Check the memory and disk sections' checksums before the guest runs
+    /// (hashes the stored bytes, in parallel with building the VM).
+    pub verify: bool,
+}
+
+impl Default for ResumeOptions {
+    fn default() -> Self {
+        ResumeOptions {
+            console: None,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            verify: true,
+        }
+    }
+}
+
+/// How a Linux machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinuxExit {
+    /// The guest rebooted (`reboot`): the VM ends.
+    Reboot,
+    /// The guest powered off.
+    PowerOff,
+    /// The kernel panicked; the message has the console tail.
+    Panic(String),
+    /// Anything else (an emulation failure, a halt).
+    Error(String),
+}
+
+/// A running (or paused) Linux guest with its agent connection.
+pub struct LinuxMachine {
+    // Field order is drop order: the client and bridge go before the machine.
+    client: Client,
+    watch: Option<StopWatch>,
+    bridge: Option<AgentBridge>,
+    devices: LinuxDevices,
+    machine: Machine,
+    log: Arc<ConsoleLog>,
+    cmdline: String,
+    quiesced: bool,
+}
+
+fn wall_clock() -> WallClock {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    WallClock {
+        secs: now.as_secs() as i64,
+        nanos: now.subsec_nanos(),
+    }
+}
+
+/// Boot `cfg.kernel` with `cfg.rootfs` and wait until the agent is ready.
+pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
+    let profile = HostProfile::detect();
+    if profile == HostProfile::KvmPvm && cfg.vcpus != 1 {
+        return Err(LinuxError::Config(format!(
+            "{} vCPUs asked for, but PVM hosts run Linux guests with one (its multi-CPU \
+             paravirtual hypercalls do not complete there)",
+            cfg.vcpus
+        )));
+    }
+    let mut machine = build_for_boot(&BootConfig {
+        vcpus: cfg.vcpus,
+        memory_bytes: cfg.memory_bytes,
+        pit: true,
+        exit_port: None,
+    })?;
+    let entry = boot::load_kernel(machine.memory(), &cfg.kernel)?;
+    let disk = CowDisk::open(&cfg.rootfs)?;
+    let log = ConsoleLog::new(cfg.console.take());
+    let (vmm_end, client_end) = UnixStream::pair()?;
+    let devices = LinuxDevices::create(
+        &mut machine,
+        disk,
+        cfg.read_only,
+        log.clone(),
+        SocketSink(vmm_end.try_clone()?),
+    )?;
+    let fragments = LinuxDevices::cmdline_fragments();
+    let cmdline = boot::compose_cmdline(&boot::CmdlineParts {
+        profile,
+        devices: &fragments,
+        root_rw: !cfg.read_only,
+        agent_port: AGENT_PORT,
+        extra: &cfg.extra_cmdline,
+    })?;
+    log::debug!("kernel command line: {cmdline}");
+    boot::write_boot_params(machine.memory(), &cmdline)?;
+    machine.set_entry(&Entry64 {
+        rip: entry,
+        rsp: boot::BOOT_STACK,
+        rsi: boot::ZERO_PAGE,
+    })?;
+    let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
+    let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
+    let client = Client::from_unix_stream(client_end)?;
+    client.set_timeout(Some(cfg.agent_timeout));
+    machine.start()?;
+    let mut m = LinuxMachine {
+        client,
+        watch: Some(watch),
+        bridge: Some(bridge),
+        devices,
+        machine,
+        log,
+        cmdline,
+        quiesced: false,
+    };
+    m.wait_first_ready(cfg.boot_timeout)?;
+    Ok(m)
+}
+
+/// Resume the Linux machine saved in `path` (a `.smolmachine` or a packed
+/// executable; its memory and disk sections must be uncompressed, see
+/// `smolvm run`, which expands compressed files into a cache first). The agent gets the host's clock and fresh
+/// entropy before this returns.
+pub fn resume_linux(path: &Path, opts: ResumeOptions) -> Result<LinuxMachine, LinuxError> {
+    let plan = SnapshotPlan::open(path)?;
+    let state = plan
+        .state
+        .devices
+        .linux
+        .clone()
+        .ok_or_else(|| LinuxError::NotLinux(path.to_owned()))?;
+    let file_len = plan.reader.file().metadata()?.len();
+    let disk_layout = plan
+        .reader
+        .disks()?
+        .into_iter()
+        .find(|d| d.name == ROOT_DISK)
+        .ok_or_else(|| {
+            LinuxError::Device(format!("{} has no '{ROOT_DISK}' disk", path.display()))
+        })?;
+    // Damage in memory or disk data is found before the guest runs; the
+    // hashing overlaps with creating the VM.
+    let verifier = if opts.verify {
+        let reader = MachineReader::from_file(
+            plan.reader.file().try_clone()?,
+            plan.reader.base(),
+            plan.reader.len(),
+        )?;
+        let indexes: Vec<usize> = reader
+            .sections()
+            .iter()
+            .filter(|s| matches!(s.kind, SectionKind::Memory | SectionKind::Disk))
+            .map(|s| s.index)
+            .collect();
+        Some(std::thread::spawn(
+            move || -> Result<(), smolvm_formats::Error> {
+                for i in indexes {
+                    reader.check_section(i)?;
+                }
+                Ok(())
+            },
+        ))
+    } else {
+        None
+    };
+    let file = Arc::new(plan.reader.file().try_clone()?);
+    let base = disk::RunMapDisk::new(file, file_len, &disk_layout)
+        .map_err(|e| LinuxError::Device(e.to_string()))?;
+    let disk = CowDisk::from_disk_base(Box::new(base))?;
+    let mut machine = build_from_snapshot(plan)?;
+    let log = ConsoleLog::new(opts.console);
+    let (vmm_end, client_end) = UnixStream::pair()?;
+    let devices = LinuxDevices::restore(
+        &mut machine,
+        &state,
+        disk,
+        log.clone(),
+        SocketSink(vmm_end.try_clone()?),
+    )?;
+    let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
+    let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
+    let client = Client::from_unix_stream(client_end)?;
+    client.set_timeout(Some(opts.agent_timeout));
+    timing::mark("devices-restored");
+    if let Some(v) = verifier {
+        match v.join() {
+            Ok(r) => r?,
+            Err(_) => return Err(LinuxError::Device("checksum thread panicked".into())),
+        }
+        timing::mark("sections-verified");
+    }
+    machine.start()?;
+    timing::mark("vcpus-started");
+    let m = LinuxMachine {
+        client,
+        watch: Some(watch),
+        bridge: Some(bridge),
+        devices,
+        machine,
+        log,
+        cmdline: state.cmdline,
+        quiesced: false,
+    };
+    let mut entropy = [0u8; 64];
+    crate::devices::virtio::rng::host_random(&mut entropy)?;
+    match m.client.resume(wall_clock(), &entropy) {
+        Ok(report) => log::debug!("agent resumed: {report:?}"),
+        Err(e) => {
+            return Err(m.guest_error(format!("the resumed guest's agent did not answer: {e}")))
+        }
+    }
+    timing::mark("agent-resumed");
+    Ok(m)
+}
+
+impl LinuxMachine {
+    /// The agent client: run commands, quiesce, shut down.
+    pub fn agent(&self) -> &Client {
+        &self.client
+    }
+
+    /// The last lines of the kernel log.
+    pub fn console_tail(&self) -> String {
+        self.log.tail_lines(TAIL_LINES)
+    }
+
+    /// The kernel command line the guest booted with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The host profile this machine runs under.
+    pub fn host_profile(&self) -> HostProfile {
+        self.machine.host_profile()
+    }
+
+    fn guest_error(&self, why: String) -> LinuxError {
+        LinuxError::Guest {
+            why,
+            tail: self.console_tail(),
+        }
+    }
+
+    fn stopped_why(&self, reason: &ExitReason) -> String {
+        match (self.log.kernel_end(), reason) {
+            (KernelEnd::Panic, _) => "the guest kernel panicked".into(),
+            (KernelEnd::PowerOff, _) => "the guest powered off".into(),
+            (KernelEnd::Restart, _) => "the guest rebooted".into(),
+            (_, ExitReason::Error(e)) => format!("the guest stopped: {e}"),
+            (_, r) => format!("the guest stopped ({r:?})"),
+        }
+    }
+
+    /// Wait for the agent's first `Ready`, watching for a stopped or
+    /// panicked guest, then handshake.
+    fn wait_first_ready(&mut self, timeout: Duration) -> Result<(), LinuxError> {
+        let start = Instant::now();
+        let mut panic_seen: Option<Instant> = None;
+        while self.client.ready_count() == 0 {
+            if let Some(reason) = self.machine.control().outcome() {
+                let why = format!("{} before its agent was ready", self.stopped_why(&reason));
+                return Err(self.guest_error(why));
+            }
+            if self.log.panicked() {
+                // panic=-1 resets at once; give the log a moment to finish.
+                let seen = *panic_seen.get_or_insert_with(Instant::now);
+                if seen.elapsed() > Duration::from_secs(2) {
+                    return Err(self.guest_error("the guest kernel panicked during boot".into()));
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(self.guest_error(format!(
+                    "the guest's agent was not ready after {} s (is {} the smolvm agent's port, \
+                     and /sbin/init the agent?)",
+                    timeout.as_secs(),
+                    AGENT_PORT
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.client
+            .handshake()
+            .map_err(|e| self.guest_error(format!("agent handshake failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Ask the agent to sync, drop caches and hold new work (before a save).
+    pub fn quiesce(&mut self) -> Result<QuiesceReport, LinuxError> {
+        let r = self.client.quiesce()?;
+        self.quiesced = true;
+        Ok(r)
+    }
+
+    /// Park the vCPUs.
+    fn pause(&mut self) -> Result<(), LinuxError> {
+        if !self.machine.is_running() {
+            return Ok(());
+        }
+        match self.machine.pause()? {
+            RunEvent::Paused => Ok(()),
+            RunEvent::Stopped(reason) => {
+                let why = self.stopped_why(&reason);
+                Err(self.guest_error(why))
+            }
+        }
+    }
+
+    /// Save the whole machine to `path` atomically: quiesce the agent (if
+    /// not done yet), pause, then write the manifest, state (vCPUs, VM,
+    /// devices), memory and the merged root disk. The machine stays paused
+    /// and quiesced: call [`LinuxMachine::unpause`] to go on, or drop it.
+    pub fn save(
+        &mut self,
+        path: &Path,
+        manifest: &Manifest,
+        compression: Compression,
+    ) -> Result<(), LinuxError> {
+        if !self.quiesced {
+            self.quiesce()?;
+        }
+        self.pause()?;
+        let states = self.devices.save(&self.cmdline)?;
+        self.machine.device_states_mut().linux = Some(states);
+        let mut manifest = manifest.clone();
+        manifest.kernel_cmdline = self.cmdline.clone();
+        let mut w = MachineWriter::create(path, Arch::X86_64)?;
+        self.machine
+            .write_snapshot(&mut w, &manifest, compression)?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut merged = tempfile::tempfile_in(dir).or_else(|_| tempfile::tempfile())?;
+        self.devices.write_merged_disk(&merged)?;
+        w.add_disk(ROOT_DISK, &mut merged, compression)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    /// Start the vCPUs again after a save and release the agent's quiesce.
+    pub fn unpause(&mut self) -> Result<(), LinuxError> {
+        if !self.machine.is_running() {
+            self.machine.start()?;
+        }
+        if self.quiesced {
+            self.client.unquiesce()?;
+            self.quiesced = false;
+        }
+        Ok(())
+    }
+
+    /// Wait until the guest ends (reboot, power-off, panic), at most
+    /// `timeout`; `None` when it is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<LinuxExit>, LinuxError> {
+        let start = Instant::now();
+        let reason = loop {
+            if let Some(r) = self.machine.control().outcome() {
+                break r;
+            }
+            if start.elapsed() > timeout {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if self.machine.is_running() {
+            self.machine.wait()?;
+        }
+        Ok(Some(match (self.log.kernel_end(), reason) {
+            (KernelEnd::Panic, _) => LinuxExit::Panic(self.console_tail()),
+            (KernelEnd::PowerOff, _) => LinuxExit::PowerOff,
+            (KernelEnd::Restart, _) | (KernelEnd::None, ExitReason::Shutdown) => LinuxExit::Reboot,
+            (_, ExitReason::Error(e)) => LinuxExit::Error(e),
+            (_, r) => LinuxExit::Error(format!("{r:?}")),
+        }))
+    }
+
+    /// Whether the guest has stopped.
+    pub fn has_stopped(&self) -> bool {
+        self.machine.control().outcome().is_some()
+    }
+
+    /// End the machine now (no guest shutdown: its disk overlay and memory
+    /// are private, so nothing is lost that was not saved).
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+/// Closes the agent connection when the guest stops, so waiting client
+/// calls fail (`Disconnected`) instead of waiting for a guest that is gone.
+struct StopWatch {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopWatch {
+    fn start(
+        control: Arc<crate::vstate::vcpu::RunControl>,
+        client_end: UnixStream,
+    ) -> std::io::Result<StopWatch> {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("guest-watch".into())
+            .spawn(move || {
+                while !d.load(std::sync::atomic::Ordering::SeqCst) {
+                    if control.outcome().is_some() {
+                        let _ = client_end.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })?;
+        Ok(StopWatch {
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LinuxMachine {
+    fn drop(&mut self) {
+        self.watch.take();
+        // Stop the vCPUs first so no device writes to the bridge socket as it closes.
+        if self.machine.is_running() {
+            self.machine
+                .control()
+                .finish(ExitReason::Error("machine shut down".into()));
+            let _ = self.machine.wait();
+        }
+        self.bridge.take();
+    }
+}
