@@ -74,11 +74,8 @@ pub enum GuestError {
         log: String,
     },
     /// The agent refused or lost the command.
-    #[error("{command}: {source}")]
-    Agent {
-        command: String,
-        source: ClientError,
-    },
+    #[error("{command}: {error}")]
+    Agent { command: String, error: ClientError },
 }
 
 /// The environment of a command: the Smolfile's `[env]`, overridden by the entry's own.
@@ -363,14 +360,14 @@ pub fn run_setup_step(
         None,
         None,
     )
-    .map_err(|source| GuestError::Agent {
+    .map_err(|error| GuestError::Agent {
         command: command.clone(),
-        source,
+        error,
     })?;
     match finished.status {
         Some(s) if s.success() => Ok(()),
         status => Err(GuestError::Failed {
-            command: format!("`{command}`"),
+            command: format!("`{}`", crate::progress::truncate(&command, 60)),
             status: status.map_or("did not finish".into(), describe_status),
             tail: finished.tail,
         }),
@@ -399,9 +396,9 @@ pub fn start_service(
         timeout,
         Some(PID_MARKER),
     )
-    .map_err(|source| GuestError::Agent {
+    .map_err(|error| GuestError::Agent {
         command: format!("starting service {:?}", svc.name),
-        source,
+        error,
     })?;
     let pid = finished
         .marked

@@ -1,6 +1,7 @@
 //! The smolpack library: what the `smolpack` command is built from.
 
 pub mod artifacts;
+pub mod build;
 pub mod guest;
 pub mod progress;
 pub mod smolfile;

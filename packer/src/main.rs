@@ -1,4 +1,4 @@
-//! `smolpack`: inspects, verifies and packs `.smolmachine` files.
+//! `smolpack`: builds, inspects, verifies and packs `.smolmachine` files.
 //!
 //! Each subcommand lives in its own module; `main` only parses arguments and turns any error
 //! into one `error: ...` line on stderr and a non-zero exit status.
@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use smolpack::build;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build a machine from a Smolfile: boot it, run its setup steps, start its services and
+    /// snapshot the whole machine into a .smolmachine.
+    Build {
+        /// The Smolfile.
+        smolfile: PathBuf,
+        /// Output .smolmachine (written atomically; untouched when the build fails).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Guest kernel (default: $SMOLVM_KERNEL, else target/guest/vmlinux).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Guest agent (default: $SMOLVM_AGENT, else target/guest/smol-agent).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+        /// Compress memory and disk with zstd: a smaller file, but resuming it must
+        /// decompress instead of mapping the file in place.
+        #[arg(long)]
+        compress: bool,
+        /// Show the guest kernel's console while it boots.
+        #[arg(short, long)]
+        verbose: bool,
+    },
     /// Show the sections, sizes, compression, zero-page ratio and checksum status of a
     /// .smolmachine or packed executable.
     Inspect {
@@ -56,6 +79,25 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Build {
+            smolfile,
+            output,
+            kernel,
+            agent,
+            compress,
+            verbose,
+        } => {
+            let report = build::build(&build::BuildOptions {
+                smolfile,
+                output,
+                kernel,
+                agent,
+                compress,
+                verbose,
+            })?;
+            println!("{}", report.summary());
+            Ok(())
+        }
         Command::Inspect {
             file,
             json,

@@ -44,10 +44,10 @@ pub enum SmolfileError {
         message: String,
     },
     /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -190,9 +190,9 @@ impl Smolfile {
     /// Reads and validates the Smolfile at `path`; relative paths in it resolve against its
     /// directory.
     pub fn load(path: &Path) -> Result<Smolfile, SmolfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SmolfileError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| SmolfileError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
         let dir = match dir {
