@@ -78,16 +78,18 @@ pub enum ArtifactError {
 }
 
 /// Finds `artifact`: `explicit` (a flag), else its environment variable, else
-/// `target/guest/` beside the executable or above the current directory.
+/// `target/guest/` beside the executable, above the current directory, or in the repository
+/// this executable was built from (a build with `CARGO_TARGET_DIR` elsewhere).
 pub fn locate(artifact: Artifact, explicit: Option<&Path>) -> Result<PathBuf, ArtifactError> {
     let env = std::env::var_os(artifact.env_var()).filter(|v| !v.is_empty());
     let exe = std::env::current_exe().ok();
     let cwd = std::env::current_dir().ok();
+    let source_repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
     locate_in(
         artifact,
         explicit,
         env.as_deref().map(Path::new),
-        &[exe.as_deref(), cwd.as_deref()],
+        &[exe.as_deref(), cwd.as_deref(), source_repo],
     )
 }
 
