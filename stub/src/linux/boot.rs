@@ -208,7 +208,8 @@ mod tests {
         let pvm = compose_cmdline(&parts).unwrap();
         assert!(pvm.contains(CMDLINE_PVM.trim()));
         assert!(pvm.contains(" rw "));
-        parts.extra = &"x".repeat(CMDLINE_MAX);
+        let long = "x".repeat(CMDLINE_MAX);
+        parts.extra = &long;
         assert!(compose_cmdline(&parts).is_err());
     }
 }

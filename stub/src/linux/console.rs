@@ -19,11 +19,14 @@ pub const LOG_TAIL_BYTES: usize = 16 << 10;
 
 /// What the kernel prints when it gives up; with `panic=-1` a reset follows.
 const PANIC_MARK: &[u8] = b"Kernel panic";
-/// Printed by `kernel_power_off` (the reset that follows is how it ends here:
-/// without ACPI, PID 1's exit after power-off panics and `panic=-1` resets).
+/// Printed by `kernel_power_off`.
 const POWER_OFF_MARK: &[u8] = b"reboot: Power down";
 /// Printed by `kernel_restart`.
 const RESTART_MARK: &[u8] = b"reboot: Restarting system";
+/// Printed by `kernel_halt`: a power-off without a power-off method becomes
+/// a halt, and the CPU then idles with interrupts off, so the VMM must end
+/// the machine itself.
+const HALT_MARK: &[u8] = b"reboot: System halted";
 
 /// Where guest console output may also go (a terminal, a file).
 pub type ConsoleSink = Box<dyn Write + Send>;
@@ -43,6 +46,7 @@ pub struct ConsoleLog {
     panicked: AtomicBool,
     powered_off: AtomicBool,
     restarted: AtomicBool,
+    on_halt: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 /// How the guest kernel said it was ending, from its log.
@@ -72,6 +76,12 @@ impl ConsoleLog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Call `f` when the kernel says it halted or powered off (the guest
+    /// will not end the VM by itself then).
+    pub fn on_halt(&self, f: Box<dyn Fn() + Send>) {
+        *self.on_halt.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// The last [`LOG_TAIL_BYTES`] of output, lossily decoded.
@@ -113,8 +123,16 @@ impl ConsoleLog {
         if has(PANIC_MARK) {
             self.panicked.store(true, Ordering::SeqCst);
         }
-        if has(POWER_OFF_MARK) {
+        if has(POWER_OFF_MARK) || has(HALT_MARK) {
             self.powered_off.store(true, Ordering::SeqCst);
+            if let Some(f) = self
+                .on_halt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                f();
+            }
         }
         if has(RESTART_MARK) {
             self.restarted.store(true, Ordering::SeqCst);
@@ -165,7 +183,22 @@ pub struct SocketSink(pub UnixStream);
 
 impl Write for SocketSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        use std::os::unix::io::AsRawFd;
+        // MSG_NOSIGNAL: a closed client must give EPIPE, not kill the process.
+        // SAFETY: the pointer and length describe `buf`; the fd is the socket's.
+        let n = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -247,7 +280,11 @@ mod tests {
         assert_eq!(log.kernel_end(), KernelEnd::None);
         writeln!(w, "ic - not syncing: VFS: Unable to mount root fs").unwrap();
         assert_eq!(log.kernel_end(), KernelEnd::Panic);
-        writeln!(w, "[ 2.0] reboot: Power down").unwrap();
+        let halted = Arc::new(AtomicBool::new(false));
+        let h = halted.clone();
+        log.on_halt(Box::new(move || h.store(true, Ordering::SeqCst)));
+        writeln!(w, "[ 2.0] reboot: System halted").unwrap();
         assert_eq!(log.kernel_end(), KernelEnd::PowerOff);
+        assert!(halted.load(Ordering::SeqCst));
     }
 }

@@ -193,6 +193,13 @@ fn wall_clock() -> WallClock {
     }
 }
 
+/// A halted guest idles forever with interrupts off: end the machine when
+/// the kernel says so.
+fn end_on_halt(log: &ConsoleLog, machine: &Machine) {
+    let control = machine.control();
+    log.on_halt(Box::new(move || control.finish(ExitReason::Halted)));
+}
+
 /// Boot `cfg.kernel` with `cfg.rootfs` and wait until the agent is ready.
 pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     let profile = HostProfile::detect();
@@ -212,6 +219,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     let entry = boot::load_kernel(machine.memory(), &cfg.kernel)?;
     let disk = CowDisk::open(&cfg.rootfs)?;
     let log = ConsoleLog::new(cfg.console.take());
+    end_on_halt(&log, &machine);
     let (vmm_end, client_end) = UnixStream::pair()?;
     let devices = LinuxDevices::create(
         &mut machine,
@@ -306,6 +314,7 @@ pub fn resume_linux(path: &Path, opts: ResumeOptions) -> Result<LinuxMachine, Li
     let disk = CowDisk::from_disk_base(Box::new(base))?;
     let mut machine = build_from_snapshot(plan)?;
     let log = ConsoleLog::new(opts.console);
+    end_on_halt(&log, &machine);
     let (vmm_end, client_end) = UnixStream::pair()?;
     let devices = LinuxDevices::restore(
         &mut machine,

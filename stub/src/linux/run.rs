@@ -192,7 +192,15 @@ extern "C" fn on_winch(_: libc::c_int) {
     RESIZED.store(true, Ordering::SeqCst);
 }
 
+static SIGNALS_SEEN: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn on_forwarded(sig: libc::c_int) {
+    // The first signal goes to the guest command; a second one ends smolvm
+    // (the guest may be unable to act on the first).
+    if SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst) >= 1 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + sig) };
+    }
     PENDING_SIGNAL.store(sig, Ordering::SeqCst);
 }
 

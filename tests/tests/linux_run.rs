@@ -1,0 +1,343 @@
+//! A real Linux guest on the VMM: booted once (the shared fixture), saved,
+//! then resumed by `smolvm run` for each behaviour: output, exit codes,
+//! stdin, disk and memory state across the snapshot, pristine runs, fresh
+//! entropy and clock, `--save`, concurrency, damaged files, reboot and
+//! power-off, a compressed machine, and a kernel that cannot find its root.
+
+#[path = "linux_common/mod.rs"]
+mod linux_common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+use linux_common::{describe, fixture, run_in, smolvm, Fixture, MARKER, MARKER_TEXT};
+use smolvm_formats::{MachineReader, SectionKind};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ok_run(fx: &Fixture, file: &Path, argv: &[&str]) -> String {
+    let o = run_in(fx, file, argv);
+    assert_eq!(o.status.code(), Some(0), "{argv:?}: {}", describe(&o));
+    stdout(&o)
+}
+
+#[test]
+fn echo_output_arrives_after_resume() {
+    let Some(fx) = fixture("echo_output_arrives_after_resume") else {
+        return;
+    };
+    assert_eq!(
+        ok_run(fx, &fx.machine, &["echo", "hello", "world"]),
+        "hello world\n"
+    );
+    // Without `--` the manifest's cmd runs.
+    let o = smolvm(fx, &["run".as_ref(), fx.machine.as_os_str()], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(stdout(&o), "default command\n");
+}
+
+#[test]
+fn exit_codes_and_signals_propagate() {
+    let Some(fx) = fixture("exit_codes_and_signals_propagate") else {
+        return;
+    };
+    let code = |argv: &[&str]| run_in(fx, &fx.machine, argv).status.code();
+    assert_eq!(code(&["true"]), Some(0));
+    assert_eq!(code(&["sh", "-c", "exit 3"]), Some(3));
+    assert_eq!(code(&["sh", "-c", "kill -9 $$"]), Some(128 + 9));
+}
+
+#[test]
+fn stdin_is_piped_through_byte_identical() {
+    let Some(fx) = fixture("stdin_is_piped_through_byte_identical") else {
+        return;
+    };
+    // 64 KiB of every byte value, in a pattern that is not periodic at 4 KiB.
+    let input: Vec<u8> = (0..64u32 << 10)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let o = smolvm(
+        fx,
+        &[
+            "run".as_ref(),
+            fx.machine.as_os_str(),
+            "--".as_ref(),
+            "cat".as_ref(),
+        ],
+        &input,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(o.stdout.len(), input.len());
+    assert!(o.stdout == input, "cat returned different bytes");
+}
+
+fn fingerprint(p: &Path) -> (Vec<u8>, SystemTime) {
+    (
+        fs::read(p).unwrap(),
+        fs::metadata(p).unwrap().modified().unwrap(),
+    )
+}
+
+#[test]
+fn runs_are_pristine_and_see_the_snapshot_disk() {
+    let Some(fx) = fixture("runs_are_pristine_and_see_the_snapshot_disk") else {
+        return;
+    };
+    let before = fingerprint(&fx.machine);
+    let o = run_in(
+        fx,
+        &fx.machine,
+        &["sh", "-c", &format!("cat {MARKER} && rm {MARKER}")],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(
+        stdout(&o).trim(),
+        MARKER_TEXT,
+        "file written before the snapshot"
+    );
+    // The deletion vanished with that run.
+    assert_eq!(
+        ok_run(fx, &fx.machine, &["cat", MARKER]).trim(),
+        MARKER_TEXT
+    );
+    let after = fingerprint(&fx.machine);
+    assert!(before.0 == after.0, "the machine file changed");
+    assert_eq!(before.1, after.1, "the machine file's mtime changed");
+}
+
+#[test]
+fn each_resume_gets_fresh_entropy_and_the_host_clock() {
+    let Some(fx) = fixture("each_resume_gets_fresh_entropy_and_the_host_clock") else {
+        return;
+    };
+    let now = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let script = "date +%s; head -c 16 /dev/urandom | od -An -tx1";
+    let t0 = now();
+    let a = ok_run(fx, &fx.machine, &["sh", "-c", script]);
+    let t1 = now();
+    let b = ok_run(fx, &fx.machine, &["sh", "-c", script]);
+    let (a_time, a_rand) = a.split_once('\n').expect("two lines");
+    let (_, b_rand) = b.split_once('\n').expect("two lines");
+    assert_ne!(a_rand.trim(), "", "no random bytes: {a}");
+    assert_ne!(
+        a_rand, b_rand,
+        "two resumes read the same /dev/urandom bytes"
+    );
+    // The guest's clock is the host's at resume: `date` ran between t0 and t1
+    // (whole seconds, so allow the truncation of one second each side).
+    let guest: f64 = a_time.trim().parse().expect("date +%s");
+    assert!(
+        guest >= t0.floor() - 1.0 && guest <= t1 + 1.0,
+        "guest clock {guest} outside host interval [{t0}, {t1}]"
+    );
+}
+
+#[test]
+fn save_then_resume_the_saved_machine_twice() {
+    let Some(fx) = fixture("save_then_resume_the_saved_machine_twice") else {
+        return;
+    };
+    let dir = tempfile::tempdir_in(&fx.scratch).unwrap();
+    let one = dir.path().join("one.smolmachine");
+    let two = dir.path().join("two.smolmachine");
+    let o = smolvm(
+        fx,
+        &[
+            "run".as_ref(),
+            "--save".as_ref(),
+            one.as_os_str(),
+            fx.machine.as_os_str(),
+            "--".as_ref(),
+            "sh".as_ref(),
+            "-c".as_ref(),
+            "echo first > /root/saved".as_ref(),
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    // A snapshot of a resumed machine resumes, and can be saved again.
+    let o = smolvm(
+        fx,
+        &[
+            "run".as_ref(),
+            one.as_os_str(),
+            "--save".as_ref(),
+            two.as_os_str(),
+            "--".as_ref(),
+            "sh".as_ref(),
+            "-c".as_ref(),
+            "cat /root/saved; echo second >> /root/saved".as_ref(),
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(stdout(&o), "first\n");
+    assert_eq!(ok_run(fx, &two, &["cat", "/root/saved"]), "first\nsecond\n");
+    // The original never saw any of it.
+    let o = run_in(fx, &fx.machine, &["cat", "/root/saved"]);
+    assert_ne!(o.status.code(), Some(0), "{}", describe(&o));
+}
+
+#[test]
+fn eight_concurrent_runs_of_one_file() {
+    let Some(fx) = fixture("eight_concurrent_runs_of_one_file") else {
+        return;
+    };
+    let outs: Vec<_> = (0..8)
+        .map(|i| {
+            let file = fx.machine.clone();
+            std::thread::spawn(move || {
+                let fx = fixture("eight_concurrent_runs_of_one_file").unwrap();
+                (i, run_in(fx, &file, &["echo", &format!("run {i}")]))
+            })
+        })
+        .collect();
+    for h in outs {
+        let (i, o) = h.join().unwrap();
+        assert_eq!(o.status.code(), Some(0), "run {i}: {}", describe(&o));
+        assert_eq!(stdout(&o), format!("run {i}\n"));
+    }
+}
+
+/// Copy the machine with one byte of `kind`'s section flipped.
+fn with_flipped_byte(fx: &Fixture, kind: SectionKind, name: &str) -> std::path::PathBuf {
+    let r = MachineReader::open(&fx.machine).unwrap();
+    let s = r.section(kind).unwrap().clone();
+    let dst = fx.scratch.join(name);
+    fs::copy(&fx.machine, &dst).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dst)
+        .unwrap();
+    // A byte of stored data: for images, past the index at the section start.
+    let at = s.file_offset + s.stored_len - 4096 - 17;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    dst
+}
+
+#[test]
+fn damaged_machines_are_refused_before_the_guest_runs() {
+    let Some(fx) = fixture("damaged_machines_are_refused_before_the_guest_runs") else {
+        return;
+    };
+    let mut cases = vec![
+        (
+            "memory",
+            with_flipped_byte(fx, SectionKind::Memory, "bad-mem.smolmachine"),
+        ),
+        (
+            "state",
+            with_flipped_byte(fx, SectionKind::VmState, "bad-state.smolmachine"),
+        ),
+    ];
+    let r = MachineReader::open(&fx.machine).unwrap();
+    let disk = r
+        .sections()
+        .iter()
+        .find(|s| s.kind == SectionKind::Disk)
+        .unwrap()
+        .clone();
+    let dst = fx.scratch.join("bad-disk.smolmachine");
+    fs::copy(&fx.machine, &dst).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&dst)
+        .unwrap();
+    let at = disk.file_offset + disk.stored_len / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 1], at).unwrap();
+    cases.push(("disk", dst));
+    let cut = fx.scratch.join("truncated.smolmachine");
+    let bytes = fs::read(&fx.machine).unwrap();
+    fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    cases.push(("truncated", cut));
+    for (what, file) in cases {
+        let o = run_in(fx, &file, &["echo", "must not run"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{what}: {}", describe(&o));
+        assert!(
+            !stdout(&o).contains("must not run"),
+            "{what}: {}",
+            describe(&o)
+        );
+        assert!(err.contains("smolvm: cannot"), "{what}: {}", describe(&o));
+        assert!(
+            !err.contains("vcpus-started"),
+            "{what}: the guest ran: {}",
+            describe(&o)
+        );
+    }
+}
+
+#[test]
+fn reboot_and_poweroff_end_the_vm() {
+    let Some(fx) = fixture("reboot_and_poweroff_end_the_vm") else {
+        return;
+    };
+    for cmd in ["reboot", "poweroff"] {
+        let o = run_in(fx, &fx.machine, &[cmd]);
+        assert_eq!(o.status.code(), Some(0), "{cmd}: {}", describe(&o));
+    }
+}
+
+#[test]
+fn compressed_machine_is_expanded_once_into_the_cache() {
+    let Some(fx) = fixture("compressed_machine_is_expanded_once_into_the_cache") else {
+        return;
+    };
+    assert!(
+        fs::metadata(&fx.compressed).unwrap().len() < fs::metadata(&fx.machine).unwrap().len(),
+        "compression made the file no smaller"
+    );
+    assert_eq!(
+        ok_run(fx, &fx.compressed, &["cat", MARKER]).trim(),
+        MARKER_TEXT
+    );
+    let cache = fx.scratch.join("cache/expanded");
+    let entries: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let first = fs::metadata(&entries[0]).unwrap().modified().unwrap();
+    assert_eq!(ok_run(fx, &fx.compressed, &["echo", "again"]), "again\n");
+    assert_eq!(
+        fs::metadata(&entries[0]).unwrap().modified().unwrap(),
+        first
+    );
+}
+
+#[test]
+fn a_kernel_without_its_root_fails_readably() {
+    let Some((kernel, rootfs)) =
+        linux_common::artifacts("a_kernel_without_its_root_fails_readably")
+    else {
+        return;
+    };
+    let mut cfg = smolvm::linux::LinuxConfig::new(kernel, rootfs);
+    cfg.extra_cmdline = "root=/dev/vdq".into();
+    let err = match smolvm::linux::boot_linux(cfg) {
+        Ok(_) => panic!("a guest without its root became ready"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("panicked"), "{err}");
+    assert!(err.contains("last kernel console lines"), "{err}");
+    assert!(
+        err.contains("VFS"),
+        "the console tail lacks the kernel's reason: {err}"
+    );
+}
