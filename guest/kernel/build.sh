@@ -79,7 +79,7 @@ link_results() {
 	mkdir -p "$repo/target/guest"
 	ln -sfn "$out/vmlinux" "$repo/target/guest/vmlinux"
 	ln -sfn "$out/bzImage" "$repo/target/guest/bzImage"
-	stage "vmlinux $(du -h "$out/vmlinux" | cut -f1), bzImage $(du -h "$out/bzImage" | cut -f1)"
+	stage "vmlinux $(stat -c %s "$out/vmlinux") bytes, bzImage $(stat -c %s "$out/bzImage") bytes"
 	stage "linked $repo/target/guest/vmlinux -> $out/vmlinux"
 	echo "$out/vmlinux"
 }
