@@ -166,12 +166,23 @@ pub fn probe_function(probe: Option<&Probe>) -> String {
     }
 }
 
+/// The shell function `pause` before each probe: 0.5 s, during which the script does not
+/// compete with the starting service for the CPU (an emulated guest has one slow vCPU).
+/// `read -t` on a fresh pseudo-terminal master (which never has input) waits without starting
+/// a process, where the shell has a fractional `read -t` (busybox ash, bash); else `sleep`.
+const PAUSE: &str = "pause() { sleep 0.5 2>/dev/null || sleep 1; return 0; }\n\
+    if [ -c /dev/ptmx ] && [ -e /dev/pts/ptmx ] && \
+    { [ -n \"${BASH_VERSION-}\" ] || [ /bin/sh -ef /bin/busybox ]; }; then\n\
+    \x20 exec 3<>/dev/ptmx && pause() { read -t 0.5 _ <&3; return 0; }\n\
+    fi";
+
 /// The script that starts a service detached and waits until it is ready.
 ///
 /// The service (the script's arguments) starts in its own session (`setsid` when the image
 /// has it) with stdin from `/dev/null` and output to its log, so it is no command of the
 /// agent's: it survives the end of the build's agent session and a resume, and PID 1 reaps
-/// it. Its pid goes to the pid file and, marked, to stdout. The script then polls `ready`,
+/// it. Its pid goes to the pid file and, marked, to stdout. The script then polls `ready`
+/// (pausing before each try, without starting processes where it can, see [`PAUSE`]),
 /// and exits with [`SERVICE_EXITED`] and the log's tail if the service dies first. The build
 /// enforces the timeout from the host (the guest clock is not trusted to run at wall speed).
 pub fn service_script(probe: Option<&Probe>, log: &str, pidfile: &str) -> String {
@@ -189,20 +200,20 @@ pub fn service_script(probe: Option<&Probe>, log: &str, pidfile: &str) -> String
          echo \"$pid\" >{pidfile} || exit 125\n\
          echo {PID_MARKER}$pid\n\
          {ready}\n\
+         {PAUSE}\n\
          alive() {{\n\
          \x20 [ -r /proc/$pid/stat ] || return 1\n\
          \x20 read -r st </proc/$pid/stat || return 1\n\
          \x20 st=${{st##*) }}\n\
          \x20 [ \"${{st%% *}}\" != Z ]\n\
          }}\n\
-         while ! ready; do\n\
+         while pause; ! ready; do\n\
          \x20 if ! alive; then\n\
          \x20   wait \"$pid\"\n\
          \x20   echo \"the service exited with status $? before it was ready; last lines of $log:\" >&2\n\
          \x20   tail -n 20 \"$log\" >&2\n\
          \x20   exit {SERVICE_EXITED}\n\
          \x20 fi\n\
-         \x20 sleep 0.1 2>/dev/null || sleep 1\n\
          done\n",
         log = shell_quote(log),
         log_dir = shell_quote(log_dir),
@@ -587,6 +598,20 @@ mod tests {
         assert!(run(port), "listening port {port} not seen");
         drop(l);
         assert!(!run(port), "closed port {port} still seen");
+    }
+
+    /// Both forms of `pause` succeed: bash takes the pseudo-terminal path, the
+    /// host's other shells `sleep`.
+    #[test]
+    fn pause_waits_without_failing() {
+        for shell in ["bash", "sh"] {
+            let script = format!("{PAUSE}\npause && pause && echo paused");
+            let out = std::process::Command::new(shell)
+                .args(["-c", &script])
+                .output()
+                .unwrap();
+            assert_eq!(out.stdout, b"paused\n", "{shell}: {out:?}");
+        }
     }
 
     #[test]
