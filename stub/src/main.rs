@@ -12,15 +12,18 @@ use anyhow::{bail, Context, Result};
 use smolvm::linux::run::RunOptions;
 use smolvm::timing;
 
-const USAGE: &str = "usage: smolvm run [--save OUT] FILE [-- CMD ARGS...]\n       smolvm shell [--save OUT] FILE\n\
-    run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n\
-           entrypoint with its cmd (or with ARGS after `--`), with this terminal's stdio;\n\
-           exit with the command's status (128+N for signal N). FILE is never modified;\n\
-           --save OUT writes the machine as it is at exit to OUT.\n\
-    shell  Resume FILE and open an interactive shell (/bin/sh -l) in it.\n\
-    Environment: SMOLVM_TIMINGS=1 prints resume phase times to stderr; SMOLVM_LOG=debug|info|warn;\n\
-    SMOLVM_CONSOLE=1 copies the guest kernel log to stderr; SMOLVM_CACHE (default ~/.cache/smolvm)\n\
-    holds expanded copies of compressed machines.";
+const USAGE: &str = concat!(
+    "usage: smolvm run [--save OUT] FILE [-- ARGS...]\n",
+    "       smolvm shell [--save OUT] FILE\n",
+    "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
+    "         entrypoint with its cmd (or with ARGS after `--`) on this terminal's stdio;\n",
+    "         exit with the command's status (128+N for signal N). FILE is never modified;\n",
+    "         --save OUT writes the machine as it is at exit to OUT.\n",
+    "  shell  Resume FILE and open an interactive shell (/bin/sh -l) in it.\n",
+    "Environment: SMOLVM_TIMINGS=1 prints resume phase times to stderr; SMOLVM_LOG=debug|info|warn;\n",
+    "SMOLVM_CONSOLE=1 copies the guest kernel log to stderr; SMOLVM_CACHE (default ~/.cache/smolvm)\n",
+    "holds expanded copies of compressed machines."
+);
 
 struct StderrLogger(log::LevelFilter);
 

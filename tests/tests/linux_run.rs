@@ -341,3 +341,67 @@ fn a_kernel_without_its_root_fails_readably() {
         "the console tail lacks the kernel's reason: {err}"
     );
 }
+
+/// Copy the fixture with `host_profile` in its manifest replaced.
+fn with_host_profile(fx: &Fixture, profile: &str, name: &str) -> std::path::PathBuf {
+    use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter};
+    let r = MachineReader::open(&fx.machine).unwrap();
+    let mut manifest = r.manifest().unwrap();
+    manifest.host_profile = profile.into();
+    let dst = fx.scratch.join(name);
+    let mut w = MachineWriter::create(&dst, Arch::X86_64).unwrap();
+    w.add_manifest(&manifest).unwrap();
+    w.add_blob(
+        SectionKind::VmState,
+        &r.read_blob(SectionKind::VmState).unwrap(),
+        Compression::None,
+    )
+    .unwrap();
+    let layout = r.memory_layout().unwrap();
+    let bufs: Vec<(u64, Vec<u8>)> = layout
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(i, reg)| {
+            let mut b = vec![0u8; reg.size as usize];
+            r.read_memory_region(i, &mut b).unwrap();
+            (reg.guest_addr, b)
+        })
+        .collect();
+    let regions: Vec<GuestRegion<'_>> = bufs
+        .iter()
+        .map(|(a, b)| GuestRegion {
+            guest_addr: *a,
+            data: b,
+        })
+        .collect();
+    w.add_memory(&regions, Compression::None).unwrap();
+    for d in r.disks().unwrap() {
+        let mut tmp = tempfile::tempfile_in(&fx.scratch).unwrap();
+        r.extract_disk(&d, &tmp).unwrap();
+        w.add_disk(&d.name, &mut tmp, Compression::None).unwrap();
+    }
+    w.finish().unwrap();
+    dst
+}
+
+#[test]
+fn a_hardware_built_machine_is_refused_on_pvm() {
+    let Some(fx) = fixture("a_hardware_built_machine_is_refused_on_pvm") else {
+        return;
+    };
+    if smolvm::host::HostProfile::detect() != smolvm::host::HostProfile::KvmPvm {
+        eprintln!("a_hardware_built_machine_is_refused_on_pvm: not a PVM host; nothing to refuse");
+        return;
+    }
+    let file = with_host_profile(fx, "kvm", "hardware-built.smolmachine");
+    let o = run_in(fx, &file, &["echo", "must not run"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{}", describe(&o));
+    assert!(
+        err.contains("built on a 'kvm' host") && err.contains("'kvm-pvm'"),
+        "{}",
+        describe(&o)
+    );
+    assert!(!err.contains("vcpus-started"), "{}", describe(&o));
+}

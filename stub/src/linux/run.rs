@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
+use smolvm_agent::client::ClientError;
 use smolvm_agent::protocol::{ExecRequest, ExitStatus, WinSize};
 use smolvm_formats::{
     Compression, GuestRegion, MachineReader, MachineWriter, Manifest, SectionKind,
@@ -107,6 +108,41 @@ fn expand(r: &MachineReader, dest: &Path) -> Result<(), LinuxError> {
     }
     w.finish()?;
     Ok(())
+}
+
+/// Records that a machine file's sections passed their checksums, keyed by
+/// the file's identity and change time: any write to the file (or a new
+/// file at that path) changes the key, so only an untouched, already
+/// verified file skips hashing on later runs.
+struct VerifiedStamp(PathBuf);
+
+impl VerifiedStamp {
+    fn of(path: &Path) -> Option<VerifiedStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let name = format!(
+            "{:x}-{:x}-{:x}-{}.{}-{}.{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.mtime(),
+            m.mtime_nsec()
+        );
+        Some(VerifiedStamp(cache_dir().join("verified").join(name)))
+    }
+
+    fn is_recorded(&self) -> bool {
+        self.0.is_file()
+    }
+
+    /// Best effort: a failure only means the next run hashes again.
+    fn record(&self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&self.0, b""));
+        }
+    }
 }
 
 /// The command a run executes: `argv`, or entrypoint + (`args` or cmd).
@@ -239,13 +275,21 @@ pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
     let console = std::env::var_os("SMOLVM_CONSOLE")
         .filter(|v| v == "1")
         .map(|_| Box::new(io::stderr()) as super::console::ConsoleSink);
+    let stamp = VerifiedStamp::of(&path);
+    let verified_before = stamp.as_ref().is_some_and(VerifiedStamp::is_recorded);
     let mut m = resume_linux(
         &path,
         ResumeOptions {
             console,
+            verify: !verified_before,
             ..Default::default()
         },
     )?;
+    if !verified_before {
+        if let Some(s) = &stamp {
+            s.record();
+        }
+    }
     let tty = is_tty(0);
     let req = ExecRequest {
         argv,
@@ -280,6 +324,11 @@ pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
             }
             None => return Err(e),
         },
+        // Like a shell: a command that cannot be started exits 127.
+        Err(LinuxError::Agent(ClientError::ExecFailed(why))) => {
+            eprintln!("smolvm: the command could not start: {why}");
+            127
+        }
         Err(e) => return Err(e),
     };
     if let Some(out) = &opts.save {
