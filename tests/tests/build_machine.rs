@@ -32,18 +32,18 @@ name = "web"
 run = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/var/www"]
 ready = { tcp = 8080, timeout = "5m" }
 
-# Counts in a shell variable, paced by read timeouts on a FIFO (no process per tick), and
-# publishes each value; ready once it reached 3.
+# Counts in a shell variable and publishes each value; ready once it reached 3. Paced by read
+# timeouts on a pseudo-terminal master that never has input: no process per tick.
 [[service]]
 name = "counter"
 run = ["/bin/sh", "-c", """
-mkfifo /run/tick && exec 3<>/run/tick || exit 1
+exec 3<>/dev/ptmx || exit 1
 i=0
 while :; do
   i=$((i + 1))
   echo "$i" >/run/counter
   [ "$i" = 3 ] && : >/run/counter-ready
-  read -t 0.2 _ <&3
+  read -t 0.5 _ <&3
 done
 """]
 ready = { file = "/run/counter-ready", timeout = "5m" }
@@ -61,28 +61,33 @@ struct Built {
     stdout: String,
 }
 
-/// Builds the machine once for every test of this file; `None` when skipped.
+/// Builds the machine once for every test of this file; `None` when skipped. A failed build
+/// fails every test with its output (and is not retried by each of them).
 fn machine(test: &str) -> Option<&'static Built> {
-    static MACHINE: OnceLock<Option<Built>> = OnceLock::new();
+    static MACHINE: OnceLock<Result<Built, String>> = OnceLock::new();
     let guest = guest(test)?;
-    MACHINE
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::create_dir(dir.path().join("www")).unwrap();
-            std::fs::write(dir.path().join("www/index.html"), PAGE).unwrap();
-            let smolfile = dir.path().join("Smolfile");
-            std::fs::write(&smolfile, SMOLFILE).unwrap();
-            let path = dir.path().join("buildtest.smolmachine");
-            let out = smolpack_build(&guest, &smolfile, &path);
-            assert!(out.status.success(), "build failed: {}", describe(&out));
-            Some(Built {
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                _dir: dir,
-                path,
-            })
+    let built = MACHINE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("www")).unwrap();
+        std::fs::write(dir.path().join("www/index.html"), PAGE).unwrap();
+        let smolfile = dir.path().join("Smolfile");
+        std::fs::write(&smolfile, SMOLFILE).unwrap();
+        let path = dir.path().join("buildtest.smolmachine");
+        let out = smolpack_build(&guest, &smolfile, &path);
+        if !out.status.success() {
+            return Err(format!("build failed: {}", describe(&out)));
+        }
+        Ok(Built {
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            _dir: dir,
+            path,
         })
-        .as_ref()
+    });
+    match built {
+        Ok(b) => Some(b),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 #[test]
@@ -149,7 +154,7 @@ fn counter_continues_from_its_snapshot_value() {
         return;
     };
     // Read the counter, let it tick, read it again; an empty read is a write in progress.
-    let script = "exec 3<>/run/tick
+    let script = "exec 3<>/dev/ptmx
                   get() { v=; while [ -z \"$v\" ]; do read -r v </run/counter; done; }
                   get; a=$v; read -t 1 _ <&3; get; echo \"$a $v\"";
     let out = smolvm_run(&m.path, &["/bin/sh", "-c", script]);
