@@ -44,6 +44,16 @@ pub const CMDLINE_BASE: &str = include_str!("../../../guest/kernel/cmdline-base.
 /// Workarounds for PVM hosts only (never on hardware KVM).
 pub const CMDLINE_PVM: &str = include_str!("../../../guest/kernel/cmdline-pvm.txt");
 
+/// PVM hosts only: keep glibc in PID 1 (the agent, which carries every byte
+/// of the host stream) off AVX. Under PVM the guest kernel runs without XSAVE
+/// (hidden by `cmdline-pvm.txt`), so it saves only the legacy SSE state on a
+/// task switch, while user code runs natively with the host's XCR0 and sees
+/// AVX: upper YMM halves are then lost across switches, and AVX `memcpy`
+/// corrupted agent frames 64 bytes at a time (reproduced with 64 KiB of
+/// output; gone with this option). The kernel passes it to init's environment.
+pub const PVM_USER_NO_AVX: &str =
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load";
+
 /// Pieces of a guest command line, in the order they are joined.
 pub struct CmdlineParts<'a> {
     /// The host profile: PVM options are added only for `KvmPvm`.
@@ -63,6 +73,9 @@ pub fn compose_cmdline(p: &CmdlineParts<'_>) -> Result<String, LinuxError> {
     let mut words: Vec<&str> = CMDLINE_BASE.split_whitespace().collect();
     if p.profile == HostProfile::KvmPvm {
         words.extend(CMDLINE_PVM.split_whitespace());
+        if !CMDLINE_PVM.contains("GLIBC_TUNABLES=") {
+            words.push(PVM_USER_NO_AVX);
+        }
     }
     words.extend(p.devices.iter().map(String::as_str));
     words.push("root=/dev/vda");
@@ -200,6 +213,7 @@ mod tests {
                 assert!(!hw.split(' ').any(|x| x == w), "{w} leaked: {hw}");
             }
         }
+        assert!(!hw.contains("GLIBC_TUNABLES"), "{hw}");
         assert!(hw.starts_with(CMDLINE_BASE.trim()));
         assert!(hw.contains("virtio_mmio.device=4K@0xd0000000:5 root=/dev/vda ro"));
         assert!(hw.ends_with("smolvm.agent=/dev/hvc0 loglevel=7"));
@@ -207,6 +221,7 @@ mod tests {
         parts.root_rw = true;
         let pvm = compose_cmdline(&parts).unwrap();
         assert!(pvm.contains(CMDLINE_PVM.trim()));
+        assert!(pvm.contains("GLIBC_TUNABLES="), "{pvm}");
         assert!(pvm.contains(" rw "));
         let long = "x".repeat(CMDLINE_MAX);
         parts.extra = &long;

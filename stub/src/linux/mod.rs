@@ -238,6 +238,15 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     })?;
     log::debug!("kernel command line: {cmdline}");
     boot::write_boot_params(machine.memory(), &cmdline)?;
+    if cfg.vcpus > 1 {
+        // Without ACPI, the MP table is how Linux finds the other vCPUs.
+        let table = crate::arch::x86_64::mptable::mptable(cfg.vcpus)
+            .map_err(|e| LinuxError::Config(e.to_string()))?;
+        machine
+            .memory()
+            .write(crate::arch::x86_64::mptable::MPTABLE_ADDR, &table)
+            .map_err(|e| LinuxError::Config(format!("cannot write the MP table: {e}")))?;
+    }
     machine.set_entry(&Entry64 {
         rip: entry,
         rsp: boot::BOOT_STACK,

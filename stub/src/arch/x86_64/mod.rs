@@ -7,6 +7,7 @@ pub mod cpuid;
 pub mod gdt;
 pub mod interrupts;
 pub mod layout;
+pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod regs;
