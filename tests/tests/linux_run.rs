@@ -405,3 +405,22 @@ fn a_hardware_built_machine_is_refused_on_pvm() {
     );
     assert!(!err.contains("vcpus-started"), "{}", describe(&o));
 }
+
+#[test]
+fn a_packed_executable_resumes_its_linux_machine() {
+    let Some(fx) = fixture("a_packed_executable_resumes_its_linux_machine") else {
+        return;
+    };
+    let packed = fx.scratch.join("hello-packed");
+    smolvm_formats::trailer::pack(&linux_common::smolvm_bin(), &fx.machine, &packed)
+        .expect("packing the machine onto the smolvm stub");
+    // Its arguments replace the manifest's cmd.
+    let o = std::process::Command::new(&packed)
+        .args(["sh", "-c", &format!("cat {MARKER}; exit 4")])
+        .env("SMOLVM_CACHE", fx.scratch.join("cache"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", describe(&o));
+    assert_eq!(stdout(&o).trim(), MARKER_TEXT);
+}
