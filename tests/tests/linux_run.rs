@@ -181,7 +181,28 @@ fn save_then_resume_the_saved_machine_twice() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     assert_eq!(stdout(&o), "first\n");
-    assert_eq!(ok_run(fx, &two, &["cat", "/root/saved"]), "first\nsecond\n");
+    // Saving over the file being run is safe: the writer renames a new file
+    // into place while the running machine keeps the old one mapped.
+    let o = smolvm(
+        fx,
+        &[
+            "run".as_ref(),
+            "--save".as_ref(),
+            two.as_os_str(),
+            two.as_os_str(),
+            "--".as_ref(),
+            "sh".as_ref(),
+            "-c".as_ref(),
+            "cat /root/saved; echo third >> /root/saved".as_ref(),
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(stdout(&o), "first\nsecond\n");
+    assert_eq!(
+        ok_run(fx, &two, &["cat", "/root/saved"]),
+        "first\nsecond\nthird\n"
+    );
     // The original never saw any of it.
     let o = run_in(fx, &fx.machine, &["cat", "/root/saved"]);
     assert_ne!(o.status.code(), Some(0), "{}", describe(&o));
