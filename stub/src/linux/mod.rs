@@ -90,6 +90,12 @@ pub enum LinuxError {
     Io(#[from] std::io::Error),
 }
 
+impl From<crate::vstate::memory::MemoryError> for LinuxError {
+    fn from(e: crate::vstate::memory::MemoryError) -> Self {
+        LinuxError::Machine(MachineError::Memory(e))
+    }
+}
+
 impl From<crate::hypervisor::HypervisorError> for LinuxError {
     fn from(e: crate::hypervisor::HypervisorError) -> Self {
         LinuxError::Machine(MachineError::Hypervisor(e))

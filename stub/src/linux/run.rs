@@ -81,25 +81,26 @@ fn expand(r: &MachineReader, dest: &Path) -> Result<(), LinuxError> {
         &r.read_blob(SectionKind::VmState)?,
         Compression::None,
     )?;
+    // Expanded into lazily zeroed anonymous memory (a failed reservation is
+    // an error, not an abort), then written out region by region.
     let layout = r.memory_layout()?;
-    let mut bufs = Vec::with_capacity(layout.regions.len());
-    for (i, region) in layout.regions.iter().enumerate() {
-        let len = usize::try_from(region.size)
-            .map_err(|_| LinuxError::Config("memory region too large".into()))?;
-        let mut b = vec![0u8; len];
-        r.read_memory_region(i, &mut b)?;
-        bufs.push((region.guest_addr, b));
-    }
-    let regions: Vec<GuestRegion<'_>> = bufs
+    let sizes: Vec<(u64, u64)> = layout
+        .regions
         .iter()
-        .map(|(a, b)| GuestRegion {
-            guest_addr: *a,
-            data: b,
-        })
+        .map(|reg| (reg.guest_addr, reg.size))
+        .collect();
+    let mem = crate::vstate::memory::GuestMemory::expanded(&sizes, |i, bytes| {
+        r.read_memory_region(i, bytes).map_err(LinuxError::File)
+    })?;
+    // SAFETY: this memory belongs to no VM; nothing else writes it.
+    let slices = unsafe { mem.region_slices() };
+    let regions: Vec<GuestRegion<'_>> = slices
+        .into_iter()
+        .map(|(guest_addr, data)| GuestRegion { guest_addr, data })
         .collect();
     w.add_memory(&regions, Compression::None)?;
     drop(regions);
-    drop(bufs);
+    drop(mem);
     let dir = dest.parent().unwrap_or(Path::new("."));
     for d in r.disks()? {
         let mut tmp = tempfile::tempfile_in(dir)?;

@@ -128,6 +128,14 @@ pub fn fixture(test: &str) -> Option<&'static Fixture> {
                 "linux fixture: saved after {:.1} s",
                 t.elapsed().as_secs_f64()
             );
+            // The booted machine goes on after a save.
+            m.unpause().expect("unpausing after the save");
+            let out = m
+                .agent()
+                .run_capture(["cat", MARKER])
+                .expect("a command after unpausing");
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), MARKER_TEXT);
+            m.shutdown();
             let scratch = dir.path().join("scratch");
             std::fs::create_dir(&scratch).expect("scratch dir");
             Some(Fixture {
