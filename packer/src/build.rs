@@ -136,9 +136,17 @@ pub fn manifest(
     }
 }
 
-/// Extra kernel command-line options for `sf`: the guest's hostname is the machine's name.
+/// Extra kernel command-line options for `sf`: the guest's hostname is the machine's name,
+/// then `$SMOLVM_EXTRA_CMDLINE` (for debugging a guest, e.g. `print-fatal-signals=1`).
 pub fn extra_cmdline(sf: &Smolfile) -> String {
-    format!("smolvm.hostname={}", sf.name)
+    let mut line = format!("smolvm.hostname={}", sf.name);
+    if let Ok(extra) = std::env::var("SMOLVM_EXTRA_CMDLINE") {
+        if !extra.trim().is_empty() {
+            line.push(' ');
+            line.push_str(extra.trim());
+        }
+    }
+    line
 }
 
 /// The phases a build of `sf` shows: rootfs, boot, each setup step, each service, save.
@@ -382,7 +390,7 @@ mod tests {
         // rootfs, boot, 1 setup, 1 service, save.
         assert_eq!(step_count(&sf), 5);
         assert_eq!(base_label(&sf), "busybox, 1 copy");
-        assert_eq!(extra_cmdline(&sf), "smolvm.hostname=hello");
+        assert!(extra_cmdline(&sf).starts_with("smolvm.hostname=hello"));
     }
 
     #[test]
