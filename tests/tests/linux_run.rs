@@ -445,3 +445,18 @@ fn a_packed_executable_resumes_its_linux_machine() {
     assert_eq!(o.status.code(), Some(4), "{}", describe(&o));
     assert_eq!(stdout(&o).trim(), MARKER_TEXT);
 }
+
+#[test]
+fn shell_reads_commands_from_piped_stdin() {
+    let Some(fx) = fixture("shell_reads_commands_from_piped_stdin") else {
+        return;
+    };
+    // Without a terminal, `smolvm shell` runs `/bin/sh -l` on pipes.
+    let o = smolvm(
+        fx,
+        &["shell".as_ref(), fx.machine.as_os_str()],
+        format!("cat {MARKER}\nexit 6\n").as_bytes(),
+    );
+    assert_eq!(o.status.code(), Some(6), "{}", describe(&o));
+    assert_eq!(stdout(&o).trim(), MARKER_TEXT);
+}
