@@ -3,7 +3,7 @@
 //! and the machine maker of `scripts/bench-resume.sh linux`.
 //!
 //! `cargo run --release -p smolvm --example linux -- KERNEL ROOTFS [OUT.smolmachine]`
-//! with `SMOLVM_CONSOLE=1` to see the kernel log.
+//! with `SMOLVM_CONSOLE=1` to see the kernel log and `SMOLVM_BOOT=pvh|linux64` to pick the entry.
 
 use std::time::Instant;
 
@@ -30,6 +30,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = LinuxConfig::new(kernel, rootfs);
     if std::env::var_os("SMOLVM_CONSOLE").is_some() {
         cfg.console = Some(Box::new(std::io::stderr()));
+    }
+    match std::env::var("SMOLVM_BOOT").as_deref() {
+        Ok("pvh") => cfg.boot_protocol = smolvm::linux::BootProtocol::Pvh,
+        Ok("linux64") => cfg.boot_protocol = smolvm::linux::BootProtocol::Linux64,
+        _ => {}
     }
     if let Ok(extra) = std::env::var("SMOLVM_EXTRA_CMDLINE") {
         cfg.extra_cmdline = extra;

@@ -158,6 +158,29 @@ impl Machine {
         Ok(())
     }
 
+    /// Set a PVH entry (32-bit protected mode, EBX = start info) on the
+    /// vCPUs of a machine built for boot, before `start`. The PVH GDT is
+    /// written over the long-mode boot GDT.
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_entry_pvh(
+        &mut self,
+        entry: &crate::arch::x86_64::regs::EntryPvh,
+    ) -> Result<(), MachineError> {
+        use crate::arch::x86_64::{gdt, layout};
+        if !self.needs_entry {
+            return Err(MachineError::EntryAfterStart);
+        }
+        self.memory
+            .write(layout::GDT_ADDR, &gdt::gdt_bytes(&gdt::PVH_GDT))?;
+        let count = self.parked.len() as u32;
+        let kvm = self.vm.kvm();
+        for vcpu in &self.parked {
+            vcpu.configure_boot_pvh(kvm, entry, count)?;
+        }
+        self.needs_entry = false;
+        Ok(())
+    }
+
     /// Start (or restart after a pause) one thread per vCPU.
     pub fn start(&mut self) -> Result<(), MachineError> {
         if self.is_running() {

@@ -1,12 +1,14 @@
-//! Loading a Linux kernel for the 64-bit boot protocol: the ELF image at its
-//! physical addresses, the zero page (`boot_params`) with an e820 map and the
-//! command line. The long-mode GDT and identity page tables the protocol asks
-//! for are the VMM's shared boot tables (`build_for_boot` writes them).
+//! Loading a Linux kernel: the ELF image at its physical addresses, then
+//! either the PVH start info or, for the 64-bit boot protocol, the zero page
+//! (`boot_params`) with an e820 map and the command line. The long-mode GDT
+//! and identity page tables that protocol asks for are the VMM's shared boot
+//! tables (`build_for_boot` writes them).
 //!
-//! The 64-bit entry is used even though the kernel also carries a PVH note:
-//! PVH enters in 32-bit protected mode without paging, more code that PVM's
-//! instruction emulator would have to run, while the 64-bit entry reuses the
-//! long-mode setup the VMM already has for every guest.
+//! A kernel with a PVH note is entered there by default (32-bit protected
+//! mode, paging off, EBX = `hvm_start_info` with the memory map and command
+//! line), as other microVMs do; the 64-bit entry (`startup_64`, long mode
+//! with the VMM's shared boot tables, RSI = zero page) serves kernels
+//! without the note, or on request. Both boot on PVM hosts.
 
 use std::fs::File;
 use std::path::Path;
@@ -99,9 +101,17 @@ pub fn compose_cmdline(p: &CmdlineParts<'_>) -> Result<String, LinuxError> {
     Ok(line)
 }
 
-/// Load the ELF kernel at `path` into guest memory; returns its 64-bit
-/// entry point.
-pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<u64, LinuxError> {
+/// Where a loaded kernel can be entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelEntries {
+    /// `startup_64`, for the 64-bit boot protocol (the ELF entry).
+    pub long_mode: u64,
+    /// The PVH entry, when the kernel has the note.
+    pub pvh: Option<u64>,
+}
+
+/// Load the ELF kernel at `path` into guest memory; returns its entry points.
+pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<KernelEntries, LinuxError> {
     let bad = |msg: String| LinuxError::Kernel {
         path: path.to_owned(),
         msg,
@@ -125,7 +135,56 @@ pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<u64, LinuxError>
             loaded.kernel_end
         )));
     }
-    Ok(loaded.kernel_load.0)
+    let pvh = match loaded.pvh_boot_cap {
+        linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
+        _ => None,
+    };
+    Ok(KernelEntries {
+        long_mode: loaded.kernel_load.0,
+        pvh,
+    })
+}
+
+/// The PVH start info (`hvm_start_info`, version 1).
+pub const PVH_INFO: u64 = 0x6000;
+/// The PVH memory map, after the start info.
+pub const PVH_MEMMAP: u64 = 0x6040;
+const PVH_MAGIC: u32 = 0x336e_c578;
+
+/// Write the command line, the PVH start info and its memory map (the e820
+/// map as `hvm_memmap_table_entry`s), for a PVH entry.
+pub fn write_pvh_start_info(memory: &GuestMemory, cmdline: &str) -> Result<(), LinuxError> {
+    let cfg = |e: crate::vstate::memory::MemoryError| {
+        LinuxError::Config(format!("cannot write the PVH start info: {e}"))
+    };
+    let mut line = cmdline.as_bytes().to_vec();
+    line.push(0);
+    memory.write(CMDLINE_ADDR, &line).map_err(cfg)?;
+    let map = e820_map(&memory.layout());
+    let mut table = Vec::with_capacity(map.len() * 24);
+    for (addr, size) in &map {
+        table.extend_from_slice(&addr.to_le_bytes());
+        table.extend_from_slice(&size.to_le_bytes());
+        table.extend_from_slice(&E820_RAM.to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+    }
+    if PVH_MEMMAP + table.len() as u64 > BOOT_STACK & !0xfff {
+        return Err(LinuxError::Config("too many memory regions".into()));
+    }
+    memory.write(PVH_MEMMAP, &table).map_err(cfg)?;
+    let mut info = Vec::with_capacity(56);
+    info.extend_from_slice(&PVH_MAGIC.to_le_bytes());
+    info.extend_from_slice(&1u32.to_le_bytes()); // version
+    info.extend_from_slice(&0u32.to_le_bytes()); // flags
+    info.extend_from_slice(&0u32.to_le_bytes()); // nr_modules
+    info.extend_from_slice(&0u64.to_le_bytes()); // modlist_paddr
+    info.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
+    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr: no ACPI
+    info.extend_from_slice(&PVH_MEMMAP.to_le_bytes());
+    info.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes());
+    memory.write(PVH_INFO, &info).map_err(cfg)?;
+    Ok(())
 }
 
 /// The e820 map for guest RAM regions: low memory below the EBDA, then RAM

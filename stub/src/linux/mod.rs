@@ -33,7 +33,7 @@ use smolvm_agent::client::{Client, ClientError};
 use smolvm_agent::protocol::{QuiesceReport, WallClock};
 use smolvm_formats::{Arch, Compression, MachineReader, MachineWriter, Manifest, SectionKind};
 
-use crate::arch::x86_64::regs::Entry64;
+use crate::arch::x86_64::regs::{Entry64, EntryPvh};
 use crate::builder::{build_for_boot, build_from_snapshot, BootConfig, BuildError, SnapshotPlan};
 use crate::devices::virtio::block::{CowDisk, DiskError};
 use crate::host::HostProfile;
@@ -102,6 +102,19 @@ impl From<crate::hypervisor::HypervisorError> for LinuxError {
     }
 }
 
+/// Which boot protocol enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BootProtocol {
+    /// PVH when the kernel has the PVH note, else the 64-bit entry (the default).
+    #[default]
+    Auto,
+    /// `startup_64` in long mode with the zero page.
+    Linux64,
+    /// The PVH entry (32-bit protected mode, `hvm_start_info`); the kernel
+    /// must carry the PVH note.
+    Pvh,
+}
+
 /// How to boot a Linux guest.
 pub struct LinuxConfig {
     /// An uncompressed x86_64 `vmlinux` (ELF).
@@ -123,6 +136,8 @@ pub struct LinuxConfig {
     pub boot_timeout: Duration,
     /// How long agent control requests may take.
     pub agent_timeout: Duration,
+    /// How to enter the kernel.
+    pub boot_protocol: BootProtocol,
 }
 
 impl LinuxConfig {
@@ -138,6 +153,7 @@ impl LinuxConfig {
             console: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            boot_protocol: BootProtocol::Auto,
         }
     }
 }
@@ -222,7 +238,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         pit: true,
         exit_port: None,
     })?;
-    let entry = boot::load_kernel(machine.memory(), &cfg.kernel)?;
+    let entries = boot::load_kernel(machine.memory(), &cfg.kernel)?;
     let disk = CowDisk::open(&cfg.rootfs)?;
     let log = ConsoleLog::new(cfg.console.take());
     end_on_halt(&log, &machine);
@@ -243,7 +259,34 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         extra: &cfg.extra_cmdline,
     })?;
     log::debug!("kernel command line: {cmdline}");
-    boot::write_boot_params(machine.memory(), &cmdline)?;
+    let protocol = match (cfg.boot_protocol, entries.pvh) {
+        (BootProtocol::Auto, Some(_)) => BootProtocol::Pvh,
+        (BootProtocol::Auto, None) => BootProtocol::Linux64,
+        (p, _) => p,
+    };
+    log::debug!("boot protocol: {protocol:?}");
+    match protocol {
+        BootProtocol::Linux64 | BootProtocol::Auto => {
+            boot::write_boot_params(machine.memory(), &cmdline)?;
+            machine.set_entry(&Entry64 {
+                rip: entries.long_mode,
+                rsp: boot::BOOT_STACK,
+                rsi: boot::ZERO_PAGE,
+            })?;
+        }
+        BootProtocol::Pvh => {
+            let rip = entries.pvh.ok_or_else(|| LinuxError::Kernel {
+                path: cfg.kernel.clone(),
+                msg: "has no PVH entry note (CONFIG_PVH); boot it with BootProtocol::Linux64"
+                    .into(),
+            })?;
+            boot::write_pvh_start_info(machine.memory(), &cmdline)?;
+            machine.set_entry_pvh(&EntryPvh {
+                rip,
+                rbx: boot::PVH_INFO,
+            })?;
+        }
+    }
     if cfg.vcpus > 1 {
         // Without ACPI, the MP table is how Linux finds the other vCPUs.
         let table = crate::arch::x86_64::mptable::mptable(cfg.vcpus)
@@ -253,11 +296,6 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
             .write(crate::arch::x86_64::mptable::MPTABLE_ADDR, &table)
             .map_err(|e| LinuxError::Config(format!("cannot write the MP table: {e}")))?;
     }
-    machine.set_entry(&Entry64 {
-        rip: entry,
-        rsp: boot::BOOT_STACK,
-        rsi: boot::ZERO_PAGE,
-    })?;
     let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
     let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
     let client = Client::from_unix_stream(client_end)?;

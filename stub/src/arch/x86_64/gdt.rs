@@ -19,6 +19,14 @@ pub const BOOT_GDT: [u64; 4] = [
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
 ];
+/// The GDT for a PVH entry: null, flat 32-bit code, flat data, TSS. The
+/// kernel loads its own GDT right away; these give consistent segment caches.
+pub const PVH_GDT: [u64; 4] = [
+    gdt_entry(0, 0, 0),
+    gdt_entry(0xc09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
 /// Selector index of the code segment in [`BOOT_GDT`].
 pub const CODE_INDEX: u8 = 1;
 /// Selector index of the data segment.

@@ -2,7 +2,7 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
-use super::gdt::{segment_from_gdt, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
+use super::gdt::{segment_from_gdt, BOOT_GDT, CODE_INDEX, DATA_INDEX, PVH_GDT, TSS_INDEX};
 use super::layout::{GDT_ADDR, IDT_ADDR, PML4_ADDR};
 
 const CR0_PE: u64 = 1;
@@ -25,6 +25,49 @@ pub struct Entry64 {
     pub rsp: u64,
     /// Passed in RSI (the Linux 64-bit boot protocol's `boot_params` pointer).
     pub rsi: u64,
+}
+
+/// Where a PVH entry starts: 32-bit protected mode, paging off, EBX = the
+/// `hvm_start_info` address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryPvh {
+    /// The kernel's PVH entry (its `XEN_ELFNOTE_PHYS32_ENTRY`).
+    pub rip: u64,
+    /// Guest-physical address of the start info.
+    pub rbx: u64,
+}
+
+/// General registers at a PVH entry.
+pub fn pvh_regs(entry: &EntryPvh) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry.rip,
+        rbx: entry.rbx,
+        ..Default::default()
+    }
+}
+
+/// Special registers for a PVH entry: flat 32-bit segments from
+/// [`PVH_GDT`], CR0.PE only, no paging, no long mode.
+pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let code = segment_from_gdt(&PVH_GDT, CODE_INDEX);
+    let data = segment_from_gdt(&PVH_GDT, DATA_INDEX);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (PVH_GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_ADDR;
+    sregs.idt.limit = 0;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(&PVH_GDT, TSS_INDEX);
+    sregs.cr0 = CR0_PE | CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
 }
 
 /// General registers at entry: only RIP, RSP, RSI and the reserved RFLAGS bit.
@@ -93,5 +136,14 @@ mod tests {
             (r.rip, r.rsp, r.rsi, r.rflags),
             (0x10_0000, 0x8000, 0x7000, 2)
         );
+        let p = pvh_sregs(kvm_sregs::default());
+        assert_eq!((p.cr0 & CR0_PG, p.efer, p.cr4), (0, 0, 0));
+        assert_eq!((p.cs.l, p.cs.db, p.cs.selector), (0, 1, 8));
+        assert_eq!((p.ds.db, p.ds.type_), (1, 3));
+        let r = pvh_regs(&EntryPvh {
+            rip: 0x100_04a0,
+            rbx: 0x6000,
+        });
+        assert_eq!((r.rip, r.rbx, r.rflags), (0x100_04a0, 0x6000, 2));
     }
 }

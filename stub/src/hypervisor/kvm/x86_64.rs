@@ -245,6 +245,22 @@ impl KvmVm {
 impl KvmVcpu {
     /// Set up this vCPU (one of `count`) for a direct 64-bit entry.
     pub fn configure_boot(&self, kvm: &Kvm, entry: &regs::Entry64, count: u32) -> Result<()> {
+        self.configure_boot_with(kvm, count, &regs::boot_regs(entry), regs::boot_sregs)
+    }
+
+    /// Set up this vCPU (one of `count`) for a PVH entry (32-bit protected
+    /// mode, paging off).
+    pub fn configure_boot_pvh(&self, kvm: &Kvm, entry: &regs::EntryPvh, count: u32) -> Result<()> {
+        self.configure_boot_with(kvm, count, &regs::pvh_regs(entry), regs::pvh_sregs)
+    }
+
+    fn configure_boot_with(
+        &self,
+        kvm: &Kvm,
+        count: u32,
+        boot_regs: &kvm_regs,
+        boot_sregs: fn(kvm_sregs) -> kvm_sregs,
+    ) -> Result<()> {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(op("KVM_GET_SUPPORTED_CPUID"))?;
@@ -259,12 +275,10 @@ impl KvmVcpu {
         // CPUID first: KVM derives feature-dependent vCPU state from it.
         self.fd.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
         write_msrs(&self.fd, &msr::boot_msrs())?;
-        self.fd
-            .set_regs(&regs::boot_regs(entry))
-            .map_err(op("KVM_SET_REGS"))?;
+        self.fd.set_regs(boot_regs).map_err(op("KVM_SET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(op("KVM_GET_SREGS"))?;
         self.fd
-            .set_sregs(&regs::boot_sregs(sregs))
+            .set_sregs(&boot_sregs(sregs))
             .map_err(op("KVM_SET_SREGS"))?;
         self.fd
             .set_fpu(&regs::boot_fpu())
