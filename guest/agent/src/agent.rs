@@ -858,12 +858,31 @@ struct Spawned {
     outs: [Option<OwnedFd>; 2],
 }
 
-/// Base environment: predictable rather than inherited from whatever started the agent.
-fn build_env(req: &ExecRequest, creds: Option<&Creds>) -> Vec<(String, String)> {
+/// Variables of the agent's own environment (set by the VMM on the kernel command
+/// line) that every command inherits. `GLIBC_TUNABLES` carries host-specific CPU
+/// feature masks: on a host whose guest kernel cannot save AVX state, glibc in
+/// every process must leave AVX alone, not only in the agent.
+const INHERITED_VARS: &[&str] = &["GLIBC_TUNABLES"];
+
+fn inherited_env() -> Vec<(String, String)> {
+    INHERITED_VARS
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+/// Base environment: predictable rather than inherited from whatever started the
+/// agent, apart from `inherited` (see [`INHERITED_VARS`]); the request wins.
+fn build_env(
+    req: &ExecRequest,
+    creds: Option<&Creds>,
+    inherited: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![(
         "PATH".into(),
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
     )];
+    env.extend(inherited.iter().cloned());
     let home = creds.and_then(|c| c.home.clone()).unwrap_or_else(|| {
         if creds.is_some() {
             "/".into()
@@ -901,7 +920,7 @@ fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..]);
     cmd.env_clear();
-    cmd.envs(build_env(req, creds.as_ref()));
+    cmd.envs(build_env(req, creds.as_ref(), &inherited_env()));
     cmd.current_dir(cwd);
     let err = |e: sys::SysError| format!("cannot start {argv0:?}: {e}");
 
@@ -978,4 +997,37 @@ fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
         tty,
         outs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn inherited_vars_reach_commands_and_the_request_wins() {
+        let tunables = (
+            "GLIBC_TUNABLES".to_string(),
+            "glibc.cpu.hwcaps=-AVX".to_string(),
+        );
+        let req = ExecRequest::new(["true"]);
+        let env = build_env(&req, None, std::slice::from_ref(&tunables));
+        assert_eq!(
+            lookup(&env, "GLIBC_TUNABLES"),
+            Some("glibc.cpu.hwcaps=-AVX")
+        );
+        assert_eq!(lookup(&env, "HOME"), Some("/root"));
+
+        let mut req = ExecRequest::new(["true"]);
+        req.env.push(("GLIBC_TUNABLES".into(), "mine".into()));
+        let env = build_env(&req, None, &[tunables]);
+        assert_eq!(lookup(&env, "GLIBC_TUNABLES"), Some("mine"));
+        assert_eq!(env.iter().filter(|(k, _)| k == "GLIBC_TUNABLES").count(), 1);
+
+        let env = build_env(&ExecRequest::new(["true"]), None, &[]);
+        assert_eq!(lookup(&env, "GLIBC_TUNABLES"), None);
+    }
 }
