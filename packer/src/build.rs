@@ -149,25 +149,6 @@ pub fn extra_cmdline(sf: &Smolfile) -> String {
     line
 }
 
-/// The environment the kernel hands PID 1 from its command line: the `NAME=VALUE` words whose
-/// name is an upper-case variable name (`GLIBC_TUNABLES=...`; lower-case words such as
-/// `root=/dev/vda` are kernel parameters). The agent starts commands with a clean environment,
-/// so the build passes these on itself: on PVM hosts `GLIBC_TUNABLES` keeps glibc programs off
-/// AVX, whose register state the guest kernel cannot save there (without it, concurrent guest
-/// processes corrupt each other's registers).
-pub fn boot_env(cmdline: &str) -> BTreeMap<String, String> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .filter(|(k, _)| {
-            k.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
-                && k.bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-        })
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// The phases a build of `sf` shows: rootfs, boot, each setup step, each service, save.
 pub fn step_count(sf: &Smolfile) -> usize {
     3 + sf.setup.len() + sf.services.len()
@@ -249,14 +230,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         format_size(sf.resources.memory)
     ));
 
-    // Setup steps and services see the guest's boot environment under the Smolfile's.
-    let mut env = boot_env(machine.cmdline());
-    env.extend(sf.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-
     // Setup steps.
     for step in &sf.setup {
         progress.step("setup", &display_command(&step.run));
-        match guest::run_setup_step(machine.agent(), step, &env, &progress) {
+        match guest::run_setup_step(machine.agent(), step, &sf.env, &progress) {
             Ok(()) => phases.setup += progress.done(),
             Err(error) => {
                 progress.failed();
@@ -276,7 +253,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             "service",
             &format!("{}: {}", svc.name, display_command(&svc.run)),
         );
-        match guest::start_service(machine.agent(), svc, &env, &paths, &progress) {
+        match guest::start_service(machine.agent(), svc, &sf.env, &paths, &progress) {
             Ok(pid) => {
                 service_pids.insert(svc.name.clone(), pid);
                 phases.services += progress.done_with(&format!("ready, pid {pid}"));
@@ -405,25 +382,6 @@ mod tests {
         assert_eq!(m.entrypoint, ["/bin/echo"]);
         assert!(m.cmd.is_empty() && m.env.is_empty() && m.extra.is_empty());
         assert_eq!(m.workdir, "/");
-    }
-
-    #[test]
-    fn boot_env_takes_upper_case_assignments_only() {
-        let env = boot_env(
-            "console=ttyS0 quiet GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2 root=/dev/vda \
-             rw smolvm.agent=/dev/hvc0 A1_B=x Lower=y _X=z =v",
-        );
-        assert_eq!(
-            env.into_iter().collect::<Vec<_>>(),
-            [
-                ("A1_B".to_string(), "x".to_string()),
-                (
-                    "GLIBC_TUNABLES".to_string(),
-                    "glibc.cpu.hwcaps=-AVX,-AVX2".to_string()
-                ),
-            ]
-        );
-        assert!(boot_env("").is_empty());
     }
 
     #[test]
