@@ -203,36 +203,190 @@ pub fn pack(stub: &Path, machine: &Path, out: &Path) -> Result<Trailer> {
     let meta = stub_file
         .metadata()
         .map_err(|e| Error::io(format!("reading {}", stub.display()), e))?;
-    let stub_len = meta.len();
-    elf_extent(&stub_file)?;
-    if locate(&stub_file)?.is_some() {
+    let m = MachineReader::open(machine)?;
+    let mode = (meta.permissions().mode() & 0o777) | 0o111;
+    pack_from(&stub_file, &stub.display().to_string(), mode, &m, out)
+}
+
+/// [`pack`] from any stub source (e.g. a stub embedded in the packer) and an opened machine.
+///
+/// Refuses a stub that is not an ELF image or already carries a payload, and a machine that
+/// fails [`MachineReader::verify`]. The output is written to a temporary file, checked with
+/// [`verify_packed`] (stub extent unchanged, payload beyond it, trailer, every machine
+/// checksum) and only then renamed to `out` with permission bits `mode`: on any failure no
+/// file appears under `out` and an existing one is left untouched.
+pub fn pack_from<S: ReadAt + ?Sized>(
+    stub: &S,
+    stub_name: &str,
+    mode: u32,
+    machine: &MachineReader<File>,
+    out: &Path,
+) -> Result<Trailer> {
+    let stub_len = stub
+        .size()
+        .map_err(|e| Error::io(format!("reading size of stub {stub_name}"), e))?;
+    let extent = elf_extent(stub)?;
+    if locate_in(stub)?.is_some() {
         return Err(Error::InvalidInput(format!(
-            "{} already carries a payload; pack the plain stub",
-            stub.display()
+            "{stub_name} already carries a payload; pack the plain stub"
         )));
     }
-    let m = MachineReader::open(machine)?;
     // Never ship a damaged payload: check every checksum before copying.
-    m.verify()?;
+    machine.verify()?;
     let payload_offset = crate::layout::align_up(stub_len, DATA_ALIGN)
         .ok_or_else(|| Error::InvalidInput("stub is too large".into()))?;
     let t = Trailer {
         payload_offset,
-        payload_len: m.len(),
+        payload_len: machine.len(),
         stub_len,
     };
 
     let af = AtomicFile::create(out)?;
     let ctx = format!("writing {}", af.tmp_path().display());
     let mut w = af.file();
-    copy_range(&stub_file, 0, stub_len, &mut w).map_err(|e| Error::io(&ctx, e))?;
+    copy_from(stub, stub_len, &mut w).map_err(|e| Error::io(&ctx, e))?;
     io::copy(&mut io::repeat(0).take(payload_offset - stub_len), &mut w)
         .map_err(|e| Error::io(&ctx, e))?;
-    copy_range(m.file(), m.base(), m.len(), &mut w).map_err(|e| Error::io(&ctx, e))?;
+    copy_range(machine.file(), machine.base(), machine.len(), &mut w)
+        .map_err(|e| Error::io(&ctx, e))?;
     w.write_all(&t.encode()).map_err(|e| Error::io(&ctx, e))?;
-    let mode = (meta.permissions().mode() & 0o777) | 0o111;
+    let written = verify_packed(af.file(), Some(extent))?;
+    if written != t {
+        return Err(Error::corrupt(
+            "the written trailer differs from the one packed",
+        ));
+    }
     af.commit(Some(mode))?;
     Ok(t)
+}
+
+/// Checks a packed executable end to end: the trailer parses and round-trips, the stub's ELF
+/// image parses and ends before the 64 KiB aligned payload (at `stub_extent` when given), the
+/// padding between them is zero, and the machine passes [`MachineReader::verify`].
+pub fn verify_packed<S: ReadAt>(src: S, stub_extent: Option<u64>) -> Result<Trailer> {
+    let t = locate_in(&src)?.ok_or(Error::TrailerMissing)?;
+    let mut enc = [0u8; TRAILER_LEN as usize];
+    let len = src.size().map_err(|e| Error::io("reading file size", e))?;
+    read_exact_at(&src, &mut enc, len - TRAILER_LEN, "trailer")?;
+    if enc != t.encode() {
+        return Err(Error::corrupt("the trailer does not round-trip"));
+    }
+    let extent = check_stub_extent(&src, &t)?;
+    if let Some(want) = stub_extent {
+        if extent != want {
+            return Err(Error::corrupt(format!(
+                "the stub's ELF image ends at byte {extent}, not {want} as before packing"
+            )));
+        }
+    }
+    let mut pad = vec![0u8; (t.payload_offset - t.stub_len).min(DATA_ALIGN) as usize];
+    let mut at = t.stub_len;
+    while at < t.payload_offset {
+        let n = ((t.payload_offset - at) as usize).min(pad.len());
+        read_exact_at(&src, &mut pad[..n], at, "padding before the payload")?;
+        if pad[..n].iter().any(|&b| b != 0) {
+            return Err(Error::corrupt("the padding before the payload is not zero"));
+        }
+        at += n as u64;
+    }
+    MachineReader::from_source(src, t.payload_offset, t.payload_len)?.verify()?;
+    Ok(t)
+}
+
+/// Writes the payload of the packed executable `packed` to `out` atomically, byte for
+/// byte as it was packed, after checking every checksum.
+pub fn unpack(packed: &Path, out: &Path) -> Result<Trailer> {
+    let file =
+        File::open(packed).map_err(|e| Error::io(format!("opening {}", packed.display()), e))?;
+    let Some(t) = locate(&file)? else {
+        let mut magic = [0u8; 8];
+        let is_machine =
+            read_exact_at(&file, &mut magic, 0, "file").is_ok() && magic == crate::MACHINE_MAGIC;
+        return Err(Error::InvalidInput(
+            if is_machine {
+                "a .smolmachine, not a packed executable: there is nothing to unpack"
+            } else {
+                "not a packed executable (no trailer; was it stripped?)"
+            }
+            .into(),
+        ));
+    };
+    let m = MachineReader::from_file(file, t.payload_offset, t.payload_len)?;
+    m.verify()?;
+    let af = AtomicFile::create(out)?;
+    let ctx = format!("writing {}", af.tmp_path().display());
+    let mut w = af.file();
+    copy_range(m.file(), m.base(), m.len(), &mut w).map_err(|e| Error::io(&ctx, e))?;
+    MachineReader::from_source(af.file(), 0, t.payload_len)?.verify()?;
+    af.commit(None)?;
+    Ok(t)
+}
+
+/// What a stub's ELF header says about where it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElfIdentity {
+    /// `ELFCLASS64`.
+    pub is_64: bool,
+    pub little_endian: bool,
+    /// `e_machine` (62 = x86-64, 183 = AArch64).
+    pub machine: u16,
+    /// `EI_OSABI` (0 = System V, 3 = GNU/Linux).
+    pub osabi: u8,
+    /// Whether a program header asks for an interpreter (a dynamically linked program).
+    pub dynamic: bool,
+}
+
+/// Reads the ELF identity of the executable at the start of `src` (a stub or a packed
+/// executable); only the ELF header and program headers are read.
+pub fn elf_identity<S: ReadAt + ?Sized>(src: &S) -> Result<ElfIdentity> {
+    let len = src.size().map_err(|e| Error::io("reading stub size", e))?;
+    let mut hb = [0u8; 64];
+    let n = (len.min(64)) as usize;
+    read_exact_at(src, &mut hb[..n], 0, "ELF header")?;
+    if n < 16 || hb[..4] != *b"\x7fELF" {
+        return Err(Error::Elf("no ELF header".into()));
+    }
+    let h = Elf::parse_header(&hb).map_err(|e| Error::Elf(e.to_string()))?;
+    let container = h.container().map_err(|e| Error::Elf(e.to_string()))?;
+    let endian = h.endianness().map_err(|e| Error::Elf(e.to_string()))?;
+    let ctx = Ctx::new(container, endian);
+    let mut dynamic = false;
+    if h.e_phnum > 0 {
+        if usize::from(h.e_phentsize) != ProgramHeader::size(ctx) {
+            return Err(Error::Elf("unexpected program header size".into()));
+        }
+        let bytes = u64::from(h.e_phnum) * u64::from(h.e_phentsize);
+        if h.e_phoff.checked_add(bytes).is_none_or(|end| end > len) {
+            return Err(Error::Elf("headers point past the end of the file".into()));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        read_exact_at(src, &mut buf, h.e_phoff, "ELF program headers")?;
+        let phs = ProgramHeader::parse(&buf, 0, h.e_phnum.into(), ctx)
+            .map_err(|e| Error::Elf(e.to_string()))?;
+        dynamic = phs
+            .iter()
+            .any(|p| p.p_type == goblin::elf::program_header::PT_INTERP);
+    }
+    Ok(ElfIdentity {
+        is_64: container.is_big(),
+        little_endian: endian.is_little(),
+        machine: h.e_machine,
+        osabi: h.e_ident[goblin::elf::header::EI_OSABI],
+        dynamic,
+    })
+}
+
+/// Copies the first `len` bytes of `src` to `dst`.
+fn copy_from<S: ReadAt + ?Sized>(src: &S, len: u64, dst: &mut &File) -> io::Result<()> {
+    let mut buf = vec![0u8; crate::source::CHUNK.min(len as usize)];
+    let mut at = 0u64;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        read_exact_at(src, &mut buf[..n], at, "stub").map_err(io::Error::other)?;
+        dst.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes at `off` of `src` to `dst` (kernel-side copy where the OS can).
@@ -247,4 +401,126 @@ fn copy_range(src: &File, off: u64, len: u64, dst: &mut &File) -> io::Result<()>
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_elf;
+    use crate::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
+
+    fn machine(path: &Path) {
+        let mut mem = vec![0u8; 16 * 4096];
+        mem[4096..8192].fill(0x5a);
+        let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
+        w.add_manifest(&Manifest::default()).unwrap();
+        w.add_blob(SectionKind::VmState, b"state", Compression::None)
+            .unwrap();
+        w.add_memory(
+            &[GuestRegion {
+                guest_addr: 0,
+                data: &mem,
+            }],
+            Compression::None,
+        )
+        .unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn pack_from_bytes_verify_and_unpack() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m.smolmachine");
+        machine(&m);
+        let stub = tiny_elf();
+        let out = dir.path().join("app");
+        let r = MachineReader::open(&m).unwrap();
+        let t = pack_from(stub.as_slice(), "stub", 0o750, &r, &out).unwrap();
+        assert_eq!(t.stub_len, stub.len() as u64);
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+        let f = File::open(&out).unwrap();
+        assert_eq!(verify_packed(&f, Some(stub.len() as u64)).unwrap(), t);
+        assert!(verify_packed(&f, Some(1)).is_err(), "a different extent");
+
+        let back = dir.path().join("back.smolmachine");
+        assert_eq!(unpack(&out, &back).unwrap(), t);
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&m).unwrap());
+
+        let e = unpack(&m, &dir.path().join("x")).unwrap_err().to_string();
+        assert!(e.contains("nothing to unpack"), "{e}");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, &stub).unwrap();
+        let e = unpack(&plain, &dir.path().join("x"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "not a packed executable (no trailer; was it stripped?)");
+        assert!(!dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn verify_packed_catches_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m.smolmachine");
+        machine(&m);
+        let out = dir.path().join("app");
+        let r = MachineReader::open(&m).unwrap();
+        let t = pack_from(tiny_elf().as_slice(), "stub", 0o755, &r, &out).unwrap();
+        let good = std::fs::read(&out).unwrap();
+        assert!(verify_packed(good.as_slice(), None).is_ok());
+        // A non-zero byte in the padding between the stub and the payload.
+        let mut b = good.clone();
+        b[t.stub_len as usize + 1] = 1;
+        assert!(verify_packed(b.as_slice(), None).is_err());
+        // A flipped byte in the payload's memory data.
+        let mut b = good.clone();
+        b[(t.payload_offset + 65536) as usize] ^= 1;
+        assert!(verify_packed(b.as_slice(), None).is_err());
+        // No trailer at all.
+        assert!(matches!(
+            verify_packed(&good[..good.len() - 1], None),
+            Err(Error::TrailerMissing)
+        ));
+    }
+
+    #[test]
+    fn pack_refuses_a_damaged_machine_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m.smolmachine");
+        machine(&m);
+        let mut b = std::fs::read(&m).unwrap();
+        b[65536] ^= 1;
+        std::fs::write(&m, &b).unwrap();
+        let r = MachineReader::open(&m).unwrap();
+        let out = dir.path().join("app");
+        std::fs::write(&out, b"old").unwrap();
+        assert!(pack_from(tiny_elf().as_slice(), "stub", 0o755, &r, &out).is_err());
+        assert_eq!(std::fs::read(&out).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 2, "no temporary file left");
+    }
+
+    #[test]
+    fn elf_identity_of_stubs() {
+        let id = elf_identity(tiny_elf().as_slice()).unwrap();
+        assert_eq!(
+            id,
+            ElfIdentity {
+                is_64: true,
+                little_endian: true,
+                machine: 62,
+                osabi: 0,
+                dynamic: false,
+            }
+        );
+        assert!(elf_identity(b"#!/bin/sh\n".as_slice()).is_err());
+        assert!(
+            elf_identity(&tiny_elf()[..70]).is_err(),
+            "truncated headers"
+        );
+        if let Ok(f) = File::open("/bin/sh") {
+            let id = elf_identity(&f).unwrap();
+            assert!(id.dynamic, "/bin/sh has an interpreter");
+        }
+    }
 }

@@ -21,7 +21,8 @@ use crate::layout::{
     VERSION_MAJOR, VERSION_MINOR,
 };
 use crate::manifest::Manifest;
-use crate::source::{read_exact_at, CHUNK};
+use crate::reader::{DiskLayout, MachineReader, SectionEntry};
+use crate::source::{read_exact_at, ReadAt, CHUNK};
 use crate::{Arch, Compression, SectionKind, DATA_ALIGN, MAX_BLOB_LEN, MAX_SECTIONS};
 
 /// Default zero-elision granule: the smallest host page size.
@@ -484,6 +485,140 @@ impl MachineWriter {
         self.fail_on_err(r)
     }
 
+    /// Rewrites the machine `src` at `dest` (atomically) with its uncompressed memory and
+    /// disk sections zstd-compressed: the distributable form of a machine, which the VMM
+    /// expands once into its cache before mapping it. Every other section, and image sections
+    /// already compressed, are copied byte for byte (same compression, flags and checksum, in
+    /// table order); optional sections this build cannot decode are dropped. Zero granules
+    /// stay elided at the source's granule. Verify `src` first: raw memory is copied as read
+    /// (disk data is checked against its region checksum on the way).
+    pub fn compress_from<S: ReadAt>(src: &MachineReader<S>, dest: &Path) -> Result<()> {
+        let mut w = MachineWriter::create(dest, src.arch())?;
+        let disks = if src.sections().iter().any(|e| e.kind == SectionKind::Disk) {
+            src.disks()?
+        } else {
+            Vec::new()
+        };
+        for (i, e) in src.sections().iter().enumerate() {
+            let raw = e.compression == Compression::None;
+            match e.kind {
+                SectionKind::Memory if raw => w.compress_memory_from(src, e)?,
+                SectionKind::Disk if raw => {
+                    let d = disks.iter().find(|d| d.section == i).ok_or_else(|| {
+                        Error::corrupt(format!("disk section {} has no layout", e.index))
+                    })?;
+                    w.compress_disk_from(src, e, d)?;
+                }
+                _ => w.copy_section_from(src, e)?,
+            }
+        }
+        w.finish()
+    }
+
+    /// Copies section `e` of `src` byte for byte; its checksum must still match.
+    fn copy_section_from<S: ReadAt>(
+        &mut self,
+        src: &MachineReader<S>,
+        e: &SectionEntry,
+    ) -> Result<()> {
+        self.check_can_add(e.kind)?;
+        let what = format!("section {} ({})", e.index, e.kind);
+        let r = self.write_section(e.kind, e.required, e.compression, |out| {
+            let mut buf = vec![0u8; CHUNK.min(e.stored_len as usize)];
+            let mut done = 0u64;
+            while done < e.stored_len {
+                let n = ((e.stored_len - done) as usize).min(buf.len());
+                read_exact_at(src.source(), &mut buf[..n], e.file_offset + done, &what)?;
+                out.write_all(&buf[..n])
+                    .map_err(|err| Error::io("writing section", err))?;
+                done += n as u64;
+            }
+            Ok(e.logical_len)
+        });
+        let r = r.and_then(|()| match self.entries.last() {
+            Some(x) if x.checksum == e.checksum => Ok(()),
+            _ => Err(Error::ChecksumMismatch(what)),
+        });
+        self.fail_on_err(r)
+    }
+
+    /// Re-encodes the uncompressed memory section `e` of `src` with zstd.
+    fn compress_memory_from<S: ReadAt>(
+        &mut self,
+        src: &MachineReader<S>,
+        e: &SectionEntry,
+    ) -> Result<()> {
+        self.check_can_add(SectionKind::Memory)?;
+        let layout = src.memory_layout()?;
+        if !layout.mappable {
+            return Err(Error::InvalidInput(
+                "the memory section is not 64 KiB aligned in its file; cannot re-encode it".into(),
+            ));
+        }
+        let granule = u32::try_from(layout.granule)
+            .map_err(|_| Error::corrupt("memory granule out of range"))?;
+        self.set_granule(granule)?;
+        let level = self.zstd_level;
+        let regions = &layout.regions;
+        let r = self.write_section(SectionKind::Memory, e.required, Compression::Zstd, |out| {
+            write_image(
+                out,
+                "",
+                granule,
+                level,
+                Compression::Zstd,
+                regions.len(),
+                |i, em| {
+                    let reg = &regions[i];
+                    let mut buf = vec![0u8; CHUNK];
+                    for run in reg.runs.iter().filter(|r| !r.zero) {
+                        let at = run
+                            .file_offset
+                            .ok_or_else(|| Error::corrupt("memory run without file offset"))?;
+                        let mut done = 0u64;
+                        while done < run.len {
+                            let n = ((run.len - done) as usize).min(buf.len());
+                            read_exact_at(src.source(), &mut buf[..n], at + done, "memory data")?;
+                            em.feed(run.offset + done, &buf[..n])?;
+                            done += n as u64;
+                        }
+                    }
+                    Ok((reg.guest_addr, reg.size))
+                },
+            )
+        });
+        self.fail_on_err(r)
+    }
+
+    /// Re-encodes the uncompressed disk section `e` (layout `d`) of `src` with zstd.
+    fn compress_disk_from<S: ReadAt>(
+        &mut self,
+        src: &MachineReader<S>,
+        e: &SectionEntry,
+        d: &DiskLayout,
+    ) -> Result<()> {
+        self.check_can_add(SectionKind::Disk)?;
+        let granule =
+            u32::try_from(d.granule).map_err(|_| Error::corrupt("disk granule out of range"))?;
+        self.set_granule(granule)?;
+        let level = self.zstd_level;
+        let r = self.write_section(SectionKind::Disk, e.required, Compression::Zstd, |out| {
+            write_image(
+                out,
+                &d.name,
+                granule,
+                level,
+                Compression::Zstd,
+                1,
+                |_, em| {
+                    src.read_disk_with(d, |off, bytes| em.feed(off, bytes))?;
+                    Ok((0, d.size))
+                },
+            )
+        });
+        self.fail_on_err(r)
+    }
+
     /// Writes the table and header, syncs, and renames the file into place.
     pub fn finish(mut self) -> Result<()> {
         if self.failed {
@@ -619,6 +754,103 @@ fn next_data(src: &File, off: u64, size: u64) -> Result<Option<(u64, u64)>> {
 #[cfg(test)]
 mod tests {
     use super::is_zero;
+    use crate::{Arch, Compression, GuestRegion, MachineReader, MachineWriter, Manifest};
+    use crate::{DiskLayout, SectionKind};
+
+    /// The non-zero bytes of a disk, by offset.
+    fn disk_bytes(r: &MachineReader, d: &DiskLayout) -> Vec<(u64, u8)> {
+        let mut v = Vec::new();
+        r.read_disk_with(d, |off, b| {
+            v.extend(
+                b.iter()
+                    .enumerate()
+                    .filter(|(_, &x)| x != 0)
+                    .map(|(i, &x)| (off + i as u64, x)),
+            );
+            Ok(())
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn compress_from_keeps_the_machine_and_compresses_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("raw.smolmachine");
+        let mut low = vec![0u8; 64 * 4096];
+        low[4096..3 * 4096].fill(0x11);
+        low[63 * 4096 + 5] = 9;
+        let mut high = vec![0u8; 3 * 1024 * 1024 + 4096];
+        for (i, b) in high.iter_mut().enumerate().skip(1 << 20).take(1 << 20) {
+            *b = (i % 251) as u8;
+        }
+        let mut disk = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut disk, &vec![7u8; 20000]).unwrap();
+        let mut w = MachineWriter::create(&src, Arch::X86_64).unwrap();
+        w.add_manifest(&Manifest {
+            name: "c".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        w.add_blob(SectionKind::VmState, b"state bytes", Compression::None)
+            .unwrap();
+        w.add_blob_with(SectionKind::Unknown(99), b"extra", Compression::Zstd, false)
+            .unwrap();
+        w.add_memory(
+            &[
+                GuestRegion {
+                    guest_addr: 0,
+                    data: &low,
+                },
+                GuestRegion {
+                    guest_addr: 1 << 32,
+                    data: &high,
+                },
+            ],
+            Compression::None,
+        )
+        .unwrap();
+        w.add_disk("root", &mut disk, Compression::None).unwrap();
+        w.finish().unwrap();
+
+        let r = MachineReader::open(&src).unwrap();
+        let dest = dir.path().join("zstd.smolmachine");
+        MachineWriter::compress_from(&r, &dest).unwrap();
+        let c = MachineReader::open(&dest).unwrap();
+        c.verify().unwrap();
+        assert!(c.len() < r.len());
+        for (a, b) in r.sections().iter().zip(c.sections()) {
+            assert_eq!(a.kind, b.kind);
+            assert_eq!(a.required, b.required);
+            if a.kind.is_image() {
+                assert_eq!(b.compression, Compression::Zstd);
+            } else {
+                assert_eq!((a.compression, a.checksum), (b.compression, b.checksum));
+            }
+        }
+        assert_eq!(c.manifest().unwrap(), r.manifest().unwrap());
+        let (lr, lc) = (r.memory_layout().unwrap(), c.memory_layout().unwrap());
+        assert!(!lc.mappable);
+        assert_eq!(lr.data_bytes(), lc.data_bytes());
+        for (i, reg) in lr.regions.iter().enumerate() {
+            let mut x = vec![0u8; reg.size as usize];
+            let mut y = vec![0u8; reg.size as usize];
+            r.read_memory_region(i, &mut x).unwrap();
+            c.read_memory_region(i, &mut y).unwrap();
+            assert!(x == y, "region {i}");
+        }
+        let (dr, dc) = (r.disks().unwrap(), c.disks().unwrap());
+        assert_eq!(disk_bytes(&r, &dr[0]), disk_bytes(&c, &dc[0]));
+        assert_eq!((dc[0].name.as_str(), dc[0].size), ("root", 20000));
+
+        // Already compressed: the same bytes again (byte-for-byte section copies).
+        let again = dir.path().join("again.smolmachine");
+        MachineWriter::compress_from(&c, &again).unwrap();
+        assert_eq!(
+            std::fs::read(&again).unwrap(),
+            std::fs::read(&dest).unwrap()
+        );
+    }
 
     #[test]
     fn is_zero_sees_every_position() {
