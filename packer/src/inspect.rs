@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
+use smolpack::targets;
 use smolvm_formats::{trailer, MachineReader, Manifest, MemoryLayout, SectionKind};
 
 #[derive(Serialize)]
@@ -31,6 +32,11 @@ struct Report {
 
 #[derive(Serialize)]
 struct Packed {
+    /// The target the stub runs on (from its ELF header), e.g. "x86_64-linux", or
+    /// "unknown (...)" with the raw fields.
+    stub_target: String,
+    /// "static", "dynamic", or null when the stub's ELF header is unreadable.
+    stub_linkage: Option<&'static str>,
     stub_len: u64,
     stub_elf_extent: Option<u64>,
     payload_offset: u64,
@@ -130,7 +136,18 @@ fn build_report(path: &Path, check: bool) -> anyhow::Result<(Report, Option<Stri
             Ok(x) => (Some(x), "ok".to_string()),
             Err(e) => (None, note(e.to_string())),
         };
+        let (stub_target, stub_linkage) = match trailer::elf_identity(r.file()) {
+            Ok(id) => (
+                targets::identify(&id)
+                    .map(|t| t.name.to_string())
+                    .unwrap_or_else(|| targets::describe_elf(&id)),
+                Some(if id.dynamic { "dynamic" } else { "static" }),
+            ),
+            Err(e) => (format!("unknown ({e})"), None),
+        };
         Packed {
+            stub_target,
+            stub_linkage,
             stub_len: t.stub_len,
             stub_elf_extent: extent,
             payload_offset: t.payload_offset,
@@ -252,7 +269,11 @@ fn print_human(r: &Report) {
     println!("file:      {}", r.file);
     if let Some(p) = &r.packed {
         println!(
-            "packed:    stub {} (ELF extent {}), payload {} at offset {:#x}; stub check: {}",
+            "packed:    stub {}{} {} (ELF extent {}), payload {} at offset {:#x}; stub check: {}",
+            p.stub_target,
+            p.stub_linkage
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default(),
             human(p.stub_len),
             p.stub_elf_extent.map(human).unwrap_or_else(|| "?".into()),
             human(p.payload_len),

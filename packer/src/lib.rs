@@ -3,5 +3,7 @@
 pub mod artifacts;
 pub mod build;
 pub mod guest;
+pub mod pack;
 pub mod progress;
 pub mod smolfile;
+pub mod targets;

@@ -1,4 +1,4 @@
-//! `smolpack`: builds, inspects, verifies and packs `.smolmachine` files.
+//! `smolpack`: builds, inspects, verifies, packs and unpacks `.smolmachine` files.
 //!
 //! Each subcommand lives in its own module; `main` only parses arguments and turns any error
 //! into one `error: ...` line on stderr and a non-zero exit status.
@@ -8,15 +8,14 @@ mod inspect;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use smolpack::build;
+use smolpack::{build, pack, targets};
 
 #[derive(Parser)]
 #[command(
     name = "smolpack",
     version,
-    about = "Build, inspect, verify and pack .smolmachine files"
+    about = "Build, inspect, verify and pack .smolmachine files into self-resuming executables"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,14 +63,46 @@ enum Command {
         /// A .smolmachine or a packed executable.
         file: PathBuf,
     },
-    /// Append a .smolmachine to a VMM stub executable, producing a self-resuming executable.
+    /// Pack a machine into one self-resuming executable: `./OUT ARGS...` resumes the machine
+    /// and runs its command with ARGS.
+    ///
+    /// The executable is a VMM stub for the target with the machine appended (after the
+    /// stub's ELF image, 64 KiB aligned, found through a 64-byte trailer at the end). The
+    /// stubs are built into smolpack, so packing needs no network or toolchain; see
+    /// --list-targets. The result is verified before it is renamed into place: a failed pack
+    /// leaves no file under OUT and never replaces an existing one.
+    #[command(
+        after_help = "Examples:\n  smolpack pack app.smolmachine -o app\n  smolpack pack app.smolmachine -o app --compress\n  smolpack pack --list-targets"
+    )]
     Pack {
-        /// The smolvm stub executable.
-        #[arg(long)]
-        stub: PathBuf,
-        /// The .smolmachine to embed.
-        machine: PathBuf,
+        /// The .smolmachine to embed (a packed executable works too: its payload is used).
+        #[arg(required_unless_present = "list_targets")]
+        machine: Option<PathBuf>,
         /// Output executable (written atomically, mode +x).
+        #[arg(short, long, required_unless_present = "list_targets")]
+        output: Option<PathBuf>,
+        /// Target to pack for, e.g. x86_64-linux (default: this host's; with --stub, the
+        /// stub's).
+        #[arg(long, value_name = "TARGET")]
+        target: Option<String>,
+        /// Store memory and disk zstd-compressed: a smaller file to ship; its first run
+        /// expands the machine once into the cache (~/.cache/smolvm), later runs map it from
+        /// there. Without it the machine is embedded byte for byte and mapped in place.
+        #[arg(long)]
+        compress: bool,
+        /// Use this smolvm stub executable instead of the one built into smolpack.
+        #[arg(long, value_name = "PATH")]
+        stub: Option<PathBuf>,
+        /// List the targets, whether this smolpack carries their stub, and its size.
+        #[arg(long, conflicts_with_all = ["machine", "output", "target", "compress", "stub"])]
+        list_targets: bool,
+    },
+    /// Write the machine inside a packed executable out as a .smolmachine, byte for byte as
+    /// it was packed.
+    Unpack {
+        /// The packed executable.
+        packed: PathBuf,
+        /// Output .smolmachine (written atomically).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -105,18 +136,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => inspect::inspect(&file, json, !no_verify),
         Command::Verify { file } => inspect::verify(&file),
         Command::Pack {
-            stub,
             machine,
             output,
+            target,
+            compress,
+            stub,
+            list_targets,
         } => {
-            let t = smolvm_formats::trailer::pack(&stub, &machine, &output)
-                .with_context(|| format!("packing {}", output.display()))?;
+            if list_targets {
+                print!("{}", targets::list());
+                return Ok(());
+            }
+            let (Some(machine), Some(output)) = (machine, output) else {
+                anyhow::bail!("pack needs MACHINE and -o OUT (or --list-targets)");
+            };
+            let report = pack::pack(&pack::PackOptions {
+                machine,
+                output,
+                target,
+                compress,
+                stub,
+            })?;
+            println!("{}", report.summary());
+            Ok(())
+        }
+        Command::Unpack { packed, output } => {
+            let t = pack::unpack(&packed, &output)?;
             println!(
-                "packed {}: stub {} bytes, payload {} bytes at offset {}",
+                "unpacked {} from {}: {} bytes",
                 output.display(),
-                t.stub_len,
-                t.payload_len,
-                t.payload_offset
+                packed.display(),
+                t.payload_len
             );
             Ok(())
         }

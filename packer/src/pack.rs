@@ -1,0 +1,275 @@
+//! `smolpack pack` and `smolpack unpack`: a machine in, one self-resuming executable out, and
+//! back.
+//!
+//! The stub comes from the target table (embedded at build time) unless `--stub` names one.
+//! With `--compress` the payload is the machine re-encoded with zstd memory and disks (the
+//! stub expands it once into its cache); without it the payload is the input machine byte for
+//! byte, so guest memory maps straight from the executable. The output is verified before it
+//! is renamed into place: a failed pack leaves no file under the output name and never
+//! replaces an existing one.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use smolvm_formats::trailer::{self, ElfIdentity, Trailer};
+use smolvm_formats::{Compression, MachineReader, MachineWriter, SectionKind};
+
+use crate::targets::{self, Target, TargetError};
+
+/// What to pack.
+#[derive(Debug, Clone, Default)]
+pub struct PackOptions {
+    /// A `.smolmachine` or a packed executable (its payload is used).
+    pub machine: PathBuf,
+    /// The executable to write.
+    pub output: PathBuf,
+    /// Target name; the stub's (with `--stub`) or the host's when `None`.
+    pub target: Option<String>,
+    /// Re-encode memory and disks with zstd.
+    pub compress: bool,
+    /// Use this stub instead of the embedded one.
+    pub stub: Option<PathBuf>,
+}
+
+/// What was packed.
+#[derive(Debug, Clone)]
+pub struct PackReport {
+    pub output: PathBuf,
+    pub target: &'static str,
+    /// Where the stub came from: "embedded" or its path.
+    pub stub_source: String,
+    pub trailer: Trailer,
+    /// The payload's memory/disk compression.
+    pub compressed: bool,
+}
+
+impl PackReport {
+    /// One line for the terminal.
+    pub fn summary(&self) -> String {
+        let t = &self.trailer;
+        format!(
+            "packed {} for {}: stub {} bytes ({}), payload {} bytes{} at offset {:#x}, {} bytes in all",
+            self.output.display(),
+            self.target,
+            t.stub_len,
+            self.stub_source,
+            t.payload_len,
+            if self.compressed { " (zstd)" } else { "" },
+            t.payload_offset,
+            t.payload_offset + t.payload_len + trailer::TRAILER_LEN
+        )
+    }
+}
+
+/// Why packing or unpacking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("{}: {error}", path.display())]
+    File {
+        path: PathBuf,
+        error: smolvm_formats::Error,
+    },
+    #[error("cannot read the stub {}: {error}", path.display())]
+    StubIo {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("the stub {} runs on {found}, not on the requested target {target}", path.display())]
+    StubMismatch {
+        path: PathBuf,
+        found: String,
+        target: &'static str,
+    },
+    #[error(
+        "the stub {} runs on no known target ({found}); pass a smolvm stub built for one of \
+         the targets in `smolpack pack --list-targets`",
+        path.display()
+    )]
+    StubUnknown { path: PathBuf, found: String },
+    #[error(
+        "{} is a {machine} machine, but {target} stubs resume {arch} machines; pick a \
+         matching --target",
+        path.display()
+    )]
+    ArchMismatch {
+        path: PathBuf,
+        machine: smolvm_formats::Arch,
+        target: &'static str,
+        arch: smolvm_formats::Arch,
+    },
+    #[error("cannot create a scratch directory beside {}: {error}", path.display())]
+    Scratch {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("packing {}: {error}", path.display())]
+    Pack {
+        path: PathBuf,
+        error: smolvm_formats::Error,
+    },
+}
+
+/// Where the stub bytes come from.
+enum Stub {
+    Embedded(&'static [u8]),
+    File(PathBuf, File),
+}
+
+/// Picks the target and the stub: `--stub` decides the target when `--target` is absent,
+/// and must match it when both are given; otherwise the embedded stub of the target (the
+/// host's by default).
+fn resolve(opts: &PackOptions) -> Result<(&'static Target, Stub), PackError> {
+    let Some(path) = &opts.stub else {
+        let target = match &opts.target {
+            Some(name) => targets::find(name)?,
+            None => targets::host()?,
+        };
+        return Ok((target, Stub::Embedded(target.embedded_stub()?)));
+    };
+    let wanted = match &opts.target {
+        Some(name) => {
+            let t = targets::find(name)?;
+            t.check_strategy()?;
+            Some(t)
+        }
+        None => None,
+    };
+    let file = File::open(path).map_err(|error| PackError::StubIo {
+        path: path.clone(),
+        error,
+    })?;
+    let id = trailer::elf_identity(&file).map_err(|error| PackError::File {
+        path: path.clone(),
+        error,
+    })?;
+    let target = match wanted {
+        Some(t) => {
+            if !t.matches(&id) {
+                return Err(PackError::StubMismatch {
+                    path: path.clone(),
+                    found: targets::describe_elf(&id),
+                    target: t.name,
+                });
+            }
+            t
+        }
+        None => identify(path, &id)?,
+    };
+    Ok((target, Stub::File(path.clone(), file)))
+}
+
+fn identify(path: &Path, id: &ElfIdentity) -> Result<&'static Target, PackError> {
+    match targets::identify(id) {
+        Some(t) => {
+            t.check_strategy()?;
+            Ok(t)
+        }
+        None => Err(PackError::StubUnknown {
+            path: path.to_path_buf(),
+            found: targets::describe_elf(id),
+        }),
+    }
+}
+
+/// Whether every memory and disk section of `m` is already zstd-compressed.
+fn images_compressed(m: &MachineReader) -> bool {
+    m.sections()
+        .iter()
+        .filter(|s| matches!(s.kind, SectionKind::Memory | SectionKind::Disk))
+        .all(|s| s.compression == Compression::Zstd)
+}
+
+/// `smolpack pack`.
+pub fn pack(opts: &PackOptions) -> Result<PackReport, PackError> {
+    let (target, stub) = resolve(opts)?;
+    let file_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| PackError::File { path, error }
+    };
+    let mut machine = MachineReader::open(&opts.machine).map_err(file_err(&opts.machine))?;
+    if machine.arch() != target.arch {
+        return Err(PackError::ArchMismatch {
+            path: opts.machine.clone(),
+            machine: machine.arch(),
+            target: target.name,
+            arch: target.arch,
+        });
+    }
+    // The scratch directory (for the compressed payload) lives beside the output, on the
+    // same filesystem, and is removed when packing ends either way.
+    let mut _scratch = None;
+    if opts.compress && !images_compressed(&machine) {
+        machine.verify().map_err(file_err(&opts.machine))?;
+        let dir = match opts.output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let scratch = tempfile::Builder::new()
+            .prefix(".smolpack-")
+            .tempdir_in(&dir)
+            .map_err(|error| PackError::Scratch {
+                path: opts.output.clone(),
+                error,
+            })?;
+        let compressed = scratch.path().join("payload.smolmachine");
+        MachineWriter::compress_from(&machine, &compressed).map_err(file_err(&opts.machine))?;
+        machine = MachineReader::open(&compressed).map_err(file_err(&compressed))?;
+        _scratch = Some(scratch);
+    }
+    let compressed = images_compressed(&machine)
+        && machine
+            .sections()
+            .iter()
+            .any(|s| matches!(s.kind, SectionKind::Memory | SectionKind::Disk));
+    let pack_err = |error| PackError::Pack {
+        path: opts.output.clone(),
+        error,
+    };
+    let (trailer, stub_source) = match &stub {
+        Stub::Embedded(bytes) => {
+            let t = trailer::pack_from(*bytes, "the embedded stub", 0o755, &machine, &opts.output)
+                .map_err(pack_err)?;
+            (t, "embedded".to_string())
+        }
+        Stub::File(path, file) => {
+            let mode = file
+                .metadata()
+                .map_err(|error| PackError::StubIo {
+                    path: path.clone(),
+                    error,
+                })?
+                .permissions()
+                .mode();
+            let name = path.display().to_string();
+            let t = trailer::pack_from(file, &name, (mode & 0o777) | 0o111, &machine, &opts.output)
+                .map_err(pack_err)?;
+            (t, name)
+        }
+    };
+    Ok(PackReport {
+        output: opts.output.clone(),
+        target: target.name,
+        stub_source,
+        trailer,
+        compressed,
+    })
+}
+
+/// `smolpack unpack PACKED -o MACHINE`: the payload, byte for byte, written atomically.
+pub fn unpack(packed: &Path, output: &Path) -> Result<Trailer, PackError> {
+    trailer::unpack(packed, output).map_err(|error| PackError::File {
+        path: packed.to_path_buf(),
+        error,
+    })
+}
+
+/// What `inspect` shows about the stub of a packed executable: its target and linkage.
+pub fn stub_target(file: &File) -> String {
+    match trailer::elf_identity(file) {
+        Ok(id) => targets::describe_elf(&id),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
