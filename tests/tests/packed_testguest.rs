@@ -1,0 +1,811 @@
+//! `smolpack pack` as a product, on the VMM test guest: a machine packed with the stub built
+//! into smolpack (no `--stub`) runs as `./app` wherever the file goes (renamed, symlinked,
+//! moved, two at once), reports the guest's exit status, and every kind of damage (strip,
+//! truncation, flipped bytes) ends in a clear error and an exit status, never a signal or a
+//! hang. `inspect` names the stub's target; `unpack` gives the machine back byte for byte.
+//!
+//! The machine tests need /dev/kvm and the assembled test guest: they skip loudly without
+//! them, except under `CI=true`, where they fail. The packing tests without a guest (atomic
+//! output, unpack errors, targets) run everywhere. Every process a test starts has a
+//! deadline: a hang fails the test.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use smolvm::testguest::{self, Params};
+use smolvm_formats::{
+    trailer, Arch, Compression, GuestRegion, MachineReader, MachineWriter, Manifest, SectionKind,
+};
+
+/// The test guest counts to `limit` and exits with `exit_status`.
+const PARAMS: Params = Params {
+    report_every: 1000,
+    limit: 10_000,
+    exit_status: 7,
+};
+/// How long one run of a packed executable may take: a resume and a few thousand guest
+/// loop iterations take milliseconds; this only catches hangs.
+const DEADLINE: Duration = Duration::from_secs(20);
+/// How long a `smolpack` command may take.
+const TOOL_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Whether the machine tests can run here (skipped loudly, or failing under `CI=true`).
+fn kvm_ready(test: &str) -> bool {
+    let kvm = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let guest = !testguest::IMAGE.is_empty();
+    if kvm && guest {
+        return true;
+    }
+    let why = if kvm {
+        "the test guest was not assembled (binutils missing)"
+    } else {
+        "/dev/kvm is not available"
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {why} (CI=true requires it)");
+    }
+    eprintln!("SKIPPING {test}: {why}");
+    false
+}
+
+/// The `smolpack` binary of this build profile, (re)built once per test binary so it is
+/// never stale; building it also builds the stub it embeds.
+fn smolpack_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps layout");
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "smolpack", "--bin", "smolpack"])
+            .env("CARGO_TARGET_DIR", target_dir);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building smolpack failed");
+    });
+    profile_dir.join("smolpack")
+}
+
+/// Runs `cmd` to completion with piped output; a run past `deadline` is killed and fails
+/// the test.
+fn run_until(mut cmd: Command, deadline: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    wait_until(child, deadline, &what)
+}
+
+/// Collects a spawned child's output, killing it (and failing) past `deadline`.
+fn wait_until(mut child: Child, deadline: Duration, what: &str) -> Output {
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let so = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let se = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for a child") {
+            break s;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} hung: killed after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: so.join().expect("stdout reader"),
+        stderr: se.join().expect("stderr reader"),
+    }
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `smolpack ARGS...`.
+fn smolpack(args: &[&std::ffi::OsStr]) -> Output {
+    let mut cmd = Command::new(smolpack_bin());
+    cmd.args(args);
+    run_until(cmd, TOOL_DEADLINE)
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    s.as_ref()
+}
+
+/// `smolpack pack MACHINE -o OUT [EXTRA...]`, which must succeed.
+fn pack(machine: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![os("pack"), machine.as_os_str(), os("-o"), out.as_os_str()];
+    args.extend(extra.iter().map(|a| os(a)));
+    let o = smolpack(&args);
+    assert!(o.status.success(), "smolpack pack failed: {}", describe(&o));
+}
+
+/// The one `error: ...` line of a failed smolpack command.
+fn error_line(o: &Output) -> String {
+    assert!(!o.status.success(), "expected a failure: {}", describe(o));
+    let s = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(s.lines().count(), 1, "one stderr line: {}", describe(o));
+    assert!(s.starts_with("error: "), "{}", describe(o));
+    s
+}
+
+/// The test guest, snapshotted mid-count, packed raw and compressed; built once per test
+/// binary.
+struct Fixture {
+    dir: tempfile::TempDir,
+    machine: PathBuf,
+    app: PathBuf,
+    app_zstd: PathBuf,
+}
+
+fn fixture(test: &str) -> Option<&'static Fixture> {
+    if !kvm_ready(test) {
+        return None;
+    }
+    static FX: OnceLock<Fixture> = OnceLock::new();
+    Some(FX.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (m, reports) =
+            testguest::boot_and_pause_at(&PARAMS, 3).expect("boot the test guest and pause it");
+        assert_eq!(reports.len(), 3);
+        let machine = dir.path().join("guest.smolmachine");
+        let manifest = Manifest {
+            name: "testguest".into(),
+            ..Default::default()
+        };
+        m.save(&machine, &manifest, Compression::None)
+            .expect("save the test guest");
+        drop(m);
+        let app = dir.path().join("app");
+        pack(&machine, &app, &[]);
+        let app_zstd = dir.path().join("app-zstd");
+        pack(&machine, &app_zstd, &["--compress"]);
+        Fixture {
+            dir,
+            machine,
+            app,
+            app_zstd,
+        }
+    }))
+}
+
+impl Fixture {
+    /// A fresh scratch directory (removed with the fixture's).
+    fn scratch(&self, name: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        fs::create_dir_all(&d).expect("scratch dir");
+        d
+    }
+
+    /// `exe` as a command, its cache in the fixture's directory.
+    fn command(&self, exe: &Path) -> Command {
+        let mut cmd = Command::new(exe);
+        cmd.env("SMOLVM_CACHE", self.dir.path().join("cache"));
+        cmd
+    }
+
+    fn run(&self, exe: &Path) -> Output {
+        run_until(self.command(exe), DEADLINE)
+    }
+}
+
+/// A run that resumed the guest to its end: the guest's exit status and its line on stdout.
+fn assert_guest_ran(o: &Output) {
+    assert_eq!(
+        o.status.code(),
+        Some(i32::from(PARAMS.exit_status)),
+        "the guest's exit status: {}",
+        describe(o)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("smolvm test guest"),
+        "the guest's line on stdout: {}",
+        describe(o)
+    );
+}
+
+/// Why a run is not a clean failure (an exit status, no signal, non-zero, and one `smolvm:`
+/// line on stderr), or `None` when it is.
+fn unclean_failure(o: &Output) -> Option<&'static str> {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if o.status.signal().is_some() {
+        Some("killed by a signal")
+    } else if o.status.success() {
+        Some("succeeded")
+    } else if stderr.lines().count() != 1 {
+        Some("not exactly one stderr line")
+    } else if !stderr.starts_with("smolvm: ") {
+        Some("stderr is not a smolvm: line")
+    } else {
+        None
+    }
+}
+
+fn assert_clean_failure(o: &Output, what: &str) {
+    if let Some(why) = unclean_failure(o) {
+        panic!("{what}: {why}: {}", describe(o));
+    }
+}
+
+/// Fails with every collected problem at once.
+fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn packed_guest_runs_with_its_exit_status() {
+    let Some(fx) = fixture("packed_guest_runs_with_its_exit_status") else {
+        return;
+    };
+    let mode = fs::metadata(&fx.app).unwrap().permissions().mode();
+    assert_eq!(mode & 0o111, 0o111, "the packed file is executable");
+    let o = fx.run(&fx.app);
+    assert_guest_ran(&o);
+    // The file is never modified by running it.
+    let again = fx.run(&fx.app);
+    assert_guest_ran(&again);
+    assert_eq!(o.stdout, again.stdout, "same machine, same output");
+}
+
+#[test]
+fn renamed_symlinked_and_moved_copies_run() {
+    let Some(fx) = fixture("renamed_symlinked_and_moved_copies_run") else {
+        return;
+    };
+    let here = fx.scratch("copies");
+    let renamed = here.join("renamed-app");
+    fs::copy(&fx.app, &renamed).unwrap();
+    let link = here.join("link-to-app");
+    std::os::unix::fs::symlink(&renamed, &link).unwrap();
+    let rel_link = here.join("relative-link");
+    std::os::unix::fs::symlink("renamed-app", &rel_link).unwrap();
+    let other = fx.scratch("elsewhere/deeper");
+    let moved = other.join("app");
+    fs::copy(&fx.app, &moved).unwrap();
+    for exe in [&renamed, &link, &rel_link, &moved] {
+        let o = fx.run(exe);
+        assert_guest_ran(&o);
+    }
+    // Run from another working directory through a relative path.
+    let mut cmd = fx.command(Path::new("./deeper/app"));
+    cmd.current_dir(fx.dir.path().join("elsewhere"));
+    assert_guest_ran(&run_until(cmd, DEADLINE));
+}
+
+#[test]
+fn two_packed_files_run_at_once() {
+    let Some(fx) = fixture("two_packed_files_run_at_once") else {
+        return;
+    };
+    let copy = fx.scratch("twins").join("twin");
+    fs::copy(&fx.app, &copy).unwrap();
+    let spawn = |exe: &Path| {
+        fx.command(exe)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn a packed executable")
+    };
+    // The same file twice and a copy, all running together.
+    let children = [spawn(&fx.app), spawn(&fx.app), spawn(&copy)];
+    for (i, c) in children.into_iter().enumerate() {
+        let o = wait_until(c, DEADLINE, &format!("concurrent run {i}"));
+        assert_guest_ran(&o);
+    }
+}
+
+#[test]
+fn compressed_pack_runs_and_is_smaller() {
+    let Some(fx) = fixture("compressed_pack_runs_and_is_smaller") else {
+        return;
+    };
+    let raw = fs::metadata(&fx.app).unwrap().len();
+    let zstd = fs::metadata(&fx.app_zstd).unwrap().len();
+    assert!(zstd < raw, "compressed {zstd} bytes, raw {raw}");
+    let r = MachineReader::open(&fx.app_zstd).unwrap();
+    let mem = r.section(SectionKind::Memory).unwrap();
+    assert_eq!(mem.compression, Compression::Zstd);
+    r.verify().unwrap();
+    // The first run expands into the cache, later runs map it from there.
+    assert_guest_ran(&fx.run(&fx.app_zstd));
+    assert_guest_ran(&fx.run(&fx.app_zstd));
+}
+
+#[test]
+fn stripped_copy_says_so() {
+    let Some(fx) = fixture("stripped_copy_says_so") else {
+        return;
+    };
+    let stripped = fx.scratch("strip").join("app");
+    fs::copy(&fx.app, &stripped).unwrap();
+    match Command::new("strip").arg(&stripped).status() {
+        Ok(s) if s.success() => {}
+        _ => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("`strip` (binutils) is required under CI=true");
+            }
+            eprintln!("SKIPPING stripped_copy_says_so: `strip` (binutils) is not installed");
+            return;
+        }
+    }
+    assert!(
+        fs::metadata(&stripped).unwrap().len() < fs::metadata(&fx.app).unwrap().len(),
+        "strip removed the payload"
+    );
+    let o = fx.run(&stripped);
+    assert_clean_failure(&o, "stripped");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("strip"),
+        "the message names strip: {}",
+        describe(&o)
+    );
+    // The packer says the same.
+    let out = fx.scratch("strip").join("m.smolmachine");
+    let o = smolpack(&[
+        os("unpack"),
+        stripped.as_os_str(),
+        os("-o"),
+        out.as_os_str(),
+    ]);
+    let line = error_line(&o);
+    assert!(
+        line.contains("not a packed executable (no trailer; was it stripped?)"),
+        "{line}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn truncated_files_fail_cleanly() {
+    let Some(fx) = fixture("truncated_files_fail_cleanly") else {
+        return;
+    };
+    let bytes = fs::read(&fx.app).unwrap();
+    let t = trailer::locate_in(bytes.as_slice()).unwrap().unwrap();
+    let len = bytes.len() as u64;
+    let cuts = [
+        ("inside the trailer", len - 1),
+        (
+            "at the start of the trailer",
+            len - trailer::TRAILER_LEN + 8,
+        ),
+        ("at the end of the payload", len - trailer::TRAILER_LEN),
+        ("inside the payload", t.payload_offset + t.payload_len / 2),
+        ("after the payload header", t.payload_offset + 100),
+        ("at the payload", t.payload_offset),
+        ("just after the stub", t.stub_len),
+    ];
+    let dir = fx.scratch("truncated");
+    let mut problems = Vec::new();
+    for (what, cut) in cuts {
+        let p = dir.join(format!("cut-{cut}"));
+        fs::write(&p, &bytes[..cut as usize]).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        let o = fx.run(&p);
+        if let Some(why) = unclean_failure(&o) {
+            problems.push(format!(
+                "truncated {what} (at byte {cut}): {why}: {}",
+                describe(&o)
+            ));
+        }
+    }
+    assert_no_problems(&problems);
+}
+
+/// splitmix64: a small seeded generator, so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn flipped_payload_bytes_fail_cleanly_or_run() {
+    let Some(fx) = fixture("flipped_payload_bytes_fail_cleanly_or_run") else {
+        return;
+    };
+    let bytes = fs::read(&fx.app).unwrap();
+    let r = MachineReader::open(&fx.app).unwrap();
+    let base = r.base();
+    let h = r.header();
+    let table = (h.table_offset, u64::from(h.section_count) * 64);
+    let sec = |k| {
+        let s = r.section(k).unwrap();
+        (s.offset, s.stored_len)
+    };
+    // Six flips in each part of the payload: (offset in the machine, length).
+    let parts = [
+        ("header", (0, 64)),
+        ("table", table),
+        ("manifest", sec(SectionKind::Manifest)),
+        ("state", sec(SectionKind::VmState)),
+        ("memory", sec(SectionKind::Memory)),
+    ];
+    let mut rng = Rng(0x5eed_f11b);
+    let dir = fx.scratch("flips");
+    let mut ran = 0;
+    let mut problems = Vec::new();
+    for (part, (off, len)) in parts {
+        for i in 0..6 {
+            let at = base + off + rng.below(len);
+            let bit = 1u8 << rng.below(8);
+            let mut b = bytes.clone();
+            b[at as usize] ^= bit;
+            let p = dir.join(format!("{part}-{i}"));
+            fs::write(&p, &b).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            let o = fx.run(&p);
+            let what = format!("{part}: bit {bit:#x} flipped at byte {at}");
+            // A flip in memory data may still run (the guest may never read that byte);
+            // everything else must be refused. Never a signal, never a hang.
+            if o.status.code() == Some(i32::from(PARAMS.exit_status)) && part == "memory" {
+                ran += 1;
+                continue;
+            }
+            if let Some(why) = unclean_failure(&o) {
+                problems.push(format!("{what}: {why}: {}", describe(&o)));
+            }
+        }
+    }
+    eprintln!("flips: {ran} memory flips still ran to the guest's exit");
+    assert_no_problems(&problems);
+}
+
+#[test]
+fn inspect_names_the_stub_target() {
+    let Some(fx) = fixture("inspect_names_the_stub_target") else {
+        return;
+    };
+    let o = smolpack(&[os("inspect"), fx.app.as_os_str()]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("x86_64-linux (static)"), "{text}");
+    let o = smolpack(&[os("inspect"), os("--json"), fx.app.as_os_str()]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["packed"]["stub_target"], "x86_64-linux");
+    assert_eq!(j["packed"]["stub_linkage"], "static");
+    assert_eq!(j["packed"]["stub_check"], "ok");
+    assert_eq!(j["ok"], true);
+}
+
+#[test]
+fn unpack_round_trips_byte_for_byte() {
+    let Some(fx) = fixture("unpack_round_trips_byte_for_byte") else {
+        return;
+    };
+    let dir = fx.scratch("unpack");
+    let out = dir.join("back.smolmachine");
+    let o = smolpack(&[os("unpack"), fx.app.as_os_str(), os("-o"), out.as_os_str()]);
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(
+        fs::read(&out).unwrap(),
+        fs::read(&fx.machine).unwrap(),
+        "unpacked machine differs from the one packed"
+    );
+    // A packed executable is a valid input to pack: its payload is reused as is.
+    let repacked = dir.join("repacked");
+    pack(&fx.app, &repacked, &[]);
+    assert_guest_ran(&fx.run(&repacked));
+    let out2 = dir.join("back2.smolmachine");
+    let o = smolpack(&[
+        os("unpack"),
+        repacked.as_os_str(),
+        os("-o"),
+        out2.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(fs::read(&out2).unwrap(), fs::read(&fx.machine).unwrap());
+}
+
+#[test]
+fn compressed_unpack_is_a_machine_that_runs_when_repacked() {
+    let Some(fx) = fixture("compressed_unpack_is_a_machine_that_runs_when_repacked") else {
+        return;
+    };
+    let dir = fx.scratch("unpack-zstd");
+    let out = dir.join("zstd.smolmachine");
+    let o = smolpack(&[
+        os("unpack"),
+        fx.app_zstd.as_os_str(),
+        os("-o"),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let o = smolpack(&[os("verify"), out.as_os_str()]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let r = MachineReader::open(&out).unwrap();
+    let orig = MachineReader::open(&fx.machine).unwrap();
+    assert_eq!(r.manifest().unwrap(), orig.manifest().unwrap());
+    assert_eq!(
+        r.read_blob(SectionKind::VmState).unwrap(),
+        orig.read_blob(SectionKind::VmState).unwrap()
+    );
+    // The same guest memory, byte for byte.
+    let layout = orig.memory_layout().unwrap();
+    for (i, reg) in layout.regions.iter().enumerate() {
+        let mut a = vec![0u8; reg.size as usize];
+        let mut b = vec![0u8; reg.size as usize];
+        orig.read_memory_region(i, &mut a).unwrap();
+        r.read_memory_region(i, &mut b).unwrap();
+        assert!(a == b, "memory region {i} differs after compression");
+    }
+    let repacked = dir.join("repacked");
+    pack(&out, &repacked, &[]);
+    assert_guest_ran(&fx.run(&repacked));
+}
+
+// ---- Packing without a guest: a small synthetic machine is enough. ----
+
+/// A small valid machine (never resumed).
+fn sample(path: &Path) {
+    let mut mem = vec![0u8; 64 * 4096];
+    mem[4096..8192].fill(0x5a);
+    mem[40 * 4096] = 1;
+    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
+    w.add_manifest(&Manifest {
+        name: "sample".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    w.add_blob(SectionKind::VmState, b"state", Compression::None)
+        .unwrap();
+    w.add_memory(
+        &[GuestRegion {
+            guest_addr: 0,
+            data: &mem,
+        }],
+        Compression::None,
+    )
+    .unwrap();
+    w.finish().unwrap();
+}
+
+/// Whether this smolpack carries the x86_64-linux stub (the tests below need it).
+fn carries_host_stub(test: &str) -> bool {
+    let o = smolpack(&[os("pack"), os("--list-targets")]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let list = String::from_utf8_lossy(&o.stdout);
+    let carried = list
+        .lines()
+        .any(|l| l.starts_with("x86_64-linux") && l.contains("carried,"));
+    if !carried && cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: smolpack carries no x86_64-linux stub (CI=true requires it)");
+        }
+        eprintln!("SKIPPING {test}: this smolpack was built without its x86_64-linux stub");
+    }
+    carried
+}
+
+/// Every file in `dir` (to catch leftover temporary files).
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn failed_pack_leaves_no_output_and_keeps_an_existing_one() {
+    if !carries_host_stub("failed_pack_leaves_no_output_and_keeps_an_existing_one") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.smolmachine");
+    sample(&m);
+    // Damage a byte of memory data: the header still opens, the checksum fails.
+    let r = MachineReader::open(&m).unwrap();
+    let data_at = r.memory_layout().unwrap().regions[0]
+        .runs
+        .iter()
+        .find(|x| !x.zero)
+        .and_then(|x| x.file_offset)
+        .unwrap();
+    drop(r);
+    let mut bytes = fs::read(&m).unwrap();
+    bytes[data_at as usize] ^= 0xff;
+    let bad = dir.path().join("bad.smolmachine");
+    fs::write(&bad, &bytes).unwrap();
+
+    for compress in [false, true] {
+        let flags: &[&str] = if compress { &["--compress"] } else { &[] };
+        let out = dir.path().join("app");
+        let before = listing(dir.path());
+        let mut args = vec![os("pack"), bad.as_os_str(), os("-o"), out.as_os_str()];
+        args.extend(flags.iter().map(|a| os(a)));
+        let line = error_line(&smolpack(&args));
+        assert!(line.contains("checksum"), "{line}");
+        assert!(!out.exists(), "no output after a failed pack");
+        assert_eq!(listing(dir.path()), before, "no temporary files left");
+
+        // An existing output is left untouched.
+        fs::write(&out, b"keep me").unwrap();
+        let before = listing(dir.path());
+        error_line(&smolpack(&args));
+        assert_eq!(fs::read(&out).unwrap(), b"keep me");
+        assert_eq!(listing(dir.path()), before, "no temporary files left");
+        fs::remove_file(&out).unwrap();
+    }
+    // A good pack over an existing file replaces it.
+    let out = dir.path().join("app");
+    fs::write(&out, b"old").unwrap();
+    pack(&m, &out, &[]);
+    assert_eq!(MachineReader::open(&out).unwrap().len(), {
+        fs::metadata(&m).unwrap().len()
+    });
+}
+
+#[test]
+fn pack_unpack_round_trip_without_a_guest() {
+    if !carries_host_stub("pack_unpack_round_trip_without_a_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.smolmachine");
+    sample(&m);
+    for (flags, name) in [(&[][..], "raw"), (&["--compress"][..], "zstd")] {
+        let app = dir.path().join(format!("app-{name}"));
+        pack(&m, &app, flags);
+        let t = trailer::verify_packed(fs::File::open(&app).unwrap(), None).unwrap();
+        assert_eq!(t.payload_offset % 65536, 0);
+        let back = dir.path().join(format!("back-{name}.smolmachine"));
+        let o = smolpack(&[os("unpack"), app.as_os_str(), os("-o"), back.as_os_str()]);
+        assert!(o.status.success(), "{}", describe(&o));
+        if name == "raw" {
+            assert_eq!(fs::read(&back).unwrap(), fs::read(&m).unwrap());
+        } else {
+            let r = MachineReader::open(&back).unwrap();
+            r.verify().unwrap();
+            let mut got = vec![0u8; 64 * 4096];
+            r.read_memory_region(0, &mut got).unwrap();
+            let mut want = vec![0u8; 64 * 4096];
+            MachineReader::open(&m)
+                .unwrap()
+                .read_memory_region(0, &mut want)
+                .unwrap();
+            assert!(got == want);
+            assert_eq!(
+                r.section(SectionKind::Memory).unwrap().compression,
+                Compression::Zstd
+            );
+        }
+    }
+}
+
+#[test]
+fn unpack_refuses_what_is_not_packed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.smolmachine");
+    sample(&m);
+    let out = dir.path().join("out.smolmachine");
+    let line = error_line(&smolpack(&[
+        os("unpack"),
+        m.as_os_str(),
+        os("-o"),
+        out.as_os_str(),
+    ]));
+    assert!(line.contains("not a packed executable"), "{line}");
+    let line = error_line(&smolpack(&[
+        os("unpack"),
+        os("/bin/true"),
+        os("-o"),
+        out.as_os_str(),
+    ]));
+    assert!(
+        line.contains("not a packed executable (no trailer; was it stripped?)"),
+        "{line}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn targets_are_listed_and_checked() {
+    let o = smolpack(&[os("pack"), os("--list-targets")]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let list = String::from_utf8_lossy(&o.stdout);
+    for name in ["x86_64-linux", "aarch64-linux", "aarch64-macos"] {
+        assert!(list.lines().any(|l| l.starts_with(name)), "{list}");
+    }
+    assert!(list.contains("applevisor"), "{list}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.smolmachine");
+    sample(&m);
+    let out = dir.path().join("app");
+    let try_target = |t: &str| {
+        error_line(&smolpack(&[
+            os("pack"),
+            m.as_os_str(),
+            os("-o"),
+            out.as_os_str(),
+            os("--target"),
+            os(t),
+        ]))
+    };
+    let line = try_target("riscv64-linux");
+    assert!(
+        line.contains("unknown target") && line.contains("x86_64-linux"),
+        "{line}"
+    );
+    let line = try_target("aarch64-macos");
+    assert!(
+        line.contains(
+            "the aarch64-macos stub will be added with the Apple Silicon backend (applevisor)"
+        ),
+        "{line}"
+    );
+    let line = try_target("aarch64-linux");
+    assert!(line.contains("aarch64-linux"), "{line}");
+    assert!(!out.exists());
+
+    // A stub for another target than the one asked for is refused.
+    let line = error_line(&smolpack(&[
+        os("pack"),
+        m.as_os_str(),
+        os("-o"),
+        out.as_os_str(),
+        os("--target"),
+        os("aarch64-linux"),
+        os("--stub"),
+        os("/bin/true"),
+    ]));
+    assert!(
+        line.contains("not on the requested target aarch64-linux"),
+        "{line}"
+    );
+    assert!(!out.exists());
+}
