@@ -1,7 +1,8 @@
 //! Embeds the VMM stubs that `smolpack pack` prepends to a machine, so packing needs no
 //! network and no toolchain.
 //!
-//! For each target: when `SMOLPACK_STUB_<TARGET>` names a file, that file is embedded;
+//! For each target: when `SMOLPACK_STUB_<TARGET>` names a file (an absolute path; a relative
+//! one is taken from the `packer/` directory), that file is embedded;
 //! otherwise, on a host that can build the stub natively, the `smolvm` binary is built with a
 //! nested `cargo build --profile dist` (static, `+crt-static`) in its own target directory
 //! (`<target dir>/stub-build`, shared by debug and release builds of the packer) and embedded.
@@ -78,7 +79,10 @@ fn main() {
         println!("cargo:rerun-if-env-changed={}", spec.env);
         let embedded = match stub_for(spec, &root, &out_dir, &host) {
             Ok(p) => p,
-            Err(e) => panic!("\n\nsmolpack: cannot embed the {} stub: {e}\n", spec.name),
+            Err(e) => {
+                eprintln!("error: smolpack: cannot embed the {} stub: {e}", spec.name);
+                std::process::exit(1);
+            }
         };
         match embedded {
             Some(path) => writeln!(
@@ -161,7 +165,7 @@ fn confuses_nested_cargo(key: &str) -> bool {
     if KEEP.contains(&key) || KEEP_PREFIXES.iter().any(|p| key.starts_with(p)) {
         return false;
     }
-    key.starts_with("CARGO_") || DROP.contains(&key)
+    key.starts_with("CARGO_") || key.starts_with("__CARGO") || DROP.contains(&key)
 }
 
 /// Builds the `smolvm` binary for `spec.triple` with the nested cargo; returns its path.
@@ -188,7 +192,15 @@ fn build_stub(spec: &StubSpec, root: &Path, out_dir: &Path) -> Result<PathBuf, S
             "--bin",
             "smolvm",
         ])
-        .args(["--target", spec.triple, "--locked", "--color", "never"])
+        // Offline: the outer build already fetched every crate of the stub.
+        .args([
+            "--target",
+            spec.triple,
+            "--locked",
+            "--offline",
+            "--color",
+            "never",
+        ])
         .arg("--manifest-path")
         .arg(root.join("Cargo.toml"))
         .arg("--target-dir")

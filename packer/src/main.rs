@@ -108,6 +108,16 @@ enum Command {
     },
 }
 
+/// For read-only commands: end quietly, like other command-line tools, when the reader of
+/// stdout goes away (`smolpack inspect FILE | head`) instead of failing to print. Commands
+/// that write files keep SIGPIPE ignored, so they always clean up.
+fn quiet_on_broken_pipe() {
+    // SAFETY: restores the default disposition of SIGPIPE; called before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build {
@@ -133,8 +143,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             json,
             no_verify,
-        } => inspect::inspect(&file, json, !no_verify),
-        Command::Verify { file } => inspect::verify(&file),
+        } => {
+            quiet_on_broken_pipe();
+            inspect::inspect(&file, json, !no_verify)
+        }
+        Command::Verify { file } => {
+            quiet_on_broken_pipe();
+            inspect::verify(&file)
+        }
         Command::Pack {
             machine,
             output,
@@ -144,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             list_targets,
         } => {
             if list_targets {
+                quiet_on_broken_pipe();
                 print!("{}", targets::list());
                 return Ok(());
             }

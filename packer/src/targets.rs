@@ -67,9 +67,9 @@ pub static TARGETS: &[Target] = &[
         os: Os::Linux,
         strategy: PackStrategy::ElfAppend,
         stub: embedded::X86_64_LINUX,
-        how_added: "the x86_64-linux stub is built into smolpack on x86_64 Linux hosts; rebuild \
-                    smolpack there (without SMOLPACK_NO_STUB_BUILD), or set \
-                    SMOLPACK_STUB_X86_64_LINUX to a static smolvm binary when building it",
+        how_added: "not carried by this build: the x86_64-linux stub is built into smolpack on \
+                    x86_64 Linux hosts (unless SMOLPACK_NO_STUB_BUILD=1), elsewhere taken from \
+                    SMOLPACK_STUB_X86_64_LINUX=<static smolvm binary> at build time",
     },
     Target {
         name: "aarch64-linux",
@@ -102,12 +102,12 @@ pub enum TargetError {
         "this host ({0}) has no default target; pass --target (see `smolpack pack --list-targets`)"
     )]
     NoHostDefault(String),
-    #[error("this smolpack does not carry the {name} stub: {how}; or pass --stub PATH")]
+    #[error("cannot pack for {name}: {how}; or pass --stub PATH")]
     NotCarried {
         name: &'static str,
         how: &'static str,
     },
-    #[error("packing for {name} is not implemented yet: {how}")]
+    #[error("cannot pack for {name}: {how}")]
     StrategyNotImplemented {
         name: &'static str,
         how: &'static str,
@@ -236,11 +236,7 @@ pub fn list() -> String {
             (Some(b), Ok(())) => format!("carried, {}", human(b.len() as u64)),
             _ => t.how_added.to_string(),
         };
-        let mark = if t.name == default && !default.is_empty() {
-            " (default)"
-        } else {
-            ""
-        };
+        let mark = if t.name == default { " (default)" } else { "" };
         s.push_str(&format!(
             "{:<14} {:<42} {stub}{mark}\n",
             t.name,
