@@ -134,6 +134,7 @@ pub struct MachineReader<S: ReadAt = File> {
     raw: Vec<RawEntry>,
     sections: Vec<SectionEntry>,
     trailer: Option<Trailer>,
+    fingerprint: u128,
 }
 
 impl MachineReader<File> {
@@ -248,6 +249,12 @@ impl<S: ReadAt> MachineReader<S> {
         if crate::layout::header_checksum(&hb, &table) != stored {
             return Err(Error::ChecksumMismatch("header and section table".into()));
         }
+        let fingerprint = {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(&hb);
+            h.update(&table);
+            h.digest128()
+        };
         if Arch::from_code(arch_code).is_none() {
             return Err(Error::UnsupportedArch(arch_code));
         }
@@ -335,6 +342,7 @@ impl<S: ReadAt> MachineReader<S> {
             raw,
             sections,
             trailer: None,
+            fingerprint,
         })
     }
 
@@ -353,6 +361,13 @@ impl<S: ReadAt> MachineReader<S> {
     /// Absolute offset of the machine in the file (non-zero inside a packed executable).
     pub fn base(&self) -> u64 {
         self.base
+    }
+    /// xxh3-128 of the header and section table as stored: they hold every section's
+    /// checksum and length, so equal fingerprints mean the same machine content wherever
+    /// it is stored (standalone or packed). Stable across builds and Rust versions; meant
+    /// for cache keys, not as a defence against crafted collisions.
+    pub fn fingerprint(&self) -> u128 {
+        self.fingerprint
     }
     /// Length of the machine in bytes.
     pub fn len(&self) -> u64 {

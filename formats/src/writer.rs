@@ -95,6 +95,7 @@ pub fn is_zero(b: &[u8]) -> bool {
 
 enum Sink<'o> {
     Raw(&'o mut Out),
+    #[cfg(feature = "compress")]
     Zstd(zstd::stream::write::Encoder<'static, &'o mut Out>),
 }
 
@@ -117,10 +118,16 @@ impl<'o> RegionEmitter<'o> {
     ) -> Result<Self> {
         let sink = match codec {
             Compression::None => Sink::Raw(out),
+            #[cfg(feature = "compress")]
             Compression::Zstd => Sink::Zstd(
                 zstd::stream::write::Encoder::new(out, level)
                     .map_err(|e| Error::io("starting zstd stream", e))?,
             ),
+            #[cfg(not(feature = "compress"))]
+            Compression::Zstd => {
+                let _ = level;
+                return Err(no_compress());
+            }
         };
         Ok(RegionEmitter {
             sink,
@@ -166,6 +173,7 @@ impl<'o> RegionEmitter<'o> {
             let bytes = &chunk[start..end];
             match &mut self.sink {
                 Sink::Raw(o) => o.write_all(bytes),
+                #[cfg(feature = "compress")]
                 Sink::Zstd(e) => e.write_all(bytes),
             }
             .map_err(|e| Error::io("writing image data", e))?;
@@ -174,6 +182,7 @@ impl<'o> RegionEmitter<'o> {
     }
 
     fn finish(self) -> Result<(Vec<Extent>, u64)> {
+        #[cfg(feature = "compress")]
         if let Sink::Zstd(enc) = self.sink {
             enc.finish()
                 .map_err(|e| Error::io("finishing zstd stream", e))?;
@@ -664,9 +673,25 @@ impl MachineWriter {
     }
 }
 
+/// The error for a compressed section asked of a build without the `compress` feature
+/// (the VMM runtime reads compressed machines but never writes them).
+#[cfg(not(feature = "compress"))]
+fn no_compress() -> Error {
+    Error::InvalidInput(
+        "this build writes no compressed sections (smolvm-formats without the `compress` feature)"
+            .into(),
+    )
+}
+
 fn write_blob(out: &mut Out, data: &[u8], codec: Compression, level: i32) -> io::Result<()> {
     match codec {
         Compression::None => out.write_all(data),
+        #[cfg(not(feature = "compress"))]
+        Compression::Zstd => {
+            let _ = level;
+            Err(io::Error::other(no_compress()))
+        }
+        #[cfg(feature = "compress")]
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(out, level)?;
             enc.include_contentsize(true)?;
