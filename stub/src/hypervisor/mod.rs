@@ -44,11 +44,12 @@ pub enum VcpuExit<'a> {
 /// Errors from a hypervisor backend: the operation that failed and the OS error.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
-    /// Opening the hypervisor device failed.
-    #[error("cannot open {path}: {source} (is KVM available and accessible?)")]
+    /// Opening the hypervisor device failed; the message says what to do
+    /// (see [`HypervisorError::open`]).
+    #[error("{}", open_message(path, err))]
     Open {
-        path: &'static str,
-        source: std::io::Error,
+        path: std::path::PathBuf,
+        err: std::io::Error,
     },
     /// An ioctl or system call failed.
     #[error("{op} failed: {source}")]
@@ -65,11 +66,37 @@ pub enum HypervisorError {
 }
 
 impl HypervisorError {
+    /// The error for a failed open of the hypervisor device at `path`.
+    pub fn open(path: &std::path::Path, err: std::io::Error) -> Self {
+        HypervisorError::Open {
+            path: path.to_owned(),
+            err,
+        }
+    }
+
     pub(crate) fn op(op: &'static str, source: impl Into<std::io::Error>) -> Self {
         HypervisorError::Op {
             op,
             source: source.into(),
         }
+    }
+}
+
+/// One line saying why the hypervisor device cannot be used and what to do:
+/// the usual cases are a host without KVM and a user outside the kvm group.
+fn open_message(path: &std::path::Path, err: &std::io::Error) -> String {
+    let path = path.display();
+    match err.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "{path} not found: this machine needs KVM (load kvm_intel/kvm_amd, or enable nested virtualisation)"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {path}: add yourself to the kvm group (sudo usermod -aG kvm $USER) and log in again"
+        ),
+        _ if matches!(err.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) => format!(
+            "{path} has no KVM driver behind it: load kvm_intel/kvm_amd, or enable nested virtualisation"
+        ),
+        _ => format!("cannot open {path}: {err}"),
     }
 }
 
@@ -125,4 +152,48 @@ pub trait Vcpu: Send {
     /// Describe the guest's current position for an error message: the
     /// instruction pointer and the bytes there, read from guest memory.
     fn describe_position(&self, memory: &crate::vstate::memory::GuestMemory) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::path::Path;
+
+    fn message(err: io::Error) -> String {
+        HypervisorError::open(Path::new("/dev/kvm"), err).to_string()
+    }
+
+    #[test]
+    fn open_errors_say_what_to_do() {
+        assert_eq!(
+            message(io::Error::from_raw_os_error(libc::ENOENT)),
+            "/dev/kvm not found: this machine needs KVM (load kvm_intel/kvm_amd, or enable nested virtualisation)"
+        );
+        for errno in [libc::EACCES, libc::EPERM] {
+            assert_eq!(
+                message(io::Error::from_raw_os_error(errno)),
+                "permission denied on /dev/kvm: add yourself to the kvm group (sudo usermod -aG kvm $USER) and log in again"
+            );
+        }
+        assert!(message(io::Error::from_raw_os_error(libc::ENXIO)).contains("no KVM driver"));
+        let other = message(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(other.starts_with("cannot open /dev/kvm: "), "{other}");
+        for m in [message(io::ErrorKind::NotFound.into()), other] {
+            assert!(!m.contains('\n'), "one line: {m}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_missing_device_is_reported_by_kind() {
+        let e = kvm::KvmHypervisor::open(Path::new("/nonexistent/kvm"))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/kvm not found: this machine needs KVM"),
+            "{e}"
+        );
+    }
 }

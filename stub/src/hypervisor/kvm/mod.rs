@@ -7,7 +7,10 @@
 pub mod x86_64;
 
 use std::cell::Cell;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::thread::RawPthread;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -47,19 +50,32 @@ fn install_kick_handler() {
     });
 }
 
+/// The KVM device node: `SMOLVM_KVM_DEVICE` when set (a container that
+/// mounts it elsewhere; tests), else `/dev/kvm`.
+pub fn device_path() -> PathBuf {
+    match std::env::var_os("SMOLVM_KVM_DEVICE") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("/dev/kvm"),
+    }
+}
+
 /// An open `/dev/kvm`.
 pub struct KvmHypervisor {
     kvm: Arc<Kvm>,
 }
 
 impl KvmHypervisor {
-    /// Open `/dev/kvm` and check the API version and the capabilities the
-    /// VMM relies on.
+    /// Open the KVM device ([`device_path`]) and check the API version and
+    /// the capabilities the VMM relies on.
     pub fn new() -> Result<Self, HypervisorError> {
-        let kvm = Kvm::new().map_err(|e| HypervisorError::Open {
-            path: "/dev/kvm",
-            source: e.into(),
-        })?;
+        Self::open(&device_path())
+    }
+
+    /// [`new`](Self::new) with the device node at `path`.
+    pub fn open(path: &Path) -> Result<Self, HypervisorError> {
+        let cpath = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| HypervisorError::open(path, std::io::ErrorKind::InvalidInput.into()))?;
+        let kvm = Kvm::new_with_path(&cpath).map_err(|e| HypervisorError::open(path, e.into()))?;
         if kvm.get_api_version() != 12 {
             return Err(HypervisorError::Missing("KVM API version 12"));
         }
