@@ -5,8 +5,12 @@
 //! The guest counts in memory, keeps fixed values in registers and checks
 //! them every loop, and every `report_every` iterations fills a 4 KiB block
 //! from the counter and reports the counter and the block's checksum through
-//! [`REPORT_PORT`]. At `limit` it writes `exit_status` to the exit port.
+//! [`REPORT_PORT`]. At `limit` it writes a status line (see [`parse_line`])
+//! to the console port [`CONSOLE_PORT`], then `exit_status` to the exit port;
+//! resumed after that exit (a machine saved at exit), it counts one more
+//! iteration and exits again the same way.
 
+use std::io::Write;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +37,11 @@ pub const BLOCK_ADDR: u64 = 0x20_1000;
 pub const BLOCK_QWORDS: usize = 512;
 /// Report port: four 32-bit writes (counter low/high, checksum low/high).
 pub const REPORT_PORT: u16 = 0x510;
+/// Console port (the Bochs/QEMU debug console port): bytes written here are
+/// the guest's output.
+pub const CONSOLE_PORT: u16 = 0xe9;
+/// Start of the line the guest writes to the console before it exits.
+pub const LINE_PREFIX: &str = "smolvm test guest: ";
 /// Guest memory size.
 pub const MEMORY_BYTES: u64 = 4 << 20;
 /// The register values the guest keeps: rbx, rbp, r12, r13, r14, r15.
@@ -147,6 +156,72 @@ impl BusDevice for ReportDevice {
     }
 }
 
+/// Where the console's bytes go.
+pub type ConsoleOut = Box<dyn Write + Send>;
+
+/// The console port: copies every byte the guest writes to its output,
+/// flushing at each newline. Reads return the port number, as the Bochs/QEMU
+/// debug console does (guests probe for it that way).
+pub struct ConsoleDevice {
+    out: ConsoleOut,
+}
+
+impl BusDevice for ConsoleDevice {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(CONSOLE_PORT as u8);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        // A closed stdout (`| head -0`) must not stop the guest: output is
+        // dropped, the exit status still comes through.
+        let _ = self.out.write_all(data);
+        if data.contains(&b'\n') {
+            let _ = self.out.flush();
+        }
+    }
+}
+
+/// Attach the console device to `machine`, copying the guest's output to
+/// `out`. Boot ([`boot`]) and resume (`smolvm run`) both use it.
+pub fn attach_console(machine: &mut Machine, out: ConsoleOut) -> Result<(), TestGuestError> {
+    machine.io_bus_mut().insert(
+        Arc::new(Mutex::new(ConsoleDevice { out })),
+        u64::from(CONSOLE_PORT),
+        1,
+    )?;
+    Ok(())
+}
+
+/// Takes the guest's reports and drops them.
+struct DiscardReports;
+
+impl BusDevice for DiscardReports {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// Claim the report port without reading the reports (`smolvm run` has no
+/// use for them; unclaimed, each write would be logged as a stray access).
+pub fn ignore_reports(machine: &mut Machine) -> Result<(), TestGuestError> {
+    machine.io_bus_mut().insert(
+        Arc::new(Mutex::new(DiscardReports)),
+        u64::from(REPORT_PORT),
+        16,
+    )?;
+    Ok(())
+}
+
+/// Parse the guest's status line `smolvm test guest: counter=C status=S`
+/// (without the newline) into (C, S).
+pub fn parse_line(line: &str) -> Option<(u64, u8)> {
+    let rest = line.strip_prefix(LINE_PREFIX)?;
+    let (counter, status) = rest.split_once(' ')?;
+    Some((
+        counter.strip_prefix("counter=")?.parse().ok()?,
+        status.strip_prefix("status=")?.parse().ok()?,
+    ))
+}
+
 /// Attach a report device to `machine`; reports arrive on the receiver.
 pub fn attach_reporter(machine: &mut Machine) -> Result<Receiver<Report>, TestGuestError> {
     let (tx, rx) = channel();
@@ -216,8 +291,14 @@ pub fn boot_and_pause_at(
     }
 }
 
-/// Build a machine with the test guest loaded and its entry set (not started).
+/// Build a machine with the test guest loaded and its entry set (not
+/// started); its console goes to stdout.
 pub fn boot(params: &Params) -> Result<Machine, TestGuestError> {
+    boot_with_console(params, Box::new(std::io::stdout()))
+}
+
+/// [`boot`] with the console going to `console`.
+pub fn boot_with_console(params: &Params, console: ConsoleOut) -> Result<Machine, TestGuestError> {
     if IMAGE.is_empty() {
         return Err(TestGuestError::NotBuilt);
     }
@@ -239,6 +320,7 @@ pub fn boot(params: &Params) -> Result<Machine, TestGuestError> {
         rsp: STACK_TOP,
         rsi: 0,
     })?;
+    attach_console(&mut m, console)?;
     Ok(m)
 }
 
@@ -254,6 +336,22 @@ mod tests {
         }
         // Starts with `mov $0xcfc, %dx` (66 ba fc 0c).
         assert_eq!(&IMAGE[..4], &[0x66, 0xba, 0xfc, 0x0c]);
+    }
+
+    #[test]
+    fn status_line_parses() {
+        assert_eq!(
+            parse_line("smolvm test guest: counter=3000 status=7"),
+            Some((3000, 7))
+        );
+        assert_eq!(parse_line("smolvm test guest: counter=x status=7"), None);
+        assert_eq!(parse_line("counter=1 status=2"), None);
+        // The guest's strings are in the image, so the two stay in sync.
+        let image = String::from_utf8_lossy(IMAGE);
+        if !IMAGE.is_empty() {
+            assert!(image.contains("smolvm test guest: counter="));
+            assert!(image.contains(" status="));
+        }
     }
 
     #[test]

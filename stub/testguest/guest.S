@@ -9,10 +9,15 @@
 #  - keeps a shadow of the counter in rsi and checks it against memory;
 #  - every REPORT_EVERY iterations fills a 4 KiB block from the counter and
 #    reports counter and block checksum through the report port;
-#  - when the counter reaches LIMIT it writes EXIT_STATUS to the exit port.
+#  - when the counter reaches LIMIT it writes the line
+#    "smolvm test guest: counter=<decimal> status=<decimal>\n" to the console
+#    port (like the Bochs/QEMU debug console, one `rep outsb`) and then
+#    EXIT_STATUS to the exit port. A machine saved at that point and resumed
+#    goes on counting: one more iteration, then the line and the exit again.
 #
-# Exit codes it reports on failure: 3 register invariant broken, 4 unclaimed
-# port/MMIO did not read as all ones, 5 counter shadow mismatch.
+# Exit codes it reports on failure (after the same line): 3 register
+# invariant broken, 4 unclaimed port/MMIO did not read as all ones, 5 counter
+# shadow mismatch.
 
     .set PARAMS,        0x2000      # u64 report_every, u64 limit, u64 exit_status
     .set COUNTER,       0x200000
@@ -20,6 +25,7 @@
     .set BLOCK_QWORDS,  512
     .set REPORT_PORT,   0x510
     .set EXIT_PORT,     0xf4
+    .set CONSOLE_PORT,  0xe9
     .set UNCLAIMED_PORT, 0x0cfc
     .set UNCLAIMED_MMIO, 0xd0000000
 
@@ -89,11 +95,72 @@ check_limit:
     jb      loop
 
     mov     PARAMS+16, %rax
-    mov     $EXIT_PORT, %dx
-    out     %al, %dx
+    call    finish
+    jmp     loop
 done:
     hlt
     jmp     done
+
+# Write the status line to the console port, then the status (al) to the exit
+# port. Preserves every register but rax and the flags (a saved machine
+# resumes right after the exit port write, inside this function).
+finish:
+    push    %rsi
+    push    %rdi
+    push    %rcx
+    push    %rdx
+    push    %r8
+    movzbl  %al, %eax
+    push    %rax
+    sub     $96, %rsp
+    cld
+    mov     %rsp, %rdi
+    lea     msg_counter(%rip), %rsi
+    mov     $(msg_status - msg_counter), %ecx
+    rep movsb
+    mov     COUNTER, %rax
+    call    put_decimal
+    lea     msg_status(%rip), %rsi
+    mov     $(msg_end - msg_status), %ecx
+    rep movsb
+    mov     96(%rsp), %rax
+    call    put_decimal
+    movb    $10, (%rdi)
+    inc     %rdi
+    mov     %rdi, %rcx
+    sub     %rsp, %rcx
+    mov     %rsp, %rsi
+    mov     $CONSOLE_PORT, %dx
+    rep outsb
+    mov     96(%rsp), %rax
+    mov     $EXIT_PORT, %dx
+    out     %al, %dx
+    add     $104, %rsp
+    pop     %r8
+    pop     %rdx
+    pop     %rcx
+    pop     %rdi
+    pop     %rsi
+    ret
+
+# Store rax in decimal at (%rdi) and advance rdi. Clobbers rax, rcx, rdx, r8.
+put_decimal:
+    mov     $10, %r8d
+    xor     %ecx, %ecx
+1:
+    xor     %edx, %edx
+    div     %r8
+    add     $'0', %dl
+    push    %rdx
+    inc     %ecx
+    test    %rax, %rax
+    jnz     1b
+2:
+    pop     %rax
+    stosb
+    dec     %ecx
+    jnz     2b
+    ret
 
 # Fill the block from the counter, checksum it, and report both.
 # Clobbers rax, rcx, rdx, rdi, r8-r10.
@@ -137,6 +204,11 @@ fail_unclaimed:
 fail_shadow:
     mov     $5, %al
 fail:
-    mov     $EXIT_PORT, %dx
-    out     %al, %dx
+    call    finish
     jmp     done
+
+msg_counter:
+    .ascii  "smolvm test guest: counter="
+msg_status:
+    .ascii  " status="
+msg_end:
