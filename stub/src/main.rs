@@ -3,26 +3,52 @@
 //! `smolvm run FILE [-- ARGS...]` resumes the machine in FILE (a
 //! `.smolmachine` or a packed executable) and exits with the guest's exit
 //! status. A packed executable (this binary with a machine appended) resumes
-//! its own machine, passing all of its arguments on.
+//! its own machine: before reading any argument it looks for the trailer at
+//! the end of its own file, and when there is one every argument goes to the
+//! machine's command untouched; the runtime then takes its settings from
+//! `SMOLVM_*` environment variables only (docs/RUNTIME.md).
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use smolvm::builder::SnapshotPlan;
 use smolvm::linux::run::RunOptions;
 use smolvm::timing;
+use smolvm_agent::protocol::ExitStatus;
+use smolvm_formats::{Arch, MachineReader};
+
+/// Exit status when smolvm itself fails (as `docker run` and `env` do).
+const VMM_ERROR: u8 = 125;
 
 const USAGE: &str = concat!(
     "usage: smolvm run [--save OUT] FILE [-- ARGS...]\n",
     "       smolvm shell [--save OUT] FILE\n",
     "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
     "         entrypoint with its cmd (or with ARGS after `--`) on this terminal's stdio;\n",
-    "         exit with the command's status (128+N for signal N). FILE is never modified;\n",
+    "         exit with the command's status. FILE is never modified;\n",
     "         --save OUT writes the machine as it is at exit to OUT.\n",
     "  shell  Resume FILE and open an interactive shell (/bin/sh -l) in it.\n",
-    "Environment: SMOLVM_TIMINGS=1 prints resume phase times to stderr; SMOLVM_LOG=debug|info|warn;\n",
-    "SMOLVM_CONSOLE=1 copies the guest kernel log to stderr; SMOLVM_CACHE (default ~/.cache/smolvm)\n",
-    "holds expanded copies of compressed machines."
+    "A packed executable (`smolpack pack`) is this program with a machine appended: it\n",
+    "resumes that machine and gives the command ALL of its arguments (SMOLVM_HELP=1 shows\n",
+    "its own help).\n",
+    "\n",
+    "Environment:\n",
+    "  SMOLVM_SAVE=PATH        packed executables only: save the machine as it is when the\n",
+    "                          command ends to PATH (like `run --save`; `run` ignores it)\n",
+    "  SMOLVM_TIMINGS=1        print resume phase times to stderr\n",
+    "  SMOLVM_LOG=LEVEL        error, warn (default), info, debug or off\n",
+    "  SMOLVM_CONSOLE=1        copy the guest kernel log to stderr\n",
+    "  SMOLVM_CACHE=DIR        where compressed machines are expanded (default ~/.cache/smolvm)\n",
+    "  SMOLVM_KVM_DEVICE=PATH  the KVM device node (default /dev/kvm)\n",
+    "  SMOLVM_IGNORE_HOST_PROFILE=1  try a machine built on hardware KVM on a PVM host anyway\n",
+    "  SMOLVM_HELP=1           in a packed executable: print its help instead of running\n",
+    "\n",
+    "Exit status: the command's (the test guest's status byte); 128+N when signal N ended\n",
+    "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error.\n",
+    "Details: docs/RUNTIME.md."
 );
 
 struct StderrLogger(log::LevelFilter);
@@ -57,38 +83,77 @@ fn init_logging() {
     }
 }
 
-/// Resume `path` and return the guest's exit status: a Linux machine runs
-/// a command through its agent, the VMM test guest runs to its exit port.
-fn run(path: &Path, opts: &RunOptions) -> Result<u8> {
-    if is_linux_machine(path) {
-        let code = smolvm::linux::run::run(path, opts)
-            .with_context(|| format!("cannot run {}", path.display()))?;
-        return Ok(code as u8);
+/// A machine to run and what to call it in messages.
+struct Target {
+    reader: MachineReader,
+    /// The file as the user knows it (FILE, or the packed executable's path).
+    name: PathBuf,
+}
+
+/// How the machine's command or guest ended.
+enum Ended {
+    /// Nothing ran (help was printed).
+    Nothing,
+    /// The guest's command ended (Linux).
+    Command(ExitStatus),
+    /// The test guest wrote its status byte.
+    TestGuest(u8),
+}
+
+impl Ended {
+    fn code(&self) -> u8 {
+        match *self {
+            Ended::Nothing => 0,
+            Ended::Command(s) => smolvm::linux::run::exit_code(s) as u8,
+            Ended::TestGuest(s) => s,
+        }
     }
-    run_test_guest(path)
 }
 
-/// Whether the machine's state holds a Linux guest (a damaged or unreadable
-/// file goes the test-guest way, which reports why it cannot resume).
-fn is_linux_machine(path: &Path) -> bool {
-    smolvm_formats::MachineReader::open(path)
-        .and_then(|r| r.read_blob(smolvm_formats::SectionKind::VmState))
-        .ok()
-        .and_then(|b| smolvm::snapshot::MachineState::from_bytes(&b).ok())
-        .is_some_and(|s| s.devices.linux.is_some())
+/// Check what a machine file promises before anything else reads it: the
+/// architecture, then the manifest, host profile, state and memory layout.
+fn plan(target: Target) -> Result<(SnapshotPlan, PathBuf)> {
+    let arch = target.reader.arch();
+    if Arch::host() != Some(arch) {
+        let host = Arch::host().map_or("another architecture".to_string(), |a| a.to_string());
+        bail!(
+            "{} was built for {arch}, this host is {host}: run it on an {arch} host",
+            target.name.display()
+        );
+    }
+    let plan = SnapshotPlan::from_reader(target.reader)?;
+    Ok((plan, target.name))
 }
 
-/// The VMM test guest: resume and run to its exit port.
-fn run_test_guest(path: &Path) -> Result<u8> {
-    let mut machine = smolvm::builder::resume(path)
-        .with_context(|| format!("cannot resume {}", path.display()))?;
+/// Resume the machine and return how its command ended: a Linux machine
+/// runs a command through its agent, the VMM test guest runs to its exit port.
+fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
+    if plan.state.devices.linux.is_some() {
+        let status = smolvm::linux::run::run(plan, name, opts)?;
+        return Ok(Ended::Command(status));
+    }
+    run_test_guest(plan, opts.save.as_deref()).map(Ended::TestGuest)
+}
+
+/// The VMM test guest: resume, copy its console to stdout, run to its exit
+/// port, then save it when asked to.
+fn run_test_guest(plan: SnapshotPlan, save: Option<&Path>) -> Result<u8> {
+    let manifest = plan.manifest.clone();
+    // Memory is mapped without being read, so check its checksums first (a
+    // test guest's memory is a few pages).
+    for s in plan.reader.sections() {
+        if s.kind == smolvm_formats::SectionKind::Memory {
+            plan.reader.check_section(s.index)?;
+        }
+    }
+    let mut machine = smolvm::builder::build_from_snapshot(plan)?;
+    smolvm::testguest::attach_console(&mut machine, Box::new(std::io::stdout()))?;
+    smolvm::testguest::ignore_reports(&mut machine)?;
     machine.start()?;
     let reason = machine.run_to_exit()?;
     timing::mark("guest-stopped");
-    drop(machine);
-    timing::mark("machine-dropped");
-    match reason {
-        smolvm::vstate::vcpu::ExitReason::Exited(status) => Ok(status),
+    let status = match reason {
+        smolvm::vstate::vcpu::ExitReason::Exited(status) => status,
         smolvm::vstate::vcpu::ExitReason::Shutdown => {
             bail!("the guest shut down (triple fault or reset) without an exit status")
         }
@@ -96,89 +161,402 @@ fn run_test_guest(path: &Path) -> Result<u8> {
             bail!("the guest halted without an exit status")
         }
         smolvm::vstate::vcpu::ExitReason::Error(e) => bail!("{e}"),
+    };
+    if let Some(out) = save {
+        machine
+            .save(out, &manifest, smolvm_formats::Compression::None)
+            .with_context(|| format!("cannot save the machine to {}", out.display()))?;
+        timing::mark("machine-saved");
     }
+    drop(machine);
+    timing::mark("machine-dropped");
+    Ok(status)
+}
+
+/// Arguments for the guest's command, which takes UTF-8 strings.
+fn utf8_args(args: Vec<OsString>) -> Result<Vec<String>> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.into_string().map_err(|a| {
+                anyhow!(
+                    "argument {} ({}) is not valid UTF-8, which the machine's command needs",
+                    i + 1,
+                    a.to_string_lossy()
+                )
+            })
+        })
+        .collect()
 }
 
 /// Parse `[--save OUT] FILE [-- ARGS...]` (`--save` may also follow FILE).
-fn parse_run(args: &[String], shell: bool) -> Option<(PathBuf, RunOptions)> {
+/// `Ok(None)` is a usage error.
+fn parse_run(args: &[OsString], shell: bool) -> Result<Option<(PathBuf, RunOptions)>> {
     let mut opts = RunOptions::default();
     let mut file = None;
     let mut i = 0;
     while i < args.len() {
-        match args[i].as_str() {
+        let a = args[i].to_string_lossy();
+        match a.as_ref() {
             "--save" => {
-                opts.save = Some(PathBuf::from(args.get(i + 1)?));
+                let Some(out) = args.get(i + 1) else {
+                    return Ok(None);
+                };
+                opts.save = Some(PathBuf::from(out));
                 i += 2;
             }
             "--" if !shell => {
-                opts.args = Some(args[i + 1..].to_vec());
+                opts.args = Some(utf8_args(args[i + 1..].to_vec())?);
                 break;
             }
-            a if a.starts_with("--save=") => {
-                opts.save = Some(PathBuf::from(&a["--save=".len()..]));
+            s if s.starts_with("--save=") => {
+                use std::os::unix::ffi::OsStrExt;
+                let bytes = &args[i].as_bytes()["--save=".len()..];
+                opts.save = Some(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)));
                 i += 1;
             }
-            a if file.is_none() && !a.starts_with('-') => {
-                file = Some(PathBuf::from(a));
+            s if file.is_none() && !s.starts_with('-') => {
+                file = Some(PathBuf::from(&args[i]));
                 i += 1;
             }
-            _ => return None,
+            _ => return Ok(None),
         }
     }
     if shell {
         opts.argv = Some(vec!["/bin/sh".into(), "-l".into()]);
     }
-    Some((file?, opts))
+    Ok(file.map(|f| (f, opts)))
 }
 
-/// When this executable carries a machine, its path.
-fn packed_self() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let file = std::fs::File::open(&exe).ok()?;
-    match smolvm_formats::trailer::locate(&file) {
-        Ok(Some(_)) => Some(exe),
+/// This executable's own machine, when it carries one. `/proc/self/exe` is
+/// opened once and that descriptor is kept: the trailer, header and section
+/// table are checked on it, and memory and disk are mapped from it, so a
+/// file renamed or replaced on disk meanwhile cannot mix two machines.
+fn packed_self() -> Result<Option<Target>, smolvm_formats::Error> {
+    let Ok(file) = File::open("/proc/self/exe") else {
+        return Ok(None);
+    };
+    let Some(t) = smolvm_formats::trailer::locate(&file)? else {
+        return Ok(None);
+    };
+    timing::mark("trailer-found");
+    let reader = MachineReader::from_file(file, t.payload_offset, t.payload_len)?;
+    Ok(Some(Target {
+        reader,
+        name: self_name(),
+    }))
+}
+
+/// Whether this program was started under its own name (`smolvm`, as
+/// installed), rather than as a renamed copy.
+fn invoked_as_smolvm() -> bool {
+    let name = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_os_string()));
+    !matches!(name, Some(n) if n != "smolvm")
+}
+
+/// The path of this executable, for messages.
+fn self_name() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("this executable"))
+}
+
+/// `SMOLVM_SAVE` of a packed executable, refused early when it names the
+/// executable itself (saving would replace the program with a bare machine).
+fn save_target(exe: &File) -> Result<Option<PathBuf>> {
+    let Some(p) = std::env::var_os("SMOLVM_SAVE").filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let p = PathBuf::from(p);
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(target), Ok(me)) = (std::fs::metadata(&p), exe.metadata()) {
+        if target.dev() == me.dev() && target.ino() == me.ino() {
+            bail!(
+                "SMOLVM_SAVE names this executable itself ({}): save to another file",
+                p.display()
+            );
+        }
+    }
+    Ok(Some(p))
+}
+
+fn packed_help(target: &Target) -> String {
+    let m = target.reader.manifest().unwrap_or_default();
+    let mut command = m.entrypoint.clone();
+    command.extend(m.cmd.iter().cloned());
+    format!(
+        "{name} is a smolvm packed executable: running it resumes the machine inside it\n\
+         (\"{machine}\") and runs the machine's command with all of its arguments, which\n\
+         replace the machine's default arguments (none are read by smolvm).\n\
+         Command: {command}\n\n\
+         {env}",
+        name = target.name.display(),
+        machine = m.name,
+        command = if command.is_empty() {
+            "(none: give one as arguments)".to_string()
+        } else {
+            command.join(" ")
+        },
+        env = &USAGE[USAGE.find("Environment:").unwrap_or(0)..],
+    )
+}
+
+/// Run this executable's machine with all arguments untouched.
+fn run_packed(target: Target) -> Result<Ended> {
+    timing::mark("machine-opened");
+    if std::env::var_os("SMOLVM_HELP").is_some_and(|v| !v.is_empty() && v != "0") {
+        println!("{}", packed_help(&target));
+        return Ok(Ended::Nothing);
+    }
+    let save = save_target(target.reader.file())?;
+    let (plan, name) = plan(target)?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let opts = RunOptions {
+        args: if plan.state.devices.linux.is_some() && !args.is_empty() {
+            Some(utf8_args(args)?)
+        } else {
+            None
+        },
+        save,
+        ..Default::default()
+    };
+    run(plan, &name, &opts)
+}
+
+/// `smolvm run` / `smolvm shell`; `packed` is set when FILE turns out to be
+/// a packed executable.
+fn run_file(file: &Path, opts: &RunOptions, packed: &mut bool) -> Result<Ended> {
+    let reader =
+        MachineReader::open(file).with_context(|| format!("cannot run {}", file.display()))?;
+    timing::mark("machine-opened");
+    *packed = reader.trailer().is_some();
+    let target = Target {
+        reader,
+        name: file.to_owned(),
+    };
+    let (plan, name) = plan(target).with_context(|| format!("cannot resume {}", file.display()))?;
+    run(plan, &name, opts).with_context(|| format!("cannot run {}", file.display()))
+}
+
+/// Which file an error is about, for [`describe`].
+enum Subject<'a> {
+    /// This packed executable.
+    Packed(&'a Path),
+    /// `smolvm run FILE`; `packed` when FILE is a packed executable.
+    File { path: &'a Path, packed: bool },
+    /// No file (bad arguments).
+    None,
+}
+
+/// The error as one line: each cause once (a cause whose text an outer
+/// message already quotes is left out), and damage said plainly.
+fn describe(e: &anyhow::Error, subject: &Subject<'_>) -> String {
+    for cause in e.chain() {
+        let packed = matches!(
+            subject,
+            Subject::Packed(_) | Subject::File { packed: true, .. }
+        );
+        let Some(detail) = cause
+            .downcast_ref::<smolvm_formats::Error>()
+            .and_then(|f| damage(f, matches!(subject, Subject::Packed(_))))
+        else {
+            continue;
+        };
+        let fix = if packed {
+            "pack it again"
+        } else {
+            "rebuild it"
+        };
+        return match subject {
+            Subject::Packed(p) => format!(
+                "{} is damaged ({detail}); re-download it or {fix}",
+                p.display()
+            ),
+            Subject::File { path, .. } => format!(
+                "cannot run {}: the file is damaged ({detail}); re-download it or {fix}",
+                path.display()
+            ),
+            Subject::None => format!("damaged file ({detail})"),
+        };
+    }
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// What is wrong, when a format error means the bytes are damaged (rather
+/// than unsupported, missing or unreadable).
+fn damage(e: &smolvm_formats::Error, packed: bool) -> Option<String> {
+    use smolvm_formats::Error as E;
+    match e {
+        E::ChecksumMismatch(what) => Some(format!("checksum mismatch in {what}")),
+        E::Corrupt(what) => Some(what.clone()),
+        E::TooLarge { what, len, cap } => {
+            Some(format!("{what} is {len} bytes, over the {cap}-byte limit"))
+        }
+        E::MissingSection(what) => Some(format!("it has no {what} section")),
+        // The trailer points at the payload: anything else there is damage.
+        E::NotAMachine(_) if packed => Some("the payload is not a machine".into()),
+        E::Io { context, source } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Some(format!("{context}: the file ends early"))
+        }
         _ => None,
     }
 }
 
 fn main() -> ExitCode {
     timing::start();
+    // Before any argument is read: does this executable carry a machine?
+    let packed = packed_self();
     init_logging();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = if let Some(exe) = packed_self() {
-        let opts = RunOptions {
-            args: (!args.is_empty()).then(|| args.clone()),
-            ..Default::default()
-        };
-        run(&exe, &opts)
-    } else {
-        match args.first().map(String::as_str) {
-            Some(cmd @ ("run" | "shell")) => match parse_run(&args[1..], cmd == "shell") {
-                Some((file, opts)) => run(&file, &opts),
-                None => {
+    let exe;
+    let file;
+    let mut file_packed = false;
+    let (result, subject) = match packed {
+        Ok(Some(target)) => {
+            exe = target.name.clone();
+            (run_packed(target), Subject::Packed(&exe))
+        }
+        Err(e) => {
+            exe = self_name();
+            (Err(anyhow::Error::new(e)), Subject::Packed(&exe))
+        }
+        Ok(None) => {
+            let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+            match args.first().and_then(|a| a.to_str()) {
+                Some(cmd @ ("run" | "shell")) => match parse_run(&args[1..], cmd == "shell") {
+                    Ok(Some((f, opts))) => {
+                        file = f;
+                        let r = run_file(&file, &opts, &mut file_packed);
+                        (
+                            r,
+                            Subject::File {
+                                path: &file,
+                                packed: file_packed,
+                            },
+                        )
+                    }
+                    Ok(None) => {
+                        eprintln!("{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                    Err(e) => (Err(e), Subject::None),
+                },
+                Some("--version" | "-V") => {
+                    println!("smolvm {}", env!("CARGO_PKG_VERSION"));
+                    return ExitCode::SUCCESS;
+                }
+                Some("--help" | "-h" | "help") => {
+                    println!("{USAGE}");
+                    return ExitCode::SUCCESS;
+                }
+                _ if !invoked_as_smolvm() => {
+                    // Under another name and without a trailer: a packed
+                    // executable that lost its machine (`strip`, a truncated
+                    // copy), not someone asking for smolvm's usage.
+                    exe = self_name();
+                    let e = anyhow!(
+                        "{} has no machine in it (no trailer: was the file stripped?); \
+                         re-download it or pack it again",
+                        exe.display()
+                    );
+                    (Err(e), Subject::None)
+                }
+                _ => {
                     eprintln!("{USAGE}");
                     return ExitCode::from(2);
                 }
-            },
-            Some("--version" | "-V") => {
-                println!("smolvm {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            Some("--help" | "-h") => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
             }
         }
     };
     match result {
-        Ok(status) => ExitCode::from(status),
+        Ok(ended) => ExitCode::from(ended.code()),
         Err(e) => {
-            eprintln!("smolvm: {e:#}");
-            ExitCode::from(125)
+            eprintln!("smolvm: {}", describe(&e, &subject));
+            ExitCode::from(VMM_ERROR)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smolvm_formats::Error as E;
+
+    fn line(e: anyhow::Error, packed: bool) -> String {
+        let path = Path::new("/x/app");
+        if packed {
+            describe(&e, &Subject::Packed(path))
+        } else {
+            describe(
+                &e,
+                &Subject::File {
+                    path,
+                    packed: false,
+                },
+            )
+        }
+    }
+
+    #[test]
+    fn damage_is_said_plainly() {
+        let e = anyhow::Error::new(E::ChecksumMismatch("header and section table".into()));
+        assert_eq!(
+            line(e, true),
+            "/x/app is damaged (checksum mismatch in header and section table); re-download it or pack it again"
+        );
+        let e =
+            anyhow::Error::new(E::Corrupt("file is truncated".into())).context("cannot run /x/app");
+        assert_eq!(
+            line(e, false),
+            "cannot run /x/app: the file is damaged (file is truncated); re-download it or rebuild it"
+        );
+    }
+
+    #[test]
+    fn other_errors_keep_their_words_once() {
+        // A cause quoted by its wrapper (thiserror `{0}` plus `#[source]`) appears once.
+        #[derive(Debug, thiserror::Error)]
+        #[error("machine file: {0}")]
+        struct Wrap(#[source] E);
+        let e = anyhow::Error::new(Wrap(E::UnsupportedArch(9))).context("cannot resume f");
+        let s = line(e, false);
+        assert_eq!(
+            s,
+            "cannot resume f: machine file: unknown guest architecture code 9; upgrade smolvm"
+        );
+        let e = anyhow::Error::new(E::TrailerMissing);
+        assert!(line(e, false).contains("`strip` removed the payload"));
+    }
+
+    #[test]
+    fn run_arguments_parse() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let (f, o) = parse_run(&a(&["m", "--save", "o", "--", "--help", "--"]), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f, PathBuf::from("m"));
+        assert_eq!(o.save, Some(PathBuf::from("o")));
+        assert_eq!(o.args, Some(vec!["--help".to_string(), "--".to_string()]));
+        assert!(parse_run(&a(&["--bogus", "m"]), false).unwrap().is_none());
+        assert!(parse_run(&a(&["--save"]), false).unwrap().is_none());
+        use std::os::unix::ffi::OsStringExt;
+        let bad = vec![
+            OsString::from("m"),
+            OsString::from("--"),
+            OsString::from_vec(vec![0xff, b'x']),
+        ];
+        let err = parse_run(&bad, false).unwrap_err().to_string();
+        assert!(err.contains("argument 1") && err.contains("UTF-8"), "{err}");
     }
 }

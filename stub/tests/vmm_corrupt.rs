@@ -105,7 +105,10 @@ fn refuses_damaged_state_before_running() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
-    assert!(stderr.contains("cannot resume"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("cannot run") && stderr.contains("the file is damaged"),
+        "stderr: {stderr}"
+    );
     assert!(
         !stderr.contains("vm-and-vcpus-created"),
         "a VM was created: {stderr}"

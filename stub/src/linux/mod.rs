@@ -320,7 +320,17 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
 /// `smolvm run`, which expands compressed files into a cache first). The agent gets the host's clock and fresh
 /// entropy before this returns.
 pub fn resume_linux(path: &Path, opts: ResumeOptions) -> Result<LinuxMachine, LinuxError> {
-    let plan = SnapshotPlan::open(path)?;
+    resume_linux_plan(SnapshotPlan::open(path)?, path, opts)
+}
+
+/// [`resume_linux`] of a machine already opened and validated (a packed
+/// executable keeps the one descriptor of its own file); `path` only names it
+/// in messages.
+pub fn resume_linux_plan(
+    plan: SnapshotPlan,
+    path: &Path,
+    opts: ResumeOptions,
+) -> Result<LinuxMachine, LinuxError> {
     let state = plan
         .state
         .devices

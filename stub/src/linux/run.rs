@@ -1,13 +1,13 @@
-//! `smolvm run` and `smolvm shell` for Linux machines: resume, run one
-//! command with the caller's stdio (pipes, or a raw-mode terminal when stdin
-//! is one), exit with its status. Nothing is written back unless `--save`
+//! `smolvm run`, `smolvm shell` and packed executables for Linux machines:
+//! resume, run one command with the caller's stdio (pipes, or a raw-mode
+//! terminal when stdin and stdout are one), exit with its status. Nothing is
+//! written back unless `--save` (or `SMOLVM_SAVE` in a packed executable)
 //! names a file.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use smolvm_agent::client::ClientError;
@@ -16,7 +16,8 @@ use smolvm_formats::{
     Compression, GuestRegion, MachineReader, MachineWriter, Manifest, SectionKind,
 };
 
-use super::{resume_linux, LinuxError, LinuxExit, ResumeOptions};
+use super::{resume_linux_plan, LinuxError, LinuxExit, ResumeOptions};
+use crate::builder::SnapshotPlan;
 use crate::timing;
 
 /// What `smolvm run` should do.
@@ -41,41 +42,55 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
-/// A path to a machine whose memory and disks can be mapped in place:
-/// `path` itself, or for a compressed machine an uncompressed copy in
-/// `${SMOLVM_CACHE:-~/.cache/smolvm}/expanded/<content hash>.smolmachine`,
-/// written once (atomically) and reused.
-pub fn mappable_machine(path: &Path) -> Result<PathBuf, LinuxError> {
-    let r = MachineReader::open(path)?;
-    let memory_ok = r.memory_layout()?.mappable;
-    let disks_ok = r.disks()?.iter().all(|d| d.mappable);
-    if memory_ok && disks_ok {
-        return Ok(path.to_owned());
-    }
-    let mut h = DefaultHasher::new();
-    r.len().hash(&mut h);
-    for s in r.sections() {
-        (s.kind.code(), s.checksum, s.stored_len, s.logical_len).hash(&mut h);
-    }
-    let dir = cache_dir().join("expanded");
-    std::fs::create_dir_all(&dir)?;
-    let dest = dir.join(format!("{:016x}.smolmachine", h.finish()));
-    if let Ok(cached) = MachineReader::open(&dest) {
-        if cached.memory_layout().is_ok_and(|m| m.mappable)
-            && cached.disks().is_ok_and(|d| d.iter().all(|d| d.mappable))
-        {
-            return Ok(dest);
-        }
-    }
-    expand(&r, &dest)?;
-    timing::mark("machine-expanded");
-    Ok(dest)
+/// Manifest key naming the machine an expanded copy was made from.
+const EXPANDED_FROM: &str = "smolvm.expanded-from";
+
+/// Whether every memory region and disk of `r` can be mapped in place.
+fn is_mappable(r: &MachineReader) -> bool {
+    r.memory_layout().is_ok_and(|m| m.mappable)
+        && r.disks().is_ok_and(|d| d.iter().all(|d| d.mappable))
 }
 
-/// Rewrite `r` uncompressed at `dest` (through the atomic writer).
-fn expand(r: &MachineReader, dest: &Path) -> Result<(), LinuxError> {
+/// A machine whose memory and disks can be mapped in place: `plan` itself,
+/// or for a compressed machine an uncompressed copy in
+/// `${SMOLVM_CACHE:-~/.cache/smolvm}/expanded/<fingerprint>.smolmachine`,
+/// written once (atomically) and reused. The name is the xxh3-128 of the
+/// machine's header and section table (every section's checksum and length),
+/// so it is the same for a `.smolmachine` and its packed executable and does
+/// not change between smolvm builds; the copy records that fingerprint and
+/// is rebuilt when it does not match.
+pub fn mappable_plan(plan: SnapshotPlan) -> Result<SnapshotPlan, LinuxError> {
+    let r = &plan.reader;
+    if is_mappable(r) {
+        return Ok(plan);
+    }
+    // Expanding takes seconds: find out first that KVM is usable at all.
+    drop(crate::hypervisor::kvm::KvmHypervisor::new()?);
+    let fingerprint = format!("{:032x}", r.fingerprint());
+    let dir = cache_dir().join("expanded");
+    std::fs::create_dir_all(&dir)?;
+    let dest = dir.join(format!("{fingerprint}.smolmachine"));
+    if let Ok(cached) = SnapshotPlan::open(&dest) {
+        if is_mappable(&cached.reader)
+            && cached.manifest.extra.get(EXPANDED_FROM) == Some(&fingerprint)
+        {
+            return Ok(cached);
+        }
+    }
+    expand(r, &dest, &fingerprint)?;
+    timing::mark("machine-expanded");
+    Ok(SnapshotPlan::open(&dest)?)
+}
+
+/// Rewrite `r` uncompressed at `dest` (through the atomic writer), recording
+/// `fingerprint` as its origin.
+fn expand(r: &MachineReader, dest: &Path, fingerprint: &str) -> Result<(), LinuxError> {
     let mut w = MachineWriter::create(dest, r.arch())?;
-    w.add_manifest(&r.manifest()?)?;
+    let mut manifest = r.manifest()?;
+    manifest
+        .extra
+        .insert(EXPANDED_FROM.into(), fingerprint.to_owned());
+    w.add_manifest(&manifest)?;
     w.add_blob(
         SectionKind::VmState,
         &r.read_blob(SectionKind::VmState)?,
@@ -112,15 +127,15 @@ fn expand(r: &MachineReader, dest: &Path) -> Result<(), LinuxError> {
 }
 
 /// Records that a machine file's sections passed their checksums, keyed by
-/// the file's identity and change time: any write to the file (or a new
-/// file at that path) changes the key, so only an untouched, already
+/// the file's identity and change time: any write to the file (or another
+/// file in its place) changes the key, so only an untouched, already
 /// verified file skips hashing on later runs.
 struct VerifiedStamp(PathBuf);
 
 impl VerifiedStamp {
-    fn of(path: &Path) -> Option<VerifiedStamp> {
+    fn of(file: &std::fs::File) -> Option<VerifiedStamp> {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
+        let m = file.metadata().ok()?;
         let name = format!(
             "{:x}-{:x}-{:x}-{}.{}-{}.{}",
             m.dev(),
@@ -174,6 +189,13 @@ fn is_tty(fd: i32) -> bool {
     unsafe { libc::isatty(fd) == 1 }
 }
 
+/// Whether the command gets a terminal: only when both stdin and stdout are
+/// one, so `./app cmd > file` or `./app cmd | less` from a terminal gets
+/// plain pipes (no CRLF line endings, no colours meant for a screen).
+fn use_tty() -> bool {
+    is_tty(0) && is_tty(1)
+}
+
 fn window_size() -> WinSize {
     let mut ws = libc::winsize {
         ws_row: 0,
@@ -193,6 +215,12 @@ fn window_size() -> WinSize {
     }
 }
 
+/// The terminal attributes to put back if a second signal ends smolvm while
+/// the terminal is raw (read in the signal handler: set once, before raw
+/// mode is entered).
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+static RAW_ACTIVE: AtomicBool = AtomicBool::new(false);
+
 /// The caller's terminal in raw mode for as long as this lives.
 struct RawMode(libc::termios);
 
@@ -205,10 +233,13 @@ impl RawMode {
             return Err(io::Error::last_os_error());
         }
         let orig = t;
+        let _ = SAVED_TERMIOS.set(orig);
         // SAFETY: cfmakeraw edits the struct in place.
         unsafe { libc::cfmakeraw(&mut t) };
+        RAW_ACTIVE.store(true, Ordering::SeqCst);
         // SAFETY: fd 0 and a valid termios.
         if unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) } != 0 {
+            RAW_ACTIVE.store(false, Ordering::SeqCst);
             return Err(io::Error::last_os_error());
         }
         Ok(RawMode(orig))
@@ -219,22 +250,34 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         // SAFETY: restores the attributes read in `enter`.
         unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
+        RAW_ACTIVE.store(false, Ordering::SeqCst);
     }
 }
 
 static RESIZED: AtomicBool = AtomicBool::new(false);
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static SIGNALS_SEEN: AtomicI32 = AtomicI32::new(0);
+/// Set when our stdout or stderr turned out to be a closed pipe.
+static PIPE_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Signals passed on to the guest command.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 extern "C" fn on_winch(_: libc::c_int) {
     RESIZED.store(true, Ordering::SeqCst);
 }
 
-static SIGNALS_SEEN: AtomicI32 = AtomicI32::new(0);
-
 extern "C" fn on_forwarded(sig: libc::c_int) {
     // The first signal goes to the guest command; a second one ends smolvm
     // (the guest may be unable to act on the first).
     if SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst) >= 1 {
+        if RAW_ACTIVE.load(Ordering::SeqCst) {
+            if let Some(t) = SAVED_TERMIOS.get() {
+                // SAFETY: tcsetattr is async-signal-safe; `t` was fully
+                // written before RAW_ACTIVE was set.
+                unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+            }
+        }
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(128 + sig) };
     }
@@ -242,8 +285,8 @@ extern "C" fn on_forwarded(sig: libc::c_int) {
 }
 
 fn install(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
-    // SAFETY: the handlers only store to atomics (async-signal-safe), and
-    // sigaction is given a zeroed, then filled, struct.
+    // SAFETY: the handlers only touch atomics and call async-signal-safe
+    // functions, and sigaction is given a zeroed, then filled, struct.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = handler as usize;
@@ -253,33 +296,44 @@ fn install(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
     }
 }
 
+/// Copy a command's output stream to ours. When ours is a closed pipe
+/// (`./app yes | head -1`) the command is sent SIGPIPE, as a native program
+/// writing there would get, and the rest of its output is drained unseen
+/// (its window must keep moving for it to reach its end).
 fn copy_out(mut from: impl Read, to: &mut dyn Write) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut lost = false;
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => return,
+            Ok(_) if lost => {}
             Ok(n) => {
-                if to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
-                    // Keep draining so the command is not blocked on a full window.
-                    continue;
+                if let Err(e) = to.write_all(&buf[..n]).and_then(|_| to.flush()) {
+                    lost = true;
+                    if e.kind() == io::ErrorKind::BrokenPipe {
+                        PIPE_BROKEN.store(true, Ordering::SeqCst);
+                    }
                 }
             }
         }
     }
 }
 
-/// Resume the machine in `path`, run the command, and return the exit code.
-pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
-    let path = mappable_machine(path)?;
-    let manifest = MachineReader::open(&path)?.manifest()?;
+/// Resume the (validated) machine of `plan`, run the command and return its
+/// exit status; `name` names the machine in messages. A compressed machine
+/// runs from its expanded copy (see [`mappable_plan`]).
+pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitStatus, LinuxError> {
+    let plan = mappable_plan(plan)?;
+    let manifest = plan.manifest.clone();
     let argv = command_for(&manifest, opts)?;
     let console = std::env::var_os("SMOLVM_CONSOLE")
         .filter(|v| v == "1")
         .map(|_| Box::new(io::stderr()) as super::console::ConsoleSink);
-    let stamp = VerifiedStamp::of(&path);
+    let stamp = VerifiedStamp::of(plan.reader.file());
     let verified_before = stamp.as_ref().is_some_and(VerifiedStamp::is_recorded);
-    let mut m = resume_linux(
-        &path,
+    let mut m = resume_linux_plan(
+        plan,
+        name,
         ResumeOptions {
             console,
             verify: !verified_before,
@@ -291,7 +345,7 @@ pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
             s.record();
         }
     }
-    let tty = is_tty(0);
+    let tty = use_tty();
     let req = ExecRequest {
         argv,
         env: manifest.env.clone(),
@@ -299,8 +353,8 @@ pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
         user: None,
         tty: tty.then(window_size),
     };
-    let code = match run_exec(&m, req, tty) {
-        Ok(status) => exit_code(status),
+    let status = match run_exec(&m, req, tty) {
+        Ok(status) => status,
         // The guest ended under the command (`reboot`, `poweroff`, a panic).
         Err(e) if m.has_stopped() => match m.wait_exit(Duration::from_secs(5))? {
             Some(LinuxExit::Reboot) | Some(LinuxExit::PowerOff) => {
@@ -309,7 +363,7 @@ pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
                         "the guest shut down, so there is no machine left to save".into(),
                     ));
                 }
-                0
+                ExitStatus::Code(0)
             }
             Some(LinuxExit::Panic(tail)) => {
                 return Err(LinuxError::Guest {
@@ -328,16 +382,17 @@ pub fn run(path: &Path, opts: &RunOptions) -> Result<i32, LinuxError> {
         // Like a shell: a command that cannot be started exits 127.
         Err(LinuxError::Agent(ClientError::ExecFailed(why))) => {
             eprintln!("smolvm: the command could not start: {why}");
-            127
+            ExitStatus::Code(127)
         }
         Err(e) => return Err(e),
     };
     if let Some(out) = &opts.save {
         m.save(out, &manifest, Compression::None)?;
+        timing::mark("machine-saved");
     }
     drop(m);
     timing::mark("machine-dropped");
-    Ok(code)
+    Ok(status)
 }
 
 fn run_exec(
@@ -349,10 +404,11 @@ fn run_exec(
     timing::mark("exec-sent");
     let raw = if tty { RawMode::enter().ok() } else { None };
     install(libc::SIGWINCH, on_winch);
-    if !tty {
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            install(sig, on_forwarded);
-        }
+    // In raw mode the terminal sends Ctrl-C as a byte (the guest's terminal
+    // turns it into SIGINT); these come from `kill`, a closed terminal, or
+    // a cooked terminal when stdout is not one.
+    for sig in FORWARDED {
+        install(sig, on_forwarded);
     }
     let mut stdin = handle.stdin();
     // Not joined: a read of the caller's stdin may block past the command's end.
@@ -373,6 +429,7 @@ fn run_exec(
                     Err(_) => break,
                 }
             }
+            // End of our stdin is the end of the command's (`echo hi | ./app cat`).
             let _ = stdin.close();
         })?;
     let out = handle.take_stdout();
@@ -391,6 +448,7 @@ fn run_exec(
             }
         });
         s.spawn(|| {
+            let mut piped = false;
             while !done.load(Ordering::SeqCst) {
                 if RESIZED.swap(false, Ordering::SeqCst) && tty {
                     let _ = h.resize(window_size());
@@ -399,7 +457,11 @@ fn run_exec(
                 if sig != 0 {
                     let _ = h.signal(sig);
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                if !piped && PIPE_BROKEN.load(Ordering::SeqCst) {
+                    piped = true;
+                    let _ = h.signal(libc::SIGPIPE);
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         });
         let _ = o.join();
