@@ -85,13 +85,28 @@ fn smolpack_bin() -> PathBuf {
 /// the test.
 fn run_until(mut cmd: Command, deadline: Duration) -> Output {
     let what = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        .stderr(Stdio::piped());
+    let child = spawn(&mut cmd);
     wait_until(child, deadline, &what)
+}
+
+/// Spawns `cmd`, retrying while the executable is "busy": tests write executables while
+/// other test threads fork, and a child forked in between holds the written file open for
+/// the moment until its exec (ETXTBSY).
+fn spawn(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawning {cmd:?}: {e}"),
+        }
+    }
 }
 
 /// Collects a spawned child's output, killing it (and failing) past `deadline`.
@@ -320,16 +335,15 @@ fn two_packed_files_run_at_once() {
     };
     let copy = fx.scratch("twins").join("twin");
     fs::copy(&fx.app, &copy).unwrap();
-    let spawn = |exe: &Path| {
-        fx.command(exe)
-            .stdin(Stdio::null())
+    let start = |exe: &Path| {
+        let mut cmd = fx.command(exe);
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn a packed executable")
+            .stderr(Stdio::piped());
+        spawn(&mut cmd)
     };
     // The same file twice and a copy, all running together.
-    let children = [spawn(&fx.app), spawn(&fx.app), spawn(&copy)];
+    let children = [start(&fx.app), start(&fx.app), start(&copy)];
     for (i, c) in children.into_iter().enumerate() {
         let o = wait_until(c, DEADLINE, &format!("concurrent run {i}"));
         assert_guest_ran(&o);
