@@ -112,14 +112,12 @@ impl Ended {
 
 /// Check what a machine file promises before anything else reads it: the
 /// architecture, then the manifest, host profile, state and memory layout.
-fn plan(target: Target) -> Result<(SnapshotPlan, PathBuf)> {
+/// `it` names the machine in the architecture message.
+fn plan(target: Target, it: &str) -> Result<(SnapshotPlan, PathBuf)> {
     let arch = target.reader.arch();
     if Arch::host() != Some(arch) {
         let host = Arch::host().map_or("another architecture".to_string(), |a| a.to_string());
-        bail!(
-            "{} was built for {arch}, this host is {host}: run it on an {arch} host",
-            target.name.display()
-        );
+        bail!("{it} was built for {arch}, this host is {host}: run it on an {arch} host");
     }
     let plan = SnapshotPlan::from_reader(target.reader)?;
     Ok((plan, target.name))
@@ -310,7 +308,8 @@ fn run_packed(target: Target) -> Result<Ended> {
         return Ok(Ended::Nothing);
     }
     let save = save_target(target.reader.file())?;
-    let (plan, name) = plan(target)?;
+    let it = target.name.display().to_string();
+    let (plan, name) = plan(target, &it)?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let opts = RunOptions {
         args: if plan.state.devices.linux.is_some() && !args.is_empty() {
@@ -335,7 +334,8 @@ fn run_file(file: &Path, opts: &RunOptions, packed: &mut bool) -> Result<Ended> 
         reader,
         name: file.to_owned(),
     };
-    let (plan, name) = plan(target).with_context(|| format!("cannot resume {}", file.display()))?;
+    let (plan, name) =
+        plan(target, "it").with_context(|| format!("cannot resume {}", file.display()))?;
     run(plan, &name, opts).with_context(|| format!("cannot run {}", file.display()))
 }
 
