@@ -389,7 +389,7 @@ mod tests {
         let sf = hello();
         // rootfs, boot, 1 setup, 1 service, save.
         assert_eq!(step_count(&sf), 5);
-        assert_eq!(base_label(&sf), "busybox, 1 copy");
+        assert_eq!(base_label(&sf), "busybox, 2 copies");
         assert!(extra_cmdline(&sf).starts_with("smolvm.hostname=hello"));
     }
 
