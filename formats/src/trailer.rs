@@ -195,7 +195,8 @@ pub fn check_stub_extent<S: ReadAt + ?Sized>(src: &S, t: &Trailer) -> Result<u64
 
 /// Writes `out = stub ‖ zeros ‖ machine ‖ trailer` atomically with the exec bit set.
 ///
-/// The machine is verified first (every checksum), so a damaged file is never packed.
+/// The written file is verified before it is renamed (every checksum of the copied
+/// machine), so a damaged machine is never packed.
 /// `machine` may itself be a packed executable; its payload is used.
 pub fn pack(stub: &Path, machine: &Path, out: &Path) -> Result<Trailer> {
     let stub_file =
@@ -210,11 +211,12 @@ pub fn pack(stub: &Path, machine: &Path, out: &Path) -> Result<Trailer> {
 
 /// [`pack`] from any stub source (e.g. a stub embedded in the packer) and an opened machine.
 ///
-/// Refuses a stub that is not an ELF image or already carries a payload, and a machine that
-/// fails [`MachineReader::verify`]. The output is written to a temporary file, checked with
-/// [`verify_packed`] (stub extent unchanged, payload beyond it, trailer, every machine
-/// checksum) and only then renamed to `out` with permission bits `mode`: on any failure no
-/// file appears under `out` and an existing one is left untouched.
+/// Refuses a stub that is not an ELF image or already carries a payload. The output is
+/// written to a temporary file, checked with [`verify_packed`] (stub extent unchanged,
+/// payload beyond it, trailer, every checksum of the machine as copied, which also refuses a
+/// damaged input) and only then renamed to `out` with permission bits `mode`: on any failure
+/// no file appears under `out` and an existing one is left untouched. The machine is read
+/// once to copy it and once to check the copy.
 pub fn pack_from<S: ReadAt + ?Sized>(
     stub: &S,
     stub_name: &str,
@@ -231,8 +233,6 @@ pub fn pack_from<S: ReadAt + ?Sized>(
             "{stub_name} already carries a payload; pack the plain stub"
         )));
     }
-    // Never ship a damaged payload: check every checksum before copying.
-    machine.verify()?;
     let payload_offset = crate::layout::align_up(stub_len, DATA_ALIGN)
         .ok_or_else(|| Error::InvalidInput("stub is too large".into()))?;
     let t = Trailer {
@@ -294,7 +294,7 @@ pub fn verify_packed<S: ReadAt>(src: S, stub_extent: Option<u64>) -> Result<Trai
 }
 
 /// Writes the payload of the packed executable `packed` to `out` atomically, byte for
-/// byte as it was packed, after checking every checksum.
+/// byte as it was packed; every checksum of the copy is checked before the rename.
 pub fn unpack(packed: &Path, out: &Path) -> Result<Trailer> {
     let file =
         File::open(packed).map_err(|e| Error::io(format!("opening {}", packed.display()), e))?;
@@ -312,11 +312,11 @@ pub fn unpack(packed: &Path, out: &Path) -> Result<Trailer> {
         ));
     };
     let m = MachineReader::from_file(file, t.payload_offset, t.payload_len)?;
-    m.verify()?;
     let af = AtomicFile::create(out)?;
     let ctx = format!("writing {}", af.tmp_path().display());
     let mut w = af.file();
     copy_range(m.file(), m.base(), m.len(), &mut w).map_err(|e| Error::io(&ctx, e))?;
+    // Checking the copy covers the source too: it is byte for byte the payload.
     MachineReader::from_source(af.file(), 0, t.payload_len)?.verify()?;
     af.commit(None)?;
     Ok(t)
