@@ -103,9 +103,21 @@ pub fn locate_in<S: ReadAt + ?Sized>(src: &S) -> Result<Option<Trailer>> {
 /// Most section headers we read when the count is stored out of line (`e_shnum == 0`).
 const MAX_ELF_SECTIONS: u64 = 1 << 18;
 
-/// End of the ELF image in `src`: the furthest byte any header, segment or section covers.
-/// Everything past it (e.g. an appended payload) is invisible to the loader and to `strip`.
-pub fn elf_extent<S: ReadAt + ?Sized>(src: &S) -> Result<u64> {
+/// The ELF header of the executable at the start of a file, with what reading its tables
+/// needs.
+struct ElfHead {
+    /// Length of the whole file.
+    len: u64,
+    header: goblin::elf::Header,
+    ctx: Ctx,
+}
+
+fn elf_out_of_bounds() -> Error {
+    Error::Elf("headers point past the end of the file".into())
+}
+
+/// Reads and parses the ELF header at the start of `src`.
+fn read_elf_head<S: ReadAt + ?Sized>(src: &S) -> Result<ElfHead> {
     let len = src.size().map_err(|e| Error::io("reading stub size", e))?;
     let mut hb = [0u8; 64];
     let n = (len.min(64)) as usize;
@@ -113,36 +125,67 @@ pub fn elf_extent<S: ReadAt + ?Sized>(src: &S) -> Result<u64> {
     if n < 16 || hb[..4] != *b"\x7fELF" {
         return Err(Error::Elf("no ELF header".into()));
     }
-    let h = Elf::parse_header(&hb).map_err(|e| Error::Elf(e.to_string()))?;
-    let container = h.container().map_err(|e| Error::Elf(e.to_string()))?;
-    let endian = h.endianness().map_err(|e| Error::Elf(e.to_string()))?;
-    let ctx = Ctx::new(container, endian);
-    let oob = || Error::Elf("headers point past the end of the file".into());
+    let header = Elf::parse_header(&hb).map_err(|e| Error::Elf(e.to_string()))?;
+    let container = header.container().map_err(|e| Error::Elf(e.to_string()))?;
+    let endian = header.endianness().map_err(|e| Error::Elf(e.to_string()))?;
+    Ok(ElfHead {
+        len,
+        header,
+        ctx: Ctx::new(container, endian),
+    })
+}
+
+/// Reads `count` table entries of `entsize` bytes at `off`, all inside the file.
+fn read_elf_table<S: ReadAt + ?Sized>(
+    src: &S,
+    head: &ElfHead,
+    off: u64,
+    count: u64,
+    entsize: u64,
+) -> Result<Vec<u8>> {
+    let bytes = count.checked_mul(entsize).ok_or_else(elf_out_of_bounds)?;
+    let end = off.checked_add(bytes).ok_or_else(elf_out_of_bounds)?;
+    if end > head.len {
+        return Err(elf_out_of_bounds());
+    }
+    let mut buf = vec![0u8; bytes as usize];
+    read_exact_at(src, &mut buf, off, "ELF header table")?;
+    Ok(buf)
+}
+
+/// The program headers (none when `e_phnum` is 0) and the end of their table in the file.
+fn read_program_headers<S: ReadAt + ?Sized>(
+    src: &S,
+    head: &ElfHead,
+) -> Result<(Vec<ProgramHeader>, u64)> {
+    let h = &head.header;
+    if h.e_phnum == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    if usize::from(h.e_phentsize) != ProgramHeader::size(head.ctx) {
+        return Err(Error::Elf("unexpected program header size".into()));
+    }
+    let buf = read_elf_table(src, head, h.e_phoff, h.e_phnum.into(), h.e_phentsize.into())?;
+    let table_end = h.e_phoff + buf.len() as u64;
+    let phs = ProgramHeader::parse(&buf, 0, h.e_phnum.into(), head.ctx)
+        .map_err(|e| Error::Elf(e.to_string()))?;
+    Ok((phs, table_end))
+}
+
+/// End of the ELF image in `src`: the furthest byte any header, segment or section covers.
+/// Everything past it (e.g. an appended payload) is invisible to the loader and to `strip`.
+pub fn elf_extent<S: ReadAt + ?Sized>(src: &S) -> Result<u64> {
+    let head = read_elf_head(src)?;
+    let (h, ctx, len) = (&head.header, head.ctx, head.len);
     let mut extent = u64::from(h.e_ehsize);
-
-    let read_table = |off: u64, count: u64, entsize: u64| -> Result<Vec<u8>> {
-        let bytes = count.checked_mul(entsize).ok_or_else(oob)?;
-        let end = off.checked_add(bytes).ok_or_else(oob)?;
-        if end > len {
-            return Err(oob());
-        }
-        let mut buf = vec![0u8; bytes as usize];
-        read_exact_at(src, &mut buf, off, "ELF header table")?;
-        Ok(buf)
-    };
-
-    if h.e_phnum > 0 {
-        if usize::from(h.e_phentsize) != ProgramHeader::size(ctx) {
-            return Err(Error::Elf("unexpected program header size".into()));
-        }
-        let buf = read_table(h.e_phoff, h.e_phnum.into(), h.e_phentsize.into())?;
-        extent = extent.max(h.e_phoff + buf.len() as u64);
-        let phs = ProgramHeader::parse(&buf, 0, h.e_phnum.into(), ctx)
-            .map_err(|e| Error::Elf(e.to_string()))?;
-        for p in phs {
-            let end = p.p_offset.checked_add(p.p_filesz).ok_or_else(oob)?;
-            extent = extent.max(end);
-        }
+    let (phs, ph_table_end) = read_program_headers(src, &head)?;
+    extent = extent.max(ph_table_end);
+    for p in phs {
+        let end = p
+            .p_offset
+            .checked_add(p.p_filesz)
+            .ok_or_else(elf_out_of_bounds)?;
+        extent = extent.max(end);
     }
     if h.e_shoff != 0 {
         if usize::from(h.e_shentsize) != SectionHeader::size(ctx) {
@@ -152,7 +195,7 @@ pub fn elf_extent<S: ReadAt + ?Sized>(src: &S) -> Result<u64> {
         let mut count = u64::from(h.e_shnum);
         if count == 0 {
             // The real count lives in the first section header's sh_size.
-            let first = read_table(h.e_shoff, 1, entsize)?;
+            let first = read_elf_table(src, &head, h.e_shoff, 1, entsize)?;
             let sh = SectionHeader::parse_from(&first, 0, 1, ctx)
                 .map_err(|e| Error::Elf(e.to_string()))?;
             count = sh.first().map(|s| s.sh_size).unwrap_or(0);
@@ -161,13 +204,16 @@ pub fn elf_extent<S: ReadAt + ?Sized>(src: &S) -> Result<u64> {
             }
         }
         if count > 0 {
-            let buf = read_table(h.e_shoff, count, entsize)?;
+            let buf = read_elf_table(src, &head, h.e_shoff, count, entsize)?;
             extent = extent.max(h.e_shoff + buf.len() as u64);
             let shs = SectionHeader::parse_from(&buf, 0, count as usize, ctx)
                 .map_err(|e| Error::Elf(e.to_string()))?;
             for s in shs {
                 if s.sh_type != SHT_NOBITS {
-                    let end = s.sh_offset.checked_add(s.sh_size).ok_or_else(oob)?;
+                    let end = s
+                        .sh_offset
+                        .checked_add(s.sh_size)
+                        .ok_or_else(elf_out_of_bounds)?;
                     extent = extent.max(end);
                 }
             }
@@ -339,37 +385,15 @@ pub struct ElfIdentity {
 /// Reads the ELF identity of the executable at the start of `src` (a stub or a packed
 /// executable); only the ELF header and program headers are read.
 pub fn elf_identity<S: ReadAt + ?Sized>(src: &S) -> Result<ElfIdentity> {
-    let len = src.size().map_err(|e| Error::io("reading stub size", e))?;
-    let mut hb = [0u8; 64];
-    let n = (len.min(64)) as usize;
-    read_exact_at(src, &mut hb[..n], 0, "ELF header")?;
-    if n < 16 || hb[..4] != *b"\x7fELF" {
-        return Err(Error::Elf("no ELF header".into()));
-    }
-    let h = Elf::parse_header(&hb).map_err(|e| Error::Elf(e.to_string()))?;
-    let container = h.container().map_err(|e| Error::Elf(e.to_string()))?;
-    let endian = h.endianness().map_err(|e| Error::Elf(e.to_string()))?;
-    let ctx = Ctx::new(container, endian);
-    let mut dynamic = false;
-    if h.e_phnum > 0 {
-        if usize::from(h.e_phentsize) != ProgramHeader::size(ctx) {
-            return Err(Error::Elf("unexpected program header size".into()));
-        }
-        let bytes = u64::from(h.e_phnum) * u64::from(h.e_phentsize);
-        if h.e_phoff.checked_add(bytes).is_none_or(|end| end > len) {
-            return Err(Error::Elf("headers point past the end of the file".into()));
-        }
-        let mut buf = vec![0u8; bytes as usize];
-        read_exact_at(src, &mut buf, h.e_phoff, "ELF program headers")?;
-        let phs = ProgramHeader::parse(&buf, 0, h.e_phnum.into(), ctx)
-            .map_err(|e| Error::Elf(e.to_string()))?;
-        dynamic = phs
-            .iter()
-            .any(|p| p.p_type == goblin::elf::program_header::PT_INTERP);
-    }
+    let head = read_elf_head(src)?;
+    let (phs, _) = read_program_headers(src, &head)?;
+    let dynamic = phs
+        .iter()
+        .any(|p| p.p_type == goblin::elf::program_header::PT_INTERP);
+    let h = &head.header;
     Ok(ElfIdentity {
-        is_64: container.is_big(),
-        little_endian: endian.is_little(),
+        is_64: head.ctx.container.is_big(),
+        little_endian: head.ctx.le.is_little(),
         machine: h.e_machine,
         osabi: h.e_ident[goblin::elf::header::EI_OSABI],
         dynamic,
