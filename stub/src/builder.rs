@@ -37,7 +37,10 @@ pub enum BuildError {
     /// The machine file cannot be read.
     #[error("cannot read machine file: {0}")]
     File(#[from] smolvm_formats::Error),
-    /// The file is for another architecture or does not match its state.
+    /// The machine was built for another CPU architecture than this host's.
+    #[error("it was built for {built}, this host is {host}: run it on an {built} host")]
+    WrongArch { built: Arch, host: String },
+    /// The file does not match its state.
     #[error("machine file does not fit: {0}")]
     Mismatch(String),
     /// A bad boot configuration.
@@ -160,11 +163,12 @@ impl SnapshotPlan {
 
     /// Validate an opened machine.
     pub fn from_reader(reader: MachineReader) -> Result<Self, BuildError> {
-        if reader.arch() != Arch::X86_64 {
-            return Err(BuildError::Mismatch(format!(
-                "the machine is for {:?}, this host runs x86_64",
-                reader.arch()
-            )));
+        let host = Arch::host();
+        if host != Some(reader.arch()) {
+            return Err(BuildError::WrongArch {
+                built: reader.arch(),
+                host: host.map_or("another architecture".into(), |a| a.to_string()),
+            });
         }
         let manifest = reader.manifest()?;
         HostProfile::detect().check_can_resume(&manifest.host_profile)?;

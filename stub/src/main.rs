@@ -18,7 +18,7 @@ use smolvm::builder::SnapshotPlan;
 use smolvm::linux::run::RunOptions;
 use smolvm::timing;
 use smolvm_agent::protocol::ExitStatus;
-use smolvm_formats::{Arch, MachineReader};
+use smolvm_formats::MachineReader;
 
 /// Exit status when smolvm itself fails (as `docker run` and `env` do).
 const VMM_ERROR: u8 = 125;
@@ -108,19 +108,6 @@ impl Ended {
             Ended::TestGuest(s) => s,
         }
     }
-}
-
-/// Check what a machine file promises before anything else reads it: the
-/// architecture, then the manifest, host profile, state and memory layout.
-/// `it` names the machine in the architecture message.
-fn plan(target: Target, it: &str) -> Result<(SnapshotPlan, PathBuf)> {
-    let arch = target.reader.arch();
-    if Arch::host() != Some(arch) {
-        let host = Arch::host().map_or("another architecture".to_string(), |a| a.to_string());
-        bail!("{it} was built for {arch}, this host is {host}: run it on an {arch} host");
-    }
-    let plan = SnapshotPlan::from_reader(target.reader)?;
-    Ok((plan, target.name))
 }
 
 /// Resume the machine and return how its command ended: a Linux machine
@@ -308,8 +295,9 @@ fn run_packed(target: Target) -> Result<Ended> {
         return Ok(Ended::Nothing);
     }
     let save = save_target(target.reader.file())?;
-    let it = target.name.display().to_string();
-    let (plan, name) = plan(target, &it)?;
+    let name = target.name;
+    let plan = SnapshotPlan::from_reader(target.reader)
+        .with_context(|| format!("cannot resume {}", name.display()))?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let opts = RunOptions {
         args: if plan.state.devices.linux.is_some() && !args.is_empty() {
@@ -330,13 +318,9 @@ fn run_file(file: &Path, opts: &RunOptions, packed: &mut bool) -> Result<Ended> 
         MachineReader::open(file).with_context(|| format!("cannot run {}", file.display()))?;
     timing::mark("machine-opened");
     *packed = reader.trailer().is_some();
-    let target = Target {
-        reader,
-        name: file.to_owned(),
-    };
-    let (plan, name) =
-        plan(target, "it").with_context(|| format!("cannot resume {}", file.display()))?;
-    run(plan, &name, opts).with_context(|| format!("cannot run {}", file.display()))
+    let plan = SnapshotPlan::from_reader(reader)
+        .with_context(|| format!("cannot resume {}", file.display()))?;
+    run(plan, file, opts).with_context(|| format!("cannot run {}", file.display()))
 }
 
 /// Which file an error is about, for [`describe`].
