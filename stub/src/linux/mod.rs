@@ -205,6 +205,36 @@ pub struct LinuxMachine {
     quiesced: bool,
 }
 
+impl LinuxMachine {
+    /// Joins a built or restored machine to its agent, for boot and resume alike: the
+    /// bridge pumps host bytes from `sockets.0` into the agent console, the stop watch
+    /// ends waiting calls when the guest stops, and the client talks through `sockets.1`.
+    /// The vCPUs are not started yet.
+    fn connect(
+        machine: Machine,
+        devices: LinuxDevices,
+        log: Arc<ConsoleLog>,
+        cmdline: String,
+        (vmm_end, client_end): (UnixStream, UnixStream),
+        agent_timeout: Duration,
+    ) -> Result<LinuxMachine, LinuxError> {
+        let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
+        let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
+        let client = Client::from_unix_stream(client_end)?;
+        client.set_timeout(Some(agent_timeout));
+        Ok(LinuxMachine {
+            client,
+            watch: Some(watch),
+            bridge: Some(bridge),
+            devices,
+            machine,
+            log,
+            cmdline,
+            quiesced: false,
+        })
+    }
+}
+
 fn wall_clock() -> WallClock {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -296,21 +326,15 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
             .write(crate::arch::x86_64::mptable::MPTABLE_ADDR, &table)
             .map_err(|e| LinuxError::Config(format!("cannot write the MP table: {e}")))?;
     }
-    let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
-    let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
-    let client = Client::from_unix_stream(client_end)?;
-    client.set_timeout(Some(cfg.agent_timeout));
-    machine.start()?;
-    let mut m = LinuxMachine {
-        client,
-        watch: Some(watch),
-        bridge: Some(bridge),
-        devices,
+    let mut m = LinuxMachine::connect(
         machine,
+        devices,
         log,
         cmdline,
-        quiesced: false,
-    };
+        (vmm_end, client_end),
+        cfg.agent_timeout,
+    )?;
+    m.machine.start()?;
     m.wait_first_ready(cfg.boot_timeout)?;
     Ok(m)
 }
@@ -386,10 +410,14 @@ pub fn resume_linux_plan(
         log.clone(),
         SocketSink(vmm_end.try_clone()?),
     )?;
-    let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
-    let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
-    let client = Client::from_unix_stream(client_end)?;
-    client.set_timeout(Some(opts.agent_timeout));
+    let mut m = LinuxMachine::connect(
+        machine,
+        devices,
+        log,
+        state.cmdline,
+        (vmm_end, client_end),
+        opts.agent_timeout,
+    )?;
     timing::mark("devices-restored");
     if let Some(v) = verifier {
         match v.join() {
@@ -398,18 +426,8 @@ pub fn resume_linux_plan(
         }
         timing::mark("sections-verified");
     }
-    machine.start()?;
+    m.machine.start()?;
     timing::mark("vcpus-started");
-    let m = LinuxMachine {
-        client,
-        watch: Some(watch),
-        bridge: Some(bridge),
-        devices,
-        machine,
-        log,
-        cmdline: state.cmdline,
-        quiesced: false,
-    };
     let mut entropy = [0u8; 64];
     crate::devices::virtio::rng::host_random(&mut entropy)?;
     match m.client.resume(wall_clock(), &entropy) {
