@@ -1,37 +1,13 @@
 //! `smolpack inspect`, `verify` and `pack` as a user runs them: output, JSON, exit codes and
 //! the one-line `error: ...` on failure.
 
+mod build_util;
+
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
-
-/// The `smolpack` binary of this build profile, built on demand when a lone test run did not
-/// build the whole workspace.
-fn smolpack() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps layout");
-    let bin = profile_dir.join("smolpack");
-    if !bin.exists() {
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "smolpack", "--bin", "smolpack"])
-            .env("CARGO_TARGET_DIR", target_dir);
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building smolpack failed");
-    }
-    bin
-}
-
 fn run(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(smolpack())
+    Command::new(build_util::bin("smolpack", "smolpack"))
         .args(args)
         .output()
         .expect("running smolpack")
@@ -44,38 +20,11 @@ fn stderr_line(o: &Output) -> String {
     s
 }
 
-fn sample(path: &Path) {
-    let mut mem = vec![0u8; 64 * 4096];
-    mem[4096..8192].fill(0x5a);
-    mem[40 * 4096] = 1;
-    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
-    w.add_manifest(&Manifest {
-        name: "cli".into(),
-        producer: "format_cli test".into(),
-        vcpus: 1,
-        memory_bytes: mem.len() as u64,
-        host_profile: "kvm".into(),
-        ..Default::default()
-    })
-    .unwrap();
-    w.add_blob(SectionKind::VmState, b"state", Compression::Zstd)
-        .unwrap();
-    w.add_memory(
-        &[GuestRegion {
-            guest_addr: 0,
-            data: &mem,
-        }],
-        Compression::None,
-    )
-    .unwrap();
-    w.finish().unwrap();
-}
-
 #[test]
 fn inspect_and_verify_a_good_machine() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "cli");
 
     let o = run(&["inspect".as_ref(), m.as_os_str()]);
     assert!(o.status.success(), "{o:?}");
@@ -121,7 +70,7 @@ fn inspect_and_verify_a_good_machine() {
 fn damage_gives_one_error_line_and_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "cli");
     let mut bytes = fs::read(&m).unwrap();
     // The first data byte of guest memory (the memory section is 64 KiB aligned).
     bytes[65536] ^= 0xff;
@@ -155,7 +104,7 @@ fn damage_gives_one_error_line_and_nonzero_exit() {
 fn pack_then_inspect_run_and_strip() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "cli");
     let stub = dir.path().join("stub");
     fs::copy("/bin/true", &stub).unwrap();
     let app = dir.path().join("app");

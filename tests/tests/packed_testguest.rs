@@ -19,9 +19,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use smolvm::testguest::{self, Params};
-use smolvm_formats::{
-    trailer, Arch, Compression, GuestRegion, MachineReader, MachineWriter, Manifest, SectionKind,
-};
+use smolvm_formats::{trailer, Compression, MachineReader, Manifest, SectionKind};
+
+mod build_util;
+// The VMM tests' helpers: `kvm_ready` (KVM and the assembled test guest, or a loud skip).
+#[path = "../../stub/tests/common/mod.rs"]
+mod vmm_common;
+use vmm_common::kvm_ready;
 
 /// The test guest counts to `limit` and exits with `exit_status`.
 const PARAMS: Params = Params {
@@ -34,52 +38,6 @@ const PARAMS: Params = Params {
 const DEADLINE: Duration = Duration::from_secs(20);
 /// How long a `smolpack` command may take.
 const TOOL_DEADLINE: Duration = Duration::from_secs(300);
-
-/// Whether the machine tests can run here (skipped loudly, or failing under `CI=true`).
-fn kvm_ready(test: &str) -> bool {
-    let kvm = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let guest = !testguest::IMAGE.is_empty();
-    if kvm && guest {
-        return true;
-    }
-    let why = if kvm {
-        "the test guest was not assembled (binutils missing)"
-    } else {
-        "/dev/kvm is not available"
-    };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {why} (CI=true requires it)");
-    }
-    eprintln!("SKIPPING {test}: {why}");
-    false
-}
-
-/// The `smolpack` binary of this build profile, (re)built once per test binary so it is
-/// never stale; building it also builds the stub it embeds.
-fn smolpack_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps layout");
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "smolpack", "--bin", "smolpack"])
-            .env("CARGO_TARGET_DIR", target_dir);
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building smolpack failed");
-    });
-    profile_dir.join("smolpack")
-}
 
 /// Runs `cmd` to completion with piped output; a run past `deadline` is killed and fails
 /// the test.
@@ -153,7 +111,7 @@ fn describe(o: &Output) -> String {
 
 /// `smolpack ARGS...`.
 fn smolpack(args: &[&std::ffi::OsStr]) -> Output {
-    let mut cmd = Command::new(smolpack_bin());
+    let mut cmd = Command::new(build_util::bin("smolpack", "smolpack"));
     cmd.args(args);
     run_until(cmd, TOOL_DEADLINE)
 }
@@ -602,30 +560,6 @@ fn compressed_unpack_is_a_machine_that_runs_when_repacked() {
 
 // ---- Packing without a guest: a small synthetic machine is enough. ----
 
-/// A small valid machine (never resumed).
-fn sample(path: &Path) {
-    let mut mem = vec![0u8; 64 * 4096];
-    mem[4096..8192].fill(0x5a);
-    mem[40 * 4096] = 1;
-    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
-    w.add_manifest(&Manifest {
-        name: "sample".into(),
-        ..Default::default()
-    })
-    .unwrap();
-    w.add_blob(SectionKind::VmState, b"state", Compression::None)
-        .unwrap();
-    w.add_memory(
-        &[GuestRegion {
-            guest_addr: 0,
-            data: &mem,
-        }],
-        Compression::None,
-    )
-    .unwrap();
-    w.finish().unwrap();
-}
-
 /// Whether this smolpack carries the x86_64-linux stub (the tests below need it).
 fn carries_host_stub(test: &str) -> bool {
     let o = smolpack(&[os("pack"), os("--list-targets")]);
@@ -660,7 +594,7 @@ fn failed_pack_leaves_no_output_and_keeps_an_existing_one() {
     }
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "sample");
     // Damage a byte of memory data: the header still opens, the checksum fails.
     let r = MachineReader::open(&m).unwrap();
     let data_at = r.memory_layout().unwrap().regions[0]
@@ -710,7 +644,7 @@ fn pack_unpack_round_trip_without_a_guest() {
     }
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "sample");
     for (flags, name) in [(&[][..], "raw"), (&["--compress"][..], "zstd")] {
         let app = dir.path().join(format!("app-{name}"));
         pack(&m, &app, flags);
@@ -744,7 +678,7 @@ fn pack_unpack_round_trip_without_a_guest() {
 fn unpack_refuses_what_is_not_packed() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "sample");
     let out = dir.path().join("out.smolmachine");
     let line = error_line(&smolpack(&[
         os("unpack"),
@@ -778,7 +712,7 @@ fn targets_are_listed_and_checked() {
 
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.smolmachine");
-    sample(&m);
+    build_util::sample_machine(&m, "sample");
     let out = dir.path().join("app");
     let try_target = |t: &str| {
         error_line(&smolpack(&[

@@ -1,9 +1,13 @@
-//! Helpers for the `smolpack build` tests: the guest artifacts, the `smolpack` and `smolvm`
-//! binaries, and running them.
+//! Helpers for the tests that drive the binaries: the guest artifacts, the `smolpack` and
+//! `smolvm` binaries, running them, and a small sample machine.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -55,16 +59,17 @@ pub fn guest(test: &str) -> Option<Guest> {
     None
 }
 
-/// A binary of this build profile (`smolpack`, `smolvm`), built on demand when a lone test
-/// run did not build the whole workspace.
+/// A binary of this build profile (`smolpack`, `smolvm`), built once per test process, so
+/// a test never runs a stale one (cargo makes it a no-op when it is up to date).
 pub fn bin(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps layout");
-    let bin = profile_dir.join(name);
-    if !bin.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(name) {
         let target_dir = profile_dir.parent().expect("target dir");
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "-q", "-p", package, "--bin", name])
@@ -74,8 +79,9 @@ pub fn bin(package: &str, name: &str) -> PathBuf {
         }
         let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "building {name} failed");
+        built.insert(name.to_string());
     }
-    bin
+    profile_dir.join(name)
 }
 
 /// `smolpack build SMOLFILE -o OUT` with the given artifacts.
@@ -119,4 +125,32 @@ pub fn line_of(text: &str, needle: &str) -> usize {
         .position(|l| l.contains(needle))
         .map(|i| i + 1)
         .unwrap_or_else(|| panic!("{needle:?} not in the Smolfile"))
+}
+
+/// A small valid machine named `name` (64 KiB of memory, two data runs; never resumed).
+pub fn sample_machine(path: &Path, name: &str) {
+    let mut mem = vec![0u8; 64 * 4096];
+    mem[4096..8192].fill(0x5a);
+    mem[40 * 4096] = 1;
+    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
+    w.add_manifest(&Manifest {
+        name: name.into(),
+        producer: "smolvm-tests".into(),
+        vcpus: 1,
+        memory_bytes: mem.len() as u64,
+        host_profile: "kvm".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    w.add_blob(SectionKind::VmState, b"state", Compression::Zstd)
+        .unwrap();
+    w.add_memory(
+        &[GuestRegion {
+            guest_addr: 0,
+            data: &mem,
+        }],
+        Compression::None,
+    )
+    .unwrap();
+    w.finish().unwrap();
 }

@@ -14,6 +14,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+#[path = "../build_util/mod.rs"]
+mod build_util;
+
 use smolvm::linux::{boot_linux, LinuxConfig};
 use smolvm_formats::{Compression, Manifest};
 
@@ -23,10 +26,7 @@ pub const MARKER: &str = "/root/marker";
 pub const MARKER_TEXT: &str = "written before the snapshot";
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests crate lives in the workspace")
-        .to_path_buf()
+    build_util::repo()
 }
 
 /// Skip (None) with a loud message, or fail under `CI=true`.
@@ -150,27 +150,9 @@ pub fn fixture(test: &str) -> Option<&'static Fixture> {
         .as_ref()
 }
 
-/// The `smolvm` binary of this build profile, built on demand.
+/// The `smolvm` binary of this build profile (built once per test process).
 pub fn smolvm_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps layout");
-    let bin = profile_dir.join("smolvm");
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "smolvm", "--bin", "smolvm"])
-            .env("CARGO_TARGET_DIR", target_dir);
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building smolvm failed");
-    });
-    bin
+    build_util::bin("smolvm", "smolvm")
 }
 
 /// `smolvm ARGS` with `stdin` piped in; its output. The cache goes to the
