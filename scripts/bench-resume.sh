@@ -32,11 +32,12 @@ if [ "${1:-}" = linux ]; then
 	exit 0
 fi
 runs="${1:-30}"
-cargo build --release -p smolvm --bin smolvm --example testguest --example bench_resume
+cargo build --release -p smolvm --bin smolvm --example testguest --example bench_spawn
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 machine="$work/bench.smolmachine"
 "$target/release/examples/testguest" snapshot "$machine" --at 2 --exit-after 1 \
     --every 1000 --limit 100000 --status 0 >/dev/null
 echo "machine: $(stat -c %s "$machine") bytes; $host"
-"$target/release/examples/bench_resume" "$target/release/smolvm" "$machine" "$runs"
+"$target/release/examples/bench_spawn" "$runs" :: true /bin/true \
+    :: smolvm-run "$target/release/smolvm" run "$machine"
