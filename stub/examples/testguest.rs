@@ -67,10 +67,9 @@ fn run_printing(
         eprintln!("regs: {:x?}", machine.vcpu_regs(0));
     }
     // The report device (and its sender) lives on the machine's bus.
-    drop(std::mem::replace(
-        machine.io_bus_mut(),
-        smolvm::devices::bus::Bus::new(),
-    ));
+    machine
+        .devices_mut()
+        .detach_host_io(u64::from(smolvm::testguest::REPORT_PORT));
     let _ = printer.join();
     finish(reason)
 }

@@ -4,18 +4,18 @@
 //! KVM is fastest with: memory slots, then the IRQ chip, then the vCPUs.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use smolvm_formats::{Arch, MachineReader};
 
 use crate::arch::x86_64::layout;
-use crate::devices::bus::Bus;
-use crate::devices::exit::{ExitPort, EXIT_PORT};
+use crate::devices::exit::EXIT_PORT;
+use crate::devices::manager::{DeviceArgs, DeviceError, DeviceManager, HostEnds};
 use crate::host::{HostProfile, ProfileError};
 use crate::hypervisor::kvm::{x86_64 as kvm_x86, KvmHypervisor, KvmVcpu, KvmVm};
 use crate::hypervisor::HypervisorError;
-use crate::machine::{kick, Machine};
-use crate::snapshot::{DeviceStates, MachineState, StateError};
+use crate::machine::{irq_line, kick, Machine};
+use crate::snapshot::{Guest, MachineState, Persist, StateError};
 use crate::timing;
 use crate::vstate::memory::{GuestMemory, MemoryError, Run};
 use crate::vstate::vcpu::RunControl;
@@ -34,6 +34,8 @@ pub enum BuildError {
     Profile(#[from] ProfileError),
     #[error("{0}")]
     Machine(#[from] crate::machine::MachineError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// The machine file cannot be read.
     #[error("cannot read machine file: {0}")]
     File(#[from] smolvm_formats::Error),
@@ -73,52 +75,32 @@ impl Default for BootConfig {
     }
 }
 
-/// Attach the VMM's own devices.
-fn attach_devices(
-    io_bus: &mut Bus,
-    control: &Arc<RunControl>,
-    devices: &DeviceStates,
-) -> Result<(), BuildError> {
-    if let Some(port) = devices.exit_port {
-        io_bus
-            .insert(
-                Arc::new(Mutex::new(ExitPort::new(control.clone()))),
-                u64::from(port),
-                1,
-            )
-            .map_err(|e| BuildError::Config(e.to_string()))?;
-    }
-    Ok(())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn assemble(
     hv: KvmHypervisor,
-    vm: KvmVm,
+    vm: Arc<KvmVm>,
     memory: GuestMemory,
     vcpus: Vec<KvmVcpu>,
     pit: bool,
-    devices: DeviceStates,
+    devices: DeviceManager,
+    control: Arc<RunControl>,
+    guest: Guest,
     profile: HostProfile,
     needs_entry: bool,
-) -> Result<Machine, BuildError> {
-    let control = RunControl::new(kick);
-    let mut io_bus = Bus::new();
-    attach_devices(&mut io_bus, &control, &devices)?;
-    Ok(Machine {
+) -> Machine {
+    Machine {
         _hypervisor: hv,
-        vm: Arc::new(vm),
+        vm,
         memory,
-        io_bus,
-        mmio_bus: Bus::new(),
+        devices,
         parked: vcpus,
         threads: Vec::new(),
         control,
         pit,
-        devices,
+        guest,
         profile,
         needs_entry,
-    })
+    }
 }
 
 /// Build a machine for a fresh boot: zeroed memory with the boot GDT and
@@ -139,11 +121,23 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
     let memory = GuestMemory::anonymous(&layout::ram_regions(config.memory_bytes))?;
     kvm_x86::write_boot_tables(&memory)?;
     let (vm, vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
-    let devices = DeviceStates {
-        exit_port: config.exit_port,
-        ..Default::default()
-    };
-    assemble(hv, vm, memory, vcpus, config.pit, devices, profile, true)
+    let control = RunControl::new(kick);
+    let mut devices = DeviceManager::new(control.clone());
+    if let Some(port) = config.exit_port {
+        devices.attach_exit_port(port)?;
+    }
+    Ok(assemble(
+        hv,
+        Arc::new(vm),
+        memory,
+        vcpus,
+        config.pit,
+        devices,
+        control,
+        Guest::TestGuest,
+        profile,
+        true,
+    ))
 }
 
 /// Read and check everything in a machine file that a resume needs, before
@@ -241,9 +235,16 @@ fn snapshot_memory(plan: &SnapshotPlan) -> Result<GuestMemory, BuildError> {
     }
 }
 
-/// Build a machine from a validated snapshot; it resumes where it was saved
-/// when started.
+/// Build a machine from a validated snapshot whose devices need no host
+/// ends (the test guest's); it resumes where it was saved when started.
 pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
+    build_from_snapshot_with(plan, HostEnds::default())
+}
+
+/// Build a machine from a validated snapshot, its devices restored by the
+/// device manager with `ends` as their host side; it resumes where it was
+/// saved when started.
+pub fn build_from_snapshot_with(plan: SnapshotPlan, ends: HostEnds) -> Result<Machine, BuildError> {
     let profile = HostProfile::detect();
     let hv = KvmHypervisor::new()?;
     let memory = snapshot_memory(&plan)?;
@@ -260,16 +261,28 @@ pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
     }
     vm.restore_clock(&state.vm)?;
     timing::mark("state-restored");
-    assemble(
+    let control = RunControl::new(kick);
+    let devices = DeviceManager::restore(
+        DeviceArgs {
+            memory: &memory,
+            control: control.clone(),
+            irq: &|gsi| irq_line(&vm, gsi),
+            ends,
+        },
+        &state.devices,
+    )?;
+    Ok(assemble(
         hv,
-        vm,
+        Arc::new(vm),
         memory,
         vcpus,
         state.pit,
-        state.devices.clone(),
+        devices,
+        control,
+        state.guest.clone(),
         profile,
         false,
-    )
+    ))
 }
 
 /// Open, validate and rebuild a machine from `path` in one call.

@@ -7,11 +7,11 @@ use std::thread::JoinHandle;
 
 use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
 
-use crate::devices::bus::Bus;
+use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::host::HostProfile;
 use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
 use crate::hypervisor::{HypervisorError, Vcpu};
-use crate::snapshot::{DeviceStates, MachineState, RegionState, StateError};
+use crate::snapshot::{Guest, MachineState, Persist, RegionState, StateError};
 use crate::vstate::memory::{GuestMemory, MemoryError};
 use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
 
@@ -24,6 +24,8 @@ pub enum MachineError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("cannot write the machine file: {0}")]
     Write(#[from] smolvm_formats::Error),
     /// The operation needs the vCPUs parked (call `pause` or `wait` first).
@@ -63,20 +65,19 @@ impl PauseHandle {
     }
 }
 
-/// A machine: guest memory, the VM, its vCPUs and devices.
+/// A machine: guest memory, the VM, its vCPUs and its device manager.
 ///
-/// Fields drop in order: vCPUs, then the VM, then guest memory.
+/// Fields drop in order: vCPUs, then devices, then the VM, then guest memory.
 pub struct Machine {
     pub(crate) threads: Vec<JoinHandle<KvmVcpu>>,
     pub(crate) parked: Vec<KvmVcpu>,
+    pub(crate) devices: DeviceManager,
     pub(crate) vm: Arc<KvmVm>,
     pub(crate) _hypervisor: KvmHypervisor,
     pub(crate) memory: GuestMemory,
-    pub(crate) io_bus: Bus,
-    pub(crate) mmio_bus: Bus,
     pub(crate) control: Arc<RunControl>,
     pub(crate) pit: bool,
-    pub(crate) devices: DeviceStates,
+    pub(crate) guest: Guest,
     pub(crate) profile: HostProfile,
     /// Set for a machine built for boot until it first starts.
     pub(crate) needs_entry: bool,
@@ -88,14 +89,24 @@ impl Machine {
         &self.memory
     }
 
-    /// The port I/O bus: insert devices before `start`.
-    pub fn io_bus_mut(&mut self) -> &mut Bus {
-        &mut self.io_bus
+    /// The device manager (buses and devices).
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
-    /// The MMIO bus: insert devices before `start`.
-    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
-        &mut self.mmio_bus
+    /// The device manager: attach devices before `start`.
+    pub fn devices_mut(&mut self) -> &mut DeviceManager {
+        &mut self.devices
+    }
+
+    /// What runs in the machine (saved in its state).
+    pub fn guest(&self) -> &Guest {
+        &self.guest
+    }
+
+    /// Say what runs in the machine (a boot sets it before the first save).
+    pub fn set_guest(&mut self, guest: Guest) {
+        self.guest = guest;
     }
 
     /// The control shared with vCPUs and devices (devices use it to stop the machine).
@@ -115,23 +126,12 @@ impl Machine {
         &self,
         gsi: u32,
     ) -> Result<Arc<dyn crate::devices::virtio::InterruptTrigger>, MachineError> {
-        Ok(Arc::new(IrqLine(self.vm.irqfd_line(gsi)?)))
+        Ok(irq_line(&self.vm, gsi)?)
     }
 
     /// The host profile this machine runs under.
     pub fn host_profile(&self) -> HostProfile {
         self.profile
-    }
-
-    /// Device states carried in the snapshot (devices outside the VMM core
-    /// store theirs here before `save`, and read them after a resume).
-    pub fn device_states_mut(&mut self) -> &mut DeviceStates {
-        &mut self.devices
-    }
-
-    /// Number of vCPUs.
-    pub fn vcpu_count(&self) -> usize {
-        self.parked.len() + self.threads.len()
     }
 
     /// Whether vCPU threads are running.
@@ -181,7 +181,8 @@ impl Machine {
         Ok(())
     }
 
-    /// Start (or restart after a pause) one thread per vCPU.
+    /// Start (or restart after a pause) one thread per vCPU; devices resume
+    /// first, so host input they buffered reaches the guest.
     pub fn start(&mut self) -> Result<(), MachineError> {
         if self.is_running() {
             return Err(MachineError::Running);
@@ -190,9 +191,10 @@ impl Machine {
             return Err(MachineError::EntryAfterStart);
         }
         self.control.clear_pause();
+        self.devices.resume();
         let ctx = VcpuContext {
-            io_bus: self.io_bus.clone(),
-            mmio_bus: self.mmio_bus.clone(),
+            io_bus: self.devices.io_bus().clone(),
+            mmio_bus: self.devices.mmio_bus().clone(),
             memory: self.memory.clone(),
             control: self.control.clone(),
         };
@@ -215,7 +217,8 @@ impl Machine {
     }
 
     /// Block until a pause is requested or the guest stops; on return every
-    /// vCPU is parked (a stopped machine can still be inspected or saved).
+    /// vCPU is parked and then every device paused (a stopped machine can
+    /// still be inspected or saved).
     pub fn wait(&mut self) -> Result<RunEvent, MachineError> {
         if !self.is_running() {
             return Err(MachineError::NotRunning);
@@ -242,6 +245,9 @@ impl Machine {
             }
         }
         self.parked.sort_by_key(|v| v.id());
+        // vCPUs first, then devices: a device paused while a vCPU still ran
+        // could miss that vCPU's notification.
+        self.devices.pause();
         if let Some(e) = failed {
             return Err(e);
         }
@@ -265,11 +271,13 @@ impl Machine {
         }
     }
 
-    /// Capture the machine state (vCPUs must be parked).
+    /// Capture the machine state (vCPUs parked and devices paused, as
+    /// `wait` and `pause` leave them).
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         if self.is_running() {
             return Err(MachineError::Running);
         }
+        let devices = self.devices.save()?;
         let vcpus = self
             .parked
             .iter()
@@ -278,7 +286,7 @@ impl Machine {
         Ok(MachineState {
             arch: "x86_64".into(),
             backend: "kvm".into(),
-            host_profile: self.profile.as_str().into(),
+            guest: self.guest.clone(),
             memory: self
                 .memory
                 .layout()
@@ -288,7 +296,7 @@ impl Machine {
             pit: self.pit,
             vm: self.vm.save_state(self.pit)?,
             vcpus,
-            devices: self.devices.clone(),
+            devices,
         })
     }
 
@@ -332,9 +340,11 @@ impl Machine {
         }
         w.add_manifest(&manifest)?;
         w.add_blob(SectionKind::VmState, &blob, Compression::None)?;
-        // SAFETY: every vCPU is parked (checked by save_state above) and
-        // devices only touch guest memory on vCPU exits, so nothing writes
-        // guest memory while the writer reads it.
+        // SAFETY: every vCPU is parked and every device paused (save_state
+        // above fails otherwise; only `start` resumes them, and it needs
+        // `&mut self`), so nothing writes guest memory while the writer reads
+        // it: devices driven by host threads (the agent console) only buffer
+        // input while paused.
         let slices = unsafe { self.memory.region_slices() };
         let regions: Vec<GuestRegion<'_>> = slices
             .into_iter()
@@ -362,6 +372,14 @@ impl Drop for Machine {
             let _ = self.join();
         }
     }
+}
+
+/// The interrupt line of GSI `gsi` on `vm` (an irqfd).
+pub(crate) fn irq_line(
+    vm: &KvmVm,
+    gsi: u32,
+) -> Result<Arc<dyn crate::devices::virtio::InterruptTrigger>, HypervisorError> {
+    Ok(Arc::new(IrqLine(vm.irqfd_line(gsi)?)))
 }
 
 struct IrqLine(crate::hypervisor::kvm::IrqFdLine);

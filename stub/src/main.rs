@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use smolvm::builder::SnapshotPlan;
 use smolvm::linux::run::RunOptions;
+use smolvm::snapshot::Guest;
 use smolvm::timing;
 use smolvm_agent::protocol::ExitStatus;
 use smolvm_formats::MachineReader;
@@ -113,11 +114,13 @@ impl Ended {
 /// Resume the machine and return how its command ended: a Linux machine
 /// runs a command through its agent, the VMM test guest runs to its exit port.
 fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
-    if plan.state.devices.linux.is_some() {
-        let status = smolvm::linux::run::run(plan, name, opts)?;
-        return Ok(Ended::Command(status));
+    match plan.state.guest {
+        Guest::Linux { .. } => {
+            let status = smolvm::linux::run::run(plan, name, opts)?;
+            Ok(Ended::Command(status))
+        }
+        Guest::TestGuest => run_test_guest(plan, opts.save.as_deref()).map(Ended::TestGuest),
     }
-    run_test_guest(plan, opts.save.as_deref()).map(Ended::TestGuest)
 }
 
 /// The VMM test guest: resume, copy its console to stdout, run to its exit
@@ -300,10 +303,9 @@ fn run_packed(target: Target) -> Result<Ended> {
         .with_context(|| format!("cannot resume {}", name.display()))?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let opts = RunOptions {
-        args: if plan.state.devices.linux.is_some() && !args.is_empty() {
-            Some(utf8_args(args)?)
-        } else {
-            None
+        args: match plan.state.guest {
+            Guest::Linux { .. } if !args.is_empty() => Some(utf8_args(args)?),
+            Guest::Linux { .. } | Guest::TestGuest => None,
         },
         save,
         ..Default::default()

@@ -80,7 +80,7 @@ pub enum TestGuestError {
     #[error(transparent)]
     Memory(#[from] crate::vstate::memory::MemoryError),
     #[error(transparent)]
-    Bus(#[from] crate::devices::bus::BusError),
+    Device(#[from] crate::devices::manager::DeviceError),
     #[error("the test guest stopped before it could be paused: {0:?}")]
     StoppedEarly(crate::vstate::vcpu::ExitReason),
 }
@@ -184,7 +184,7 @@ impl BusDevice for ConsoleDevice {
 /// Attach the console device to `machine`, copying the guest's output to
 /// `out`. Boot ([`boot`]) and resume (`smolvm run`) both use it.
 pub fn attach_console(machine: &mut Machine, out: ConsoleOut) -> Result<(), TestGuestError> {
-    machine.io_bus_mut().insert(
+    machine.devices_mut().attach_host_io(
         Arc::new(Mutex::new(ConsoleDevice { out })),
         u64::from(CONSOLE_PORT),
         1,
@@ -203,7 +203,7 @@ impl BusDevice for DiscardReports {
 /// Claim the report port without reading the reports (`smolvm run` has no
 /// use for them; unclaimed, each write would be logged as a stray access).
 pub fn ignore_reports(machine: &mut Machine) -> Result<(), TestGuestError> {
-    machine.io_bus_mut().insert(
+    machine.devices_mut().attach_host_io(
         Arc::new(Mutex::new(DiscardReports)),
         u64::from(REPORT_PORT),
         16,
@@ -254,8 +254,8 @@ fn insert_reporter(
         hold,
     };
     machine
-        .io_bus_mut()
-        .insert(Arc::new(Mutex::new(dev)), u64::from(REPORT_PORT), 16)?;
+        .devices_mut()
+        .attach_host_io(Arc::new(Mutex::new(dev)), u64::from(REPORT_PORT), 16)?;
     Ok(())
 }
 

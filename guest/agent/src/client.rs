@@ -324,6 +324,14 @@ impl Client {
         Ok(v)
     }
 
+    /// Waits until at least one `Ready` has arrived (without sending `Hello`): the
+    /// connection closing or `timeout` passing first is an error.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        self.inner.wait_for(Some(timeout), "become ready", |st| {
+            (st.ready_count > 0).then_some(())
+        })
+    }
+
     /// How many `Ready` messages arrived so far (the agent sends one per session start and
     /// resume, and one per `Hello`).
     pub fn ready_count(&self) -> u64 {

@@ -55,6 +55,11 @@ impl Bus {
         Ok(())
     }
 
+    /// Remove the device inserted at `base`; false when there is none.
+    pub fn remove(&mut self, base: u64) -> bool {
+        self.ranges.remove(&base).is_some()
+    }
+
     fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
         let (&base, (len, dev)) = self.ranges.range(..=addr).next_back()?;
         (addr - base < *len).then_some((addr - base, dev))

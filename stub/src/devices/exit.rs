@@ -13,12 +13,31 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// Stops the machine with the status the guest writes.
 pub struct ExitPort {
     control: Arc<RunControl>,
+    paused: bool,
 }
 
 impl ExitPort {
     /// An exit port that reports to `control`.
     pub fn new(control: Arc<RunControl>) -> Self {
-        ExitPort { control }
+        ExitPort {
+            control,
+            paused: false,
+        }
+    }
+}
+
+/// Only vCPU exits reach the port; vCPUs are parked while it is paused.
+impl super::Pausable for ExitPort {
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
     }
 }
 
@@ -26,6 +45,7 @@ impl BusDevice for ExitPort {
     fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
+        debug_assert!(!self.paused, "exit port written while paused");
         if let Some(&status) = data.first() {
             self.control.finish(ExitReason::Exited(status));
         }

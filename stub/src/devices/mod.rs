@@ -1,4 +1,5 @@
-//! Device models and the buses that route guest port I/O and MMIO to them.
+//! Device models, the buses that route guest port I/O and MMIO to them, and
+//! the device manager that owns both.
 //!
 //! Devices never see the hypervisor backend: a vCPU exit is turned into a
 //! `Bus::read`/`Bus::write` call by the run loop.
@@ -6,5 +7,22 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod manager;
 pub mod state;
 pub mod virtio;
+
+/// Stopping a device for a snapshot (crosvm's `Suspendable`, cloud-hypervisor's
+/// `Pausable`). A paused device touches no guest memory, rings or interrupt
+/// lines: host input is buffered (bounded) or refused, and delivered on
+/// `resume`. The machine pauses its devices after its vCPUs are parked and
+/// resumes them before the vCPUs run again, so a saved state and the guest
+/// memory read after it agree.
+pub trait Pausable {
+    /// Stop touching guest-visible state. Idempotent.
+    fn pause(&mut self);
+    /// Deliver what was buffered while paused and go on. Idempotent.
+    fn resume(&mut self);
+    /// Whether the device is paused.
+    fn is_paused(&self) -> bool;
+}

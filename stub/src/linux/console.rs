@@ -9,9 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use crate::devices::virtio::console::Console;
+use crate::devices::virtio::console::{Console, InputRoom};
 use crate::devices::virtio::mmio::MmioTransport;
 
 /// Bytes of kernel log kept for error messages.
@@ -206,9 +205,12 @@ impl Write for SocketSink {
 }
 
 /// Pumps host bytes from the VMM end of the agent socket into the console's
-/// receive queue, until the socket closes.
+/// receive queue, until the socket closes. When the console's bounded input
+/// buffer is full (the guest has not posted receive buffers, or the machine
+/// is paused) it waits on the console's [`InputRoom`] signal.
 pub struct AgentBridge {
     socket: UnixStream,
+    room: Arc<InputRoom>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -219,6 +221,12 @@ impl AgentBridge {
         console: Arc<Mutex<MmioTransport<Console>>>,
     ) -> io::Result<AgentBridge> {
         let mut reader = socket.try_clone()?;
+        let room = console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .input_room_signal();
+        let room2 = room.clone();
         let thread = std::thread::Builder::new()
             .name("agent-bridge".into())
             .spawn(move || {
@@ -232,22 +240,23 @@ impl AgentBridge {
                     };
                     let mut rest = &buf[..n];
                     while !rest.is_empty() {
-                        let took = console
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .device_mut()
-                            .enqueue_input(rest);
+                        let (took, seen) = {
+                            let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
+                            // Read under the console's lock: a signal after
+                            // this enqueue changes the generation.
+                            let seen = room2.generation();
+                            (c.device_mut().enqueue_input(rest), seen)
+                        };
                         rest = &rest[took..];
-                        if took == 0 {
-                            // The guest has not drained its receive buffers
-                            // yet (the pending buffer is full): wait for it.
-                            std::thread::sleep(Duration::from_millis(1));
+                        if took == 0 && !room2.wait_change(seen) {
+                            return;
                         }
                     }
                 }
             })?;
         Ok(AgentBridge {
             socket,
+            room,
             thread: Some(thread),
         })
     }
@@ -256,6 +265,7 @@ impl AgentBridge {
 impl Drop for AgentBridge {
     fn drop(&mut self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        self.room.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

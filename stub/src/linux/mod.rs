@@ -13,9 +13,10 @@
 //! # let _ = (out, r); Ok(()) }
 //! ```
 //!
-//! Boot and resume share the machine builder and the device set
-//! ([`devices::LinuxDevices`]); they differ only in where memory, registers
-//! and device state come from. After a resume the agent is sent `Resume`
+//! Boot and resume share the machine builder and the device manager's
+//! attach helpers; they differ only in where memory, registers and device
+//! state come from ([`devices::LinuxDevices`] attaches the devices for a
+//! boot and gives a resume their host ends). After a resume the agent is sent `Resume`
 //! (wall clock, fresh entropy) before anything else runs.
 
 pub mod boot;
@@ -27,17 +28,20 @@ pub mod run;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use smolvm_agent::client::{Client, ClientError};
 use smolvm_agent::protocol::{QuiesceReport, WallClock};
 use smolvm_formats::{Arch, Compression, MachineReader, MachineWriter, Manifest, SectionKind};
 
 use crate::arch::x86_64::regs::{Entry64, EntryPvh};
-use crate::builder::{build_for_boot, build_from_snapshot, BootConfig, BuildError, SnapshotPlan};
+use crate::builder::{
+    build_for_boot, build_from_snapshot_with, BootConfig, BuildError, SnapshotPlan,
+};
 use crate::devices::virtio::block::{CowDisk, DiskError};
 use crate::host::HostProfile;
 use crate::machine::{Machine, MachineError, RunEvent};
+use crate::snapshot::Guest;
 use crate::timing;
 use crate::vstate::vcpu::ExitReason;
 
@@ -273,7 +277,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     let log = ConsoleLog::new(cfg.console.take());
     end_on_halt(&log, &machine);
     let (vmm_end, client_end) = UnixStream::pair()?;
-    let devices = LinuxDevices::create(
+    let devices = LinuxDevices::attach(
         &mut machine,
         disk,
         cfg.read_only,
@@ -289,6 +293,9 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         extra: &cfg.extra_cmdline,
     })?;
     log::debug!("kernel command line: {cmdline}");
+    machine.set_guest(Guest::Linux {
+        cmdline: cmdline.clone(),
+    });
     let protocol = match (cfg.boot_protocol, entries.pvh) {
         (BootProtocol::Auto, Some(_)) => BootProtocol::Pvh,
         (BootProtocol::Auto, None) => BootProtocol::Linux64,
@@ -355,12 +362,9 @@ pub fn resume_linux_plan(
     path: &Path,
     opts: ResumeOptions,
 ) -> Result<LinuxMachine, LinuxError> {
-    let state = plan
-        .state
-        .devices
-        .linux
-        .clone()
-        .ok_or_else(|| LinuxError::NotLinux(path.to_owned()))?;
+    let Guest::Linux { cmdline } = plan.state.guest.clone() else {
+        return Err(LinuxError::NotLinux(path.to_owned()));
+    };
     let file_len = plan.reader.file().metadata()?.len();
     let disk_layout = plan
         .reader
@@ -399,22 +403,17 @@ pub fn resume_linux_plan(
     let base = disk::RunMapDisk::new(file, file_len, &disk_layout)
         .map_err(|e| LinuxError::Device(e.to_string()))?;
     let disk = CowDisk::from_disk_base(Box::new(base))?;
-    let mut machine = build_from_snapshot(plan)?;
     let log = ConsoleLog::new(opts.console);
-    end_on_halt(&log, &machine);
     let (vmm_end, client_end) = UnixStream::pair()?;
-    let devices = LinuxDevices::restore(
-        &mut machine,
-        &state,
-        disk,
-        log.clone(),
-        SocketSink(vmm_end.try_clone()?),
-    )?;
+    let ends = LinuxDevices::host_ends(disk, log.clone(), SocketSink(vmm_end.try_clone()?));
+    let machine = build_from_snapshot_with(plan, ends)?;
+    end_on_halt(&log, &machine);
+    let devices = LinuxDevices::of(&machine)?;
     let mut m = LinuxMachine::connect(
         machine,
         devices,
         log,
-        state.cmdline,
+        cmdline,
         (vmm_end, client_end),
         opts.agent_timeout,
     )?;
@@ -478,32 +477,25 @@ impl LinuxMachine {
         }
     }
 
-    /// Wait for the agent's first `Ready`, watching for a stopped or
-    /// panicked guest, then handshake.
+    /// Wait for the agent's first `Ready`, then handshake. A guest that
+    /// stops first (a panic resets it) ends the wait: the stop watch closes
+    /// the agent connection.
     fn wait_first_ready(&mut self, timeout: Duration) -> Result<(), LinuxError> {
-        let start = Instant::now();
-        let mut panic_seen: Option<Instant> = None;
-        while self.client.ready_count() == 0 {
+        if let Err(e) = self.client.wait_ready(timeout) {
+            // A stop closes the connection just after it is recorded.
             if let Some(reason) = self.machine.control().outcome() {
                 let why = format!("{} before its agent was ready", self.stopped_why(&reason));
                 return Err(self.guest_error(why));
             }
-            if self.log.panicked() {
-                // panic=-1 resets at once; give the log a moment to finish.
-                let seen = *panic_seen.get_or_insert_with(Instant::now);
-                if seen.elapsed() > Duration::from_secs(2) {
-                    return Err(self.guest_error("the guest kernel panicked during boot".into()));
-                }
-            }
-            if start.elapsed() > timeout {
-                return Err(self.guest_error(format!(
+            return Err(self.guest_error(match e {
+                ClientError::Timeout(..) => format!(
                     "the guest's agent was not ready after {} s (is {} the smolvm agent's port, \
                      and /sbin/init the agent?)",
                     timeout.as_secs(),
                     AGENT_PORT
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+                ),
+                e => format!("the guest's agent failed before it was ready: {e}"),
+            }));
         }
         self.client
             .handshake()
@@ -533,9 +525,11 @@ impl LinuxMachine {
     }
 
     /// Save the whole machine to `path` atomically: quiesce the agent (if
-    /// not done yet), pause, then write the manifest, state (vCPUs, VM,
-    /// devices), memory and the merged root disk. The machine stays paused
-    /// and quiesced: call [`LinuxMachine::unpause`] to go on, or drop it.
+    /// not done yet), pause (vCPUs, then devices: the agent bridge only
+    /// buffers host input from here on), then write the manifest, state
+    /// (vCPUs, VM, devices), memory and the merged root disk. The machine
+    /// stays paused and quiesced: call [`LinuxMachine::unpause`] to go on
+    /// (devices resume, then vCPUs), or drop it.
     pub fn save(
         &mut self,
         path: &Path,
@@ -546,8 +540,6 @@ impl LinuxMachine {
             self.quiesce()?;
         }
         self.pause()?;
-        let states = self.devices.save(&self.cmdline)?;
-        self.machine.device_states_mut().linux = Some(states);
         let mut manifest = manifest.clone();
         manifest.kernel_cmdline = self.cmdline.clone();
         let mut w = MachineWriter::create(path, Arch::X86_64)?;
@@ -579,15 +571,8 @@ impl LinuxMachine {
     /// Wait until the guest ends (reboot, power-off, panic), at most
     /// `timeout`; `None` when it is still running then.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<LinuxExit>, LinuxError> {
-        let start = Instant::now();
-        let reason = loop {
-            if let Some(r) = self.machine.control().outcome() {
-                break r;
-            }
-            if start.elapsed() > timeout {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(reason) = self.machine.control().wait_outcome(Some(timeout)) else {
+            return Ok(None);
         };
         if self.machine.is_running() {
             self.machine.wait()?;
@@ -615,8 +600,8 @@ impl LinuxMachine {
 
 /// Closes the agent connection when the guest stops, so waiting client
 /// calls fail (`Disconnected`) instead of waiting for a guest that is gone.
+/// It waits on the run control's outcome; dropping the machine records one.
 struct StopWatch {
-    done: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -625,21 +610,13 @@ impl StopWatch {
         control: Arc<crate::vstate::vcpu::RunControl>,
         client_end: UnixStream,
     ) -> std::io::Result<StopWatch> {
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let d = done.clone();
         let thread = std::thread::Builder::new()
             .name("guest-watch".into())
             .spawn(move || {
-                while !d.load(std::sync::atomic::Ordering::SeqCst) {
-                    if control.outcome().is_some() {
-                        let _ = client_end.shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                control.wait_outcome(None);
+                let _ = client_end.shutdown(std::net::Shutdown::Both);
             })?;
         Ok(StopWatch {
-            done,
             thread: Some(thread),
         })
     }
@@ -647,7 +624,6 @@ impl StopWatch {
 
 impl Drop for StopWatch {
     fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -656,14 +632,16 @@ impl Drop for StopWatch {
 
 impl Drop for LinuxMachine {
     fn drop(&mut self) {
-        self.watch.take();
-        // Stop the vCPUs first so no device writes to the bridge socket as it closes.
+        // Record an end (a no-op when the guest already stopped) so the vCPUs
+        // stop and the stop watch wakes; stop the vCPUs before the bridge so
+        // no device writes to its socket as it closes.
+        self.machine
+            .control()
+            .finish(ExitReason::Error("machine shut down".into()));
         if self.machine.is_running() {
-            self.machine
-                .control()
-                .finish(ExitReason::Error("machine shut down".into()));
             let _ = self.machine.wait();
         }
+        self.watch.take();
         self.bridge.take();
     }
 }

@@ -13,12 +13,11 @@
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 use crate::hypervisor::kvm::x86_64::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Magic at the start of an encoded machine state.
 pub const STATE_MAGIC: [u8; 8] = *b"SMOLVMST";
 /// Version of the state layout this build writes and reads.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 /// Largest encoded state accepted (vCPU state is about 10 KiB per vCPU).
 pub const MAX_STATE_BYTES: usize = 16 << 20;
 /// Most vCPUs a machine state may hold.
@@ -56,7 +55,7 @@ pub enum StateError {
     #[error("machine state version {found} is newer than this smolvm supports ({supported}); upgrade smolvm")]
     FutureVersion { found: u32, supported: u32 },
     /// Written by an older, unsupported layout.
-    #[error("machine state version {found} is no longer supported (this smolvm reads {supported}); rebuild the machine")]
+    #[error("machine state version {found} is no longer supported (this smolvm reads {supported}); rebuild the machine with the current smolpack")]
     OldVersion { found: u32, supported: u32 },
     /// Unknown flags set.
     #[error("machine state uses unknown flags {0:#x}; upgrade smolvm")]
@@ -85,15 +84,19 @@ pub struct RegionState {
     pub size: u64,
 }
 
-/// Devices of the machine and their saved state.
+pub use crate::devices::state::{DeviceState, VirtioDeviceState, VirtioSlotState};
+
+/// What runs in the machine, which decides how `smolvm` drives it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStates {
-    /// Port of the exit device, if the machine has one.
-    pub exit_port: Option<u16>,
-    /// Other devices' state, by device name, each encoded by its device.
-    pub blobs: BTreeMap<String, Vec<u8>>,
-    /// The devices of a Linux guest (serial, virtio), when it is one.
-    pub linux: Option<crate::devices::state::LinuxDeviceStates>,
+pub enum Guest {
+    /// The VMM test guest: runs to its exit port.
+    #[default]
+    TestGuest,
+    /// A Linux kernel with the smolvm agent.
+    Linux {
+        /// The kernel command line it booted with.
+        cmdline: String,
+    },
 }
 
 /// Everything needed to resume a machine besides its memory.
@@ -104,15 +107,16 @@ pub struct MachineState {
     pub arch: String,
     /// `kvm`.
     pub backend: String,
-    /// Host profile of the machine that saved it (see [`crate::host`]).
-    pub host_profile: String,
+    /// What runs in the machine.
+    pub guest: Guest,
     /// Guest memory regions (their bytes are the memory section).
     pub memory: Vec<RegionState>,
     /// Whether the machine has a PIT.
     pub pit: bool,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
-    pub devices: DeviceStates,
+    /// Every attached device, in attach order (see [`crate::devices::manager`]).
+    pub devices: Vec<DeviceState>,
 }
 
 /// Encode `value` with the state header.
@@ -341,59 +345,211 @@ mod tests {
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod machine_state_tests {
     use super::*;
+    use crate::devices::legacy::serial::SerialDeviceState;
+    use crate::devices::virtio::block::{BlockConfig, BlockState, DiskState};
+    use crate::devices::virtio::console::ConsoleState;
+    use crate::devices::virtio::mmio::{MmioDeviceState, MmioState};
+    use crate::devices::virtio::rng::RngState;
+    use crate::devices::virtio::{QueueSnapshot, VirtioCommonState};
     use crate::hypervisor::kvm::x86_64::FpuState;
     use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, CpuId};
 
+    /// The checked-in encoding of [`state`]; see `golden_bytes_are_stable`.
+    const GOLDEN: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/machine_state_v3.bin"
+    );
+
+    fn common(seed: u64) -> VirtioCommonState {
+        VirtioCommonState {
+            acked_features: crate::devices::virtio::COMMON_FEATURES,
+            queues: vec![QueueSnapshot {
+                max_size: 256,
+                size: 128,
+                ready: true,
+                desc_table: 0x10_0000 + seed * 0x1000,
+                avail_ring: 0x10_0800 + seed * 0x1000,
+                used_ring: 0x10_0c00 + seed * 0x1000,
+                next_avail: 7 + seed as u16,
+                next_used: 5 + seed as u16,
+                event_idx: true,
+            }],
+            activated: true,
+            broken: false,
+            interrupt_status: 1,
+        }
+    }
+
+    fn transport(seed: u32) -> MmioState {
+        MmioState {
+            status: 0xf,
+            device_features_sel: 1,
+            driver_features_sel: seed,
+            queue_sel: seed,
+            config_generation: 0,
+        }
+    }
+
+    /// A fixed machine state with every field and every device kind filled.
     fn state() -> MachineState {
         let cpuid = CpuId::from_entries(&[
             kvm_cpuid_entry2 {
                 function: 1,
                 eax: 0x806f8,
+                ebx: 0x0010_0800,
+                ecx: 0xfed8_3203,
+                edx: 0x178b_fbff,
                 ..Default::default()
             },
             kvm_cpuid_entry2 {
                 function: 0xb,
                 index: 1,
-                edx: 0,
+                flags: 1,
+                eax: 1,
                 ..Default::default()
             },
         ])
         .unwrap();
         let mut lapic = kvm_bindings::kvm_lapic_state::default();
         lapic.regs[0x20] = 7;
+        lapic.regs[0xf0] = 0x3f;
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr0: 0x8005_0033,
+            cr3: 0x9000,
+            cr4: 0x20,
+            efer: 0x500,
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
+        sregs.cs = kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x10,
+            type_: 11,
+            present: 1,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        sregs.gdt.base = 0x500;
+        sregs.gdt.limit = 0x1f;
+        let mut xcrs = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].value = 7;
+        let debug_regs = kvm_bindings::kvm_debugregs {
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+            ..Default::default()
+        };
+        let mut events = kvm_bindings::kvm_vcpu_events::default();
+        events.interrupt.injected = 1;
+        events.interrupt.nr = 0x30;
+        events.flags = 1;
         let vcpu = VcpuState {
             id: 0,
             cpuid,
-            mp_state: Default::default(),
+            mp_state: kvm_bindings::kvm_mp_state { mp_state: 0 },
             regs: kvm_regs {
                 rip: 0x10_0000,
+                rsp: 0x18_0000,
                 rbx: 0x1111_1111_1111_1111,
-                rflags: 2,
+                rflags: 0x202,
                 ..Default::default()
             },
-            sregs: Default::default(),
+            sregs,
             fpu: FpuState::Xsave((0..1024u32).collect()),
-            xcrs: Some(Default::default()),
-            debug_regs: Some(Default::default()),
+            xcrs: Some(xcrs),
+            debug_regs: Some(debug_regs),
             lapic,
             msrs: vec![(0x10, 12345), (0x6e0, 99), (0xc000_0080, 0x500)],
-            vcpu_events: Some(Default::default()),
+            vcpu_events: Some(events),
             tsc_khz: Some(2_400_000),
         };
-        let mut devices = DeviceStates {
-            exit_port: Some(0xf4),
-            ..Default::default()
-        };
-        devices.blobs.insert("serial".into(), vec![1, 2, 3]);
+        let mut pit = kvm_bindings::kvm_pit_state2::default();
+        pit.channels[0].count = 0x2e9c;
+        pit.channels[0].mode = 2;
+        pit.flags = 1;
+        let devices = vec![
+            DeviceState::ExitPort { port: 0xf4 },
+            DeviceState::Serial {
+                base: 0x3f8,
+                irq: 4,
+                state: SerialDeviceState {
+                    baud_divisor_low: 1,
+                    interrupt_enable: 1,
+                    interrupt_identification: 0xc1,
+                    line_control: 3,
+                    line_status: 0x60,
+                    modem_control: 8,
+                    modem_status: 0xb0,
+                    scratch: 0x5a,
+                    in_buffer: b"in".to_vec(),
+                    ..Default::default()
+                },
+            },
+            DeviceState::I8042,
+            DeviceState::VirtioMmio(VirtioSlotState {
+                base: 0xd000_0000,
+                irq: 5,
+                device: VirtioDeviceState::Block(MmioDeviceState {
+                    transport: transport(0),
+                    device: BlockState {
+                        common: common(0),
+                        config: BlockConfig {
+                            read_only: false,
+                            id: "root".into(),
+                        },
+                        disk: DiskState {
+                            capacity_sectors: 2048,
+                            block_size: 4096,
+                        },
+                    },
+                }),
+            }),
+            DeviceState::VirtioMmio(VirtioSlotState {
+                base: 0xd000_1000,
+                irq: 6,
+                device: VirtioDeviceState::Console(MmioDeviceState {
+                    transport: transport(1),
+                    device: ConsoleState {
+                        common: VirtioCommonState {
+                            queues: vec![common(1).queues[0], common(2).queues[0]],
+                            ..common(1)
+                        },
+                        pending_rx: b"pending input".to_vec(),
+                        rx_capacity: 1 << 20,
+                    },
+                }),
+            }),
+            DeviceState::VirtioMmio(VirtioSlotState {
+                base: 0xd000_2000,
+                irq: 7,
+                device: VirtioDeviceState::Rng(MmioDeviceState {
+                    transport: transport(0),
+                    device: RngState { common: common(3) },
+                }),
+            }),
+        ];
         MachineState {
             arch: "x86_64".into(),
             backend: "kvm".into(),
-            host_profile: "kvm-pvm".into(),
-            memory: vec![RegionState {
-                guest_addr: 0,
-                size: 4 << 20,
-            }],
-            pit: false,
+            guest: Guest::Linux {
+                cmdline: "console=ttyS0 reboot=k panic=-1".into(),
+            },
+            memory: vec![
+                RegionState {
+                    guest_addr: 0,
+                    size: 4 << 20,
+                },
+                RegionState {
+                    guest_addr: 1 << 32,
+                    size: 1 << 20,
+                },
+            ],
+            pit: true,
             vm: VmState {
                 pic_master: Default::default(),
                 pic_slave: kvm_bindings::kvm_irqchip {
@@ -404,15 +560,95 @@ mod machine_state_tests {
                     chip_id: 2,
                     ..Default::default()
                 },
-                pit: None,
+                pit: Some(pit),
                 clock: Some(kvm_bindings::kvm_clock_data {
                     clock: 42,
+                    flags: 2,
                     ..Default::default()
                 }),
             },
             vcpus: vec![vcpu],
             devices,
         }
+    }
+
+    /// The encoding of one field, for field-by-field comparison of types
+    /// without `PartialEq` (KVM's structures).
+    fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+        postcard::to_stdvec(v).unwrap()
+    }
+
+    /// The encoding of [`state`] is the checked-in file, byte for byte, and
+    /// the file decodes to [`state`], field by field: a change of postcard,
+    /// kvm-bindings or a state struct that alters the format fails here.
+    /// After a deliberate format change (with a `STATE_VERSION` bump and a
+    /// new file name), regenerate with
+    /// `SMOLVM_REGEN_GOLDEN=1 cargo test -p smolvm --lib golden_bytes`.
+    #[test]
+    fn golden_bytes_are_stable() {
+        let s = state();
+        let bytes = s.to_bytes().unwrap();
+        if std::env::var_os("SMOLVM_REGEN_GOLDEN").is_some() {
+            std::fs::write(GOLDEN, &bytes).unwrap();
+            eprintln!("wrote {GOLDEN}");
+        }
+        let golden = std::fs::read(GOLDEN).expect("golden state file (see the test's doc)");
+        assert_eq!(
+            u32::from_le_bytes([golden[8], golden[9], golden[10], golden[11]]),
+            STATE_VERSION,
+            "the golden file is for another state version"
+        );
+        assert!(bytes == golden, "MachineState encoding changed");
+
+        let g = MachineState::from_bytes(&golden).unwrap();
+        assert_eq!(g.arch, s.arch);
+        assert_eq!(g.backend, s.backend);
+        assert_eq!(g.guest, s.guest);
+        assert_eq!(g.memory, s.memory);
+        assert_eq!(g.pit, s.pit);
+        assert_eq!(enc(&g.vm.pic_master), enc(&s.vm.pic_master));
+        assert_eq!(enc(&g.vm.pic_slave), enc(&s.vm.pic_slave));
+        assert_eq!(enc(&g.vm.ioapic), enc(&s.vm.ioapic));
+        assert_eq!(g.vm.pit.unwrap().channels[0].count, 0x2e9c);
+        assert_eq!(enc(&g.vm.pit), enc(&s.vm.pit));
+        assert_eq!(g.vm.clock.unwrap().clock, 42);
+        assert_eq!(enc(&g.vm.clock), enc(&s.vm.clock));
+        assert_eq!(g.vcpus.len(), 1);
+        let (gv, sv) = (&g.vcpus[0], &s.vcpus[0]);
+        assert_eq!(gv.id, sv.id);
+        assert_eq!(gv.cpuid.as_slice(), sv.cpuid.as_slice());
+        assert_eq!(enc(&gv.mp_state), enc(&sv.mp_state));
+        assert_eq!(gv.regs, sv.regs);
+        assert_eq!(gv.sregs.cs.selector, 0x10);
+        assert_eq!(enc(&gv.sregs), enc(&sv.sregs));
+        assert_eq!(gv.fpu, sv.fpu);
+        assert_eq!(gv.xcrs.unwrap().xcrs[0].value, 7);
+        assert_eq!(enc(&gv.xcrs), enc(&sv.xcrs));
+        assert_eq!(enc(&gv.debug_regs), enc(&sv.debug_regs));
+        assert_eq!(gv.lapic.regs[0xf0], 0x3f);
+        assert_eq!(enc(&gv.lapic), enc(&sv.lapic));
+        assert_eq!(gv.msrs, sv.msrs);
+        assert_eq!(gv.vcpu_events.unwrap().interrupt.nr, 0x30);
+        assert_eq!(enc(&gv.vcpu_events), enc(&sv.vcpu_events));
+        assert_eq!(gv.tsc_khz, sv.tsc_khz);
+        assert_eq!(g.devices, s.devices);
+    }
+
+    #[test]
+    fn older_state_versions_are_refused_with_a_rebuild_hint() {
+        let mut b = state().to_bytes().unwrap();
+        b[8..12].copy_from_slice(&(STATE_VERSION - 1).to_le_bytes());
+        let e = MachineState::from_bytes(&b).unwrap_err();
+        assert_eq!(
+            e,
+            StateError::OldVersion {
+                found: STATE_VERSION - 1,
+                supported: STATE_VERSION
+            }
+        );
+        assert!(e
+            .to_string()
+            .contains("rebuild the machine with the current smolpack"));
     }
 
     #[test]
@@ -428,6 +664,7 @@ mod machine_state_tests {
         assert_eq!(back.vcpus[0].msrs, s.vcpus[0].msrs);
         assert_eq!(back.vcpus[0].fpu, s.vcpus[0].fpu);
         assert_eq!(back.vcpus[0].tsc_khz, Some(2_400_000));
+        assert_eq!(back.guest, s.guest);
         assert_eq!(back.vm.clock.unwrap().clock, 42);
         assert_eq!(back.vm.ioapic.chip_id, 2);
         assert_eq!(back.devices, s.devices);

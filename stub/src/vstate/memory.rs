@@ -14,7 +14,6 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
@@ -318,11 +317,6 @@ impl GuestMemory {
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
             .collect()
-    }
-
-    /// Keep the underlying mappings alive from another owner (e.g. a device).
-    pub fn shared(&self) -> Arc<GuestMemoryMmap> {
-        Arc::new(self.mem.clone())
     }
 }
 

@@ -102,6 +102,31 @@ impl RunControl {
         lock(&self.outcome).clone()
     }
 
+    /// Block until the machine stops (or `timeout` passes) and return why;
+    /// `None` on timeout.
+    pub fn wait_outcome(&self, timeout: Option<std::time::Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut g = lock(&self.outcome);
+        loop {
+            if let Some(r) = g.as_ref() {
+                return Some(r.clone());
+            }
+            g = match deadline {
+                None => self.cond.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.cond
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
     /// Block until a pause is requested or the machine stops.
     pub fn wait_not_running(&self) {
         let mut g = lock(&self.outcome);

@@ -26,6 +26,7 @@ impl Trigger for ResetTrigger {
 /// i8042 at ports 0x60..=0x64.
 pub struct I8042 {
     inner: I8042Device<ResetTrigger>,
+    paused: bool,
 }
 
 impl I8042 {
@@ -33,6 +34,7 @@ impl I8042 {
     pub fn new(on_reset: ResetCallback) -> Self {
         Self {
             inner: I8042Device::new(ResetTrigger(on_reset)),
+            paused: false,
         }
     }
 
@@ -46,6 +48,21 @@ impl I8042 {
     }
 }
 
+/// Only vCPU exits reach the controller; vCPUs are parked while it is paused.
+impl crate::devices::Pausable for I8042 {
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let (Ok(off), [b]) = (u8::try_from(offset), data) {
@@ -54,6 +71,7 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        debug_assert!(!self.paused, "i8042 written while paused");
         if let (Ok(off), [b]) = (u8::try_from(offset), data) {
             let Ok(()) = self.inner.write(off, *b);
         }

@@ -29,6 +29,7 @@ impl Trigger for SerialIrq {
 /// A COM port.
 pub struct SerialDevice {
     inner: Serial<SerialIrq, NoEvents, SerialSink>,
+    paused: bool,
 }
 
 /// Errors restoring a serial port.
@@ -77,13 +78,34 @@ impl SerialDevice {
     pub fn new(irq: Arc<dyn InterruptTrigger>, sink: SerialSink) -> Self {
         Self {
             inner: Serial::new(SerialIrq(irq), sink),
+            paused: false,
         }
     }
 
     /// Feed host input to the guest; returns bytes accepted (the FIFO holds
-    /// 64).
+    /// 64). A paused port accepts nothing (enqueueing raises the interrupt
+    /// line), so the caller retries after the machine resumes.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        if self.paused {
+            return 0;
+        }
         self.inner.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+}
+
+/// The UART only acts on vCPU exits (register accesses) and on
+/// [`SerialDevice::enqueue_input`], which a paused port refuses.
+impl crate::devices::Pausable for SerialDevice {
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
     }
 }
 
@@ -143,7 +165,10 @@ impl Persist for SerialDevice {
         };
         let inner = Serial::from_state(&state, SerialIrq(args.irq), NoEvents, args.sink)
             .map_err(|_| SerialError::BadState)?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            paused: false,
+        })
     }
 }
 

@@ -6,13 +6,12 @@
 //! the first write to a block copies the rest of that block up from the base.
 //! Reads take each block from the overlay when present, else from the base.
 //!
-//! For snapshots, [`CowDisk::export_delta`] writes just the overlay blocks (in
-//! the order of [`DiskState::dirty_runs`]) and [`CowDisk::with_delta`] rebuilds
-//! the overlay from them; [`CowDisk::write_merged_to`] writes the whole merged
-//! disk instead.
+//! For snapshots, [`CowDisk::write_merged_to`] writes the whole merged disk
+//! (all-zero blocks left as holes); a resume uses that image as the base of a
+//! fresh overlay.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -82,15 +81,14 @@ pub enum DiskError {
     Mismatch(String),
 }
 
-/// Saved overlay layout: which blocks the overlay holds.
+/// Saved disk geometry, checked against the disk a resume provides (its
+/// contents are the machine file's disk section).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskState {
     /// Disk size in 512-byte sectors.
     pub capacity_sectors: u64,
     /// Overlay granularity in bytes ([`BLOCK_SIZE`]).
     pub block_size: u64,
-    /// Overlay blocks as `(first block, count)` runs, ascending.
-    pub dirty_runs: Vec<(u64, u64)>,
 }
 
 /// Where a disk's base bytes come from. Only ever read: a plain image file,
@@ -170,40 +168,6 @@ impl CowDisk {
         })
     }
 
-    /// Rebuild a disk from `base`, a saved [`DiskState`] and the block data
-    /// [`CowDisk::export_delta`] wrote.
-    pub fn with_delta(
-        base: File,
-        state: &DiskState,
-        delta: &mut dyn Read,
-    ) -> Result<Self, DiskError> {
-        let mut disk = Self::from_base(base)?;
-        if state.capacity_sectors != disk.capacity_sectors() || state.block_size != BLOCK_SIZE {
-            return Err(DiskError::Mismatch(format!(
-                "{} sectors in {}-byte blocks saved, image has {} sectors",
-                state.capacity_sectors,
-                state.block_size,
-                disk.capacity_sectors()
-            )));
-        }
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for &(start, count) in &state.dirty_runs {
-            let end = start
-                .checked_add(count)
-                .filter(|&e| e <= disk.block_count())
-                .ok_or_else(|| {
-                    DiskError::Mismatch(format!("block run {start}+{count} out of range"))
-                })?;
-            for b in start..end {
-                let n = disk.block_len(b);
-                delta.read_exact(&mut buf[..n])?;
-                disk.overlay.write_all_at(&buf[..n], b * BLOCK_SIZE)?;
-                disk.set_present(b);
-            }
-        }
-        Ok(disk)
-    }
-
     /// Disk size in bytes.
     pub fn capacity(&self) -> u64 {
         self.capacity
@@ -253,12 +217,11 @@ impl CowDisk {
         runs
     }
 
-    /// Layout to store in a snapshot next to [`CowDisk::export_delta`].
+    /// Geometry to store in a snapshot.
     pub fn state(&self) -> DiskState {
         DiskState {
             capacity_sectors: self.capacity_sectors(),
             block_size: BLOCK_SIZE,
-            dirty_runs: self.dirty_runs(),
         }
     }
 
@@ -346,32 +309,25 @@ impl CowDisk {
         Ok(n)
     }
 
-    /// Write the whole merged disk (base with overlay applied) to `out`.
-    pub fn write_merged_to(&self, out: &mut dyn Write) -> io::Result<u64> {
+    /// Write the whole merged disk (base with the overlay applied) into
+    /// `out`, truncated to the disk's size first; all-zero blocks are left as
+    /// holes, so a sparse-aware writer skips them cheaply. Returns the size.
+    pub fn write_merged_to(&self, out: &File) -> io::Result<u64> {
+        out.set_len(0)?;
+        out.set_len(self.capacity)?;
         let mut buf = vec![0u8; COPY_CHUNK];
         let mut pos = 0u64;
         while pos < self.capacity {
             let n = (self.capacity - pos).min(COPY_CHUNK as u64) as usize;
             self.read_at(&mut buf[..n], pos)?;
-            out.write_all(&buf[..n])?;
+            for (i, block) in buf[..n].chunks(BLOCK_SIZE as usize).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    out.write_all_at(block, pos + (i as u64) * BLOCK_SIZE)?;
+                }
+            }
             pos += n as u64;
         }
         Ok(pos)
-    }
-
-    /// Write the overlay blocks, in [`CowDisk::dirty_runs`] order, to `out`.
-    pub fn export_delta(&self, out: &mut dyn Write) -> io::Result<u64> {
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        let mut total = 0u64;
-        for (start, count) in self.dirty_runs() {
-            for b in start..start + count {
-                let n = self.block_len(b);
-                self.overlay.read_exact_at(&mut buf[..n], b * BLOCK_SIZE)?;
-                out.write_all(&buf[..n])?;
-                total += n as u64;
-            }
-        }
-        Ok(total)
     }
 }
 
@@ -409,8 +365,8 @@ pub struct BlockArgs {
     pub mem: GuestMemoryMmap,
     /// Interrupt line.
     pub interrupt: VirtioInterrupt,
-    /// The disk, rebuilt by the caller (e.g. [`CowDisk::with_delta`], or a
-    /// merged image via [`CowDisk::open`]); its size must match the state.
+    /// The disk, rebuilt by the caller (the merged image of the machine
+    /// file as its base); its size must match the state.
     pub disk: CowDisk,
 }
 
@@ -688,7 +644,7 @@ mod tests {
     use crate::devices::virtio::status::*;
     use crate::devices::virtio::testutil::*;
     use crate::devices::virtio::VIRTIO_F_VERSION_1;
-    use std::io::Seek;
+    use std::io::Write;
 
     /// A base image whose byte `i` is `i * 7 % 251` (never zero-filled, so
     /// copy-up mistakes show).
@@ -701,9 +657,11 @@ mod tests {
     }
 
     fn merged(disk: &CowDisk) -> Vec<u8> {
-        let mut out = Vec::new();
-        disk.write_merged_to(&mut out).unwrap();
-        out
+        let out = tempfile::tempfile().unwrap();
+        assert_eq!(disk.write_merged_to(&out).unwrap(), disk.capacity());
+        let mut v = vec![0u8; disk.capacity() as usize];
+        out.read_exact_at(&mut v, 0).unwrap();
+        v
     }
 
     #[test]
@@ -740,37 +698,23 @@ mod tests {
     }
 
     #[test]
-    fn delta_export_round_trips() {
+    fn merged_disk_leaves_zero_blocks_as_holes() {
         let (base, _) = base_image(64 * 1024);
         let mut disk = CowDisk::open(base.path()).unwrap();
-        disk.write_at(&[1u8; 512], 512).unwrap();
-        disk.write_at(&[2u8; 8192], 5 * 4096).unwrap();
-        disk.write_at(&[3u8; 4096], 15 * 4096).unwrap();
-        let state = disk.state();
-        assert_eq!(state.dirty_runs, vec![(0, 1), (5, 2), (15, 1)]);
-        let mut delta = Vec::new();
-        assert_eq!(disk.export_delta(&mut delta).unwrap(), 4 * 4096);
-
-        let reopened = std::fs::File::open(base.path()).unwrap();
-        let back = CowDisk::with_delta(reopened, &state, &mut delta.as_slice()).unwrap();
-        assert_eq!(merged(&back), merged(&disk));
-        assert_eq!(back.dirty_runs(), state.dirty_runs);
-
-        // A delta for a different image or a truncated delta is refused.
-        let bad = DiskState {
-            capacity_sectors: 1,
-            ..state.clone()
-        };
-        let f = std::fs::File::open(base.path()).unwrap();
-        assert!(CowDisk::with_delta(f, &bad, &mut delta.as_slice()).is_err());
-        let f = std::fs::File::open(base.path()).unwrap();
-        assert!(CowDisk::with_delta(f, &state, &mut &delta[..100]).is_err());
-        let runaway = DiskState {
-            dirty_runs: vec![(15, u64::MAX)],
-            ..state
-        };
-        let f = std::fs::File::open(base.path()).unwrap();
-        assert!(CowDisk::with_delta(f, &runaway, &mut delta.as_slice()).is_err());
+        disk.write_at(&[0u8; 4096], 5 * 4096).unwrap();
+        disk.write_at(&[3u8; 512], 15 * 4096).unwrap();
+        let out = tempfile::tempfile().unwrap();
+        // Stale bytes past the disk are cut off.
+        out.write_all_at(&[9u8; 100], 70 * 1024).unwrap();
+        assert_eq!(disk.write_merged_to(&out).unwrap(), 64 * 1024);
+        assert_eq!(out.metadata().unwrap().len(), 64 * 1024);
+        let mut got = vec![0u8; 64 * 1024];
+        out.read_exact_at(&mut got, 0).unwrap();
+        let mut expect = vec![0u8; 64 * 1024];
+        disk.read_at(&mut expect, 0).unwrap();
+        assert_eq!(got, expect);
+        assert_eq!(&got[5 * 4096..6 * 4096], &[0u8; 4096][..]);
+        assert_eq!(&got[15 * 4096..15 * 4096 + 512], &[3u8; 512][..]);
     }
 
     #[test]
@@ -1035,15 +979,15 @@ mod tests {
         r.q.add(&[Desc::r(h, 16), Desc::w(DATA + 0x4000, 2048), Desc::w(s, 1)]);
 
         let state = r.t.save().unwrap();
-        let mut delta = Vec::new();
-        r.t.device().disk().export_delta(&mut delta).unwrap();
+        // A resume gets the merged disk as the base of a fresh overlay.
+        let merged_file = tempfile::tempfile().unwrap();
+        r.t.device().disk().write_merged_to(&merged_file).unwrap();
         let bytes = postcard::to_allocvec(&state).unwrap();
         let state: MmioDeviceState<BlockState> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(state.device.common.queues[0].next_avail, 1);
 
         let (irq, count) = counting_interrupt();
-        let f = std::fs::File::open(base.path()).unwrap();
-        let disk = CowDisk::with_delta(f, &state.device.disk, &mut delta.as_slice()).unwrap();
+        let disk = CowDisk::from_base(merged_file).unwrap();
         let mut t = MmioTransport::<Block>::restore(
             BlockArgs {
                 mem: m.clone(),
@@ -1077,12 +1021,8 @@ mod tests {
         assert!(err.is_err());
 
         // The merged export equals what the guest sees.
-        let mut out = tempfile::tempfile().unwrap();
-        let n = t.device().disk().write_merged_to(&mut out).unwrap();
-        assert_eq!(n, 32 * 1024);
-        out.rewind().unwrap();
-        let mut img = Vec::new();
-        out.read_to_end(&mut img).unwrap();
+        let img = merged(t.device().disk());
+        assert_eq!(img.len(), 32 * 1024);
         assert_eq!(&img[4608..5632], &[0x77; 1024][..]);
         assert_eq!(&img[..4608], &data[..4608]);
     }

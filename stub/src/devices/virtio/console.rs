@@ -4,10 +4,13 @@
 //! Transmit: bytes the guest writes are passed to a host sink as they arrive.
 //! Receive: the host pushes bytes with [`Console::enqueue_input`]; they wait in
 //! a bounded buffer until the guest has posted receive buffers, and are copied
-//! into those immediately when it has.
+//! into those immediately when it has. While the device is paused (for a
+//! snapshot) input only goes into that buffer; resuming delivers it. A host
+//! writer that finds the buffer full waits on [`InputRoom`] instead of polling.
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +43,48 @@ pub struct Console {
     pending: VecDeque<u8>,
     rx_capacity: usize,
     sink_failed: bool,
+    room: Arc<InputRoom>,
+}
+
+/// Tells a host writer blocked on a full input buffer that room may have
+/// appeared (the guest took input, or the device resumed). A generation
+/// counter read under the console's lock before waiting makes wake-ups
+/// impossible to miss.
+#[derive(Default)]
+pub struct InputRoom {
+    state: Mutex<(u64, bool)>,
+    cond: Condvar,
+}
+
+impl InputRoom {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current generation; read it while holding the console's lock.
+    pub fn generation(&self) -> u64 {
+        self.lock().0
+    }
+
+    fn signal(&self) {
+        self.lock().0 += 1;
+        self.cond.notify_all();
+    }
+
+    /// Block until the generation is no longer `seen`; false once closed.
+    pub fn wait_change(&self, seen: u64) -> bool {
+        let mut g = self.lock();
+        while g.0 == seen && !g.1 {
+            g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        !g.1
+    }
+
+    /// Wake every waiter for good (the writer is shutting down).
+    pub fn close(&self) {
+        self.lock().1 = true;
+        self.cond.notify_all();
+    }
 }
 
 /// Saved [`Console`].
@@ -76,19 +121,15 @@ impl Console {
             pending: VecDeque::new(),
             rx_capacity: DEFAULT_RX_CAPACITY,
             sink_failed: false,
+            room: Arc::default(),
         })
     }
 
-    /// Change the bound on undelivered host input (at least 1 byte).
-    pub fn with_rx_capacity(mut self, capacity: usize) -> Self {
-        self.rx_capacity = capacity.max(1);
-        self
-    }
-
     /// Queue host bytes for the guest and deliver what fits in the receive
-    /// buffers the guest has posted. Returns how many bytes were accepted:
-    /// fewer than `input.len()` when the bounded buffer is full, in which case
-    /// the caller retries the rest later (e.g. after the guest reads).
+    /// buffers the guest has posted (nothing while paused). Returns how many
+    /// bytes were accepted: fewer than `input.len()` when the bounded buffer
+    /// is full, in which case the caller waits on [`Console::input_room_signal`]
+    /// and retries the rest.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         let room = self.rx_capacity.saturating_sub(self.pending.len());
         let n = room.min(input.len());
@@ -107,10 +148,23 @@ impl Console {
         self.rx_capacity.saturating_sub(self.pending.len())
     }
 
+    /// Signalled whenever undelivered input shrinks.
+    pub fn input_room_signal(&self) -> Arc<InputRoom> {
+        self.room.clone()
+    }
+
     fn deliver_input(&mut self) {
         if self.pending.is_empty() {
             return;
         }
+        let before = self.pending.len();
+        self.drain_rx();
+        if self.pending.len() < before {
+            self.room.signal();
+        }
+    }
+
+    fn drain_rx(&mut self) {
         let pending = &mut self.pending;
         self.common.drain_queue(RX_QUEUE, MAX_DESCS, |mem, chain| {
             if pending.is_empty() {
@@ -202,6 +256,10 @@ impl VirtioDevice for Console {
         self.deliver_input();
     }
 
+    fn resumed(&mut self) {
+        self.deliver_input();
+    }
+
     fn process_queue(&mut self, index: usize) {
         match index {
             RX_QUEUE => self.deliver_input(),
@@ -242,6 +300,7 @@ impl Persist for Console {
             pending: state.pending_rx.iter().copied().collect(),
             rx_capacity,
             sink_failed: false,
+            room: Arc::default(),
         })
     }
 }

@@ -285,6 +285,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // carry ring positions; only the queue index matters here.
         let index = (v & 0xffff) as usize;
         let common = self.device.common();
+        // Notifications come from vCPU exits, and vCPUs are parked before
+        // devices are paused.
+        debug_assert!(!common.paused, "virtio-mmio notify while paused");
         if self.status & DRIVER_OK == 0 || common.broken || index >= common.queues.len() {
             log::debug!("virtio-mmio notify of queue {index} ignored");
             return;
@@ -365,6 +368,23 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue_sel: state.queue_sel,
             config_generation: state.config_generation,
         }
+    }
+}
+
+impl<D: VirtioDevice> crate::devices::Pausable for MmioTransport<D> {
+    fn pause(&mut self) {
+        self.device.common_mut().paused = true;
+    }
+
+    fn resume(&mut self) {
+        if self.device.common().paused {
+            self.device.common_mut().paused = false;
+            self.device.resumed();
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.device.common().paused
     }
 }
 

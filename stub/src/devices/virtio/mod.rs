@@ -222,6 +222,10 @@ pub struct VirtioCommon {
     /// Set when the device found the driver's rings unusable; reported to the
     /// guest as `NEEDS_RESET` and cleared by a reset.
     pub broken: bool,
+    /// Set while the device is paused for a snapshot: no queue is processed,
+    /// so no guest memory, ring or interrupt is touched (not saved: a
+    /// restored device starts paused only if its owner pauses it).
+    pub paused: bool,
     /// Guest memory.
     pub mem: GuestMemoryMmap,
     /// Interrupt line and status bits.
@@ -259,6 +263,7 @@ impl VirtioCommon {
             acked_features: 0,
             activated: false,
             broken: false,
+            paused: false,
             mem,
             interrupt,
         })
@@ -291,7 +296,10 @@ impl VirtioCommon {
 
     /// Whether queue `index` may be processed now.
     pub fn queue_usable(&self, index: usize) -> bool {
-        self.activated && !self.broken && self.queues.get(index).is_some_and(|q| q.ready())
+        self.activated
+            && !self.broken
+            && !self.paused
+            && self.queues.get(index).is_some_and(|q| q.ready())
     }
 
     /// Raise the used-buffer interrupt for queue `index` if the driver wants
@@ -425,6 +433,7 @@ impl VirtioCommon {
             acked_features: state.acked_features,
             activated: state.activated,
             broken: state.broken,
+            paused: false,
             mem,
             interrupt,
         })
@@ -469,6 +478,10 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// Device-specific part of a reset (the common part is done already).
     fn reset(&mut self) {}
+    /// The device was resumed after a pause: deliver host input buffered
+    /// meanwhile. Devices that only act on guest notifications (block, rng)
+    /// have nothing to do: their vCPUs were parked while they were paused.
+    fn resumed(&mut self) {}
 }
 
 /// Read `data.len()` bytes of the little-endian config image `config` at

@@ -1,0 +1,458 @@
+//! The device manager: the one owner of a machine's buses and devices.
+//!
+//! Boot and resume attach devices through the same helpers (`attach_*`);
+//! the manager is the single [`Persist`] for the whole device set (a list of
+//! tagged [`DeviceState`]s in attach order) and pauses and resumes every
+//! device together with the vCPUs (see [`Pausable`]).
+//!
+//! Host devices that carry no guest state (the test guest's console and
+//! report ports) go on the I/O bus through [`DeviceManager::attach_host_io`]
+//! and are not part of the snapshot: whoever resumes the machine attaches
+//! them again.
+
+use std::sync::{Arc, Mutex};
+
+use super::bus::{Bus, BusDevice, BusError};
+use super::exit::ExitPort;
+use super::legacy::serial::{SerialArgs, SerialDevice, SerialSink};
+use super::legacy::{COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN};
+use super::state::{DeviceState, VirtioDeviceState, VirtioSlotState};
+use super::virtio::block::{Block, BlockArgs, CowDisk};
+use super::virtio::console::{Console, ConsoleArgs, ConsoleSink};
+use super::virtio::mmio::MmioTransport;
+use super::virtio::rng::{Rng, RngArgs};
+use super::virtio::{mmio_slot, InterruptTrigger, VirtioInterrupt, MMIO_IRQS, MMIO_SIZE};
+use super::Pausable;
+use crate::hypervisor::HypervisorError;
+use crate::snapshot::Persist;
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{ExitReason, RunControl};
+
+/// Errors attaching, saving or restoring devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Two devices claim the same addresses.
+    #[error("cannot attach a device: {0}")]
+    Bus(#[from] BusError),
+    /// An interrupt line cannot be set up.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// A device refused its saved state.
+    #[error("cannot restore the {what}: {msg}")]
+    Restore { what: &'static str, msg: String },
+    /// A device's state could not be captured.
+    #[error("cannot save the {what}: {msg}")]
+    Save { what: &'static str, msg: String },
+    /// The snapshot holds a device whose host side was not provided.
+    #[error("the machine has a {0} but no host end was given for it")]
+    MissingHostEnd(&'static str),
+    /// A saved device sits where this VMM never puts one.
+    #[error(
+        "the machine state puts a {what} at {at}, where this VMM has none; the file is corrupt"
+    )]
+    BadPlace { what: &'static str, at: String },
+    /// `save` needs the devices paused (pause the machine first).
+    #[error("devices must be paused before their state is saved")]
+    NotPaused,
+}
+
+/// A virtio device and the mmio transport in front of it, shared with the
+/// MMIO bus.
+#[derive(Clone)]
+pub enum VirtioHandle {
+    Block(Arc<Mutex<MmioTransport<Block>>>),
+    Console(Arc<Mutex<MmioTransport<Console>>>),
+    Rng(Arc<Mutex<MmioTransport<Rng>>>),
+}
+
+impl VirtioHandle {
+    fn bus_device(&self) -> Arc<Mutex<dyn BusDevice>> {
+        match self {
+            VirtioHandle::Block(d) => d.clone(),
+            VirtioHandle::Console(d) => d.clone(),
+            VirtioHandle::Rng(d) => d.clone(),
+        }
+    }
+
+    fn pausable(&self, f: &mut dyn FnMut(&mut dyn Pausable)) {
+        match self {
+            VirtioHandle::Block(d) => f(&mut *lock(d)),
+            VirtioHandle::Console(d) => f(&mut *lock(d)),
+            VirtioHandle::Rng(d) => f(&mut *lock(d)),
+        }
+    }
+
+    fn save(&self) -> Result<VirtioDeviceState, DeviceError> {
+        let err = |what| {
+            move |e: super::virtio::VirtioError| DeviceError::Save {
+                what,
+                msg: e.to_string(),
+            }
+        };
+        Ok(match self {
+            VirtioHandle::Block(d) => {
+                VirtioDeviceState::Block(lock(d).save().map_err(err("virtio-blk"))?)
+            }
+            VirtioHandle::Console(d) => {
+                VirtioDeviceState::Console(lock(d).save().map_err(err("virtio-console"))?)
+            }
+            VirtioHandle::Rng(d) => {
+                VirtioDeviceState::Rng(lock(d).save().map_err(err("virtio-rng"))?)
+            }
+        })
+    }
+}
+
+enum Attached {
+    ExitPort {
+        port: u16,
+        dev: Arc<Mutex<ExitPort>>,
+    },
+    Serial {
+        base: u16,
+        irq: u32,
+        dev: Arc<Mutex<SerialDevice>>,
+    },
+    I8042(Arc<Mutex<I8042>>),
+    Virtio {
+        base: u64,
+        irq: u32,
+        dev: VirtioHandle,
+    },
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes the interrupt line of a GSI (an irqfd on KVM).
+pub type IrqLines<'a> = &'a dyn Fn(u32) -> Result<Arc<dyn InterruptTrigger>, HypervisorError>;
+
+/// The host side of the devices a snapshot restores; each is taken by the
+/// device that needs it.
+#[derive(Default)]
+pub struct HostEnds {
+    /// Where the serial port's output goes (discarded when `None`).
+    pub serial_out: Option<SerialSink>,
+    /// Where the virtio console's output goes.
+    pub console_out: Option<ConsoleSink>,
+    /// The disk behind the virtio block device.
+    pub disk: Option<CowDisk>,
+}
+
+/// What [`DeviceManager::restore`] needs from the machine.
+pub struct DeviceArgs<'a> {
+    /// Guest memory, for virtio queues.
+    pub memory: &'a GuestMemory,
+    /// The machine's run control (the exit port and i8042 stop the machine).
+    pub control: Arc<RunControl>,
+    /// Interrupt lines by GSI.
+    pub irq: IrqLines<'a>,
+    /// Host ends of the devices.
+    pub ends: HostEnds,
+}
+
+/// The buses and every device attached to them.
+pub struct DeviceManager {
+    io_bus: Bus,
+    mmio_bus: Bus,
+    devices: Vec<Attached>,
+    control: Arc<RunControl>,
+    paused: bool,
+}
+
+impl DeviceManager {
+    /// No devices; the exit port and i8042 will report to `control`. The
+    /// set starts paused, like the machine's parked vCPUs: devices attached
+    /// before the machine starts are paused as they are attached, and
+    /// `Machine::start` resumes them.
+    pub fn new(control: Arc<RunControl>) -> Self {
+        DeviceManager {
+            io_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            devices: Vec::new(),
+            control,
+            paused: true,
+        }
+    }
+
+    fn push(&mut self, d: Attached) {
+        self.devices.push(d);
+        if self.paused {
+            if let Some(last) = self.devices.last() {
+                pause_one(last);
+            }
+        }
+    }
+
+    /// The port I/O bus (the vCPU run loop dispatches on it).
+    pub fn io_bus(&self) -> &Bus {
+        &self.io_bus
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Bus {
+        &self.mmio_bus
+    }
+
+    /// Attach the exit port at `port`.
+    pub fn attach_exit_port(&mut self, port: u16) -> Result<(), DeviceError> {
+        let dev = Arc::new(Mutex::new(ExitPort::new(self.control.clone())));
+        self.io_bus.insert(dev.clone(), u64::from(port), 1)?;
+        self.push(Attached::ExitPort { port, dev });
+        Ok(())
+    }
+
+    /// Attach `dev` as COM1 (raising IRQ 4).
+    pub fn attach_serial(&mut self, dev: SerialDevice) -> Result<(), DeviceError> {
+        let dev = Arc::new(Mutex::new(dev));
+        self.io_bus.insert(dev.clone(), COM1_BASE, COM1_LEN)?;
+        self.push(Attached::Serial {
+            base: COM1_BASE as u16,
+            irq: COM1_IRQ,
+            dev,
+        });
+        Ok(())
+    }
+
+    /// Attach the i8042; its reset command stops the machine (`Shutdown`).
+    pub fn attach_i8042(&mut self) -> Result<(), DeviceError> {
+        let control = self.control.clone();
+        let dev = Arc::new(Mutex::new(I8042::new(Box::new(move || {
+            control.finish(ExitReason::Shutdown)
+        }))));
+        self.io_bus.insert(dev.clone(), I8042_BASE, I8042_LEN)?;
+        self.push(Attached::I8042(dev));
+        Ok(())
+    }
+
+    /// Attach a virtio device at virtio-mmio slot `(base, irq)` (one of
+    /// [`mmio_slot`]'s; its interrupt is built from `irq` by the caller).
+    pub fn attach_virtio(
+        &mut self,
+        base: u64,
+        irq: u32,
+        dev: VirtioHandle,
+    ) -> Result<(), DeviceError> {
+        if !(0..MMIO_IRQS.len()).any(|i| mmio_slot(i) == Some((base, irq))) {
+            return Err(DeviceError::BadPlace {
+                what: "virtio-mmio device",
+                at: format!("{base:#x} IRQ {irq}"),
+            });
+        }
+        self.mmio_bus.insert(dev.bus_device(), base, MMIO_SIZE)?;
+        self.push(Attached::Virtio { base, irq, dev });
+        Ok(())
+    }
+
+    /// Attach a host device that carries no guest state (not saved).
+    pub fn attach_host_io(
+        &mut self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        self.io_bus.insert(dev, base, len)?;
+        Ok(())
+    }
+
+    /// Detach the host device at `base` (dropping the bus's reference).
+    pub fn detach_host_io(&mut self, base: u64) -> bool {
+        self.io_bus.remove(base)
+    }
+
+    fn virtio(&self) -> impl Iterator<Item = &VirtioHandle> {
+        self.devices.iter().filter_map(|d| match d {
+            Attached::Virtio { dev, .. } => Some(dev),
+            _ => None,
+        })
+    }
+
+    /// The first virtio console (the agent's).
+    pub fn virtio_console(&self) -> Option<Arc<Mutex<MmioTransport<Console>>>> {
+        self.virtio().find_map(|d| match d {
+            VirtioHandle::Console(c) => Some(c.clone()),
+            _ => None,
+        })
+    }
+
+    /// The first virtio block device (the root disk).
+    pub fn virtio_block(&self) -> Option<Arc<Mutex<MmioTransport<Block>>>> {
+        self.virtio().find_map(|d| match d {
+            VirtioHandle::Block(b) => Some(b.clone()),
+            _ => None,
+        })
+    }
+
+    fn each(&self, f: &mut dyn FnMut(&mut dyn Pausable)) {
+        for d in &self.devices {
+            with_pausable(d, &mut *f);
+        }
+    }
+
+    /// Pause every device (after the vCPUs are parked): from here on no
+    /// device touches guest memory, rings or interrupts.
+    pub fn pause(&mut self) {
+        self.each(&mut |d| d.pause());
+        self.paused = true;
+    }
+
+    /// Resume every device (before the vCPUs run again); devices deliver
+    /// host input they buffered meanwhile.
+    pub fn resume(&mut self) {
+        self.each(&mut |d| d.resume());
+        self.paused = false;
+    }
+
+    /// Whether the device set is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+fn with_pausable(d: &Attached, f: &mut dyn FnMut(&mut dyn Pausable)) {
+    match d {
+        Attached::ExitPort { dev, .. } => f(&mut *lock(dev)),
+        Attached::Serial { dev, .. } => f(&mut *lock(dev)),
+        Attached::I8042(dev) => f(&mut *lock(dev)),
+        Attached::Virtio { dev, .. } => dev.pausable(f),
+    }
+}
+
+fn pause_one(d: &Attached) {
+    with_pausable(d, &mut |p| p.pause());
+}
+
+fn restore_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> DeviceError {
+    move |e| DeviceError::Restore {
+        what,
+        msg: e.to_string(),
+    }
+}
+
+impl Persist for DeviceManager {
+    type State = Vec<DeviceState>;
+    type Args<'a> = DeviceArgs<'a>;
+    type Error = DeviceError;
+
+    fn save(&self) -> Result<Vec<DeviceState>, DeviceError> {
+        if !self.paused {
+            return Err(DeviceError::NotPaused);
+        }
+        self.devices
+            .iter()
+            .map(|d| {
+                Ok(match d {
+                    Attached::ExitPort { port, .. } => DeviceState::ExitPort { port: *port },
+                    Attached::Serial { base, irq, dev } => DeviceState::Serial {
+                        base: *base,
+                        irq: *irq,
+                        state: lock(dev).save().map_err(|e| DeviceError::Save {
+                            what: "serial port",
+                            msg: e.to_string(),
+                        })?,
+                    },
+                    Attached::I8042(_) => DeviceState::I8042,
+                    Attached::Virtio { base, irq, dev } => {
+                        DeviceState::VirtioMmio(VirtioSlotState {
+                            base: *base,
+                            irq: *irq,
+                            device: dev.save()?,
+                        })
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Rebuild and attach every device of `states`, in order; they stay
+    /// paused until the machine starts.
+    fn restore(args: DeviceArgs<'_>, states: &Vec<DeviceState>) -> Result<Self, DeviceError> {
+        let DeviceArgs {
+            memory,
+            control,
+            irq,
+            mut ends,
+        } = args;
+        let mut m = DeviceManager::new(control);
+        let mem = memory.mmap();
+        for s in states {
+            match s {
+                DeviceState::ExitPort { port } => m.attach_exit_port(*port)?,
+                DeviceState::Serial {
+                    base,
+                    irq: gsi,
+                    state,
+                } => {
+                    if (u64::from(*base), *gsi) != (COM1_BASE, COM1_IRQ) {
+                        return Err(DeviceError::BadPlace {
+                            what: "serial port",
+                            at: format!("port {base:#x} IRQ {gsi}"),
+                        });
+                    }
+                    let sink = ends
+                        .serial_out
+                        .take()
+                        .unwrap_or_else(|| Box::new(std::io::sink()));
+                    let dev = SerialDevice::restore(
+                        SerialArgs {
+                            irq: irq(*gsi)?,
+                            sink,
+                        },
+                        state,
+                    )
+                    .map_err(restore_err("serial port"))?;
+                    m.attach_serial(dev)?;
+                }
+                DeviceState::I8042 => m.attach_i8042()?,
+                DeviceState::VirtioMmio(slot) => {
+                    let interrupt = VirtioInterrupt::new(irq(slot.irq)?);
+                    let dev = match &slot.device {
+                        VirtioDeviceState::Block(state) => {
+                            let disk = ends
+                                .disk
+                                .take()
+                                .ok_or(DeviceError::MissingHostEnd("virtio block device"))?;
+                            let args = BlockArgs {
+                                mem: mem.clone(),
+                                interrupt,
+                                disk,
+                            };
+                            VirtioHandle::Block(Arc::new(Mutex::new(
+                                MmioTransport::<Block>::restore(args, state)
+                                    .map_err(restore_err("virtio-blk"))?,
+                            )))
+                        }
+                        VirtioDeviceState::Console(state) => {
+                            let sink = ends
+                                .console_out
+                                .take()
+                                .ok_or(DeviceError::MissingHostEnd("virtio console"))?;
+                            let args = ConsoleArgs {
+                                mem: mem.clone(),
+                                interrupt,
+                                sink,
+                            };
+                            VirtioHandle::Console(Arc::new(Mutex::new(
+                                MmioTransport::<Console>::restore(args, state)
+                                    .map_err(restore_err("virtio-console"))?,
+                            )))
+                        }
+                        VirtioDeviceState::Rng(state) => {
+                            let args = RngArgs {
+                                mem: mem.clone(),
+                                interrupt,
+                            };
+                            VirtioHandle::Rng(Arc::new(Mutex::new(
+                                MmioTransport::<Rng>::restore(args, state)
+                                    .map_err(restore_err("virtio-rng"))?,
+                            )))
+                        }
+                    };
+                    m.attach_virtio(slot.base, slot.irq, dev)?;
+                }
+            }
+        }
+        Ok(m)
+    }
+}
