@@ -463,3 +463,95 @@ fn shell_reads_commands_from_piped_stdin() {
     assert_eq!(o.status.code(), Some(6), "{}", describe(&o));
     assert_eq!(stdout(&o).trim(), MARKER_TEXT);
 }
+
+/// The host streams stdin into a guest command while the machine is saved
+/// three times. The command sees every byte exactly once, and each saved
+/// machine resumes with an agent that answers and a command whose output
+/// through the same console is byte-exact (about 20 s on PVM).
+#[test]
+fn saves_during_a_stdin_flood_resume_consistently() {
+    use smolvm::linux::{resume_linux, ResumeOptions};
+    use smolvm_agent::protocol::ExecRequest;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let Some(fx) = fixture("saves_during_a_stdin_flood_resume_consistently") else {
+        return;
+    };
+    let dir = tempfile::tempdir_in(&fx.scratch).unwrap();
+    let mut m = resume_linux(&fx.machine, ResumeOptions::default()).expect("resume the fixture");
+    let mut h = m
+        .agent()
+        .exec(ExecRequest::new(["wc", "-c"]))
+        .expect("start wc");
+    let mut out = h.take_stdout().expect("wc's stdout");
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stdin = h.stdin();
+        let (written, stop) = (written.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut stdin = stdin;
+            let chunk: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
+            while !stop.load(Ordering::SeqCst) {
+                stdin.write_all(&chunk).expect("stdin of wc");
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    let wait_for_more = |from: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while written.load(Ordering::SeqCst) < from + 256 * 1024 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stdin flood stalled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    let mut saved = Vec::new();
+    for i in 0..3 {
+        wait_for_more(written.load(Ordering::SeqCst));
+        let file = dir.path().join(format!("flood-{i}.smolmachine"));
+        m.save(
+            &file,
+            &Default::default(),
+            smolvm_formats::Compression::None,
+        )
+        .expect("save during the flood");
+        m.unpause().expect("unpause after the save");
+        saved.push(file);
+    }
+    wait_for_more(written.load(Ordering::SeqCst));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    h.close_stdin().unwrap();
+    let mut counted = String::new();
+    std::io::Read::read_to_string(&mut out, &mut counted).unwrap();
+    assert_eq!(
+        h.wait().unwrap(),
+        smolvm_agent::protocol::ExitStatus::Code(0)
+    );
+    assert_eq!(
+        counted.trim(),
+        written.load(Ordering::SeqCst).to_string(),
+        "wc saw another byte count than the host sent"
+    );
+    m.shutdown();
+
+    let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    for file in &saved {
+        let r = resume_linux(file, ResumeOptions::default())
+            .unwrap_or_else(|e| panic!("resuming {}: {e}", file.display()));
+        r.agent().ping().expect("the resumed agent answers");
+        let o = r.agent().run_capture(["seq", "1", "20000"]).unwrap();
+        assert_eq!(o.status, smolvm_agent::protocol::ExitStatus::Code(0));
+        assert!(
+            o.stdout == expected.as_bytes(),
+            "seq output differs after resuming {}",
+            file.display()
+        );
+        r.shutdown();
+    }
+}

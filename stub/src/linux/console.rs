@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use smolvm_agent::protocol::{parse_header, HEADER_LEN};
+
 use crate::devices::virtio::console::{Console, InputRoom};
 use crate::devices::virtio::mmio::MmioTransport;
 
@@ -208,19 +210,93 @@ impl Write for SocketSink {
 /// receive queue, until the socket closes. When the console's bounded input
 /// buffer is full (the guest has not posted receive buffers, or the machine
 /// is paused) it waits on the console's [`InputRoom`] signal.
+///
+/// Agent frames go into the console whole: a frame waits on the host side
+/// until all of it has arrived and fits, so a machine saved at any moment
+/// holds a frame-aligned stream, and the client of a resumed machine starts
+/// on a frame boundary. A stream that is not the agent protocol (bad magic,
+/// oversized length) is passed through as it comes.
 pub struct AgentBridge {
     socket: UnixStream,
     room: Arc<InputRoom>,
     thread: Option<JoinHandle<()>>,
 }
 
+type SharedConsole = Arc<Mutex<MmioTransport<Console>>>;
+
+/// Length of the frame at the start of `b`: `None` while its header is
+/// incomplete, `Some(Err(()))` when it is no agent frame.
+fn frame_len(b: &[u8]) -> Option<Result<usize, ()>> {
+    let header: &[u8; HEADER_LEN] = b.get(..HEADER_LEN)?.try_into().ok()?;
+    Some(
+        parse_header(header)
+            .map(|len| HEADER_LEN + len)
+            .map_err(|_| ()),
+    )
+}
+
+/// Put `bytes` into the console, all at once when `whole` (and it can ever
+/// fit), waiting for room as needed. False when the bridge is shutting down.
+fn deliver(console: &SharedConsole, room: &InputRoom, bytes: &[u8], whole: bool) -> bool {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (took, seen) = {
+            let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
+            // Read under the console's lock: a signal after this enqueue
+            // changes the generation.
+            let seen = room.generation();
+            let dev = c.device_mut();
+            let wait = whole && rest.len() <= dev.input_capacity() && dev.input_room() < rest.len();
+            (if wait { 0 } else { dev.enqueue_input(rest) }, seen)
+        };
+        rest = &rest[took..];
+        if took == 0 && !room.wait_change(seen) {
+            return false;
+        }
+    }
+    true
+}
+
+fn pump(mut reader: UnixStream, console: SharedConsole, room: Arc<InputRoom>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut framed = true;
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut start = 0;
+        while start < buf.len() {
+            let rest = &buf[start..];
+            let len = if framed {
+                match frame_len(rest) {
+                    Some(Ok(len)) if len <= rest.len() => len,
+                    Some(Ok(_)) | None => break,
+                    Some(Err(())) => {
+                        framed = false;
+                        rest.len()
+                    }
+                }
+            } else {
+                rest.len()
+            };
+            if !deliver(&console, &room, &rest[..len], framed) {
+                return;
+            }
+            start += len;
+        }
+        buf.drain(..start);
+    }
+}
+
 impl AgentBridge {
     /// Start pumping from `socket` into `console`.
-    pub fn start(
-        socket: UnixStream,
-        console: Arc<Mutex<MmioTransport<Console>>>,
-    ) -> io::Result<AgentBridge> {
-        let mut reader = socket.try_clone()?;
+    pub fn start(socket: UnixStream, console: SharedConsole) -> io::Result<AgentBridge> {
+        let reader = socket.try_clone()?;
         let room = console
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -229,31 +305,7 @@ impl AgentBridge {
         let room2 = room.clone();
         let thread = std::thread::Builder::new()
             .name("agent-bridge".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    let n = match reader.read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
-                    };
-                    let mut rest = &buf[..n];
-                    while !rest.is_empty() {
-                        let (took, seen) = {
-                            let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
-                            // Read under the console's lock: a signal after
-                            // this enqueue changes the generation.
-                            let seen = room2.generation();
-                            (c.device_mut().enqueue_input(rest), seen)
-                        };
-                        rest = &rest[took..];
-                        if took == 0 && !room2.wait_change(seen) {
-                            return;
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || pump(reader, console, room2))?;
         Ok(AgentBridge {
             socket,
             room,

@@ -148,6 +148,11 @@ impl Console {
         self.rx_capacity.saturating_sub(self.pending.len())
     }
 
+    /// The bound on undelivered host input.
+    pub fn input_capacity(&self) -> usize {
+        self.rx_capacity
+    }
+
     /// Signalled whenever undelivered input shrinks.
     pub fn input_room_signal(&self) -> Arc<InputRoom> {
         self.room.clone()
