@@ -327,6 +327,66 @@ impl Drop for AgentBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::testutil::{counting_interrupt, mem};
+    use crate::devices::Pausable;
+
+    fn paused_console() -> SharedConsole {
+        let (irq, _) = counting_interrupt();
+        let c = Console::new(mem(0x10000), irq, Box::new(io::sink())).unwrap();
+        let mut t = MmioTransport::new(c);
+        t.pause();
+        Arc::new(Mutex::new(t))
+    }
+
+    fn pending(c: &SharedConsole) -> usize {
+        c.lock().unwrap().device().pending_input()
+    }
+
+    /// Waits (bounded) until the bridge moved at least `n` bytes into `c`.
+    fn wait_pending(c: &SharedConsole, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while pending(c) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bridge never delivered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = b"SM".to_vec();
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn bridge_delivers_whole_frames_only() {
+        let console = paused_console();
+        let (vmm, mut host) = UnixStream::pair().unwrap();
+        let bridge = AgentBridge::start(vmm, console.clone()).unwrap();
+        let a = frame(b"first frame");
+        let b = frame(&[7u8; 300]);
+        let mut bytes = a.clone();
+        bytes.extend_from_slice(&b[..b.len() / 2]);
+        host.write_all(&bytes).unwrap();
+        wait_pending(&console, a.len());
+        drop(host);
+        drop(bridge);
+        // The half frame stayed on the host side.
+        assert_eq!(pending(&console), a.len());
+
+        // A stream that is not agent frames passes through as it comes.
+        let console = paused_console();
+        let (vmm, mut host) = UnixStream::pair().unwrap();
+        let bridge = AgentBridge::start(vmm, console.clone()).unwrap();
+        host.write_all(b"not a frame at all").unwrap();
+        wait_pending(&console, 18);
+        drop(host);
+        drop(bridge);
+        assert_eq!(pending(&console), 18);
+    }
 
     #[test]
     fn keeps_a_bounded_tail_and_spots_marks() {
