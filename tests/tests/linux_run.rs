@@ -471,7 +471,7 @@ fn shell_reads_commands_from_piped_stdin() {
 /// credit flow keeps host input from arriving inside a save's window in
 /// practice, so the device pause itself is proven by
 /// `devices::manager::tests::console_flood_during_saves_restores_consistently`.
-/// About 2.5 min on PVM besides the shared fixture (three saves of 256 MiB,
+/// About 110 s on PVM besides the shared fixture (three saves of 256 MiB,
 /// three resumes).
 #[test]
 fn saves_during_a_stdin_flood_resume_consistently() {
@@ -484,6 +484,7 @@ fn saves_during_a_stdin_flood_resume_consistently() {
         return;
     };
     let dir = tempfile::tempdir_in(&fx.scratch).unwrap();
+    let t0 = std::time::Instant::now();
     let mut m = resume_linux(&fx.machine, ResumeOptions::default()).expect("resume the fixture");
     let mut h = m
         .agent()
@@ -544,6 +545,11 @@ fn saves_during_a_stdin_flood_resume_consistently() {
         "wc saw another byte count than the host sent"
     );
     m.shutdown();
+    eprintln!(
+        "flood: {} bytes through 3 saves in {:.1} s",
+        written.load(Ordering::SeqCst),
+        t0.elapsed().as_secs_f64()
+    );
 
     let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
     for file in &saved {
@@ -559,4 +565,8 @@ fn saves_during_a_stdin_flood_resume_consistently() {
         );
         r.shutdown();
     }
+    eprintln!(
+        "flood: saved machines resumed and checked after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }
