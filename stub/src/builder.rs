@@ -12,13 +12,14 @@ use crate::arch::x86_64::layout;
 use crate::devices::bus::Bus;
 use crate::devices::exit::{ExitPort, EXIT_PORT};
 use crate::host::{HostProfile, ProfileError};
-use crate::hypervisor::kvm::{x86_64 as kvm_x86, KvmHypervisor, KvmVcpu, KvmVm};
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::{
+    Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError, VcpuX86_64, VmX86_64,
+};
 use crate::machine::{kick, Machine};
+use crate::memory::{GuestMemory, MemoryError, Run};
 use crate::snapshot::{DeviceStates, MachineState, StateError};
 use crate::timing;
-use crate::vstate::memory::{GuestMemory, MemoryError, Run};
-use crate::vstate::vcpu::RunControl;
+use crate::vstate::vcpu::{ExitReason, RunControl};
 use crate::vstate::vm::create_vm;
 
 /// Errors from building a machine.
@@ -80,9 +81,11 @@ fn attach_devices(
     devices: &DeviceStates,
 ) -> Result<(), BuildError> {
     if let Some(port) = devices.exit_port {
+        let control = control.clone();
+        let on_exit = Box::new(move |status| control.finish(ExitReason::Exited(status)));
         io_bus
             .insert(
-                Arc::new(Mutex::new(ExitPort::new(control.clone()))),
+                Arc::new(Mutex::new(ExitPort::new(on_exit))),
                 u64::from(port),
                 1,
             )
@@ -93,10 +96,10 @@ fn attach_devices(
 
 #[allow(clippy::too_many_arguments)]
 fn assemble(
-    hv: KvmHypervisor,
-    vm: KvmVm,
+    hv: Backend,
+    vm: BackendVm,
     memory: GuestMemory,
-    vcpus: Vec<KvmVcpu>,
+    vcpus: Vec<BackendVcpu>,
     pit: bool,
     devices: DeviceStates,
     profile: HostProfile,
@@ -135,9 +138,9 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
         )));
     }
     let profile = HostProfile::detect();
-    let hv = KvmHypervisor::new()?;
+    let hv = Backend::open_default()?;
     let memory = GuestMemory::anonymous(&layout::ram_regions(config.memory_bytes))?;
-    kvm_x86::write_boot_tables(&memory)?;
+    crate::arch::x86_64::write_boot_tables(&memory)?;
     let (vm, vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
     let devices = DeviceStates {
         exit_port: config.exit_port,
@@ -245,7 +248,7 @@ fn snapshot_memory(plan: &SnapshotPlan) -> Result<GuestMemory, BuildError> {
 /// when started.
 pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
     let profile = HostProfile::detect();
-    let hv = KvmHypervisor::new()?;
+    let hv = Backend::open_default()?;
     let memory = snapshot_memory(&plan)?;
     timing::mark("file-mapped");
     let state = &plan.state;

@@ -15,6 +15,8 @@ pub mod hypervisor;
 pub mod linux;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod machine;
+pub mod memory;
+pub mod persist;
 pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod testguest;

@@ -9,10 +9,11 @@ use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, Se
 
 use crate::devices::bus::Bus;
 use crate::host::HostProfile;
-use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
-use crate::hypervisor::{HypervisorError, Vcpu};
+use crate::hypervisor::{
+    Backend, BackendVcpu, BackendVm, HypervisorError, InterruptLine, Vcpu, VcpuX86_64, Vm, VmX86_64,
+};
+use crate::memory::{GuestMemory, MemoryError};
 use crate::snapshot::{DeviceStates, MachineState, RegionState, StateError};
-use crate::vstate::memory::{GuestMemory, MemoryError};
 use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
 
 /// Errors from running or saving a machine.
@@ -67,10 +68,10 @@ impl PauseHandle {
 ///
 /// Fields drop in order: vCPUs, then the VM, then guest memory.
 pub struct Machine {
-    pub(crate) threads: Vec<JoinHandle<KvmVcpu>>,
-    pub(crate) parked: Vec<KvmVcpu>,
-    pub(crate) vm: Arc<KvmVm>,
-    pub(crate) _hypervisor: KvmHypervisor,
+    pub(crate) threads: Vec<JoinHandle<BackendVcpu>>,
+    pub(crate) parked: Vec<BackendVcpu>,
+    pub(crate) vm: Arc<BackendVm>,
+    pub(crate) _hypervisor: Backend,
     pub(crate) memory: GuestMemory,
     pub(crate) io_bus: Bus,
     pub(crate) mmio_bus: Bus,
@@ -115,7 +116,7 @@ impl Machine {
         &self,
         gsi: u32,
     ) -> Result<Arc<dyn crate::devices::virtio::InterruptTrigger>, MachineError> {
-        Ok(Arc::new(IrqLine(self.vm.irqfd_line(gsi)?)))
+        Ok(Arc::new(IrqLine(self.vm.interrupt_line(gsi)?)))
     }
 
     /// The host profile this machine runs under.
@@ -150,9 +151,8 @@ impl Machine {
             return Err(MachineError::EntryAfterStart);
         }
         let count = self.parked.len() as u32;
-        let kvm = self.vm.kvm();
         for vcpu in &self.parked {
-            vcpu.configure_boot(kvm, entry, count)?;
+            vcpu.configure_boot(entry, count)?;
         }
         self.needs_entry = false;
         Ok(())
@@ -173,9 +173,8 @@ impl Machine {
         self.memory
             .write(layout::GDT_ADDR, &gdt::gdt_bytes(&gdt::PVH_GDT))?;
         let count = self.parked.len() as u32;
-        let kvm = self.vm.kvm();
         for vcpu in &self.parked {
-            vcpu.configure_boot_pvh(kvm, entry, count)?;
+            vcpu.configure_boot_pvh(entry, count)?;
         }
         self.needs_entry = false;
         Ok(())
@@ -348,9 +347,7 @@ impl Machine {
     #[cfg(target_arch = "x86_64")]
     pub fn vcpu_regs(&self, id: usize) -> Result<kvm_bindings::kvm_regs, MachineError> {
         let vcpu = self.parked.get(id).ok_or(MachineError::Running)?;
-        vcpu.fd()
-            .get_regs()
-            .map_err(|e| MachineError::Hypervisor(HypervisorError::op("KVM_GET_REGS", e)))
+        Ok(vcpu.regs()?)
     }
 }
 
@@ -364,7 +361,8 @@ impl Drop for Machine {
     }
 }
 
-struct IrqLine(crate::hypervisor::kvm::IrqFdLine);
+/// A backend interrupt line as the devices' interrupt trigger.
+struct IrqLine(<BackendVm as Vm>::InterruptLine);
 
 impl crate::devices::virtio::InterruptTrigger for IrqLine {
     fn trigger(&self) {
@@ -376,5 +374,5 @@ impl crate::devices::virtio::InterruptTrigger for IrqLine {
 
 /// The backend's vCPU kick, for the run control.
 pub(crate) fn kick(thread: std::os::unix::thread::RawPthread) {
-    <KvmVcpu as Vcpu>::kick_thread(thread)
+    <BackendVcpu as Vcpu>::kick_thread(thread)
 }

@@ -18,7 +18,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::{Rng, RngArgs};
 use crate::devices::virtio::{cmdline_fragment, mmio_slot, VirtioInterrupt, MMIO_SIZE};
 use crate::machine::Machine;
-use crate::snapshot::Persist;
+use crate::persist::Persist;
 use crate::vstate::vcpu::ExitReason;
 
 use super::console::{ConsoleLog, LogWriter, SocketSink};

@@ -11,7 +11,7 @@
 //! Everything is checked before any KVM object is created.
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-use crate::hypervisor::kvm::x86_64::{VcpuState, VmState};
+use crate::arch::x86_64::state::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -24,21 +24,6 @@ pub const MAX_STATE_BYTES: usize = 16 << 20;
 /// Most vCPUs a machine state may hold.
 pub const MAX_VCPUS: usize = 256;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
-
-/// The save/restore contract of a component: its state is a plain serde
-/// struct, separate from the runtime object (which holds fds and threads).
-pub trait Persist: Sized {
-    /// The saved state.
-    type State: Serialize + for<'de> Deserialize<'de>;
-    /// What restoring needs besides the state (the VM, an id, ...).
-    type Args<'a>;
-    /// Failure of save or restore.
-    type Error;
-    /// Capture the component's state.
-    fn save(&self) -> Result<Self::State, Self::Error>;
-    /// Rebuild the component from `state`.
-    fn restore(args: Self::Args<'_>, state: &Self::State) -> Result<Self, Self::Error>;
-}
 
 /// Errors from decoding or validating a machine state.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -341,7 +326,7 @@ mod tests {
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod machine_state_tests {
     use super::*;
-    use crate::hypervisor::kvm::x86_64::FpuState;
+    use crate::arch::x86_64::state::FpuState;
     use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, CpuId};
 
     fn state() -> MachineState {
