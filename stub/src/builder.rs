@@ -9,15 +9,17 @@ use std::sync::Arc;
 use smolvm_formats::{Arch, MachineReader};
 
 use crate::arch::x86_64::layout;
+use crate::device_manager::{DeviceArgs, DeviceError, DeviceManager, HostEnds};
 use crate::devices::exit::EXIT_PORT;
-use crate::devices::manager::{DeviceArgs, DeviceError, DeviceManager, HostEnds};
 use crate::host::{HostProfile, ProfileError};
-use crate::hypervisor::kvm::{x86_64 as kvm_x86, KvmHypervisor, KvmVcpu, KvmVm};
-use crate::hypervisor::HypervisorError;
+use crate::hypervisor::{
+    Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError, VcpuX86_64, VmX86_64,
+};
 use crate::machine::{irq_line, kick, Machine};
-use crate::snapshot::{Guest, MachineState, Persist, StateError};
+use crate::memory::{GuestMemory, MemoryError, Run};
+use crate::persist::Persist;
+use crate::snapshot::{Guest, MachineState, StateError};
 use crate::timing;
-use crate::vstate::memory::{GuestMemory, MemoryError, Run};
 use crate::vstate::vcpu::RunControl;
 use crate::vstate::vm::create_vm;
 
@@ -77,10 +79,10 @@ impl Default for BootConfig {
 
 #[allow(clippy::too_many_arguments)]
 fn assemble(
-    hv: KvmHypervisor,
-    vm: Arc<KvmVm>,
+    hv: Backend,
+    vm: Arc<BackendVm>,
     memory: GuestMemory,
-    vcpus: Vec<KvmVcpu>,
+    vcpus: Vec<BackendVcpu>,
     pit: bool,
     devices: DeviceManager,
     control: Arc<RunControl>,
@@ -117,9 +119,9 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
         )));
     }
     let profile = HostProfile::detect();
-    let hv = KvmHypervisor::new()?;
+    let hv = Backend::open_default()?;
     let memory = GuestMemory::anonymous(&layout::ram_regions(config.memory_bytes))?;
-    kvm_x86::write_boot_tables(&memory)?;
+    crate::arch::x86_64::write_boot_tables(&memory)?;
     let (vm, vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
     let control = RunControl::new(kick);
     let mut devices = DeviceManager::new(control.clone());
@@ -246,7 +248,7 @@ pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
 /// saved when started.
 pub fn build_from_snapshot_with(plan: SnapshotPlan, ends: HostEnds) -> Result<Machine, BuildError> {
     let profile = HostProfile::detect();
-    let hv = KvmHypervisor::new()?;
+    let hv = Backend::open_default()?;
     let memory = snapshot_memory(&plan)?;
     timing::mark("file-mapped");
     let state = &plan.state;

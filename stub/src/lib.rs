@@ -8,6 +8,8 @@
 pub mod arch;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod builder;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod device_manager;
 pub mod devices;
 pub mod host;
 pub mod hypervisor;
@@ -15,6 +17,8 @@ pub mod hypervisor;
 pub mod linux;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod machine;
+pub mod memory;
+pub mod persist;
 pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod testguest;

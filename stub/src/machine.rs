@@ -7,12 +7,14 @@ use std::thread::JoinHandle;
 
 use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
 
-use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::HostProfile;
-use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
-use crate::hypervisor::{HypervisorError, Vcpu};
-use crate::snapshot::{Guest, MachineState, Persist, RegionState, StateError};
-use crate::vstate::memory::{GuestMemory, MemoryError};
+use crate::hypervisor::{
+    Backend, BackendVcpu, BackendVm, HypervisorError, InterruptLine, Vcpu, VcpuX86_64, Vm, VmX86_64,
+};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::persist::Persist;
+use crate::snapshot::{Guest, MachineState, RegionState, StateError};
 use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
 
 /// Errors from running or saving a machine.
@@ -69,11 +71,11 @@ impl PauseHandle {
 ///
 /// Fields drop in order: vCPUs, then devices, then the VM, then guest memory.
 pub struct Machine {
-    pub(crate) threads: Vec<JoinHandle<KvmVcpu>>,
-    pub(crate) parked: Vec<KvmVcpu>,
+    pub(crate) threads: Vec<JoinHandle<BackendVcpu>>,
+    pub(crate) parked: Vec<BackendVcpu>,
     pub(crate) devices: DeviceManager,
-    pub(crate) vm: Arc<KvmVm>,
-    pub(crate) _hypervisor: KvmHypervisor,
+    pub(crate) vm: Arc<BackendVm>,
+    pub(crate) _hypervisor: Backend,
     pub(crate) memory: GuestMemory,
     pub(crate) control: Arc<RunControl>,
     pub(crate) pit: bool,
@@ -150,9 +152,8 @@ impl Machine {
             return Err(MachineError::EntryAfterStart);
         }
         let count = self.parked.len() as u32;
-        let kvm = self.vm.kvm();
         for vcpu in &self.parked {
-            vcpu.configure_boot(kvm, entry, count)?;
+            vcpu.configure_boot(entry, count)?;
         }
         self.needs_entry = false;
         Ok(())
@@ -173,9 +174,8 @@ impl Machine {
         self.memory
             .write(layout::GDT_ADDR, &gdt::gdt_bytes(&gdt::PVH_GDT))?;
         let count = self.parked.len() as u32;
-        let kvm = self.vm.kvm();
         for vcpu in &self.parked {
-            vcpu.configure_boot_pvh(kvm, entry, count)?;
+            vcpu.configure_boot_pvh(entry, count)?;
         }
         self.needs_entry = false;
         Ok(())
@@ -358,9 +358,7 @@ impl Machine {
     #[cfg(target_arch = "x86_64")]
     pub fn vcpu_regs(&self, id: usize) -> Result<kvm_bindings::kvm_regs, MachineError> {
         let vcpu = self.parked.get(id).ok_or(MachineError::Running)?;
-        vcpu.fd()
-            .get_regs()
-            .map_err(|e| MachineError::Hypervisor(HypervisorError::op("KVM_GET_REGS", e)))
+        Ok(vcpu.regs()?)
     }
 }
 
@@ -374,15 +372,16 @@ impl Drop for Machine {
     }
 }
 
-/// The interrupt line of GSI `gsi` on `vm` (an irqfd).
+/// The interrupt line of GSI `gsi` on `vm`, as the devices' trigger.
 pub(crate) fn irq_line(
-    vm: &KvmVm,
+    vm: &BackendVm,
     gsi: u32,
 ) -> Result<Arc<dyn crate::devices::virtio::InterruptTrigger>, HypervisorError> {
-    Ok(Arc::new(IrqLine(vm.irqfd_line(gsi)?)))
+    Ok(Arc::new(IrqLine(vm.interrupt_line(gsi)?)))
 }
 
-struct IrqLine(crate::hypervisor::kvm::IrqFdLine);
+/// A backend interrupt line as the devices' interrupt trigger.
+struct IrqLine(<BackendVm as Vm>::InterruptLine);
 
 impl crate::devices::virtio::InterruptTrigger for IrqLine {
     fn trigger(&self) {
@@ -394,5 +393,5 @@ impl crate::devices::virtio::InterruptTrigger for IrqLine {
 
 /// The backend's vCPU kick, for the run control.
 pub(crate) fn kick(thread: std::os::unix::thread::RawPthread) {
-    <KvmVcpu as Vcpu>::kick_thread(thread)
+    <BackendVcpu as Vcpu>::kick_thread(thread)
 }

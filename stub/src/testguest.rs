@@ -19,7 +19,7 @@ use crate::builder::{build_for_boot, BootConfig, BuildError};
 use crate::devices::bus::BusDevice;
 use crate::devices::exit::EXIT_PORT;
 use crate::machine::Machine;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// The assembled guest (empty when binutils was missing at build time).
 pub const IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.bin"));
@@ -78,9 +78,9 @@ pub enum TestGuestError {
     #[error(transparent)]
     Machine(#[from] crate::machine::MachineError),
     #[error(transparent)]
-    Memory(#[from] crate::vstate::memory::MemoryError),
+    Memory(#[from] crate::memory::MemoryError),
     #[error(transparent)]
-    Device(#[from] crate::devices::manager::DeviceError),
+    Device(#[from] crate::device_manager::DeviceError),
     #[error("the test guest stopped before it could be paused: {0:?}")]
     StoppedEarly(crate::vstate::vcpu::ExitReason),
 }
@@ -96,7 +96,7 @@ pub fn expected_checksum(counter: u64) -> u64 {
 }
 
 /// Checksum of the block as it is in guest memory.
-pub fn memory_checksum(memory: &GuestMemory) -> Result<u64, crate::vstate::memory::MemoryError> {
+pub fn memory_checksum(memory: &GuestMemory) -> Result<u64, crate::memory::MemoryError> {
     let mut block = vec![0u8; BLOCK_QWORDS * 8];
     memory.read(BLOCK_ADDR, &mut block)?;
     Ok(block.chunks_exact(8).fold(0u64, |sum, w| {

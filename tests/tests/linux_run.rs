@@ -470,7 +470,7 @@ fn shell_reads_commands_from_piped_stdin() {
 /// through the same console is byte-exact. End to end only: the agent's
 /// credit flow keeps host input from arriving inside a save's window in
 /// practice, so the device pause itself is proven by
-/// `devices::manager::tests::console_flood_during_saves_restores_consistently`.
+/// `device_manager::tests::console_flood_during_saves_restores_consistently`.
 /// About 110 s on PVM besides the shared fixture (three saves of 256 MiB,
 /// three resumes).
 #[test]

@@ -2,25 +2,23 @@
 //! exits with that byte as its status (like QEMU's isa-debug-exit, without
 //! the status transformation).
 
-use std::sync::Arc;
-
 use super::bus::BusDevice;
-use crate::vstate::vcpu::{ExitReason, RunControl};
 
 /// Default I/O port of the exit device.
 pub const EXIT_PORT: u16 = 0xf4;
 
 /// Stops the machine with the status the guest writes.
 pub struct ExitPort {
-    control: Arc<RunControl>,
+    on_exit: Box<dyn Fn(u8) + Send>,
     paused: bool,
 }
 
 impl ExitPort {
-    /// An exit port that reports to `control`.
-    pub fn new(control: Arc<RunControl>) -> Self {
+    /// An exit port that calls `on_exit(status)` (the machine wires it to
+    /// stop the vCPUs; devices never see the run control).
+    pub fn new(on_exit: Box<dyn Fn(u8) + Send>) -> Self {
         ExitPort {
-            control,
+            on_exit,
             paused: false,
         }
     }
@@ -47,7 +45,7 @@ impl BusDevice for ExitPort {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         debug_assert!(!self.paused, "exit port written while paused");
         if let Some(&status) = data.first() {
-            self.control.finish(ExitReason::Exited(status));
+            (self.on_exit)(status);
         }
     }
 }

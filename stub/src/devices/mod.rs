@@ -1,5 +1,5 @@
-//! Device models, the buses that route guest port I/O and MMIO to them, and
-//! the device manager that owns both.
+//! Device models and the buses that route guest port I/O and MMIO to them
+//! (the machine's `device_manager` owns both).
 //!
 //! Devices never see the hypervisor backend: a vCPU exit is turned into a
 //! `Bus::read`/`Bus::write` call by the run loop.
@@ -7,8 +7,6 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-pub mod manager;
 pub mod state;
 pub mod virtio;
 

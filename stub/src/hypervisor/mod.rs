@@ -1,11 +1,14 @@
-//! The hypervisor seam: the few operations the VMM needs from a backend.
+//! The hypervisor seam: the operations the VMM needs from a backend.
 //!
-//! The run loop (`vstate::vcpu`) and the builder only see these traits and the
-//! backend-neutral [`VcpuExit`]; port I/O and MMIO exits are dispatched to the
-//! device [`Bus`](crate::devices::bus::Bus), so devices never see the backend.
-//! Architecture state (registers, interrupt controllers) is backend-specific and
-//! lives with the backend (`kvm::x86_64`); another backend (aarch64 KVM, macOS
-//! Hypervisor.framework) adds its own module and state types.
+//! The machine, the builder and the run loop are written against these traits
+//! only: [`Hypervisor`], [`Vm`] and [`Vcpu`] for what every backend does, and
+//! per-architecture extension traits ([`VmX86_64`], [`VcpuX86_64`]) for
+//! interrupt controllers, boot entry and the saved register state, whose types
+//! are the architecture's (`arch::x86_64::state`), not the backend's. Exits
+//! come back as the backend-neutral [`VcpuExit`]; port I/O and MMIO exits go
+//! to the device buses, so devices never see the backend. The build picks one
+//! backend per target ([`Backend`]); another one (aarch64 KVM, macOS
+//! Hypervisor.framework) implements the same traits in its own module.
 
 #[cfg(target_os = "linux")]
 pub mod kvm;
@@ -101,17 +104,32 @@ fn open_message(path: &std::path::Path, err: &std::io::Error) -> String {
 }
 
 /// A hypervisor: creates VMs.
-pub trait Hypervisor {
+pub trait Hypervisor: Sized {
     /// The VM type of this backend.
     type Vm: Vm;
+    /// Open the host's hypervisor and check what the VMM relies on.
+    fn open_default() -> Result<Self, HypervisorError>;
     /// Create an empty VM (no memory, no vCPUs).
     fn create_vm(&self) -> Result<Self::Vm, HypervisorError>;
 }
 
-/// A VM: guest memory slots and vCPUs.
+/// A guest interrupt line that a device raises (edge-triggered).
+pub trait InterruptLine: Send + Sync {
+    /// Raise the interrupt.
+    fn trigger(&self) -> Result<(), HypervisorError>;
+    /// The line's number (GSI).
+    fn gsi(&self) -> u32;
+}
+
+/// A VM: guest memory slots, interrupt lines and vCPUs.
 pub trait Vm: Send + Sync {
     /// The vCPU type of this backend.
     type Vcpu: Vcpu;
+    /// The interrupt line type of this backend.
+    type InterruptLine: InterruptLine + 'static;
+
+    /// An interrupt line for `gsi` (the interrupt controller must exist).
+    fn interrupt_line(&self, gsi: u32) -> Result<Self::InterruptLine, HypervisorError>;
 
     /// Make `size` bytes at `host_addr` the guest-physical range at `guest_addr`.
     ///
@@ -132,6 +150,9 @@ pub trait Vm: Send + Sync {
 
 /// A virtual CPU, run by one thread at a time.
 pub trait Vcpu: Send {
+    /// This vCPU's index.
+    fn id(&self) -> u32;
+
     /// Enter the guest until the next exit.
     fn run(&mut self) -> Result<VcpuExit<'_>, HypervisorError>;
 
@@ -151,8 +172,60 @@ pub trait Vcpu: Send {
 
     /// Describe the guest's current position for an error message: the
     /// instruction pointer and the bytes there, read from guest memory.
-    fn describe_position(&self, memory: &crate::vstate::memory::GuestMemory) -> String;
+    fn describe_position(&self, memory: &crate::memory::GuestMemory) -> String;
 }
+
+/// x86_64 VM operations: the in-kernel interrupt controllers, PIT and clock.
+#[cfg(target_arch = "x86_64")]
+pub trait VmX86_64: Vm {
+    /// Create the interrupt controllers (PIC, IOAPIC, per-vCPU LAPIC) and,
+    /// when `pit`, the PIT. Call after the memory slots exist and before the
+    /// vCPUs are created.
+    fn create_irqchip(&self, pit: bool) -> Result<(), HypervisorError>;
+    /// Save the interrupt controllers, the PIT (when `pit`) and the clock.
+    fn save_state(&self, pit: bool) -> Result<X86VmState, HypervisorError>;
+    /// Restore the interrupt controllers and the PIT, before the vCPUs.
+    fn restore_irqchip(&self, state: &X86VmState) -> Result<(), HypervisorError>;
+    /// Restore the guest clock, after every vCPU is restored.
+    fn restore_clock(&self, state: &X86VmState) -> Result<(), HypervisorError>;
+}
+
+/// x86_64 vCPU operations: boot entry and the saved register state.
+#[cfg(target_arch = "x86_64")]
+pub trait VcpuX86_64: Vcpu {
+    /// Set this vCPU (one of `count`) up for a direct 64-bit entry.
+    fn configure_boot(
+        &self,
+        entry: &crate::arch::x86_64::regs::Entry64,
+        count: u32,
+    ) -> Result<(), HypervisorError>;
+    /// Set this vCPU (one of `count`) up for a PVH entry (32-bit, paging off).
+    fn configure_boot_pvh(
+        &self,
+        entry: &crate::arch::x86_64::regs::EntryPvh,
+        count: u32,
+    ) -> Result<(), HypervisorError>;
+    /// Save every register and piece of state the vCPU holds. The vCPU must be
+    /// out of the guest with its last exit completed.
+    fn save_state(&self) -> Result<X86VcpuState, HypervisorError>;
+    /// Restore a freshly created vCPU (created after the interrupt controllers).
+    fn restore_state(&self, state: &X86VcpuState) -> Result<(), HypervisorError>;
+    /// The general-purpose registers, for inspection.
+    fn regs(&self) -> Result<kvm_bindings::kvm_regs, HypervisorError>;
+}
+
+#[cfg(target_arch = "x86_64")]
+use crate::arch::x86_64::state::{VcpuState as X86VcpuState, VmState as X86VmState};
+
+/// The backend this build runs on.
+#[cfg(target_os = "linux")]
+pub type Backend = kvm::KvmHypervisor;
+/// The backend's VM.
+#[cfg(target_os = "linux")]
+pub type BackendVm = <Backend as Hypervisor>::Vm;
+/// The backend's vCPU.
+#[cfg(target_os = "linux")]
+pub type BackendVcpu = <BackendVm as Vm>::Vcpu;
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::LinuxError;
 use crate::host::HostProfile;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// The zero page (`boot_params`), passed to the kernel in RSI.
 pub const ZERO_PAGE: u64 = 0x7000;
@@ -154,7 +154,7 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 /// Write the command line, the PVH start info and its memory map (the e820
 /// map as `hvm_memmap_table_entry`s), for a PVH entry.
 pub fn write_pvh_start_info(memory: &GuestMemory, cmdline: &str) -> Result<(), LinuxError> {
-    let cfg = |e: crate::vstate::memory::MemoryError| {
+    let cfg = |e: crate::memory::MemoryError| {
         LinuxError::Config(format!("cannot write the PVH start info: {e}"))
     };
     let mut line = cmdline.as_bytes().to_vec();

@@ -9,9 +9,9 @@
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
+use crate::device_manager::{HostEnds, VirtioHandle};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::COM1_IRQ;
-use crate::devices::manager::{HostEnds, VirtioHandle};
 use crate::devices::virtio::block::{Block, BlockConfig, CowDisk};
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -84,8 +84,7 @@ impl LinuxDevices {
         let rng = Rng::new(mem, irq(machine, slot(RNG_SLOT).1)?)
             .map_err(|e| dev_err("virtio-rng")(e.to_string()))?;
         let dev_mgr = machine.devices_mut();
-        let attach_err =
-            |e: crate::devices::manager::DeviceError| LinuxError::Device(e.to_string());
+        let attach_err = |e: crate::device_manager::DeviceError| LinuxError::Device(e.to_string());
         dev_mgr.attach_serial(serial).map_err(attach_err)?;
         dev_mgr.attach_i8042().map_err(attach_err)?;
         for (i, dev) in [

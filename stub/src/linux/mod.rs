@@ -94,8 +94,8 @@ pub enum LinuxError {
     Io(#[from] std::io::Error),
 }
 
-impl From<crate::vstate::memory::MemoryError> for LinuxError {
-    fn from(e: crate::vstate::memory::MemoryError) -> Self {
+impl From<crate::memory::MemoryError> for LinuxError {
+    fn from(e: crate::memory::MemoryError) -> Self {
         LinuxError::Machine(MachineError::Memory(e))
     }
 }

@@ -65,7 +65,7 @@ pub fn mappable_plan(plan: SnapshotPlan) -> Result<SnapshotPlan, LinuxError> {
         return Ok(plan);
     }
     // Expanding takes seconds: find out first that KVM is usable at all.
-    drop(crate::hypervisor::kvm::KvmHypervisor::new()?);
+    drop(<crate::hypervisor::Backend as crate::hypervisor::Hypervisor>::open_default()?);
     let fingerprint = format!("{:032x}", r.fingerprint());
     let dir = cache_dir().join("expanded");
     std::fs::create_dir_all(&dir)?;
@@ -104,7 +104,7 @@ fn expand(r: &MachineReader, dest: &Path, fingerprint: &str) -> Result<(), Linux
         .iter()
         .map(|reg| (reg.guest_addr, reg.size))
         .collect();
-    let mem = crate::vstate::memory::GuestMemory::expanded(&sizes, |i, bytes| {
+    let mem = crate::memory::GuestMemory::expanded(&sizes, |i, bytes| {
         r.read_memory_region(i, bytes).map_err(LinuxError::File)
     })?;
     // SAFETY: this memory belongs to no VM; nothing else writes it.

@@ -11,7 +11,7 @@
 //! Everything is checked before any KVM object is created.
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-use crate::hypervisor::kvm::x86_64::{VcpuState, VmState};
+use crate::arch::x86_64::state::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
 
 /// Magic at the start of an encoded machine state.
@@ -23,21 +23,6 @@ pub const MAX_STATE_BYTES: usize = 16 << 20;
 /// Most vCPUs a machine state may hold.
 pub const MAX_VCPUS: usize = 256;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
-
-/// The save/restore contract of a component: its state is a plain serde
-/// struct, separate from the runtime object (which holds fds and threads).
-pub trait Persist: Sized {
-    /// The saved state.
-    type State: Serialize + for<'de> Deserialize<'de>;
-    /// What restoring needs besides the state (the VM, an id, ...).
-    type Args<'a>;
-    /// Failure of save or restore.
-    type Error;
-    /// Capture the component's state.
-    fn save(&self) -> Result<Self::State, Self::Error>;
-    /// Rebuild the component from `state`.
-    fn restore(args: Self::Args<'_>, state: &Self::State) -> Result<Self, Self::Error>;
-}
 
 /// Errors from decoding or validating a machine state.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -115,7 +100,7 @@ pub struct MachineState {
     pub pit: bool,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
-    /// Every attached device, in attach order (see [`crate::devices::manager`]).
+    /// Every attached device, in attach order (see [`crate::device_manager`]).
     pub devices: Vec<DeviceState>,
 }
 
@@ -345,13 +330,13 @@ mod tests {
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
 mod machine_state_tests {
     use super::*;
+    use crate::arch::x86_64::state::FpuState;
     use crate::devices::legacy::serial::SerialDeviceState;
     use crate::devices::virtio::block::{BlockConfig, BlockState, DiskState};
     use crate::devices::virtio::console::ConsoleState;
     use crate::devices::virtio::mmio::{MmioDeviceState, MmioState};
     use crate::devices::virtio::rng::RngState;
     use crate::devices::virtio::{QueueSnapshot, VirtioCommonState};
-    use crate::hypervisor::kvm::x86_64::FpuState;
     use kvm_bindings::{kvm_cpuid_entry2, kvm_regs, CpuId};
 
     /// The checked-in encoding of [`state`]; see `golden_bytes_are_stable`.

@@ -1,5 +1,4 @@
-//! Runtime state of a machine: guest memory, the VM, and the vCPU run loop.
+//! Runtime state of a machine: the VM and the vCPU run loop.
 
-pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -14,8 +14,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::devices::bus::Bus;
 use crate::hypervisor::{Vcpu, VcpuExit};
+use crate::memory::GuestMemory;
 use crate::timing;
-use crate::vstate::memory::GuestMemory;
 
 /// Why a machine stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]

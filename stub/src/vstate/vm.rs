@@ -1,9 +1,7 @@
 //! Creating the VM: memory slots, then the IRQ chip, then the vCPUs.
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-use crate::hypervisor::kvm::{x86_64 as kvm_x86, KvmHypervisor, KvmVcpu, KvmVm};
 use crate::hypervisor::{Hypervisor, HypervisorError, Vm};
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// Register every region of `memory` as a memory slot of `vm`, in order.
 ///
@@ -20,18 +18,23 @@ pub unsafe fn register_memory<V: Vm>(vm: &V, memory: &GuestMemory) -> Result<(),
 /// Create the VM with `memory` registered, the IRQ chip (and PIT when
 /// `pit`), and `count` vCPUs, in that order: KVM adds memory slots much
 /// faster before the IRQ chip exists (0.1 ms against 5-8 ms measured on PVM).
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-pub fn create_vm(
-    hv: &KvmHypervisor,
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+pub fn create_vm<H: Hypervisor>(
+    hv: &H,
     memory: &GuestMemory,
     pit: bool,
     count: u32,
-) -> Result<(KvmVm, Vec<KvmVcpu>), HypervisorError> {
+) -> Result<(H::Vm, Vec<<H::Vm as Vm>::Vcpu>), HypervisorError>
+where
+    H::Vm: crate::hypervisor::VmX86_64,
+{
+    use crate::hypervisor::VmX86_64;
     let vm = hv.create_vm()?;
     // SAFETY: the Machine that receives the VM owns `memory` and drops it
     // after the VM and vCPUs.
     unsafe { register_memory(&vm, memory)? };
-    kvm_x86::create_irqchip(&vm, pit)?;
+    vm.create_irqchip(pit)?;
     let vcpus = (0..count)
         .map(|id| vm.create_vcpu(id))
         .collect::<Result<Vec<_>, _>>()?;

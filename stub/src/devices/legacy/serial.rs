@@ -10,7 +10,7 @@ use vm_superio::{Serial, Trigger};
 
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::InterruptTrigger;
-use crate::snapshot::Persist;
+use crate::persist::Persist;
 
 /// Where guest serial output goes.
 pub type SerialSink = Box<dyn Write + Send>;

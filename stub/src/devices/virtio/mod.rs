@@ -135,7 +135,7 @@ impl VirtioInterrupt {
 
 /// The snapshot contract the device models implement (state structs apart
 /// from runtime objects; restore is construction).
-pub use crate::snapshot::Persist;
+pub use crate::persist::Persist;
 
 /// Errors of the virtio device models.
 #[derive(Debug, thiserror::Error)]

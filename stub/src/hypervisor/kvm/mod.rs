@@ -17,7 +17,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use super::{HypervisorError, VcpuExit};
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -101,6 +101,10 @@ impl KvmHypervisor {
 impl super::Hypervisor for KvmHypervisor {
     type Vm = KvmVm;
 
+    fn open_default() -> Result<Self, HypervisorError> {
+        Self::new()
+    }
+
     fn create_vm(&self) -> Result<KvmVm, HypervisorError> {
         let fd = self
             .kvm
@@ -124,11 +128,6 @@ impl KvmVm {
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
-
-    /// The system handle.
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
-    }
 }
 
 /// A guest interrupt line backed by an irqfd: each `trigger` makes KVM
@@ -138,24 +137,25 @@ pub struct IrqFdLine {
     gsi: u32,
 }
 
-impl IrqFdLine {
-    /// Raise the interrupt.
-    pub fn trigger(&self) -> Result<(), HypervisorError> {
+impl super::InterruptLine for IrqFdLine {
+    fn trigger(&self) -> Result<(), HypervisorError> {
         self.fd
             .write(1)
             .map_err(|e| HypervisorError::op("irqfd write", e))
     }
 
-    /// The GSI this line raises.
-    pub fn gsi(&self) -> u32 {
+    fn gsi(&self) -> u32 {
         self.gsi
     }
 }
 
-impl KvmVm {
-    /// An interrupt line for GSI `gsi` (needs the IRQ chip, which every
-    /// machine has). Devices get one each at build and at resume.
-    pub fn irqfd_line(&self, gsi: u32) -> Result<IrqFdLine, HypervisorError> {
+impl super::Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+    type InterruptLine = IrqFdLine;
+
+    /// An irqfd for GSI `gsi` (needs the IRQ chip, which every machine has).
+    /// Devices get one each at build and at resume.
+    fn interrupt_line(&self, gsi: u32) -> Result<IrqFdLine, HypervisorError> {
         let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| HypervisorError::op("eventfd", e))?;
         self.fd
@@ -163,10 +163,6 @@ impl KvmVm {
             .map_err(|e| HypervisorError::op("KVM_IRQFD", e))?;
         Ok(IrqFdLine { fd, gsi })
     }
-}
-
-impl super::Vm for KvmVm {
-    type Vcpu = KvmVcpu;
 
     unsafe fn map_memory(
         &self,
@@ -221,14 +217,13 @@ impl KvmVcpu {
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
     }
-
-    /// This vCPU's index.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
 }
 
 impl super::Vcpu for KvmVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
     fn run(&mut self) -> Result<VcpuExit<'_>, HypervisorError> {
         use kvm_ioctls::VcpuExit as K;
         let run_ptr: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();

@@ -1,65 +1,27 @@
 //! x86_64 vCPU and VM state on KVM: boot setup, save and restore.
 //!
-//! State types are plain serde structs, separate from the runtime objects.
+//! The state types are the architecture's (`arch::x86_64::state`), kept apart from
+//! the runtime objects here.
 //! KVM's ordering rules are written beside the calls that depend on them.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, CpuId, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_sregs,
+    kvm_xsave, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use serde::{Deserialize, Serialize};
 
 use super::{KvmVcpu, KvmVm};
-use crate::arch::x86_64::{cpuid, gdt, interrupts, layout, msr, paging, regs};
+use crate::arch::x86_64::state::{FpuState, VcpuState, VmState};
+use crate::arch::x86_64::{cpuid, interrupts, layout, msr, paging, regs};
 use crate::hypervisor::HypervisorError;
-use crate::vstate::memory::GuestMemory;
+use crate::hypervisor::{VcpuX86_64, VmX86_64};
+use crate::memory::GuestMemory;
 
 type Result<T> = std::result::Result<T, HypervisorError>;
 
 fn op(name: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
     move |e| HypervisorError::op(name, e)
-}
-
-/// x87/SSE/AVX state: the XSAVE area where the host supports it, else the
-/// legacy FXSAVE-format registers.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum FpuState {
-    /// The XSAVE area as KVM returns it (4 KiB, more with KVM_CAP_XSAVE2).
-    Xsave(Vec<u32>),
-    /// `kvm_fpu` as raw bytes.
-    Legacy(Vec<u8>),
-}
-
-/// Everything KVM holds for one x86_64 vCPU.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VcpuState {
-    pub id: u32,
-    pub cpuid: CpuId,
-    pub mp_state: kvm_mp_state,
-    pub regs: kvm_regs,
-    pub sregs: kvm_sregs,
-    pub fpu: FpuState,
-    pub xcrs: Option<kvm_xcrs>,
-    pub debug_regs: Option<kvm_debugregs>,
-    pub lapic: kvm_lapic_state,
-    /// (index, value), in the host's KVM_GET_MSR_INDEX_LIST order, limited
-    /// to the MSRs KVM_GET_MSRS accepts.
-    pub msrs: Vec<(u32, u64)>,
-    pub vcpu_events: Option<kvm_vcpu_events>,
-    pub tsc_khz: Option<u32>,
-}
-
-/// VM-wide KVM state: the in-kernel interrupt controllers, the PIT and kvmclock.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmState {
-    pub pic_master: kvm_irqchip,
-    pub pic_slave: kvm_irqchip,
-    pub ioapic: kvm_irqchip,
-    pub pit: Option<kvm_pit_state2>,
-    pub clock: Option<kvm_clock_data>,
 }
 
 fn fpu_to_bytes(fpu: &kvm_fpu) -> Vec<u8> {
@@ -156,24 +118,6 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
     Ok(())
 }
 
-/// Create the in-kernel IRQ chip (PIC + IOAPIC + per-vCPU LAPIC) and the PIT.
-/// Call after the memory slots are registered: on PVM a slot added after the
-/// IRQ chip costs 5-8 ms instead of 0.1 ms.
-pub fn create_irqchip(vm: &KvmVm, pit: bool) -> Result<()> {
-    vm.fd
-        .set_tss_address(layout::KVM_TSS_ADDR as usize)
-        .map_err(op("KVM_SET_TSS_ADDR"))?;
-    vm.fd.create_irq_chip().map_err(op("KVM_CREATE_IRQCHIP"))?;
-    if pit {
-        let config = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.fd.create_pit2(config).map_err(op("KVM_CREATE_PIT2"))?;
-    }
-    Ok(())
-}
-
 fn get_chip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     let mut chip = kvm_irqchip {
         chip_id,
@@ -183,9 +127,29 @@ fn get_chip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     Ok(chip)
 }
 
-impl KvmVm {
+impl VmX86_64 for KvmVm {
+    /// Create the in-kernel IRQ chip (PIC + IOAPIC + per-vCPU LAPIC) and the PIT.
+    /// Call after the memory slots are registered: on PVM a slot added after the
+    /// IRQ chip costs 5-8 ms instead of 0.1 ms.
+    fn create_irqchip(&self, pit: bool) -> Result<()> {
+        self.fd
+            .set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(op("KVM_SET_TSS_ADDR"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(op("KVM_CREATE_IRQCHIP"))?;
+        if pit {
+            let config = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            self.fd.create_pit2(config).map_err(op("KVM_CREATE_PIT2"))?;
+        }
+        Ok(())
+    }
+
     /// Save the IRQ chips, the PIT (when `pit`) and kvmclock.
-    pub fn save_state(&self, pit: bool) -> Result<VmState> {
+    fn save_state(&self, pit: bool) -> Result<VmState> {
         let clock = if self.kvm.check_extension(Cap::AdjustClock) {
             Some(self.fd.get_clock().map_err(op("KVM_GET_CLOCK"))?)
         } else {
@@ -206,7 +170,7 @@ impl KvmVm {
 
     /// Restore the IRQ chips and the PIT. The chips and PIT must exist
     /// (`create_irqchip`). The clock is restored separately, after the vCPUs.
-    pub fn restore_irqchip(&self, state: &VmState) -> Result<()> {
+    fn restore_irqchip(&self, state: &VmState) -> Result<()> {
         for (chip, id) in [
             (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
             (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
@@ -230,7 +194,7 @@ impl KvmVm {
     /// propagates the clock to all of them (its master clock is per VM).
     /// Flags are cleared: the guest clock resumes from the saved value
     /// instead of jumping by the time the machine spent on disk.
-    pub fn restore_clock(&self, state: &VmState) -> Result<()> {
+    fn restore_clock(&self, state: &VmState) -> Result<()> {
         if let Some(clock) = &state.clock {
             let clock = kvm_clock_data {
                 clock: clock.clock,
@@ -243,25 +207,14 @@ impl KvmVm {
 }
 
 impl KvmVcpu {
-    /// Set up this vCPU (one of `count`) for a direct 64-bit entry.
-    pub fn configure_boot(&self, kvm: &Kvm, entry: &regs::Entry64, count: u32) -> Result<()> {
-        self.configure_boot_with(kvm, count, &regs::boot_regs(entry), regs::boot_sregs)
-    }
-
-    /// Set up this vCPU (one of `count`) for a PVH entry (32-bit protected
-    /// mode, paging off).
-    pub fn configure_boot_pvh(&self, kvm: &Kvm, entry: &regs::EntryPvh, count: u32) -> Result<()> {
-        self.configure_boot_with(kvm, count, &regs::pvh_regs(entry), regs::pvh_sregs)
-    }
-
     fn configure_boot_with(
         &self,
-        kvm: &Kvm,
         count: u32,
         boot_regs: &kvm_regs,
         boot_sregs: fn(kvm_sregs) -> kvm_sregs,
     ) -> Result<()> {
-        let mut cpuid = kvm
+        let mut cpuid = self
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(op("KVM_GET_SUPPORTED_CPUID"))?;
         cpuid::patch_for_vcpu(cpuid.as_mut_slice(), self.id, count);
@@ -291,10 +244,24 @@ impl KvmVcpu {
         self.fd.set_lapic(&lapic).map_err(op("KVM_SET_LAPIC"))?;
         Ok(())
     }
+}
+
+impl VcpuX86_64 for KvmVcpu {
+    fn configure_boot(&self, entry: &regs::Entry64, count: u32) -> Result<()> {
+        self.configure_boot_with(count, &regs::boot_regs(entry), regs::boot_sregs)
+    }
+
+    fn configure_boot_pvh(&self, entry: &regs::EntryPvh, count: u32) -> Result<()> {
+        self.configure_boot_with(count, &regs::pvh_regs(entry), regs::pvh_sregs)
+    }
+
+    fn regs(&self) -> Result<kvm_regs> {
+        self.fd.get_regs().map_err(op("KVM_GET_REGS"))
+    }
 
     /// Save everything KVM holds for this vCPU. The vCPU must be out of
     /// KVM_RUN with its last exit completed (paused).
-    pub fn save_state(&self) -> Result<VcpuState> {
+    fn save_state(&self) -> Result<VcpuState> {
         let fd = &self.fd;
         // MP state first: KVM_GET_MP_STATE runs kvm_apic_accept_events(),
         // which can change vCPU and LAPIC state read below.
@@ -363,7 +330,7 @@ impl KvmVcpu {
     }
 
     /// Restore a freshly created vCPU from `state`.
-    pub fn restore_state(&self, state: &VcpuState) -> Result<()> {
+    fn restore_state(&self, state: &VcpuState) -> Result<()> {
         let fd = &self.fd;
         // TSC frequency before anything that reads or writes the TSC.
         if let Some(khz) = state.tsc_khz {
@@ -484,21 +451,7 @@ pub fn describe_position(fd: &VcpuFd, memory: &GuestMemory) -> String {
     )
 }
 
-/// The guest-physical addresses of the boot GDT/page tables, for the builder.
-pub fn write_boot_tables(
-    memory: &GuestMemory,
-) -> std::result::Result<(), crate::vstate::memory::MemoryError> {
-    memory.write(layout::GDT_ADDR, &gdt::gdt_bytes(&gdt::BOOT_GDT))?;
-    memory.write(layout::IDT_ADDR, &[0u8; 8])?;
-    let pages = paging::identity_map(layout::PML4_ADDR, layout::IDENTITY_MAP_BYTES)
-        .map_err(|e| crate::vstate::memory::MemoryError::BadLayout(e.to_string()))?;
-    for (addr, page) in pages {
-        memory.write(addr, &page)?;
-    }
-    Ok(())
-}
-
-impl crate::snapshot::Persist for KvmVcpu {
+impl crate::persist::Persist for KvmVcpu {
     type State = VcpuState;
     type Args<'a> = &'a KvmVm;
     type Error = HypervisorError;

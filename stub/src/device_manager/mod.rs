@@ -12,20 +12,20 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::bus::{Bus, BusDevice, BusError};
-use super::exit::ExitPort;
-use super::legacy::serial::{SerialArgs, SerialDevice, SerialSink};
-use super::legacy::{COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN};
-use super::state::{DeviceState, VirtioDeviceState, VirtioSlotState};
-use super::virtio::block::{Block, BlockArgs, CowDisk};
-use super::virtio::console::{Console, ConsoleArgs, ConsoleSink};
-use super::virtio::mmio::MmioTransport;
-use super::virtio::rng::{Rng, RngArgs};
-use super::virtio::{mmio_slot, InterruptTrigger, VirtioInterrupt, MMIO_IRQS, MMIO_SIZE};
-use super::Pausable;
+use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::devices::exit::ExitPort;
+use crate::devices::legacy::serial::{SerialArgs, SerialDevice, SerialSink};
+use crate::devices::legacy::{COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN};
+use crate::devices::state::{DeviceState, VirtioDeviceState, VirtioSlotState};
+use crate::devices::virtio::block::{Block, BlockArgs, CowDisk};
+use crate::devices::virtio::console::{Console, ConsoleArgs, ConsoleSink};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::{Rng, RngArgs};
+use crate::devices::virtio::{mmio_slot, InterruptTrigger, VirtioInterrupt, MMIO_IRQS, MMIO_SIZE};
+use crate::devices::Pausable;
 use crate::hypervisor::HypervisorError;
-use crate::snapshot::Persist;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
+use crate::persist::Persist;
 use crate::vstate::vcpu::{ExitReason, RunControl};
 
 /// Errors attaching, saving or restoring devices.
@@ -84,7 +84,7 @@ impl VirtioHandle {
 
     fn save(&self) -> Result<VirtioDeviceState, DeviceError> {
         let err = |what| {
-            move |e: super::virtio::VirtioError| DeviceError::Save {
+            move |e: crate::devices::virtio::VirtioError| DeviceError::Save {
                 what,
                 msg: e.to_string(),
             }
@@ -197,7 +197,10 @@ impl DeviceManager {
 
     /// Attach the exit port at `port`.
     pub fn attach_exit_port(&mut self, port: u16) -> Result<(), DeviceError> {
-        let dev = Arc::new(Mutex::new(ExitPort::new(self.control.clone())));
+        let control = self.control.clone();
+        let dev = Arc::new(Mutex::new(ExitPort::new(Box::new(move |status| {
+            control.finish(ExitReason::Exited(status))
+        }))));
         self.io_bus.insert(dev.clone(), u64::from(port), 1)?;
         self.push(Attached::ExitPort { port, dev });
         Ok(())
