@@ -134,6 +134,7 @@ fn run_test_guest(plan: SnapshotPlan, save: Option<&Path>) -> Result<u8> {
     let mut machine = smolvm::builder::build_from_snapshot(plan)?;
     smolvm::testguest::attach_console(&mut machine, Box::new(std::io::stdout()))?;
     smolvm::testguest::ignore_reports(&mut machine)?;
+    smolvm::seccomp::install()?;
     machine.start()?;
     let reason = machine.run_to_exit()?;
     timing::mark("guest-stopped");
