@@ -44,10 +44,12 @@ const USAGE: &str = concat!(
     "  SMOLVM_CACHE=DIR        where compressed machines are expanded (default ~/.cache/smolvm)\n",
     "  SMOLVM_KVM_DEVICE=PATH  the KVM device node (default /dev/kvm)\n",
     "  SMOLVM_IGNORE_HOST_PROFILE=1  try a machine built on hardware KVM on a PVM host anyway\n",
+    "  SMOLVM_SECCOMP=0        debugging only: run without the system call filters\n",
     "  SMOLVM_HELP=1           in a packed executable: print its help instead of running\n",
     "\n",
     "Exit status: the command's (the test guest's status byte); 128+N when signal N ended\n",
-    "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error.\n",
+    "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error;\n",
+    "killed by SIGSYS when smolvm made a system call its filter forbids (a bug).\n",
     "Details: docs/RUNTIME.md."
 );
 
