@@ -29,6 +29,8 @@ struct ThreadFilter {
     name: String,
     mode: u32,
     filters: u32,
+    /// Blocked signals (`SigBlk`), bit N-1 for signal N.
+    blocked: u64,
 }
 
 /// Every thread of `pid`, or `None` once the process is gone.
@@ -49,6 +51,9 @@ fn thread_filters(pid: u32) -> Option<Vec<ThreadFilter>> {
             mode: field("Seccomp:").and_then(|v| v.parse().ok()).unwrap_or(0),
             filters: field("Seccomp_filters:")
                 .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            blocked: field("SigBlk:")
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .unwrap_or(0),
         });
     }
@@ -115,6 +120,14 @@ fn every_thread_runs_filtered_and_vcpus_doubly() {
     let main = threads.iter().find(|t| t.name == "smolvm").unwrap();
     assert_eq!(main.filters, 1, "{threads:?}");
     assert_eq!(vcpu.filters, 2, "the vCPU adds its own filter: {threads:?}");
+    // Process-wide signals go to VMM threads (their handlers need VMM calls); the kick
+    // (SIGRTMIN) still reaches the vCPU.
+    let bit = |sig: i32| 1u64 << (sig - 1);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGWINCH] {
+        assert_ne!(vcpu.blocked & bit(sig), 0, "signal {sig}: {threads:?}");
+        assert_eq!(main.blocked & bit(sig), 0, "signal {sig}: {threads:?}");
+    }
+    assert_eq!(vcpu.blocked & bit(libc::SIGRTMIN()), 0, "{threads:?}");
 }
 
 #[test]

@@ -97,12 +97,44 @@ pub fn is_installed() -> bool {
 /// On a vCPU thread, before it first enters the guest: add the vCPU filter when the
 /// process is filtered (nothing otherwise).
 pub fn enter_vcpu_thread() -> Result<(), SeccompError> {
-    match VCPU_FILTER.get() {
-        Some(prog) => seccompiler::apply_filter(prog).map_err(|source| SeccompError::Install {
-            role: "vCPU",
-            source,
-        }),
-        None => Ok(()),
+    let Some(prog) = VCPU_FILTER.get() else {
+        return Ok(());
+    };
+    block_host_signals();
+    seccompiler::apply_filter(prog).map_err(|source| SeccompError::Install {
+        role: "vCPU",
+        source,
+    })
+}
+
+/// Signals sent to the whole process (the forwarded SIGINT/SIGTERM/SIGHUP/SIGQUIT,
+/// SIGWINCH, ...) are for the VMM threads: their handlers may make calls the vCPU list
+/// does not have (restoring the terminal), so a vCPU thread blocks them and the kernel
+/// delivers them to another thread. The kick and fault signals stay deliverable.
+fn block_host_signals() {
+    const HOST: [libc::c_int; 12] = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGWINCH,
+        libc::SIGCHLD,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGCONT,
+        libc::SIGURG,
+        libc::SIGIO,
+    ];
+    // SAFETY: a sigset_t on the stack, filled by sigemptyset/sigaddset and read by
+    // pthread_sigmask; only this thread's mask changes.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in HOST {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
