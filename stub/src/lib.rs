@@ -19,6 +19,8 @@ pub mod linux;
 pub mod machine;
 pub mod memory;
 pub mod persist;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod seccomp;
 pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod testguest;

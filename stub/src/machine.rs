@@ -205,6 +205,11 @@ impl Machine {
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    // A filtered process filters its vCPU threads too (stub/src/seccomp).
+                    if let Err(e) = crate::seccomp::enter_vcpu_thread() {
+                        ctx.control.finish(ExitReason::Error(e.to_string()));
+                        return vcpu;
+                    }
                     run_loop(&mut vcpu, id, &ctx);
                     vcpu
                 })

@@ -45,10 +45,12 @@ const USAGE: &str = concat!(
     "  SMOLVM_CACHE=DIR        where compressed machines are expanded (default ~/.cache/smolvm)\n",
     "  SMOLVM_KVM_DEVICE=PATH  the KVM device node (default /dev/kvm)\n",
     "  SMOLVM_IGNORE_HOST_PROFILE=1  try a machine built on hardware KVM on a PVM host anyway\n",
+    "  SMOLVM_SECCOMP=0        debugging only: run without the system call filters\n",
     "  SMOLVM_HELP=1           in a packed executable: print its help instead of running\n",
     "\n",
     "Exit status: the command's (the test guest's status byte); 128+N when signal N ended\n",
-    "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error.\n",
+    "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error;\n",
+    "killed by SIGSYS when smolvm made a system call its filter forbids (a bug).\n",
     "Details: docs/RUNTIME.md."
 );
 
@@ -137,6 +139,7 @@ fn run_test_guest(plan: SnapshotPlan, save: Option<&Path>) -> Result<u8> {
     let mut machine = smolvm::builder::build_from_snapshot(plan)?;
     smolvm::testguest::attach_console(&mut machine, Box::new(std::io::stdout()))?;
     smolvm::testguest::ignore_reports(&mut machine)?;
+    smolvm::seccomp::install()?;
     machine.start()?;
     let reason = machine.run_to_exit()?;
     timing::mark("guest-stopped");

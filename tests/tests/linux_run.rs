@@ -2,7 +2,8 @@
 //! then resumed by `smolvm run` for each behaviour: output, exit codes,
 //! stdin, disk and memory state across the snapshot, pristine runs, fresh
 //! entropy and clock, `--save`, concurrency, damaged files, reboot and
-//! power-off, a compressed machine, and a kernel that cannot find its root.
+//! power-off, a compressed machine, a kernel that cannot find its root, and every smolvm
+//! thread running under its seccomp filter.
 
 #[path = "linux_common/mod.rs"]
 mod linux_common;
@@ -569,4 +570,60 @@ fn saves_during_a_stdin_flood_resume_consistently() {
         "flood: saved machines resumed and checked after {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn the_command_runs_with_every_smolvm_thread_under_seccomp() {
+    use std::io::{BufRead, Write};
+    let Some(fx) = fixture("the_command_runs_with_every_smolvm_thread_under_seccomp") else {
+        return;
+    };
+    // The compressed machine: its expansion happens before the filters go on.
+    let mut child = std::process::Command::new(linux_common::smolvm_bin())
+        .args(["run".as_ref(), fx.compressed.as_os_str()])
+        .args(["--", "sh", "-c", "echo ready; read line; echo got $line"])
+        .env("SMOLVM_CACHE", fx.scratch.join("cache"))
+        .env_remove("SMOLVM_SECCOMP")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // The guest command runs: every thread of smolvm is filtered (mode 2); vCPU
+    // threads carry their own filter on top of the VMM one.
+    let mut threads = Vec::new();
+    for t in fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let Ok(status) = fs::read_to_string(t.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        threads.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
+    }
+    assert!(threads.len() >= 3, "{threads:?}");
+    for (name, mode, filters) in &threads {
+        assert_eq!(mode, "2", "thread {name} runs unfiltered: {threads:?}");
+        let want = if name.starts_with("vcpu") { "2" } else { "1" };
+        if name != "kvm-nx-lpage-re" {
+            assert_eq!(filters, want, "thread {name}: {threads:?}");
+        }
+    }
+    assert!(threads.iter().any(|t| t.0 == "vcpu0"), "{threads:?}");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"input\n").unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(rest, "got input\n");
 }

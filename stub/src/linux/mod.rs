@@ -171,6 +171,9 @@ pub struct ResumeOptions {
     /// Check the memory and disk sections' checksums before the guest runs
     /// (hashes the stored bytes, in parallel with building the VM).
     pub verify: bool,
+    /// Put the process under the system call filters just before the vCPUs start
+    /// (`crate::seccomp::install`; `smolvm run` sets it).
+    pub seccomp: bool,
 }
 
 impl Default for ResumeOptions {
@@ -179,6 +182,7 @@ impl Default for ResumeOptions {
             console: None,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             verify: true,
+            seccomp: false,
         }
     }
 }
@@ -424,6 +428,9 @@ pub fn resume_linux_plan(
             Err(_) => return Err(LinuxError::Device("checksum thread panicked".into())),
         }
         timing::mark("sections-verified");
+    }
+    if opts.seccomp {
+        crate::seccomp::install().map_err(|e| LinuxError::Config(e.to_string()))?;
     }
     m.machine.start()?;
     timing::mark("vcpus-started");

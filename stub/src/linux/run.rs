@@ -337,6 +337,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
         ResumeOptions {
             console,
             verify: !verified_before,
+            seccomp: true,
             ..Default::default()
         },
     )?;

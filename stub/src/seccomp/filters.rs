@@ -1,0 +1,319 @@
+//! The allow-lists: one per thread role, as seccompiler rules.
+//!
+//! Every system call not listed traps (SIGSYS, see `sigsys.rs`). A vCPU thread runs under
+//! both filters (the VMM one it inherits, then its own), so its effective list is the
+//! intersection; every vCPU entry is also a VMM entry.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+use super::SeccompError;
+
+/// Which threads a filter is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every thread of the process once the machine runs: the main thread (agent client,
+    /// `--save`), the agent bridge, the guest watch, the stdio pumps, signal forwarding.
+    Vmm,
+    /// A vCPU thread: `KVM_RUN` and the device emulation done on exits.
+    Vcpu,
+}
+
+impl Allow {
+    /// The system call's name.
+    pub fn name(&self) -> &'static str {
+        self.sys_name.trim_start_matches("SYS_")
+    }
+}
+
+/// How an allowed system call's arguments are checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Args {
+    /// Any arguments.
+    Any,
+    /// `ioctl` on KVM descriptors only (request type byte 0xAE).
+    KvmIoctl,
+    /// `ioctl`: KVM, and reading and setting the caller's terminal (`TCGETS`, `TCSETS`,
+    /// `TIOCGWINSZ`); not `TIOCSTI` (typing into the terminal) or anything else.
+    KvmOrTerminalIoctl,
+    /// `mmap`/`mprotect` without `PROT_EXEC`: no new executable memory.
+    NoExec,
+    /// `clone` creating a thread (`CLONE_THREAD`), not a process.
+    Thread,
+    /// `prctl` naming threads (`PR_SET_NAME`, `PR_GET_NAME`; the SIGSYS report reads it).
+    ThreadName,
+    /// `prctl` as [`Args::ThreadName`], plus `PR_SET_NO_NEW_PRIVS` (only ever restricts),
+    /// which a new vCPU thread sets before adding its own filter.
+    ThreadNameOrNoNewPrivs,
+    /// `seccomp(SECCOMP_SET_MODE_FILTER)`: adding a filter, which can only take away.
+    AddFilter,
+    /// `tgkill` to a thread of this process (vCPU kicks, the SIGSYS re-raise).
+    OwnProcess,
+}
+
+/// One allowed system call: number, name, argument check, and why it is there.
+pub(crate) struct Allow {
+    pub nr: i64,
+    /// `SYS_` and the name, as libc spells the constant.
+    pub sys_name: &'static str,
+    pub args: Args,
+    pub why: &'static str,
+}
+
+macro_rules! allow {
+    ($($name:ident $args:ident: $why:literal,)*) => {
+        &[$(Allow { nr: libc::$name, sys_name: stringify!($name), args: Args::$args, why: $why },)*]
+    };
+}
+
+/// What the VMM threads may call after the vCPUs start.
+pub(crate) const VMM: &[Allow] = allow![
+    // Memory (allocator, thread stacks, memory reads on --save).
+    SYS_brk Any: "the allocator grows the heap",
+    SYS_mmap NoExec: "allocations, thread stacks; never executable",
+    SYS_mprotect NoExec: "thread stack guards and allocator arenas; never executable",
+    SYS_munmap Any: "freeing allocations and thread stacks",
+    SYS_mremap Any: "the allocator grows large blocks",
+    SYS_madvise Any: "the allocator and thread exit return memory",
+    // Descriptors already open (sockets, KVM, the machine file, stdio) and --save's files.
+    SYS_read Any: "stdin, the agent socket, eventfds",
+    SYS_write Any: "stdout/stderr, the agent socket, eventfds, --save",
+    SYS_readv Any: "buffered stdio reads",
+    SYS_writev Any: "buffered stdio writes and panic messages",
+    SYS_pread64 Any: "the machine file and the disk overlay (--save merges the disk)",
+    SYS_pwrite64 Any: "--save: the output file",
+    SYS_lseek Any: "--save: sizing and positioning files",
+    SYS_close Any: "closing descriptors",
+    SYS_fcntl Any: "duplicating descriptors (File::try_clone) and reading their flags",
+    SYS_fstat Any: "file sizes",
+    SYS_newfstatat Any: "file metadata (the verified stamp)",
+    SYS_statx Any: "file metadata",
+    SYS_openat Any: "--save: the temporary output file, the directory fsync, the verified stamp",
+    SYS_mkdir Any: "the cache directory for the verified stamp",
+    SYS_mkdirat Any: "the same, newer libc",
+    SYS_rename Any: "--save: the atomic rename into place",
+    SYS_renameat Any: "the same, newer libc",
+    SYS_renameat2 Any: "the same, newer libc",
+    SYS_unlink Any: "--save: removing the temporary file after a failure",
+    SYS_unlinkat Any: "the same, newer libc",
+    SYS_ftruncate Any: "--save: sizing the output file",
+    SYS_fsync Any: "--save: durable output",
+    SYS_fdatasync Any: "the disk flush, when a vCPU is not the caller",
+    SYS_ioctl KvmOrTerminalIoctl: "KVM state for --save and pauses; terminal raw mode and size",
+    // The agent's socket pair.
+    SYS_recvfrom Any: "reading the agent socket",
+    SYS_sendto Any: "writing the agent socket",
+    SYS_recvmsg Any: "reading the agent socket",
+    SYS_sendmsg Any: "writing the agent socket",
+    SYS_shutdown Any: "the guest watch ends the agent connection when the guest stops",
+    // Threads and synchronisation.
+    SYS_clone Thread: "stdio pump threads (threads only, never processes)",
+    SYS_clone3 Any: "stdio pump threads (flags are in memory, out of reach of a filter)",
+    SYS_futex Any: "locks, condition variables, joins",
+    SYS_set_robust_list Any: "thread start",
+    SYS_rseq Any: "thread start",
+    SYS_sched_getaffinity Any: "thread start",
+    SYS_sched_yield Any: "spin loops in locks",
+    SYS_gettid Any: "thread ids (kicks, the SIGSYS report)",
+    SYS_getpid Any: "the process id (kicks, the SIGSYS report)",
+    SYS_tgkill OwnProcess: "kicking vCPU threads out of KVM_RUN, the SIGSYS re-raise",
+    SYS_prctl ThreadNameOrNoNewPrivs: "naming new threads; a vCPU thread adding its filter",
+    SYS_seccomp AddFilter: "a vCPU thread adds its own, tighter filter when it starts",
+    SYS_exit Any: "a thread ends",
+    SYS_exit_group Any: "the process ends",
+    // Signals: forwarding to the guest, window size, the kick, the SIGSYS report.
+    SYS_rt_sigaction Any: "signal forwarding and SIGWINCH handlers",
+    SYS_rt_sigprocmask Any: "thread start and signal masks",
+    SYS_rt_sigreturn Any: "returning from any signal handler",
+    SYS_sigaltstack Any: "thread start and exit",
+    SYS_restart_syscall Any: "a sleep interrupted by a signal resumes",
+    // Time and entropy.
+    SYS_clock_gettime Any: "timeouts (when the vDSO falls back to the system call)",
+    SYS_clock_getres Any: "timers",
+    SYS_gettimeofday Any: "the wall clock for the agent (vDSO fallback)",
+    SYS_clock_nanosleep Any: "polling loops sleep",
+    SYS_nanosleep Any: "polling loops sleep",
+    SYS_getrandom Any: "fresh entropy for the resumed guest, temporary file names",
+];
+
+/// What a vCPU thread may call in addition to being under the VMM filter.
+pub(crate) const VCPU: &[Allow] = allow![
+    SYS_ioctl KvmIoctl: "KVM_RUN, and KVM state on errors; only KVM descriptors",
+    SYS_read Any: "eventfds",
+    SYS_write Any: "irqfd triggers, the console (test guest stdout, SMOLVM_CONSOLE), logs",
+    SYS_writev Any: "buffered stderr and panic messages",
+    SYS_sendto Any: "the agent console writes to its socket",
+    SYS_pread64 Any: "virtio-blk reads: the machine file's disk runs and the overlay",
+    SYS_pwrite64 Any: "virtio-blk writes to the private overlay",
+    SYS_fsync Any: "virtio-blk flush",
+    SYS_fdatasync Any: "virtio-blk flush",
+    SYS_getrandom Any: "virtio-rng",
+    SYS_futex Any: "locks shared with the VMM threads, parking on pause",
+    SYS_brk Any: "the allocator",
+    SYS_mmap NoExec: "the allocator; never executable",
+    SYS_mprotect NoExec: "the allocator; never executable",
+    SYS_munmap Any: "the allocator",
+    SYS_mremap Any: "the allocator",
+    SYS_madvise Any: "the allocator, thread exit",
+    SYS_rt_sigprocmask Any: "signal masks (the kick signal)",
+    SYS_rt_sigreturn Any: "returning from the kick handler",
+    SYS_sigaltstack Any: "thread exit",
+    SYS_restart_syscall Any: "a system call interrupted by the kick resumes",
+    SYS_sched_yield Any: "spin loops in locks",
+    SYS_gettid Any: "the SIGSYS re-raise",
+    SYS_getpid Any: "the SIGSYS re-raise",
+    SYS_tgkill OwnProcess: "the SIGSYS re-raise",
+    SYS_prctl ThreadName: "the SIGSYS report reads the thread name",
+    SYS_clock_gettime Any: "time (vDSO fallback)",
+    SYS_gettimeofday Any: "time (vDSO fallback)",
+    SYS_nanosleep Any: "short waits",
+    SYS_clock_nanosleep Any: "short waits",
+    SYS_exit Any: "the vCPU thread ends",
+    SYS_exit_group Any: "the process ends",
+];
+
+/// The allow-list of `role`.
+pub(crate) fn allowed(role: Role) -> &'static [Allow] {
+    match role {
+        Role::Vmm => VMM,
+        Role::Vcpu => VCPU,
+    }
+}
+
+fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, SeccompError> {
+    SeccompCondition::new(arg, Len::Dword, op, value).map_err(SeccompError::compile)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
+    SeccompRule::new(conds).map_err(SeccompError::compile)
+}
+
+/// The ioctl request's type byte (`_IOC_TYPE`), where KVM's is 0xAE.
+const IOC_TYPE_MASK: u64 = 0xff00;
+const KVMIO: u64 = 0xAE00;
+
+fn rules_for(args: Args, pid: u32) -> Result<Vec<SeccompRule>, SeccompError> {
+    let kvm = || rule(vec![cond(1, Op::MaskedEq(IOC_TYPE_MASK), KVMIO)?]);
+    let eq = |arg, v: u64| rule(vec![cond(arg, Op::Eq, v)?]);
+    Ok(match args {
+        Args::Any => vec![],
+        Args::KvmIoctl => vec![kvm()?],
+        Args::KvmOrTerminalIoctl => vec![
+            kvm()?,
+            eq(1, libc::TCGETS)?,
+            eq(1, libc::TCSETS)?,
+            eq(1, libc::TIOCGWINSZ)?,
+        ],
+        Args::NoExec => vec![rule(vec![cond(
+            2,
+            Op::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])?],
+        Args::Thread => vec![rule(vec![cond(
+            0,
+            Op::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?])?],
+        Args::ThreadName => vec![
+            eq(0, libc::PR_SET_NAME as u64)?,
+            eq(0, libc::PR_GET_NAME as u64)?,
+        ],
+        Args::ThreadNameOrNoNewPrivs => vec![
+            eq(0, libc::PR_SET_NAME as u64)?,
+            eq(0, libc::PR_GET_NAME as u64)?,
+            eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)?,
+        ],
+        Args::AddFilter => vec![eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)?],
+        Args::OwnProcess => vec![eq(0, pid as u64)?],
+    })
+}
+
+/// The BPF program of `role` for process `pid`: the listed calls allowed, anything else
+/// trapping.
+pub(crate) fn compile(role: Role, pid: u32) -> Result<BpfProgram, SeccompError> {
+    let mut rules = BTreeMap::new();
+    for a in allowed(role) {
+        rules.insert(a.nr, rules_for(a.args, pid)?);
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::compile)?;
+    filter.try_into().map_err(SeccompError::compile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_filters_compile() {
+        for role in [Role::Vmm, Role::Vcpu] {
+            let prog = compile(role, std::process::id()).unwrap();
+            // The kernel's limit is 4096 instructions per filter.
+            assert!(
+                !prog.is_empty() && prog.len() < 4096,
+                "{role:?}: {}",
+                prog.len()
+            );
+        }
+    }
+
+    #[test]
+    fn vcpu_calls_are_also_vmm_calls() {
+        // Stacked filters must both allow a call: a vCPU entry missing from the VMM list
+        // would trap all the same.
+        for a in VCPU {
+            assert!(
+                VMM.iter().any(|v| v.nr == a.nr),
+                "{} is on the vCPU list but not the VMM list",
+                a.name()
+            );
+        }
+    }
+
+    #[test]
+    fn lists_have_no_duplicates_and_no_dangerous_calls() {
+        for list in [VMM, VCPU] {
+            let mut nrs: Vec<i64> = list.iter().map(|a| a.nr).collect();
+            nrs.sort();
+            nrs.dedup();
+            assert_eq!(nrs.len(), list.len());
+            for bad in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_ptrace,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_kill,
+                libc::SYS_process_vm_writev,
+                libc::SYS_mount,
+                libc::SYS_bpf,
+            ] {
+                assert!(!nrs.contains(&bad), "{bad} must not be allowed");
+            }
+        }
+        for a in VCPU {
+            assert!(
+                ![
+                    libc::SYS_openat,
+                    libc::SYS_clone,
+                    libc::SYS_clone3,
+                    libc::SYS_rename
+                ]
+                .contains(&a.nr),
+                "{} is for VMM threads only",
+                a.name()
+            );
+        }
+    }
+}
