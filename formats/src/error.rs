@@ -52,6 +52,13 @@ pub enum Error {
     /// A length exceeds a cap the reader enforces.
     #[error("{what} is {len} bytes, over the {cap}-byte limit; the file is corrupt or hostile")]
     TooLarge { what: String, len: u64, cap: u64 },
+    /// The machine claims more guest memory than [`MAX_GUEST_MEMORY`](crate::MAX_GUEST_MEMORY).
+    #[error(
+        "machine claims {} GiB of guest memory, more than the {} GiB limit",
+        gib_up(*.0),
+        crate::MAX_GUEST_MEMORY >> 30
+    )]
+    GuestMemoryTooLarge(u64),
     /// A section that must be present is absent.
     #[error("the file has no {0} section")]
     MissingSection(&'static str),
@@ -64,6 +71,11 @@ pub enum Error {
     /// The stub executable is not a usable ELF file.
     #[error("stub is not a usable ELF executable: {0}")]
     Elf(String),
+}
+
+/// Bytes in GiB, rounded up (so a claim just over a limit does not read as the limit).
+fn gib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 30)
 }
 
 impl Error {

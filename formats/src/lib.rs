@@ -158,6 +158,61 @@ pub mod testing {
         }
     }
 
+    /// Makes a standalone machine claim more than it holds, for tests of the limits: every
+    /// region of every `kind` image section becomes `region_size` bytes (memory regions
+    /// placed back to back from address 0), with `fill` the last extent of each region
+    /// stretched to the region's end (claiming that much non-zero data; only a compressed
+    /// section stays consistent), and the table's logical lengths and every checksum are
+    /// updated, so the file opens as well-formed. `region_size` must be a granule multiple.
+    pub fn inflate(bytes: &mut [u8], kind: crate::SectionKind, region_size: u64, fill: bool) {
+        use crate::layout::{put, u32_at, u64_at};
+        let count = u32_at(bytes, 20) as usize;
+        let toff = u64_at(bytes, 24) as usize;
+        for i in 0..count {
+            let e = toff + i * 64;
+            if u32_at(bytes, e) != kind.code() {
+                continue;
+            }
+            let (off, len) = (
+                u64_at(bytes, e + 16) as usize,
+                u64_at(bytes, e + 24) as usize,
+            );
+            let s = &mut bytes[off..off + len];
+            let f = s.len() - 64;
+            let (regions, extents) = (u32_at(s, f + 12) as usize, u32_at(s, f + 16) as usize);
+            let body = f - u64_at(s, f + 24) as usize;
+            let first = body + ((u32_at(s, f + 20) as usize + 7) & !7);
+            let ext_base = first + regions * 64;
+            assert!(
+                ext_base + extents * 16 == f,
+                "unexpected image index layout"
+            );
+            for r in 0..regions {
+                let at = first + r * 64;
+                let addr = if kind == crate::SectionKind::Memory {
+                    r as u64 * region_size
+                } else {
+                    0
+                };
+                put(s, at, &addr.to_le_bytes());
+                put(s, at + 8, &region_size.to_le_bytes());
+                let (x0, xn) = (u32_at(s, at + 40) as usize, u32_at(s, at + 44) as usize);
+                if fill && xn > 0 {
+                    let last = ext_base + (x0 + xn - 1) * 16;
+                    let x_off = u64_at(s, last);
+                    put(s, last + 8, &(region_size - x_off).to_le_bytes());
+                }
+                let data: u64 = (x0..x0 + xn)
+                    .map(|x| u64_at(s, ext_base + x * 16 + 8))
+                    .sum();
+                put(s, at + 32, &data.to_le_bytes());
+            }
+            let logical = regions as u64 * region_size;
+            put(bytes, e + 32, &logical.to_le_bytes());
+        }
+        reseal(bytes);
+    }
+
     /// A minimal static x86_64 ELF executable that exits 0: a stand-in stub for tests.
     pub fn tiny_elf() -> Vec<u8> {
         let code: [u8; 9] = [0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]; // exit(0)
@@ -220,8 +275,12 @@ pub use writer::{GuestRegion, MachineWriter, DEFAULT_GRANULE, DEFAULT_ZSTD_LEVEL
 pub const DATA_ALIGN: u64 = 65536;
 /// Most sections a reader accepts.
 pub const MAX_SECTIONS: u32 = 1024;
-/// Largest blob (e.g. VM state) read in full, stored or decompressed.
-pub const MAX_BLOB_LEN: u64 = 256 << 20;
+/// Largest blob (the VM state, unknown kinds) read in full, stored or decompressed. The
+/// VMM's state decoder takes the same limit from here.
+pub const MAX_BLOB_LEN: u64 = 16 << 20;
+/// Most guest memory a machine may have, all regions together (1 TiB). A reader refuses a
+/// file that claims more when it opens it, before anything is allocated for its memory.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 
 /// Guest CPU architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

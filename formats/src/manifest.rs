@@ -81,6 +81,9 @@ impl Manifest {
                 self.vcpus
             )));
         }
+        if self.memory_bytes > crate::MAX_GUEST_MEMORY {
+            return Err(Error::GuestMemoryTooLarge(self.memory_bytes));
+        }
         if self.memory_bytes == 0 {
             return Err(Error::InvalidInput(
                 "manifest has zero guest memory; set memory_bytes".into(),

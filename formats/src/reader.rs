@@ -20,7 +20,9 @@ use crate::manifest::{Manifest, MAX_MANIFEST_LEN};
 use crate::source::{hash_range, read_exact_at, RangeReader, ReadAt, CHUNK};
 use crate::trailer::{self, Trailer};
 use crate::writer::is_zero;
-use crate::{Arch, Compression, SectionKind, DATA_ALIGN, MAX_BLOB_LEN, MAX_SECTIONS};
+use crate::{
+    Arch, Compression, SectionKind, DATA_ALIGN, MAX_BLOB_LEN, MAX_GUEST_MEMORY, MAX_SECTIONS,
+};
 
 /// One section as listed in the table, with its absolute position in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,6 +309,11 @@ impl<S: ReadAt> MachineReader<S> {
                 return Err(Error::corrupt(format!(
                     "{kind} section {i} is not 64 KiB aligned"
                 )));
+            }
+            // The memory section's logical length is the sum of its region sizes (checked
+            // against its index when that is read): refuse an absurd claim up front.
+            if kind == SectionKind::Memory && e.logical_len > MAX_GUEST_MEMORY {
+                return Err(Error::GuestMemoryTooLarge(e.logical_len));
             }
             if kind.is_singleton() && sections.iter().any(|s: &SectionEntry| s.kind == kind) {
                 return Err(Error::corrupt(format!("more than one {kind} section")));

@@ -419,6 +419,10 @@ impl MachineWriter {
             }
             end = r.guest_addr + size;
         }
+        let total: u64 = regions.iter().map(|r| r.data.len() as u64).sum();
+        if total > crate::MAX_GUEST_MEMORY {
+            return Err(Error::GuestMemoryTooLarge(total));
+        }
         let granule = self.granule;
         let level = self.zstd_level;
         let r = self.write_section(SectionKind::Memory, true, compression, |out| {

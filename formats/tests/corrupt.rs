@@ -398,3 +398,52 @@ fn random_garbage_never_panics() {
         }
     }
 }
+
+#[test]
+fn guest_memory_over_the_limit_is_refused_at_open() {
+    use smolvm_formats::{testing::inflate, MAX_GUEST_MEMORY};
+    let tib = 1u64 << 40;
+    // The sample's two memory regions claim 1 TiB each: a well-formed 2 TiB claim in a file
+    // of a few hundred KiB.
+    let mut b = sample_bytes(Compression::None);
+    inflate(&mut b, SectionKind::Memory, tib, false);
+    let err = open(&b).unwrap_err();
+    assert!(
+        matches!(err, Error::GuestMemoryTooLarge(n) if n == 2 * tib),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "machine claims 2048 GiB of guest memory, more than the 1024 GiB limit"
+    );
+    // Half a TiB each is exactly the limit: it opens and lays out.
+    let mut b = sample_bytes(Compression::Zstd);
+    inflate(&mut b, SectionKind::Memory, tib / 2, false);
+    let r = open(&b).unwrap();
+    assert_eq!(r.memory_layout().unwrap().total_bytes(), MAX_GUEST_MEMORY);
+    // The manifest's own claim is held to the same limit.
+    let mut m = manifest();
+    m.memory_bytes = MAX_GUEST_MEMORY + 1;
+    assert!(matches!(m.validate(), Err(Error::GuestMemoryTooLarge(_))));
+}
+
+#[test]
+fn blob_limit_is_shared_by_writer_and_reader() {
+    use smolvm_formats::{Arch, MachineWriter, MAX_BLOB_LEN};
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = MachineWriter::create(&dir.path().join("m"), Arch::X86_64).unwrap();
+    let big = vec![0u8; MAX_BLOB_LEN as usize + 1];
+    assert!(w
+        .add_blob(SectionKind::VmState, &big, Compression::Zstd)
+        .is_err());
+    // A stored logical length one past the limit is refused when read.
+    let mut b = sample_bytes(Compression::Zstd);
+    let vm = entry_of(&b, SectionKind::VmState);
+    patch(&mut b, |_, t| {
+        set_u64(&mut t[vm * 64..], 32, MAX_BLOB_LEN + 1)
+    });
+    assert!(matches!(
+        open(&b).unwrap().read_blob(SectionKind::VmState),
+        Err(Error::TooLarge { cap, .. }) if cap == MAX_BLOB_LEN
+    ));
+}

@@ -5,8 +5,8 @@
 //! status. A packed executable (this binary with a machine appended) resumes
 //! its own machine: before reading any argument it looks for the trailer at
 //! the end of its own file, and when there is one every argument goes to the
-//! machine's command untouched; the runtime then takes its settings from
-//! `SMOLVM_*` environment variables only (docs/RUNTIME.md).
+//! machine's command untouched (less one leading `--`); the runtime then takes
+//! its settings from `SMOLVM_*` environment variables only (docs/RUNTIME.md).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -293,7 +293,17 @@ fn packed_help(target: &Target) -> String {
     )
 }
 
-/// Run this executable's machine with all arguments untouched.
+/// The machine's arguments from a packed executable's own: all of them, less
+/// one leading `--` (`./app -- cmd` runs `cmd`, as `docker run IMAGE -- cmd`
+/// does; `./app -- -- x` passes `-- x`; `./app --` runs the default command).
+fn packed_args(mut args: Vec<OsString>) -> Vec<OsString> {
+    if args.first().is_some_and(|a| a == "--") {
+        args.remove(0);
+    }
+    args
+}
+
+/// Run this executable's machine with its arguments (see [`packed_args`]).
 fn run_packed(target: Target) -> Result<Ended> {
     timing::mark("machine-opened");
     if std::env::var_os("SMOLVM_HELP").is_some_and(|v| !v.is_empty() && v != "0") {
@@ -304,7 +314,7 @@ fn run_packed(target: Target) -> Result<Ended> {
     let name = target.name;
     let plan = SnapshotPlan::from_reader(target.reader)
         .with_context(|| format!("cannot resume {}", name.display()))?;
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let args = packed_args(std::env::args_os().skip(1).collect());
     let opts = RunOptions {
         args: match plan.state.guest {
             Guest::Linux { .. } if !args.is_empty() => Some(utf8_args(args)?),
@@ -526,6 +536,17 @@ mod tests {
         );
         let e = anyhow::Error::new(E::TrailerMissing);
         assert!(line(e, false).contains("`strip` removed the payload"));
+    }
+
+    #[test]
+    fn packed_arguments_lose_one_leading_double_dash() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(packed_args(a(&["--", "ls", "-l"])), a(&["ls", "-l"]));
+        assert_eq!(packed_args(a(&["--", "--", "x"])), a(&["--", "x"]));
+        assert_eq!(packed_args(a(&["--"])), a(&[]));
+        assert_eq!(packed_args(a(&["ls", "--", "x"])), a(&["ls", "--", "x"]));
+        assert_eq!(packed_args(a(&["--help"])), a(&["--help"]));
+        assert_eq!(packed_args(a(&[])), a(&[]));
     }
 
     #[test]

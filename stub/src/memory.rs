@@ -35,6 +35,21 @@ pub enum MemoryError {
     /// An access outside guest memory.
     #[error("guest address {0:#x} is outside guest memory")]
     OutOfRange(u64),
+    /// More guest memory than a machine may have.
+    #[error(transparent)]
+    TooLarge(smolvm_formats::Error),
+}
+
+/// Refuse regions adding up to more than the machine file limit, before any
+/// reservation.
+fn check_total(sizes: impl Iterator<Item = u64>) -> Result<(), MemoryError> {
+    let total = sizes.fold(0u64, u64::saturating_add);
+    if total > smolvm_formats::MAX_GUEST_MEMORY {
+        return Err(MemoryError::TooLarge(
+            smolvm_formats::Error::GuestMemoryTooLarge(total),
+        ));
+    }
+    Ok(())
 }
 
 /// One run of a region, as stored in a machine file: `len` bytes at `offset`
@@ -185,6 +200,7 @@ impl GuestMemory {
 
     /// Fresh zeroed memory for `(guest_addr, size)` regions.
     pub fn anonymous(regions: &[(u64, u64)]) -> Result<Self, MemoryError> {
+        check_total(regions.iter().map(|r| r.1))?;
         let maps = regions
             .iter()
             .map(|&(a, s)| reserve(s).map(|r| (a, r)))
@@ -195,6 +211,7 @@ impl GuestMemory {
     /// Map regions from `file`: each `(guest_addr, size, runs)` per
     /// [`plan_region`], copy-on-write.
     pub fn map_file(file: &File, regions: &[(u64, u64, Vec<Run>)]) -> Result<Self, MemoryError> {
+        check_total(regions.iter().map(|r| r.1))?;
         let file_len = file.metadata().map_err(MemoryError::Mmap)?.len();
         let page = page_size();
         let plans = regions
@@ -415,5 +432,32 @@ mod tests {
         f.rewind().unwrap();
         f.read_to_end(&mut after).unwrap();
         assert_eq!(after, content, "guest writes reached the file");
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn more_than_the_guest_memory_limit_is_refused_before_reserving() {
+        // Two regions of 3 TiB: refused by the sum, not by a failed mmap.
+        let tib = 1u64 << 40;
+        let err = GuestMemory::anonymous(&[(0, 3 * tib), (3 * tib, 3 * tib)])
+            .err()
+            .expect("6 TiB of guest memory accepted");
+        assert_eq!(
+            err.to_string(),
+            "machine claims 6144 GiB of guest memory, more than the 1024 GiB limit"
+        );
+        let f = tempfile::tempfile().unwrap();
+        assert!(matches!(
+            GuestMemory::map_file(&f, &[(0, 2 * tib, Vec::new())]),
+            Err(MemoryError::TooLarge(_))
+        ));
+        let err = GuestMemory::expanded(&[(0, 2 * tib)], |_, _| Ok::<(), MemoryError>(()))
+            .err()
+            .expect("2 TiB expanded");
+        assert!(matches!(err, MemoryError::TooLarge(_)), "{err}");
     }
 }

@@ -146,11 +146,14 @@ fn packed_executable_passes_every_argument_to_the_machine() {
     let app = dir.path().join("app");
     pack(&machine, &app);
     let before = std::fs::read(&app).unwrap();
-    // `--help`, `--version`, `run` and `--` are the machine's, not smolvm's:
-    // the test guest takes none and runs to its exit as always.
+    // `--help`, `--version` and `run` are the machine's, not smolvm's, and a
+    // leading `--` is dropped (the rest, `--` included, is the machine's):
+    // the test guest takes no arguments and runs to its exit as always.
     for args in [
         &["--help"][..],
         &["--", "x"],
+        &["--"],
+        &["--", "--", "x"],
         &["run", "--save", "x"],
         &["--version"],
     ] {

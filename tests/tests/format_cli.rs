@@ -154,3 +154,51 @@ fn pack_then_inspect_run_and_strip() {
         _ => eprintln!("SKIP strip check: `strip` (binutils) is not installed"),
     }
 }
+
+#[test]
+fn absurd_guest_memory_claims_are_refused_in_one_line() {
+    use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("huge.smolmachine");
+    // Four one-page regions, then each claims 1 TiB: a file of a few hundred KiB that
+    // claims 4 TiB of guest memory.
+    let page = [1u8; 4096];
+    let regions: Vec<GuestRegion<'_>> = (0..4)
+        .map(|i| GuestRegion {
+            guest_addr: i << 30,
+            data: &page,
+        })
+        .collect();
+    let mut w = MachineWriter::create(&m, Arch::X86_64).unwrap();
+    w.add_manifest(&Manifest {
+        name: "huge".into(),
+        vcpus: 1,
+        memory_bytes: 4 << 12,
+        ..Default::default()
+    })
+    .unwrap();
+    w.add_blob(SectionKind::VmState, b"state", Compression::None)
+        .unwrap();
+    w.add_memory(&regions, Compression::None).unwrap();
+    w.finish().unwrap();
+    let mut bytes = fs::read(&m).unwrap();
+    smolvm_formats::testing::inflate(&mut bytes, SectionKind::Memory, 1 << 40, false);
+    fs::write(&m, &bytes).unwrap();
+    let claim = "machine claims 4096 GiB of guest memory, more than the 1024 GiB limit";
+
+    let o = build_util::smolvm_run(&m, &[]);
+    assert_eq!(o.status.code(), Some(125), "{}", build_util::describe(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!("smolvm: cannot run {}: {claim}", m.display()),
+        "{}",
+        build_util::describe(&o)
+    );
+
+    for cmd in ["inspect", "verify"] {
+        let o = run(&[cmd.as_ref(), m.as_os_str()]);
+        assert!(!o.status.success(), "{cmd}: {o:?}");
+        assert!(stderr_line(&o).contains(claim), "{cmd}: {o:?}");
+    }
+}

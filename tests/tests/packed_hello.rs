@@ -149,20 +149,23 @@ fn no_arguments_runs_the_default_command() {
     let Some(h) = hello("no_arguments_runs_the_default_command") else {
         return;
     };
-    let o = h.run(&[], b"");
-    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    let text = stdout(&o);
-    let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("hello from smolvm"), "{}", describe(&o));
-    // Written by the Smolfile's setup step at build time, so it is in the snapshot.
-    assert!(
-        lines
-            .next()
-            .is_some_and(|l| l.starts_with("built by smolpack on ")),
-        "{}",
-        describe(&o)
-    );
-    assert_eq!(lines.next(), None, "{}", describe(&o));
+    // `./app --` is `./app`: the leading `--` is dropped, leaving no arguments.
+    for args in [&[][..], &["--"]] {
+        let o = h.run(args, b"");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", describe(&o));
+        let text = stdout(&o);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("hello from smolvm"), "{}", describe(&o));
+        // Written by the Smolfile's setup step at build time, so it is in the snapshot.
+        assert!(
+            lines
+                .next()
+                .is_some_and(|l| l.starts_with("built by smolpack on ")),
+            "{}",
+            describe(&o)
+        );
+        assert_eq!(lines.next(), None, "{}", describe(&o));
+    }
 }
 
 #[test]
@@ -225,10 +228,22 @@ fn help_and_double_dash_go_to_the_machine() {
         describe(&o)
     );
 
-    // `--` is an argument like any other.
+    // After the first argument `--` is an argument like any other.
     let o = h.run(&["sh", "-c", r#"printf '[%s]' "$@""#, "sh", "--", "x"], b"");
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     assert_eq!(stdout(&o), "[--][x]", "{}", describe(&o));
+
+    // One leading `--` is dropped (`./app -- cmd`, as `docker run IMAGE -- cmd`); a
+    // second one is the machine's: `./app -- -- x` runs the command `--`, which no
+    // program is named.
+    let o = h.run(
+        &["--", "sh", "-c", r#"printf '[%s]' "$@""#, "sh", "--", "x"],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(stdout(&o), "[--][x]", "{}", describe(&o));
+    let o = h.run(&["--", "--", "x"], b"");
+    assert_eq!(o.status.code(), Some(127), "{}", describe(&o));
 }
 
 #[test]

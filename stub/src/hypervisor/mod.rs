@@ -19,10 +19,16 @@ use std::os::unix::thread::RawPthread;
 /// before the next `run`.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
-    /// The guest read `data.len()` bytes from an I/O port.
-    IoIn { port: u16, data: &'a mut [u8] },
-    /// The guest wrote to an I/O port.
-    IoOut { port: u16, data: &'a [u8] },
+    /// The guest read from an I/O port: `data.len() / size` accesses of
+    /// `size` bytes (1, 2 or 4), more than one for string I/O (`rep ins`).
+    IoIn {
+        port: u16,
+        size: u8,
+        data: &'a mut [u8],
+    },
+    /// The guest wrote to an I/O port: `data.len() / size` accesses of
+    /// `size` bytes, more than one for string I/O (`rep outs`).
+    IoOut { port: u16, size: u8, data: &'a [u8] },
     /// The guest read from a guest-physical address that has no memory.
     MmioRead { addr: u64, data: &'a mut [u8] },
     /// The guest wrote to a guest-physical address that has no memory.

@@ -92,6 +92,17 @@ pub enum LinuxError {
     Agent(#[from] ClientError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// Too little room to expand a compressed machine into the cache.
+    #[error(
+        "not enough free space in {} to expand the machine: needs {needs_mib} MiB, \
+         {free_mib} MiB free; free some space or set SMOLVM_CACHE to another directory",
+        dir.display()
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needs_mib: u64,
+        free_mib: u64,
+    },
 }
 
 impl From<crate::memory::MemoryError> for LinuxError {

@@ -68,7 +68,6 @@ pub fn mappable_plan(plan: SnapshotPlan) -> Result<SnapshotPlan, LinuxError> {
     drop(<crate::hypervisor::Backend as crate::hypervisor::Hypervisor>::open_default()?);
     let fingerprint = format!("{:032x}", r.fingerprint());
     let dir = cache_dir().join("expanded");
-    std::fs::create_dir_all(&dir)?;
     let dest = dir.join(format!("{fingerprint}.smolmachine"));
     if let Ok(cached) = SnapshotPlan::open(&dest) {
         if is_mappable(&cached.reader)
@@ -77,9 +76,76 @@ pub fn mappable_plan(plan: SnapshotPlan) -> Result<SnapshotPlan, LinuxError> {
             return Ok(cached);
         }
     }
+    // What the file claims must fit before anything is allocated or written.
+    check_expansion_space(r, &dir)?;
+    std::fs::create_dir_all(&dir)?;
     expand(r, &dest, &fingerprint)?;
     timing::mark("machine-expanded");
     Ok(SnapshotPlan::open(&dest)?)
+}
+
+/// Most bytes expanding `r` writes: every non-zero byte of its memory and
+/// disks, the largest disk once more (extracted to a temporary file before it
+/// is copied in), and the headers, indexes and 64 KiB alignment around them.
+fn expansion_bytes(r: &MachineReader) -> Result<u64, LinuxError> {
+    let data = |runs: &[smolvm_formats::MemRun]| -> u64 {
+        runs.iter().filter(|x| !x.zero).map(|x| x.len).sum()
+    };
+    let index = |runs: &[smolvm_formats::MemRun]| 64 + 16 * runs.len() as u64;
+    let align = 2 * smolvm_formats::DATA_ALIGN;
+    let mut total = 1u64 << 20;
+    for reg in &r.memory_layout()?.regions {
+        total = total
+            .saturating_add(data(&reg.runs))
+            .saturating_add(index(&reg.runs) + align);
+    }
+    let mut largest_disk = 0;
+    for d in r.disks()? {
+        let bytes = data(&d.runs);
+        largest_disk = largest_disk.max(bytes);
+        total = total
+            .saturating_add(bytes)
+            .saturating_add(index(&d.runs) + align);
+    }
+    for s in r.sections().iter().filter(|s| !s.kind.is_image()) {
+        total = total.saturating_add(s.logical_len);
+    }
+    Ok(total.saturating_add(largest_disk))
+}
+
+/// Bytes an unprivileged user may still write in the file system holding
+/// `dir` (or its nearest existing ancestor).
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs only writes the zeroed struct it is given; `c` is a
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Refuse to expand `r` into `dir` when what it claims does not fit there
+/// (a hostile file can claim terabytes in a few KiB).
+fn check_expansion_space(r: &MachineReader, dir: &Path) -> Result<(), LinuxError> {
+    let needs = expansion_bytes(r)?;
+    let free = free_bytes(dir)?;
+    if needs > free {
+        return Err(LinuxError::NoSpace {
+            dir: dir.to_owned(),
+            needs_mib: needs.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
+    Ok(())
 }
 
 /// Rewrite `r` uncompressed at `dest` (through the atomic writer), recording
@@ -478,6 +544,69 @@ fn run_exec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A compressed machine with 64 KiB of memory and a 1 MiB disk, each with a
+    /// little data.
+    fn small_compressed(path: &Path) {
+        let dir = path.parent().unwrap();
+        let mut mem = vec![0u8; 16 * 4096];
+        mem[4096..8192].fill(7);
+        let disk = dir.join("disk");
+        let mut d = vec![0u8; 1 << 20];
+        d[..4096].fill(9);
+        std::fs::write(&disk, &d).unwrap();
+        let mut w = MachineWriter::create(path, smolvm_formats::Arch::X86_64).unwrap();
+        w.add_manifest(&Manifest::default()).unwrap();
+        w.add_blob(SectionKind::VmState, b"state", Compression::Zstd)
+            .unwrap();
+        w.add_memory(
+            &[GuestRegion {
+                guest_addr: 0,
+                data: &mem,
+            }],
+            Compression::Zstd,
+        )
+        .unwrap();
+        w.add_disk(
+            "root",
+            &mut std::fs::File::open(&disk).unwrap(),
+            Compression::Zstd,
+        )
+        .unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn expansion_needs_the_space_the_file_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m.smolmachine");
+        small_compressed(&m);
+        let cache = dir.path().join("cache").join("expanded");
+        let r = MachineReader::open(&m).unwrap();
+        let needs = expansion_bytes(&r).unwrap();
+        // Two data granules, the disk's twice, plus bounded overhead.
+        assert!((3 * 4096..4 << 20).contains(&needs), "{needs}");
+        check_expansion_space(&r, &cache).unwrap();
+
+        // The same few KiB claiming a 1 TiB disk full of data.
+        let mut bytes = std::fs::read(&m).unwrap();
+        smolvm_formats::testing::inflate(&mut bytes, SectionKind::Disk, 1 << 40, true);
+        std::fs::write(&m, &bytes).unwrap();
+        let r = MachineReader::open(&m).unwrap();
+        let err = check_expansion_space(&r, &cache).unwrap_err().to_string();
+        // (The free space itself moves with whatever else writes to the disk.)
+        let want = format!(
+            "not enough free space in {} to expand the machine: needs {} MiB, ",
+            cache.display(),
+            expansion_bytes(&r).unwrap().div_ceil(1 << 20),
+        );
+        assert!(
+            err.starts_with(&want) && err.contains(" MiB free; "),
+            "{err}"
+        );
+        assert!(expansion_bytes(&r).unwrap() > 2 << 40);
+        assert!(!cache.exists(), "the check wrote to the cache");
+    }
 
     #[test]
     fn exit_codes_follow_the_shell() {

@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 pub const STATE_MAGIC: [u8; 8] = *b"SMOLVMST";
 /// Version of the state layout this build writes and reads.
 pub const STATE_VERSION: u32 = 3;
-/// Largest encoded state accepted (vCPU state is about 10 KiB per vCPU).
-pub const MAX_STATE_BYTES: usize = 16 << 20;
+/// Largest encoded state accepted (vCPU state is about 10 KiB per vCPU): the
+/// machine file's blob limit, so what one accepts the other does too.
+pub const MAX_STATE_BYTES: usize = smolvm_formats::MAX_BLOB_LEN as usize;
 /// Most vCPUs a machine state may hold.
 pub const MAX_VCPUS: usize = 256;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;

@@ -174,31 +174,56 @@ fn unclaimed(kind: &str, addr: u64, data: &[u8]) {
     }
 }
 
-fn dispatch_write(bus: &Bus, kind: &str, addr: u64, data: &[u8]) {
-    if data.len() <= 8 {
-        if !bus.write(addr, data) {
-            unclaimed(kind, addr, data);
+/// Hand a port or MMIO exit to its bus: `size`-byte accesses, one after the
+/// other at the same address (string I/O repeats the port access `count`
+/// times; an MMIO exit is one access). Any other exit is left alone.
+fn dispatch_bus_exit(io_bus: &Bus, mmio_bus: &Bus, exit: VcpuExit<'_>) {
+    match exit {
+        VcpuExit::IoOut { port, size, data } => {
+            dispatch_write(io_bus, "port write", u64::from(port), size.into(), data)
         }
-    } else {
-        // String I/O (rep outs): one access per byte.
-        for b in data.chunks(1) {
-            if !bus.write(addr, b) {
-                unclaimed(kind, addr, b);
-            }
+        VcpuExit::IoIn { port, size, data } => {
+            dispatch_read(io_bus, "port read", u64::from(port), size.into(), data)
+        }
+        VcpuExit::MmioWrite { addr, data } => {
+            dispatch_write(mmio_bus, "MMIO write", addr, data.len(), data)
+        }
+        VcpuExit::MmioRead { addr, data } => {
+            let size = data.len();
+            dispatch_read(mmio_bus, "MMIO read", addr, size, data)
+        }
+        _ => {}
+    }
+}
+
+/// Whether `len` bytes are a whole number of accesses of `size` (1 to 8) bytes.
+fn accesses_fit(kind: &str, addr: u64, size: usize, len: usize) -> bool {
+    let ok = (1..=8).contains(&size) && len.is_multiple_of(size);
+    if !ok {
+        log::warn!("guest {kind} at {addr:#x}: {len} bytes in {size}-byte accesses; ignored");
+    }
+    ok
+}
+
+fn dispatch_write(bus: &Bus, kind: &str, addr: u64, size: usize, data: &[u8]) {
+    if !accesses_fit(kind, addr, size, data.len()) {
+        return;
+    }
+    for access in data.chunks(size) {
+        if !bus.write(addr, access) {
+            unclaimed(kind, addr, access);
         }
     }
 }
 
-fn dispatch_read(bus: &Bus, kind: &str, addr: u64, data: &mut [u8]) {
-    if data.len() <= 8 {
-        if !bus.read(addr, data) {
-            unclaimed(kind, addr, data);
-        }
-    } else {
-        for b in data.chunks_mut(1) {
-            if !bus.read(addr, b) {
-                unclaimed(kind, addr, b);
-            }
+fn dispatch_read(bus: &Bus, kind: &str, addr: u64, size: usize, data: &mut [u8]) {
+    if !accesses_fit(kind, addr, size, data.len()) {
+        data.fill(0xff);
+        return;
+    }
+    for access in data.chunks_mut(size) {
+        if !bus.read(addr, access) {
+            unclaimed(kind, addr, access);
         }
     }
 }
@@ -231,20 +256,13 @@ pub fn run_loop<V: Vcpu>(vcpu: &mut V, id: u32, ctx: &VcpuContext) {
                 }
                 None
             }
-            Ok(VcpuExit::IoOut { port, data }) => {
-                dispatch_write(&ctx.io_bus, "port write", u64::from(port), data);
-                None
-            }
-            Ok(VcpuExit::IoIn { port, data }) => {
-                dispatch_read(&ctx.io_bus, "port read", u64::from(port), data);
-                None
-            }
-            Ok(VcpuExit::MmioWrite { addr, data }) => {
-                dispatch_write(&ctx.mmio_bus, "MMIO write", addr, data);
-                None
-            }
-            Ok(VcpuExit::MmioRead { addr, data }) => {
-                dispatch_read(&ctx.mmio_bus, "MMIO read", addr, data);
+            Ok(
+                exit @ (VcpuExit::IoOut { .. }
+                | VcpuExit::IoIn { .. }
+                | VcpuExit::MmioWrite { .. }
+                | VcpuExit::MmioRead { .. }),
+            ) => {
+                dispatch_bus_exit(&ctx.io_bus, &ctx.mmio_bus, exit);
                 None
             }
             Ok(VcpuExit::Hlt) => Some(ExitReason::Halted),
@@ -273,4 +291,129 @@ pub fn run_loop<V: Vcpu>(vcpu: &mut V, id: u32, ctx: &VcpuContext) {
         }
     }
     vcpu.disarm_kick();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+
+    /// Records every access; reads return the access's index in every byte.
+    #[derive(Default)]
+    struct Recorder(Vec<(char, u64, Vec<u8>)>);
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(self.0.len() as u8);
+            self.0.push(('r', offset, data.to_vec()));
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push(('w', offset, data.to_vec()));
+        }
+    }
+
+    fn buses() -> (Bus, Bus, Arc<Mutex<Recorder>>) {
+        let rec = Arc::new(Mutex::new(Recorder::default()));
+        let mut io = Bus::new();
+        io.insert(rec.clone(), 0x500, 8).unwrap();
+        let mut mmio = Bus::new();
+        mmio.insert(rec.clone(), 0xd000_0000, 0x1000).unwrap();
+        (io, mmio, rec)
+    }
+
+    fn taken(rec: &Mutex<Recorder>) -> Vec<(char, u64, Vec<u8>)> {
+        std::mem::take(&mut lock(rec).0)
+    }
+
+    #[test]
+    fn string_port_io_is_split_by_access_size() {
+        let (io, mmio, rec) = buses();
+        let data: Vec<u8> = (1..=12).collect();
+        // `rep outsw` of six words, `rep outsl` of three dwords, `rep outsb`.
+        for size in [2u8, 4, 1] {
+            dispatch_bus_exit(
+                &io,
+                &mmio,
+                VcpuExit::IoOut {
+                    port: 0x502,
+                    size,
+                    data: &data,
+                },
+            );
+            let want: Vec<_> = data
+                .chunks(size.into())
+                .map(|c| ('w', 2, c.to_vec()))
+                .collect();
+            assert_eq!(taken(&rec), want, "size {size}");
+        }
+        // `rep insw` of four words: four 2-byte reads, each filling its own slot.
+        let mut buf = [0u8; 8];
+        dispatch_bus_exit(
+            &io,
+            &mmio,
+            VcpuExit::IoIn {
+                port: 0x500,
+                size: 2,
+                data: &mut buf,
+            },
+        );
+        assert_eq!(buf, [0, 0, 1, 1, 2, 2, 3, 3]);
+        let got = taken(&rec);
+        assert_eq!(got.len(), 4);
+        assert!(got
+            .iter()
+            .all(|(k, o, d)| *k == 'r' && *o == 0 && d.len() == 2));
+        // A single 4-byte port access and an 8-byte MMIO access stay whole.
+        dispatch_bus_exit(
+            &io,
+            &mmio,
+            VcpuExit::IoOut {
+                port: 0x504,
+                size: 4,
+                data: &data[..4],
+            },
+        );
+        dispatch_bus_exit(
+            &io,
+            &mmio,
+            VcpuExit::MmioWrite {
+                addr: 0xd000_0010,
+                data: &data[..8],
+            },
+        );
+        assert_eq!(
+            taken(&rec),
+            vec![
+                ('w', 4, data[..4].to_vec()),
+                ('w', 0x10, data[..8].to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_port_accesses_are_ignored() {
+        let (io, mmio, rec) = buses();
+        // A length that is not a whole number of accesses, and a zero size.
+        dispatch_bus_exit(
+            &io,
+            &mmio,
+            VcpuExit::IoOut {
+                port: 0x500,
+                size: 4,
+                data: &[1, 2, 3, 4, 5, 6],
+            },
+        );
+        let mut buf = [0u8; 4];
+        dispatch_bus_exit(
+            &io,
+            &mmio,
+            VcpuExit::IoIn {
+                port: 0x500,
+                size: 0,
+                data: &mut buf,
+            },
+        );
+        assert_eq!(buf, [0xff; 4]);
+        assert!(taken(&rec).is_empty());
+    }
 }

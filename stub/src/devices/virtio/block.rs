@@ -464,7 +464,8 @@ fn handle_request(
     if mem.write_obj(out.status, status_addr).is_err() {
         return out.written;
     }
-    out.written + 1
+    // `execute` leaves room for the status byte (data-in below u32::MAX).
+    out.written.saturating_add(1)
 }
 
 /// Byte range `[sector * 512, +len)` if it is sector-aligned and on the disk.
@@ -494,6 +495,12 @@ fn execute(
                 return Outcome::status(S_IOERR);
             }
             let len = writer.remaining();
+            // The used length (data-in plus the status byte) is a u32: a
+            // longer request fails before any I/O.
+            if len >= u64::from(u32::MAX) {
+                log::warn!("virtio-blk: read of {len} bytes is longer than a request can be");
+                return Outcome::status(S_IOERR);
+            }
             let Some(mut pos) = disk_range(disk, sector, len) else {
                 return Outcome::status(S_IOERR);
             };
@@ -509,7 +516,13 @@ fn execute(
                     };
                 }
                 let k = writer.write(mem, &scratch[..n]);
-                written += k as u32;
+                let Some(sum) = u32::try_from(k).ok().and_then(|k| written.checked_add(k)) else {
+                    return Outcome {
+                        status: S_IOERR,
+                        written,
+                    };
+                };
+                written = sum;
                 if k < n {
                     return Outcome {
                         status: S_IOERR,
@@ -561,7 +574,8 @@ fn execute(
             let len = (writer.remaining() as usize).min(ID_BYTES);
             Outcome {
                 status: S_OK,
-                written: writer.write(mem, &id[..len]) as u32,
+                // At most ID_BYTES.
+                written: u32::try_from(writer.write(mem, &id[..len])).unwrap_or(0),
             }
         }
         _ => Outcome::status(S_UNSUPP),
@@ -905,6 +919,48 @@ mod tests {
 
         assert_eq!(r.t.status() & NEEDS_RESET, 0);
         assert_eq!(std::fs::read(base.path()).unwrap(), data);
+    }
+
+    #[test]
+    fn reads_longer_than_a_used_length_fail_without_io() {
+        // A sparse disk larger than 4 GiB, so the disk range check alone would
+        // pass, and 2 GiB of untouched guest memory named twice by the data-in
+        // buffers: 4 GiB of data-in, past what a used length can count. Such a
+        // chain never comes out of `Chain::parse`; the device must not rely on
+        // that.
+        let base = tempfile::NamedTempFile::new().unwrap();
+        base.as_file().set_len(5 << 30).unwrap();
+        let mut disk = CowDisk::open(base.path()).unwrap();
+        let m = mem(1 << 31);
+        let (hdr, status) = (0x1000u64, 0x2000u64);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+        m.write_slice(&h, GuestAddress(hdr)).unwrap();
+        m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        let seg = |addr: u64, len: u32| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        let mut scratch = vec![0u8; COPY_CHUNK];
+        let config = BlockConfig::default();
+        for data in [
+            vec![seg(0, 1 << 31), seg(0, 1 << 31)],
+            // Exactly u32::MAX: no room left for the status byte.
+            vec![seg(0, 1 << 31), seg(0, (1 << 31) - 1)],
+        ] {
+            let mut writable = data;
+            writable.push(seg(status, 1));
+            let chain = Chain {
+                readable: vec![seg(hdr, 16)],
+                writable,
+            };
+            let used = handle_request(&mut disk, &config, &mut scratch, &m, &chain);
+            assert_eq!(
+                (used, m.read_obj::<u8>(GuestAddress(status)).unwrap()),
+                (1, S_IOERR)
+            );
+            m.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        }
     }
 
     proptest::proptest! {

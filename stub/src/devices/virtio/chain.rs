@@ -1,8 +1,10 @@
 //! Bounded, validated views of guest descriptor chains.
 //!
 //! `virtio-queue` already stops a chain after `queue size` descriptors (so a
-//! `next` loop terminates) and caps its total length at 4 GiB. On top of that
-//! every chain is collected here once, with a per-device length cap, every
+//! `next` loop terminates) and ends it early where its total length would
+//! pass `u32::MAX`. On top of that every chain is collected here once, with a
+//! per-device descriptor cap, its total length checked again (a used-ring
+//! length is a `u32`, so device code may count a chain's bytes in one), every
 //! buffer range-checked against guest memory, and the readable-before-writable
 //! ordering the spec requires enforced, so device code only sees plain
 //! `(address, length)` segments that are known to be accessible.
@@ -36,7 +38,14 @@ pub enum ChainError {
     /// The chain has no descriptors at all (bad head index or table).
     #[error("empty descriptor chain")]
     Empty,
+    /// The buffers add up to more than [`MAX_CHAIN_BYTES`].
+    #[error("descriptor chain longer than {MAX_CHAIN_BYTES} bytes")]
+    TooBig,
 }
+
+/// Most bytes one chain may describe: a used-ring length is a `u32` (the
+/// virtio spec forbids chains over 4 GiB).
+pub const MAX_CHAIN_BYTES: u64 = u32::MAX as u64;
 
 /// One guest buffer of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +74,7 @@ impl Chain {
         max_descs: usize,
     ) -> Result<Self, ChainError> {
         let mut out = Chain::default();
+        let mut total = 0u64;
         for (i, d) in descs.into_iter().enumerate() {
             if i >= max_descs {
                 return Err(ChainError::TooLong(max_descs));
@@ -73,6 +83,10 @@ impl Chain {
                 addr: d.addr(),
                 len: d.len(),
             };
+            total += u64::from(seg.len);
+            if total > MAX_CHAIN_BYTES {
+                return Err(ChainError::TooBig);
+            }
             // `check_range` is false for zero lengths in some backends; an
             // empty buffer is harmless, so only its address must be sane.
             if seg.len > 0 && !mem.check_range(seg.addr, seg.len as usize) {
@@ -95,12 +109,14 @@ impl Chain {
         Ok(out)
     }
 
-    /// Total bytes the device may read.
+    /// Total bytes the device may read (at most [`MAX_CHAIN_BYTES`] for a
+    /// parsed chain).
     pub fn readable_len(&self) -> u64 {
         total(&self.readable)
     }
 
-    /// Total bytes the device may write.
+    /// Total bytes the device may write (at most [`MAX_CHAIN_BYTES`] for a
+    /// parsed chain).
     pub fn writable_len(&self) -> u64 {
         total(&self.writable)
     }
@@ -206,6 +222,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::testutil::{mem, Desc, TestQueue};
     use proptest::prelude::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::QueueOwnedT;
 
     #[test]
@@ -266,6 +283,24 @@ mod tests {
         assert_eq!(
             Chain::parse(&m, it.next().unwrap(), 8),
             Err(ChainError::TooLong(8))
+        );
+    }
+
+    #[test]
+    fn chains_over_4_gib_are_refused() {
+        // 2 GiB of guest memory, reserved but never touched: three descriptors
+        // naming the same buffer add up to more than a u32 can count.
+        let m = mem(1 << 31);
+        let w = |len: u32| Descriptor::new(0, len, VRING_DESC_F_WRITE as u16, 0);
+        assert_eq!(
+            Chain::parse(&m, [w(1 << 31), w(1 << 31)], 8),
+            Err(ChainError::TooBig)
+        );
+        let c = Chain::parse(&m, [w((1 << 31) - 1), w(1 << 31)], 8).unwrap();
+        assert_eq!(c.writable_len(), MAX_CHAIN_BYTES);
+        assert_eq!(
+            Chain::parse(&m, [w((1 << 31) - 1), w(1 << 31), w(1)], 8),
+            Err(ChainError::TooBig)
         );
     }
 

@@ -203,18 +203,23 @@ impl Console {
 
 fn fill_rx(mem: &GuestMemoryMmap, chain: &Chain, pending: &mut VecDeque<u8>) -> u32 {
     let mut out = SegCursor::new(&chain.writable);
-    let mut written = 0usize;
-    while !pending.is_empty() {
+    // The used length is a u32: never fill more than it can count, whatever
+    // the chain claims.
+    let mut written = 0u32;
+    while !pending.is_empty() && written < u32::MAX {
         let (front, _) = pending.as_slices();
+        let room = usize::try_from(u32::MAX - written).unwrap_or(usize::MAX);
+        let front = &front[..front.len().min(room)];
         let want = front.len();
         let n = out.write(mem, front);
         pending.drain(..n);
-        written += n;
+        // n <= room, so this neither truncates nor overflows.
+        written += n as u32;
         if n < want {
             break;
         }
     }
-    written as u32
+    written
 }
 
 fn drain_tx(mem: &GuestMemoryMmap, chain: &Chain, sink: &mut ConsoleSink, failed: &mut bool) {

@@ -88,7 +88,8 @@ fn fill(mem: &GuestMemoryMmap, chain: &Chain) -> u32 {
         }
         left -= n;
     }
-    written as u32
+    // At most MAX_BYTES_PER_REQUEST.
+    u32::try_from(written).unwrap_or(0)
 }
 
 impl VirtioDevice for Rng {

@@ -235,8 +235,23 @@ impl super::Vcpu for KvmVcpu {
             Err(e) => return Err(HypervisorError::op("KVM_RUN", e)),
         };
         let exit = match exit {
-            K::IoIn(port, data) => VcpuExit::IoIn { port, data },
-            K::IoOut(port, data) => VcpuExit::IoOut { port, data },
+            // kvm-ioctls gives the `size * count` bytes of a (string) port
+            // access but not the access size, which is in kvm_run.
+            K::IoIn(port, data) => VcpuExit::IoIn {
+                port,
+                // SAFETY: run_ptr is this vCPU's kvm_run mapping, alive as long
+                // as the fd; the exit reason says `io` is the live union
+                // member, and `io.size` does not overlap the data area that
+                // `data` borrows.
+                size: unsafe { (*run_ptr).__bindgen_anon_1.io.size },
+                data,
+            },
+            K::IoOut(port, data) => VcpuExit::IoOut {
+                port,
+                // SAFETY: as for IoIn.
+                size: unsafe { (*run_ptr).__bindgen_anon_1.io.size },
+                data,
+            },
             K::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
             K::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
             K::Hlt => VcpuExit::Hlt,
