@@ -742,6 +742,7 @@ pub struct Replay {
     st: State,
     decoder: FrameDecoder,
     credits: Vec<HostMsg>,
+    window: u32,
     requests: usize,
 }
 
@@ -749,6 +750,17 @@ impl Replay {
     /// A session with `execs` started (those in `discard` have nobody reading their output)
     /// and requests `requests` outstanding.
     pub fn new(execs: &[ExecId], discard: &[ExecId], requests: &[u32]) -> Replay {
+        Self::with_window(execs, discard, requests, INITIAL_WINDOW)
+    }
+
+    /// Like [`Replay::new`], with each output stream's credit window `window` bytes instead
+    /// of `INITIAL_WINDOW` (so that a small input can overrun it).
+    pub fn with_window(
+        execs: &[ExecId],
+        discard: &[ExecId],
+        requests: &[u32],
+        window: u32,
+    ) -> Replay {
         let mut st = State::default();
         for &id in execs {
             let mut slot = ExecSlot {
@@ -758,11 +770,13 @@ impl Replay {
             };
             for s in &mut slot.streams {
                 s.discard = discard.contains(&id);
+                s.window = window;
             }
             st.execs.insert(id, slot);
         }
         st.awaiting.extend(requests);
         Replay {
+            window,
             requests: st.awaiting.len(),
             st,
             decoder: FrameDecoder::new(),
@@ -828,12 +842,13 @@ impl Replay {
         for (id, e) in &self.st.execs {
             for (i, s) in e.streams.iter().enumerate() {
                 let sum = s.data.len() as u64 + u64::from(s.uncredited) + u64::from(s.window);
-                if sum != u64::from(INITIAL_WINDOW) {
+                if sum != u64::from(self.window) {
                     return Err(format!(
-                        "exec {id} stream {i}: {} buffered + {} uncredited + {} window != {INITIAL_WINDOW}",
+                        "exec {id} stream {i}: {} buffered + {} uncredited + {} window != {}",
                         s.data.len(),
                         s.uncredited,
-                        s.window
+                        s.window,
+                        self.window
                     ));
                 }
             }
