@@ -480,3 +480,27 @@ fn the_real_agent_streams_64_mib_within_the_window() {
     assert_eq!(client.protocol_violations().total(), 0);
     assert_eq!(client.buffered().execs, 0);
 }
+
+#[test]
+fn a_late_answer_to_a_request_that_timed_out_is_not_a_violation() {
+    let (client, agent) = FakeAgent::start();
+    client.set_timeout(Some(Duration::from_millis(50)));
+    // The fake agent never answers pings by itself.
+    assert!(matches!(client.ping(), Err(ClientError::Timeout(..))));
+    let seen = client.ready_count();
+    agent.send(&AgentMsg::Pong { req: 1 });
+    agent.send(&AgentMsg::Pong { req: 1 });
+    agent.send(&AgentMsg::Ready {
+        version: PROTOCOL_VERSION,
+    });
+    // Frames are handled in order: once the `Ready` counted, both answers were.
+    let mut polls = 0;
+    while client.ready_count() == seen {
+        polls += 1;
+        assert!(polls < 12_000, "the client never handled the frames");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let v = client.protocol_violations();
+    assert_eq!((v.unsolicited_reply, v.total()), (1, 1), "{v:?}");
+    assert_eq!(client.buffered().replies, 0);
+}
