@@ -1,7 +1,7 @@
 //! Feeds arbitrary bytes to the frame decoder, both message directions, in two pieces split
 //! at a point chosen by the input, and the same bytes as an agent's stream into the client's
 //! frame handling (`client::Replay`: the state and rules of a real `Client`, without threads
-//! or a socket) with three execs started (1 KiB credit windows) and two requests
+//! or a socket) with three execs started (64-byte credit windows) and two requests
 //! outstanding. Must never panic, hang or allocate past one frame, and the client
 //! must never hold more than one credit window per stream or more answers than it asked for.
 #![no_main]
@@ -12,14 +12,14 @@ use smolvm_agent::protocol::{
     read_frame, AgentMsg, FrameDecoder, HostMsg, Stream, HEADER_LEN, MAX_PAYLOAD,
 };
 
-const WINDOW: u32 = 1024;
+const WINDOW: u32 = 64;
 
 fuzz_target!(|data: &[u8]| {
     let split = data.first().map_or(0, |b| *b as usize).min(data.len());
     let mut host = FrameDecoder::new();
     let mut agent = FrameDecoder::new();
     // Exec 3's output has no reader; exec 1's stdout is read between the pieces. Inputs are
-    // at most a few KiB, so the windows are 1 KiB here: the fuzzer can overrun them.
+    // at most a few KiB, so the windows are 64 bytes here: the fuzzer can overrun them.
     let mut client = Replay::with_window(&[1, 2, 3], &[3], &[1, 2], WINDOW);
     for piece in [&data[..split], &data[split..]] {
         host.feed(piece);
