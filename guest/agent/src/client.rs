@@ -6,8 +6,16 @@
 //! credit or an answer), so a slow consumer of one exec never stalls another: the agent
 //! sends at most the credit window per stream, and credit is returned only as the
 //! consumer takes the bytes.
+//!
+//! The agent runs in the guest and is not trusted: the client keeps its own account of every
+//! stream's credit window and of the requests it is waiting on, so whatever the agent sends,
+//! the host buffers at most one window per stream and one answer per outstanding request.
+//! Frames that break the protocol are dropped and counted ([`Client::protocol_violations`]);
+//! output beyond the window, a malformed frame, or more than [`MAX_STRAY_FRAMES`] stray
+//! frames end the session, and every waiting call fails with
+//! `Disconnected("agent broke the protocol: ...")`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,9 +25,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, HostMsg, ProtocolError,
-    QuiesceReport, ResumeReport, Stream, WallClock, WinSize, INITIAL_WINDOW, MAX_CHUNK,
-    MAX_ENTROPY, PROTOCOL_VERSION,
+    frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
+    ProtocolError, QuiesceReport, ResumeReport, Stream, WallClock, WinSize, INITIAL_WINDOW,
+    MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
 };
 
 /// Errors seen by client callers.
@@ -45,6 +53,56 @@ pub enum ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// Stray frames (for execs that are not running, answers nobody waits for, stdin credit
+/// beyond the window) tolerated before the session ends. Each is dropped at no cost; the
+/// limit only stops an agent that keeps the host busy with them.
+pub const MAX_STRAY_FRAMES: u64 = 64;
+
+/// Prefix of the `Disconnected` reason when the client ended the session itself.
+pub const PROTOCOL_BROKEN: &str = "agent broke the protocol";
+
+/// Frames the client dropped because they broke the protocol, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProtocolViolations {
+    /// `Output` larger than the credit the host granted on that stream (ends the session).
+    pub beyond_window: u64,
+    /// `Started`, `ExecFailed`, `Output`, `StdinCredit` or `Exited` for an exec id the host
+    /// never started, already saw finish, or released.
+    pub unknown_exec: u64,
+    /// An answer (`Pong`, `Quiesced`, ...) to no outstanding request.
+    pub unsolicited_reply: u64,
+    /// `StdinCredit` returning more than the host sent.
+    pub excess_stdin_credit: u64,
+    /// A frame with a bad magic, an oversized length or a payload that does not decode
+    /// (ends the session).
+    pub bad_frame: u64,
+}
+
+impl ProtocolViolations {
+    /// All violations.
+    pub fn total(&self) -> u64 {
+        self.beyond_window + self.bad_frame + self.stray()
+    }
+
+    /// Violations that are only dropped until [`MAX_STRAY_FRAMES`] of them arrived.
+    pub fn stray(&self) -> u64 {
+        self.unknown_exec + self.unsolicited_reply + self.excess_stdin_credit
+    }
+}
+
+/// What the client holds on behalf of the agent right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Buffered {
+    /// Output bytes received and not yet read, in the fullest stream.
+    pub max_stream_bytes: usize,
+    /// Output bytes received and not yet read, all streams.
+    pub stream_bytes: usize,
+    /// Answers received and not yet taken by their caller.
+    pub replies: usize,
+    /// Exec slots (running, or finished with a live handle).
+    pub execs: usize,
+}
+
 /// Captured result of a finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
@@ -53,13 +111,53 @@ pub struct Output {
     pub status: ExitStatus,
 }
 
-#[derive(Default)]
 struct StreamBuf {
     data: VecDeque<u8>,
+    /// Credit the agent holds: what it may still send on this stream.
+    window: u32,
     /// Nobody will read this stream: credit bytes back as they arrive.
     discard: bool,
     /// Consumed bytes not yet credited back.
     uncredited: u32,
+}
+
+impl Default for StreamBuf {
+    fn default() -> Self {
+        StreamBuf {
+            data: VecDeque::new(),
+            window: INITIAL_WINDOW,
+            discard: false,
+            uncredited: 0,
+        }
+    }
+}
+
+impl StreamBuf {
+    /// Records `bytes` as credited back to the agent; call when queueing the `Credit`.
+    fn grant(&mut self, bytes: u32) {
+        self.window = self.window.saturating_add(bytes);
+    }
+
+    /// Moves buffered bytes into `buf`; returns how many and the credit to send back now.
+    fn take(&mut self, buf: &mut [u8]) -> (usize, u32) {
+        let n = self.data.len().min(buf.len());
+        let (front, back) = self.data.as_slices();
+        let k = front.len().min(n);
+        buf[..k].copy_from_slice(&front[..k]);
+        buf[k..n].copy_from_slice(&back[..n - k]);
+        self.data.drain(..n);
+        // `n` is at most one window, a u32.
+        self.uncredited += n as u32;
+        // Batch credits, but never let the agent's window run dry while the buffer here is
+        // empty.
+        let credit = if self.uncredited >= INITIAL_WINDOW / 4 || self.data.is_empty() {
+            std::mem::take(&mut self.uncredited)
+        } else {
+            0
+        };
+        self.grant(credit);
+        (n, credit)
+    }
 }
 
 #[derive(Default)]
@@ -86,7 +184,43 @@ struct State {
     ready_count: u64,
     ready_version: Option<u32>,
     replies: HashMap<u32, AgentMsg>,
+    /// Requests sent and not yet answered; only these answers are kept.
+    awaiting: HashSet<u32>,
+    /// Requests whose caller gave up (timeout): a late answer is dropped without complaint.
+    abandoned: HashSet<u32>,
     execs: HashMap<ExecId, ExecSlot>,
+    violations: ProtocolViolations,
+}
+
+impl State {
+    /// Ends the session because the agent broke the protocol.
+    fn broken(&mut self, what: String) {
+        self.closed
+            .get_or_insert(format!("{PROTOCOL_BROKEN}: {what}"));
+    }
+
+    /// Counts a stray frame; too many end the session.
+    fn stray(&mut self, what: impl FnOnce() -> String) {
+        if self.violations.stray() > MAX_STRAY_FRAMES {
+            let what = what();
+            self.broken(format!(
+                "more than {MAX_STRAY_FRAMES} stray frames, the last: {what}"
+            ));
+        }
+    }
+
+    fn buffered(&self) -> Buffered {
+        let mut b = Buffered {
+            replies: self.replies.len(),
+            execs: self.execs.len(),
+            ..Buffered::default()
+        };
+        for s in self.execs.values().flat_map(|e| e.streams.iter()) {
+            b.max_stream_bytes = b.max_stream_bytes.max(s.data.len());
+            b.stream_bytes += s.data.len();
+        }
+        b
+    }
 }
 
 struct Inner {
@@ -108,8 +242,17 @@ impl Inner {
     fn send(&self, msg: &HostMsg) -> Result<()> {
         let bytes = frame(msg)?;
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        tx.send(bytes)
-            .map_err(|_| ClientError::Disconnected("the writer thread stopped".into()))
+        if tx.send(bytes).is_err() {
+            // The writer stops only when the session ended: report why.
+            let st = self.lock();
+            if st.closed.is_some() {
+                return Err(self.disconnected(&st));
+            }
+            return Err(ClientError::Disconnected(
+                "the writer thread stopped".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn disconnected(&self, st: &State) -> ClientError {
@@ -166,6 +309,7 @@ impl Inner {
                         let pending = s.data.len() as u32 + std::mem::take(&mut s.uncredited);
                         s.data.clear();
                         if pending > 0 {
+                            s.grant(pending);
                             credit.push((i, pending));
                         }
                     }
@@ -277,14 +421,13 @@ impl Client {
                 let Some(inner) = r_inner.upgrade() else {
                     return;
                 };
-                match res {
-                    Ok(msg) => dispatch(&inner, msg),
-                    Err(e) => {
-                        let mut st = inner.lock();
-                        st.closed.get_or_insert(e.to_string());
-                        inner.cond.notify_all();
-                        return;
+                if !inner.receive(res) {
+                    // Hang up so that the agent's next write fails instead of filling the
+                    // stream nobody reads any more.
+                    if let Some(s) = &inner.shutdown_hook {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
                     }
+                    return;
                 }
             })?;
         Ok(Client { inner })
@@ -338,11 +481,32 @@ impl Client {
         self.inner.lock().ready_count
     }
 
+    /// Frames dropped so far because they broke the protocol.
+    pub fn protocol_violations(&self) -> ProtocolViolations {
+        self.inner.lock().violations
+    }
+
+    /// What the client buffers for the agent right now (bounded by the credit windows and
+    /// the outstanding requests, whatever the agent sends).
+    pub fn buffered(&self) -> Buffered {
+        self.inner.lock().buffered()
+    }
+
     fn request(&self, make: impl FnOnce(u32) -> HostMsg, what: &'static str) -> Result<AgentMsg> {
         let req = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
-        self.inner.send(&make(req))?;
-        self.inner
-            .wait_for(self.timeout(), what, |st| st.replies.remove(&req))
+        self.inner.lock().awaiting.insert(req);
+        let res = self.inner.send(&make(req)).and_then(|()| {
+            self.inner
+                .wait_for(self.timeout(), what, |st| st.replies.remove(&req))
+        });
+        if res.is_err() {
+            let mut st = self.inner.lock();
+            st.replies.remove(&req);
+            if st.awaiting.remove(&req) && st.closed.is_none() {
+                st.abandoned.insert(req);
+            }
+        }
+        res
     }
 
     /// Round trip to the agent.
@@ -441,72 +605,274 @@ impl Client {
     }
 }
 
-fn dispatch(inner: &Inner, msg: AgentMsg) {
-    let mut credit = None;
-    {
-        let mut st = inner.lock();
-        match msg {
-            AgentMsg::Ready { version } => {
-                st.ready_count += 1;
-                st.ready_version = Some(version);
+impl Inner {
+    /// Applies what the reader got; false once the session is over.
+    fn receive(&self, res: std::result::Result<AgentMsg, ProtocolError>) -> bool {
+        let mut credits = Vec::new();
+        let open = {
+            let mut st = self.lock();
+            match res {
+                Ok(msg) => apply(&mut st, msg, &mut credits),
+                Err(e) => read_failed(&mut st, e),
             }
-            AgentMsg::Pong { req }
-            | AgentMsg::Unquiesced { req }
-            | AgentMsg::ShuttingDown { req } => {
+            self.cond.notify_all();
+            st.closed.is_none()
+        };
+        for c in credits {
+            // Queued, never blocking: the reader must keep reading.
+            let _ = self.send(&c);
+        }
+        open
+    }
+}
+
+/// Records why reading stopped: a frame that breaks the protocol, or the end of the stream.
+fn read_failed(st: &mut State, e: ProtocolError) {
+    match e {
+        ProtocolError::BadMagic(_)
+        | ProtocolError::TooLarge(_)
+        | ProtocolError::Decode(_)
+        | ProtocolError::TrailingBytes(_) => {
+            st.violations.bad_frame += 1;
+            st.broken(e.to_string());
+        }
+        ProtocolError::Encode(_) | ProtocolError::Closed | ProtocolError::Io(_) => {
+            st.closed.get_or_insert(e.to_string());
+        }
+    }
+}
+
+/// Applies one agent frame to the state. Frames that break the protocol are dropped and
+/// counted; `credits` collects the `Credit` frames to queue (for streams nobody reads).
+fn apply(st: &mut State, msg: AgentMsg, credits: &mut Vec<HostMsg>) {
+    match msg {
+        AgentMsg::Ready { version } => {
+            st.ready_count += 1;
+            st.ready_version = Some(version);
+        }
+        AgentMsg::Pong { req }
+        | AgentMsg::Unquiesced { req }
+        | AgentMsg::ShuttingDown { req }
+        | AgentMsg::Quiesced { req, .. }
+        | AgentMsg::Resumed { req, .. } => {
+            if st.awaiting.remove(&req) {
                 st.replies.insert(req, msg);
-            }
-            AgentMsg::Quiesced { req, .. } | AgentMsg::Resumed { req, .. } => {
-                st.replies.insert(req, msg);
-            }
-            AgentMsg::Started { id, pid } => {
-                if let Some(s) = st.execs.get_mut(&id) {
-                    s.pid = Some(pid);
-                }
-            }
-            AgentMsg::ExecFailed { id, error } => {
-                if let Some(s) = st.execs.get_mut(&id) {
-                    s.failed = Some(error);
-                    if s.refs == 0 {
-                        st.execs.remove(&id);
-                    }
-                }
-            }
-            AgentMsg::Output { id, stream, data } => {
-                if let Some(s) = st.execs.get_mut(&id) {
-                    let buf = &mut s.streams[stream_index(stream)];
-                    if buf.discard {
-                        credit = Some(HostMsg::Credit {
-                            id,
-                            stream,
-                            bytes: data.len() as u32,
-                        });
-                    } else {
-                        buf.data.extend(data);
-                    }
-                }
-            }
-            AgentMsg::StdinCredit { id, bytes } => {
-                if let Some(s) = st.execs.get_mut(&id) {
-                    s.stdin_credit = s.stdin_credit.saturating_add(bytes);
-                }
-            }
-            AgentMsg::Exited { id, status } => {
-                if let Some(s) = st.execs.get_mut(&id) {
-                    s.status = Some(status);
-                    if s.refs == 0 {
-                        st.execs.remove(&id);
-                    }
-                }
-            }
-            AgentMsg::Error { message } => {
-                st.agent_error = Some(message);
+            } else if !st.abandoned.remove(&req) {
+                st.violations.unsolicited_reply += 1;
+                st.stray(|| format!("an answer to request {req}, which is not outstanding"));
             }
         }
-        inner.cond.notify_all();
+        AgentMsg::Started { id, pid } => match live(st, id) {
+            Some(s) => s.pid = Some(pid),
+            None => unknown_exec(st, "Started", id),
+        },
+        AgentMsg::ExecFailed { id, error } => match live(st, id) {
+            Some(s) => {
+                s.failed = Some(error);
+                if s.refs == 0 {
+                    st.execs.remove(&id);
+                }
+            }
+            None => unknown_exec(st, "ExecFailed", id),
+        },
+        AgentMsg::Output { id, stream, data } => {
+            let Some(s) = live(st, id) else {
+                return unknown_exec(st, "Output", id);
+            };
+            let buf = &mut s.streams[stream_index(stream)];
+            let window = buf.window;
+            if data.len() > window as usize {
+                st.violations.beyond_window += 1;
+                st.broken(format!(
+                    "{} bytes of {stream:?} for exec {id} beyond its {window}-byte credit",
+                    data.len()
+                ));
+                return;
+            }
+            // `data.len() <= window`, a u32.
+            let n = data.len() as u32;
+            buf.window -= n;
+            if buf.discard {
+                buf.grant(n);
+                credits.push(HostMsg::Credit {
+                    id,
+                    stream,
+                    bytes: n,
+                });
+            } else {
+                buf.data.extend(data);
+            }
+        }
+        AgentMsg::StdinCredit { id, bytes } => {
+            let Some(s) = live(st, id) else {
+                return unknown_exec(st, "StdinCredit", id);
+            };
+            match s.stdin_credit.checked_add(bytes) {
+                Some(c) if c <= INITIAL_WINDOW => s.stdin_credit = c,
+                _ => {
+                    st.violations.excess_stdin_credit += 1;
+                    st.stray(|| format!("stdin credit for exec {id} beyond what was sent"));
+                }
+            }
+        }
+        AgentMsg::Exited { id, status } => match live(st, id) {
+            Some(s) => {
+                s.status = Some(status);
+                if s.refs == 0 {
+                    st.execs.remove(&id);
+                }
+            }
+            None => unknown_exec(st, "Exited", id),
+        },
+        AgentMsg::Error { message } => {
+            // The agent ends the session after it; nothing it sends later counts.
+            st.agent_error = Some(message);
+            st.closed
+                .get_or_insert_with(|| "the agent ended the session".into());
+        }
     }
-    if let Some(c) = credit {
-        // Queued, never blocking: the reader must keep reading.
-        let _ = inner.send(&c);
+}
+
+/// The slot of an exec the agent may still send about: started by the host, not finished.
+fn live(st: &mut State, id: ExecId) -> Option<&mut ExecSlot> {
+    st.execs.get_mut(&id).filter(|s| !s.finished())
+}
+
+fn unknown_exec(st: &mut State, what: &str, id: ExecId) {
+    st.violations.unknown_exec += 1;
+    st.stray(|| format!("{what} for exec {id}, which is not running"));
+}
+
+/// The client's frame handling without threads or a socket, for fuzzing and property tests:
+/// the same state and rules as a [`Client`] whose agent sends the frames fed here.
+#[doc(hidden)]
+pub struct Replay {
+    st: State,
+    decoder: FrameDecoder,
+    credits: Vec<HostMsg>,
+    window: u32,
+    requests: usize,
+}
+
+impl Replay {
+    /// A session with `execs` started (those in `discard` have nobody reading their output)
+    /// and requests `requests` outstanding.
+    pub fn new(execs: &[ExecId], discard: &[ExecId], requests: &[u32]) -> Replay {
+        Self::with_window(execs, discard, requests, INITIAL_WINDOW)
+    }
+
+    /// Like [`Replay::new`], with each output stream's credit window `window` bytes instead
+    /// of `INITIAL_WINDOW` (so that a small input can overrun it).
+    pub fn with_window(
+        execs: &[ExecId],
+        discard: &[ExecId],
+        requests: &[u32],
+        window: u32,
+    ) -> Replay {
+        let mut st = State::default();
+        for &id in execs {
+            let mut slot = ExecSlot {
+                stdin_credit: INITIAL_WINDOW,
+                refs: 1,
+                ..ExecSlot::default()
+            };
+            for s in &mut slot.streams {
+                s.discard = discard.contains(&id);
+                s.window = window;
+            }
+            st.execs.insert(id, slot);
+        }
+        st.awaiting.extend(requests);
+        Replay {
+            window,
+            requests: st.awaiting.len(),
+            st,
+            decoder: FrameDecoder::new(),
+            credits: Vec::new(),
+        }
+    }
+
+    /// Applies one frame; false once the session is over (later frames are ignored).
+    pub fn apply(&mut self, msg: AgentMsg) -> bool {
+        if self.st.closed.is_none() {
+            apply(&mut self.st, msg, &mut self.credits);
+        }
+        self.st.closed.is_none()
+    }
+
+    /// Feeds raw stream bytes and applies every whole frame; false once the session is over.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        if self.st.closed.is_some() {
+            return false;
+        }
+        self.decoder.feed(bytes);
+        while self.st.closed.is_none() {
+            match self.decoder.next_msg::<AgentMsg>() {
+                Ok(Some(msg)) => apply(&mut self.st, msg, &mut self.credits),
+                Ok(None) => break,
+                Err(e) => read_failed(&mut self.st, e),
+            }
+        }
+        self.st.closed.is_none()
+    }
+
+    /// A reader takes up to `max` bytes of a stream, as [`ExecReader`] does; returns the
+    /// bytes taken and the credit sent back.
+    pub fn read(&mut self, id: ExecId, stream: Stream, max: usize) -> (usize, u32) {
+        let mut buf = vec![0; max];
+        match self.st.execs.get_mut(&id) {
+            Some(s) => s.streams[stream_index(stream)].take(&mut buf),
+            None => (0, 0),
+        }
+    }
+
+    /// Why the session ended, if it did.
+    pub fn closed(&self) -> Option<&str> {
+        self.st.closed.as_deref()
+    }
+
+    pub fn violations(&self) -> ProtocolViolations {
+        self.st.violations
+    }
+
+    pub fn buffered(&self) -> Buffered {
+        self.st.buffered()
+    }
+
+    /// Credit frames queued so far (for streams nobody reads).
+    pub fn credits_sent(&self) -> usize {
+        self.credits.len()
+    }
+
+    /// Checks that every stream's account balances: buffered, consumed-but-uncredited and
+    /// the agent's remaining credit always add up to one window.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for (id, e) in &self.st.execs {
+            for (i, s) in e.streams.iter().enumerate() {
+                let sum = s.data.len() as u64 + u64::from(s.uncredited) + u64::from(s.window);
+                if sum != u64::from(self.window) {
+                    return Err(format!(
+                        "exec {id} stream {i}: {} buffered + {} uncredited + {} window != {}",
+                        s.data.len(),
+                        s.uncredited,
+                        s.window,
+                        self.window
+                    ));
+                }
+            }
+            if e.stdin_credit > INITIAL_WINDOW {
+                return Err(format!("exec {id}: stdin credit {}", e.stdin_credit));
+            }
+        }
+        if self.st.replies.len() + self.st.awaiting.len() > self.requests {
+            return Err(format!(
+                "{} answers stored and {} awaited for {} requests",
+                self.st.replies.len(),
+                self.st.awaiting.len(),
+                self.requests
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -660,6 +1026,7 @@ impl ExecHandle {
                     let n = b.data.len() as u32 + std::mem::take(&mut b.uncredited);
                     b.data.clear();
                     if n > 0 {
+                        b.grant(n);
                         credit.push((i, n));
                     }
                 }
@@ -707,6 +1074,7 @@ impl ExecHandle {
                         } else {
                             b.data.clear();
                         }
+                        b.grant(n as u32);
                         credits.push((i, n as u32));
                         moved = true;
                     }
@@ -761,33 +1129,18 @@ impl Read for ExecReader {
                 let s = st.execs.get_mut(&id)?;
                 let b = &mut s.streams[i];
                 if !b.data.is_empty() {
-                    let n = b.data.len().min(buf.len());
-                    let (front, back) = b.data.as_slices();
-                    let k = front.len().min(n);
-                    buf[..k].copy_from_slice(&front[..k]);
-                    buf[k..n].copy_from_slice(&back[..n - k]);
-                    b.data.drain(..n);
-                    b.uncredited += n as u32;
-                    // Batch credits, but never let the agent's window run dry while the
-                    // buffer here is empty.
-                    let credit = if b.uncredited >= INITIAL_WINDOW / 4 || b.data.is_empty() {
-                        std::mem::take(&mut b.uncredited)
-                    } else {
-                        0
-                    };
-                    return Some((n, credit));
+                    return Some(b.take(buf));
                 }
                 s.finished().then_some((0, 0))
             })
             .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
         if credit > 0 {
-            inner
-                .send(&HostMsg::Credit {
-                    id,
-                    stream: self.stream,
-                    bytes: credit,
-                })
-                .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+            // The `n` bytes are already taken: if the session is gone, the next read says so.
+            let _ = inner.send(&HostMsg::Credit {
+                id,
+                stream: self.stream,
+                bytes: credit,
+            });
         }
         Ok(n)
     }

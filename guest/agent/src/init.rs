@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn boot_config_defaults_and_overrides() {
         let d = BootConfig::from_cmdline("console=ttyS0 quiet");
-        assert_eq!(d.agent_port, "/dev/hvc1");
+        assert_eq!(d.agent_port, "/dev/hvc0");
         assert_eq!(d.hostname, "smolvm");
         let c = BootConfig::from_cmdline("smolvm.agent=/dev/hvc2 smolvm.hostname=db");
         assert_eq!(c.agent_port, "/dev/hvc2");

@@ -17,7 +17,7 @@ usage: smol-agent                    run as PID 1 of a smolvm guest (port from s
        smol-agent --socket PATH      listen on a Unix socket, serve one connection at a time
        smol-agent --connect PATH     connect to a Unix socket and serve that session
        smol-agent --fd N             serve the inherited descriptor N
-       smol-agent --device PATH      serve a device (e.g. /dev/hvc1), reopening after each session
+       smol-agent --device PATH      serve a device (e.g. /dev/hvc0), reopening after each session
 options: --system     set the clock, add entropy and drop caches for real (implied as PID 1)
          --etc DIR    where passwd and group live (default /etc)
          --version    print the agent and protocol versions";

@@ -6,7 +6,7 @@
 //! (varint integers, raw byte strings), has a documented stable wire format, and needs no
 //! schema compiler, which keeps the static agent small. See `PROTOCOL.md` for the full rules.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
@@ -26,9 +26,10 @@ pub const INITIAL_WINDOW: u32 = 256 * 1024;
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Largest entropy blob accepted in `Resume`.
 pub const MAX_ENTROPY: usize = 4096;
-/// Device path of the agent port when the kernel command line names none.
-pub const DEFAULT_AGENT_PORT: &str = "/dev/hvc1";
-/// Kernel command-line key naming the agent port device, e.g. `smolvm.agent=/dev/hvc1`.
+/// Device path of the agent port when the kernel command line names none: the VMM's only
+/// virtio console.
+pub const DEFAULT_AGENT_PORT: &str = "/dev/hvc0";
+/// Kernel command-line key naming the agent port device, e.g. `smolvm.agent=/dev/hvc0`.
 pub const CMDLINE_AGENT_KEY: &str = "smolvm.agent";
 /// Kernel command-line key naming the guest hostname, e.g. `smolvm.hostname=web`.
 pub const CMDLINE_HOSTNAME_KEY: &str = "smolvm.hostname";
@@ -333,17 +334,6 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Protocol
         return Err(ProtocolError::TrailingBytes(rest.len()));
     }
     Ok(msg)
-}
-
-/// Writes one frame to a blocking writer.
-pub fn write_frame<W: Write + ?Sized, T: Serialize>(
-    w: &mut W,
-    msg: &T,
-) -> Result<(), ProtocolError> {
-    let buf = frame(msg)?;
-    w.write_all(&buf)?;
-    w.flush()?;
-    Ok(())
 }
 
 /// Reads one frame from a blocking reader. A clean end of stream before a header is `Closed`.

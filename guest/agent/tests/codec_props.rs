@@ -1,12 +1,15 @@
 //! Property tests of the frame codec: every message survives a round trip however the
 //! stream is split, and arbitrary bytes never panic the decoder or make it allocate beyond
-//! one maximal frame.
+//! one maximal frame. Then the client's enforcement: whatever the agent sends, the client
+//! holds at most one credit window per stream and the answers it asked for, and an agent
+//! that respects its credit is never flagged.
 
 use proptest::prelude::*;
+use smolvm_agent::client::{ProtocolViolations, Replay, MAX_STRAY_FRAMES, PROTOCOL_BROKEN};
 use smolvm_agent::protocol::{
     encode_frame, read_frame, AgentMsg, Applied, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
     ProtocolError, QuiesceReport, ResumeReport, Stream, User, WallClock, WinSize, HEADER_LEN,
-    MAX_PAYLOAD,
+    INITIAL_WINDOW, MAX_CHUNK, MAX_PAYLOAD,
 };
 
 fn stream() -> impl Strategy<Value = Stream> {
@@ -215,4 +218,206 @@ fn a_huge_length_prefix_inside_a_payload_allocates_nothing_big() {
     let mut dec = FrameDecoder::new();
     dec.feed(&data);
     assert!(dec.next_msg::<HostMsg>().is_err());
+}
+
+// The client's enforcement, through `client::Replay` (the same state and rules as a `Client`).
+
+/// Folds ids and request numbers into a small range so that frames hit the live execs
+/// (1..=3) and the outstanding requests (1, 2) as often as they miss.
+fn narrow(msg: AgentMsg) -> AgentMsg {
+    let id = |i: u32| i % 5;
+    let req = |r: u32| r % 4;
+    match msg {
+        AgentMsg::Pong { req: r } => AgentMsg::Pong { req: req(r) },
+        AgentMsg::Started { id: i, pid } => AgentMsg::Started { id: id(i), pid },
+        AgentMsg::ExecFailed { id: i, error } => AgentMsg::ExecFailed { id: id(i), error },
+        AgentMsg::Output {
+            id: i,
+            stream,
+            data,
+        } => AgentMsg::Output {
+            id: id(i),
+            stream,
+            data,
+        },
+        AgentMsg::StdinCredit { id: i, bytes } => AgentMsg::StdinCredit {
+            id: id(i),
+            bytes: bytes % (2 * INITIAL_WINDOW),
+        },
+        AgentMsg::Exited { id: i, status } => AgentMsg::Exited { id: id(i), status },
+        AgentMsg::Quiesced { req: r, report } => AgentMsg::Quiesced {
+            req: req(r),
+            report,
+        },
+        AgentMsg::Unquiesced { req: r } => AgentMsg::Unquiesced { req: req(r) },
+        AgentMsg::Resumed { req: r, report } => AgentMsg::Resumed {
+            req: req(r),
+            report,
+        },
+        AgentMsg::ShuttingDown { req: r } => AgentMsg::ShuttingDown { req: req(r) },
+        other => other,
+    }
+}
+
+/// One step of a hostile (or not) agent against the client.
+#[derive(Debug, Clone)]
+enum Step {
+    Frame(AgentMsg),
+    /// The reader of exec 1's stdout takes up to this many bytes.
+    Read(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => agent_msg().prop_map(|m| Step::Frame(narrow(m))),
+        1 => (1usize..100_000).prop_map(Step::Read),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn whatever_the_agent_sends_the_client_stays_within_its_windows(
+        steps in prop::collection::vec(step(), 1..40)
+    ) {
+        let mut client = Replay::new(&[1, 2, 3], &[3], &[1, 2]);
+        let mut was_open = true;
+        for s in steps {
+            let open = match s {
+                Step::Frame(m) => client.apply(m),
+                Step::Read(n) => {
+                    client.read(1, Stream::Stdout, n);
+                    client.closed().is_none()
+                }
+            };
+            // Once over, the session stays over.
+            prop_assert!(was_open || !open);
+            was_open = open;
+            prop_assert_eq!(client.check(), Ok(()));
+            let b = client.buffered();
+            prop_assert!(b.max_stream_bytes <= INITIAL_WINDOW as usize);
+            prop_assert!(b.replies <= 2);
+            let v = client.violations();
+            prop_assert!(v.stray() <= MAX_STRAY_FRAMES + 1);
+            if v.beyond_window > 0 || v.stray() > MAX_STRAY_FRAMES {
+                prop_assert!(client.closed().unwrap().starts_with(PROTOCOL_BROKEN));
+            }
+        }
+    }
+
+    #[test]
+    fn an_agent_that_respects_credit_is_never_flagged(
+        ops in prop::collection::vec((1usize..3 * MAX_CHUNK, 1usize..200_000), 1..60)
+    ) {
+        // The agent sends up to its remaining credit on exec 1's stdout, the host reads at
+        // its own pace and credits back; the agent learns of credit only from the client.
+        let mut client = Replay::new(&[1], &[], &[]);
+        let mut agent_window = INITIAL_WINDOW as usize;
+        let (mut sent, mut read) = (0usize, 0usize);
+        for (want, take) in ops {
+            let n = want.min(agent_window).min(MAX_CHUNK);
+            if n > 0 {
+                let open = client.apply(AgentMsg::Output {
+                    id: 1,
+                    stream: Stream::Stdout,
+                    data: vec![7; n],
+                });
+                prop_assert!(open);
+                agent_window -= n;
+                sent += n;
+            }
+            let (got, credit) = client.read(1, Stream::Stdout, take);
+            read += got;
+            agent_window += credit as usize;
+            prop_assert!(client.buffered().max_stream_bytes <= INITIAL_WINDOW as usize);
+        }
+        prop_assert_eq!(client.violations(), ProtocolViolations::default());
+        prop_assert_eq!(client.buffered().stream_bytes, sent - read);
+        let open = client.apply(AgentMsg::Exited { id: 1, status: ExitStatus::Code(0) });
+        prop_assert!(open);
+    }
+
+    #[test]
+    fn output_one_byte_past_the_credit_ends_the_session(
+        first in 0usize..=INITIAL_WINDOW as usize,
+        stream in stream(),
+        discard in any::<bool>(),
+    ) {
+        let discard_ids: &[u32] = if discard { &[1] } else { &[] };
+        let mut client = Replay::new(&[1], discard_ids, &[]);
+        let open = client.apply(AgentMsg::Output { id: 1, stream, data: vec![0; first] });
+        prop_assert!(open);
+        // A stream nobody reads is credited back at once: its window is full again.
+        let left = if discard { INITIAL_WINDOW as usize } else { INITIAL_WINDOW as usize - first };
+        let open = client.apply(AgentMsg::Output { id: 1, stream, data: vec![0; left + 1] });
+        prop_assert!(!open);
+        prop_assert_eq!(client.violations().beyond_window, 1);
+        prop_assert!(client.closed().unwrap().starts_with(PROTOCOL_BROKEN));
+        prop_assert_eq!(client.check(), Ok(()));
+    }
+
+    #[test]
+    fn arbitrary_bytes_as_an_agent_stream_keep_the_client_bounded(
+        data in prop::collection::vec(any::<u8>(), 0..4096),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        points.push(0);
+        points.push(data.len());
+        points.sort_unstable();
+        let mut client = Replay::new(&[1, 2, 3], &[3], &[1, 2]);
+        for w in points.windows(2) {
+            client.feed(&data[w[0]..w[1]]);
+            prop_assert_eq!(client.check(), Ok(()));
+            if client.violations().bad_frame > 0 {
+                prop_assert!(client.closed().is_some());
+            }
+        }
+    }
+}
+
+#[test]
+fn stray_frames_are_dropped_until_the_limit() {
+    let mut client = Replay::new(&[1], &[], &[5]);
+    for i in 0..MAX_STRAY_FRAMES {
+        assert!(client.apply(AgentMsg::Pong {
+            req: 100 + i as u32
+        }));
+    }
+    // The answer that was asked for is still taken.
+    assert!(client.apply(AgentMsg::Pong { req: 5 }));
+    assert_eq!(client.buffered().replies, 1);
+    assert!(!client.apply(AgentMsg::Exited {
+        id: 9,
+        status: ExitStatus::Code(0)
+    }));
+    let v = client.violations();
+    assert_eq!((v.unsolicited_reply, v.unknown_exec), (MAX_STRAY_FRAMES, 1));
+    assert!(client.closed().unwrap().contains("stray frames"));
+}
+
+#[test]
+fn frames_after_an_exit_are_stray() {
+    let mut client = Replay::new(&[1], &[], &[]);
+    assert!(client.apply(AgentMsg::Exited {
+        id: 1,
+        status: ExitStatus::Code(0)
+    }));
+    assert!(client.apply(AgentMsg::Output {
+        id: 1,
+        stream: Stream::Stdout,
+        data: vec![1; 10],
+    }));
+    assert!(client.apply(AgentMsg::StdinCredit { id: 1, bytes: 1 }));
+    assert_eq!(client.violations().unknown_exec, 2);
+    assert_eq!(client.buffered().stream_bytes, 0);
+}
+
+#[test]
+fn stdin_credit_beyond_what_was_sent_is_dropped() {
+    let mut client = Replay::new(&[1], &[], &[]);
+    assert!(client.apply(AgentMsg::StdinCredit { id: 1, bytes: 1 }));
+    assert_eq!(client.violations().excess_stdin_credit, 1);
+    assert_eq!(client.check(), Ok(()));
 }
