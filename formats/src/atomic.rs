@@ -123,10 +123,18 @@ pub fn remove_if_unlocked(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// What a cleanup removed and what it could not.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Leftovers removed, sorted.
+    pub removed: Vec<PathBuf>,
+    /// Leftovers that could not be removed, with why.
+    pub failed: Vec<(PathBuf, io::Error)>,
+}
+
 /// Removes the leftover temp files in `dir` (of the final name `of` when given), skipping
-/// those a live writer holds. Returns the removed paths, and the paths that could not be
-/// removed with why.
-fn sweep(dir: &Path, of: Option<&OsStr>) -> io::Result<(Vec<PathBuf>, Vec<(PathBuf, io::Error)>)> {
+/// those a live writer holds.
+fn sweep(dir: &Path, of: Option<&OsStr>) -> io::Result<Sweep> {
     let mut removed = Vec::new();
     let mut failed = Vec::new();
     for entry in fs::read_dir(dir)? {
@@ -143,12 +151,12 @@ fn sweep(dir: &Path, of: Option<&OsStr>) -> io::Result<(Vec<PathBuf>, Vec<(PathB
         }
     }
     removed.sort();
-    Ok((removed, failed))
+    Ok(Sweep { removed, failed })
 }
 
-/// Removes every leftover temp file in `dir` (`.NAME.PID.N.tmp` whose lock can be taken).
-/// Returns the removed paths, and the paths that could not be removed with why.
-pub fn remove_leftovers(dir: &Path) -> io::Result<(Vec<PathBuf>, Vec<(PathBuf, io::Error)>)> {
+/// Removes every leftover temp file in `dir` (`.NAME.PID.N.tmp` whose lock can be taken);
+/// fails only when `dir` cannot be listed.
+pub fn remove_leftovers(dir: &Path) -> io::Result<Sweep> {
     sweep(dir, None)
 }
 
@@ -159,7 +167,7 @@ pub fn remove_leftovers_of(final_path: &Path) -> Vec<PathBuf> {
         return Vec::new();
     };
     sweep(&parent_dir(final_path), Some(name))
-        .map(|(removed, _)| removed)
+        .map(|s| s.removed)
         .unwrap_or_default()
 }
 
@@ -318,9 +326,9 @@ mod tests {
         );
 
         // The sweep of the whole directory takes the other leftover only.
-        let (removed, failed) = remove_leftovers(dir.path()).unwrap();
-        assert_eq!(removed, vec![other.clone()]);
-        assert!(failed.is_empty());
+        let swept = remove_leftovers(dir.path()).unwrap();
+        assert_eq!(swept.removed, vec![other.clone()]);
+        assert!(swept.failed.is_empty());
         assert!(live.tmp_path().exists() && second.tmp_path().exists() && keep.exists());
 
         // Once its writer is gone (a killed process closes it too), the file is removable.
@@ -337,7 +345,7 @@ mod tests {
         second.commit(None).unwrap();
         assert!(out.exists());
         assert_eq!(
-            remove_leftovers(dir.path()).unwrap().0,
+            remove_leftovers(dir.path()).unwrap().removed,
             Vec::<PathBuf>::new()
         );
     }
@@ -351,10 +359,10 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let sub = dir.path().join(".y.1.1.tmp");
         fs::create_dir(&sub).unwrap();
-        let (removed, failed) = remove_leftovers(dir.path()).unwrap();
+        let swept = remove_leftovers(dir.path()).unwrap();
         assert!(
-            removed.is_empty() && failed.is_empty(),
-            "{removed:?} {failed:?}"
+            swept.removed.is_empty() && swept.failed.is_empty(),
+            "{swept:?}"
         );
         assert!(target.exists() && link.exists() && sub.exists());
     }

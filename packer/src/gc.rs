@@ -20,7 +20,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use smolvm_formats::atomic::{self, is_same_file, lock_exclusive};
+use smolvm_formats::atomic::{self, is_same_file, lock_exclusive, Sweep};
 
 /// Prefix of `smolpack build`'s scratch directories.
 pub const BUILD_PREFIX: &str = ".smolpack-build-";
@@ -145,20 +145,14 @@ pub fn remove_scratch_leftovers(parent: &Path, prefix: &str) {
     }
 }
 
-/// What `smolpack gc` did in one directory.
-#[derive(Debug, Default)]
-pub struct GcReport {
-    /// Leftovers removed: temp files and scratch directories.
-    pub removed: Vec<PathBuf>,
-    /// Leftovers that could not be removed, with why.
-    pub failed: Vec<(PathBuf, io::Error)>,
-}
-
 /// Removes the leftovers of killed writers in `dir`: temp files of the atomic writers
 /// (`.NAME.PID.N.tmp`) and `smolpack` scratch directories, except those a live process
 /// holds. Fails only when `dir` cannot be listed.
-pub fn gc_dir(dir: &Path) -> io::Result<GcReport> {
-    let (mut removed, mut failed) = atomic::remove_leftovers(dir)?;
+pub fn gc_dir(dir: &Path) -> io::Result<Sweep> {
+    let Sweep {
+        mut removed,
+        mut failed,
+    } = atomic::remove_leftovers(dir)?;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if !is_scratch_name(&entry.file_name(), None) {
@@ -172,7 +166,7 @@ pub fn gc_dir(dir: &Path) -> io::Result<GcReport> {
         }
     }
     removed.sort();
-    Ok(GcReport { removed, failed })
+    Ok(Sweep { removed, failed })
 }
 
 /// The directory compressed machines are expanded into (`${SMOLVM_CACHE:-~/.cache/smolvm}/

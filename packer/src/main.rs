@@ -100,11 +100,10 @@ enum Command {
         #[arg(long, conflicts_with_all = ["machine", "output", "target", "compress", "stub"])]
         list_targets: bool,
     },
-    /// Remove what killed smolpack and smolvm runs left behind: temp files of unfinished
-    /// outputs (.NAME.PID.N.tmp) and build/pack scratch directories (.smolpack-build-*,
-    /// .smolpack-pack-*).
+    /// Remove what killed smolpack and smolvm runs left behind.
     ///
-    /// Looks in each DIR (default: the current directory) and in the expansion cache
+    /// Removes temp files of unfinished outputs (.NAME.PID.N.tmp) and build/pack scratch
+    /// directories (.smolpack-build-*, .smolpack-pack-*). Looks in each DIR (default: the current directory) and in the expansion cache
     /// (${SMOLVM_CACHE:-~/.cache/smolvm}/expanded). Only leftovers of processes that are gone
     /// are removed: a file or directory that a running build, pack, save or expansion holds
     /// (its flock) is left alone. Prints one `removed PATH` line per removal and exits 0; a

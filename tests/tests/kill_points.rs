@@ -149,7 +149,24 @@ fn run(mut cmd: Command, kill: Option<&KillPoint>) -> Run {
     // When the kill is due, once its mark has been seen.
     let mut due = kill.and_then(|k| k.after.is_none().then(|| start + k.delay));
     let status = loop {
-        while let Ok((t, line)) = rx.try_recv() {
+        let now = Instant::now();
+        if due.is_some_and(|d| now >= d) {
+            child.kill().expect("SIGKILL");
+            break child.wait().expect("reaping a killed child");
+        }
+        if let Some(s) = child.try_wait().expect("waiting for a child") {
+            break s;
+        }
+        assert!(
+            now - start < DEADLINE,
+            "{cmd:?} hung: running for {DEADLINE:?}"
+        );
+        // Woken by the next stderr line at once, so a kill timed from a line is precise.
+        let nap = due.map_or(Duration::from_millis(5), |d| {
+            d.saturating_duration_since(now)
+                .min(Duration::from_millis(5))
+        });
+        if let Ok((t, line)) = rx.recv_timeout(nap) {
             if let Some(k) = kill {
                 if due.is_none() && k.after.is_some_and(|m| line.contains(m)) {
                     due = Some(start + t + k.delay);
@@ -157,23 +174,6 @@ fn run(mut cmd: Command, kill: Option<&KillPoint>) -> Run {
             }
             lines.push((t, line));
         }
-        if let Some(s) = child.try_wait().expect("waiting for a child") {
-            break s;
-        }
-        let now = Instant::now();
-        if due.is_some_and(|d| now >= d) {
-            child.kill().expect("SIGKILL");
-            break child.wait().expect("reaping a killed child");
-        }
-        assert!(
-            now - start < DEADLINE,
-            "{cmd:?} hung: running for {DEADLINE:?}"
-        );
-        let nap = due.map_or(Duration::from_millis(5), |d| {
-            d.saturating_duration_since(now)
-                .min(Duration::from_millis(5))
-        });
-        std::thread::sleep(nap);
     };
     let took = start.elapsed();
     reader.join().expect("stderr reader");
@@ -225,7 +225,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 fn kill_at_points(s: &Subject, points: &[KillPoint]) -> Vec<String> {
     let dir = s.output.parent().expect("output directory").to_path_buf();
     let mut problems = Vec::new();
-    let mut killed = 0;
+    let (mut killed, mut left_behind, mut replaced) = (0, 0, 0);
     for (i, point) in points.iter().enumerate() {
         if i % 2 == 0 {
             let _ = fs::remove_file(&s.output);
@@ -242,9 +242,13 @@ fn kill_at_points(s: &Subject, points: &[KillPoint]) -> Vec<String> {
                 r.stderr()
             ));
         }
+        if !leftovers(&dir).is_empty() {
+            left_behind += 1;
+        }
         // The output name: absent, the previous file unchanged, or a complete file.
         let after = sha256(&s.output);
         if after.is_some() && after != before {
+            replaced += 1;
             if let Err(e) = verify(&s.output) {
                 problems.push(format!("{what}: a damaged file under the output name: {e}"));
             }
@@ -268,7 +272,8 @@ fn kill_at_points(s: &Subject, points: &[KillPoint]) -> Vec<String> {
         }
     }
     eprintln!(
-        "{}: {} kill points, {killed} hit a running process",
+        "{}: {} kill points, {killed} hit a running process, {left_behind} left a temp file \
+         or scratch directory, {replaced} came after the new file was in place",
         s.name,
         points.len()
     );
@@ -294,9 +299,13 @@ fn even_and_random(test: &str, t: Duration) -> Vec<KillPoint> {
     v
 }
 
-/// Measures one uncut run of `s` (which must succeed and leave nothing behind).
-fn uncut(s: &Subject) -> Run {
-    let r = run((s.command)(), None);
+/// Measures an uncut run of `s` (which must succeed and leave nothing behind): the fastest
+/// of `n`, so that the spread-out kill points fall inside the runs they kill.
+fn uncut(s: &Subject, n: u32) -> Run {
+    let r = (0..n)
+        .map(|_| run((s.command)(), None))
+        .min_by_key(|r| r.took)
+        .expect("at least one run");
     assert_eq!(
         r.status.code(),
         Some(s.success),
@@ -400,7 +409,7 @@ fn killed_pack_leaves_no_damaged_output() {
         success: 0,
         output,
     };
-    let t = uncut(&s).took;
+    let t = uncut(&s, 3).took;
     assert_no_problems(&kill_at_points(&s, &even_and_random(test, t)));
 }
 
@@ -410,6 +419,11 @@ const PARAMS: Params = Params {
     limit: 10_000,
     exit_status: 7,
 };
+
+/// The timing mark `smolvm run` prints before it saves the test guest.
+const STOPPED: &str = "smolvm-timing guest-stopped";
+/// Extra kill points inside the save of `smolvm run --save`.
+const SAVE_POINTS: u32 = 6;
 
 #[test]
 fn killed_save_leaves_no_damaged_output() {
@@ -440,15 +454,30 @@ fn killed_save_leaves_no_damaged_output() {
         command: Box::new(move || {
             let mut c = Command::new(&smolvm);
             c.arg("run").arg("--save").arg(&o).arg(&m);
+            // Timing marks on stderr as they happen: `guest-stopped` starts the save.
+            c.env("SMOLVM_TIMINGS", "1");
             c
         }),
         success: i32::from(PARAMS.exit_status),
         output,
     };
-    let t = uncut(&s).took;
+    let r = uncut(&s, 3);
     let saved = MachineReader::open(&s.output).expect("the saved machine opens");
     assert_eq!(saved.manifest().unwrap().name, "testguest");
-    assert_no_problems(&kill_at_points(&s, &even_and_random(test, t)));
+    let mut points = even_and_random(test, r.took);
+    // The save is a few milliseconds of the run: a few more points inside it, timed from
+    // the mark before it.
+    let (stopped, saved) = (r.mark(STOPPED), r.mark("machine-saved"));
+    let save_len = match (stopped, saved) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => panic!("no timing marks in:\n{}", r.stderr()),
+    };
+    eprintln!("{test}: the save took {save_len:?}");
+    points.extend((0..SAVE_POINTS).map(|i| KillPoint {
+        after: Some(STOPPED),
+        delay: save_len * i / SAVE_POINTS,
+    }));
+    assert_no_problems(&kill_at_points(&s, &points));
 }
 
 /// The smallest Linux machine: busybox, no setup step, no service.
@@ -493,7 +522,7 @@ fn killed_build_leaves_no_damaged_output() {
         success: 0,
         output,
     };
-    let r = uncut(&s);
+    let r = uncut(&s, 1);
     let points = if std::env::var("SMOLVM_SLOW_TESTS").as_deref() == Ok("1") {
         even_and_random(test, r.took)
     } else {
