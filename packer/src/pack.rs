@@ -200,15 +200,16 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, PackError> {
             arch: target.arch,
         });
     }
-    // The scratch directory (for the compressed payload) lives beside the output, on the
-    // same filesystem, locked while packing runs, and is removed when packing ends either
-    // way (or, after a kill, by the next pack there or `smolpack gc`).
     let dir = match opts.output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    // What killed packs left beside this output, whether or not this one compresses.
+    // What killed packs left beside this output, whether or not this one compresses (the
+    // output's own temp files go when its writer starts).
     gc::remove_scratch_leftovers(&dir, gc::PACK_PREFIX);
+    // The scratch directory (for the compressed payload) lives beside the output, on the
+    // same filesystem, locked while packing runs, and is removed when packing ends either
+    // way (or, after a kill, by the next pack there or `smolpack gc`).
     let mut _scratch = None;
     if opts.compress && !images_compressed(&machine) {
         machine.verify().map_err(file_err(&opts.machine))?;

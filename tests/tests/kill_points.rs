@@ -242,9 +242,14 @@ fn kill_at_points(s: &Subject, points: &[KillPoint]) -> Vec<String> {
                 r.stderr()
             ));
         }
-        if !leftovers(&dir).is_empty() {
+        let left = leftovers(&dir);
+        if !left.is_empty() {
             left_behind += 1;
         }
+        eprintln!(
+            "{what}: ended after {:?} ({:?}), left {left:?}",
+            r.took, r.status
+        );
         // The output name: absent, the previous file unchanged, or a complete file.
         let after = sha256(&s.output);
         if after.is_some() && after != before {
