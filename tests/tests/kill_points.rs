@@ -5,17 +5,23 @@
 //! (temp files, scratch directories) and writes a file that verifies. `smolpack gc` removes
 //! leftovers and leaves alone the temp file of a writer that is still running.
 //!
-//! Each command is first run once uncut to measure its duration T; then it is killed at
-//! i·T/30 for i = 1..30 plus three random offsets (the seed is printed; `SMOLVM_KILL_SEED`
-//! repeats it). Every other killed run starts without an output, the others over the output
-//! of the previous complete run.
+//! Each command is first run uncut to measure its duration T (the fastest of three; one for
+//! a build); then it is killed at i·T/30 for i = 1..30 plus three random offsets (the seed
+//! is printed; `SMOLVM_KILL_SEED` repeats it). `smolvm run --save` gets six more points inside
+//! its save of a few milliseconds, timed from the `guest-stopped` timing mark. Every other
+//! killed run starts without an output, the others over the output of the previous complete
+//! run. Each point prints a line: how the run ended and what it left.
 //!
-//! A Linux build boots a guest (30-60 s on an emulating host), so by default the build test
-//! kills at 7 points only: three in the rootfs phase, one in the boot, three in the save
-//! phase, timed from the step lines the build prints (a run of about 10 minutes on such a
-//! host); all 30 + 3 points run with `SMOLVM_SLOW_TESTS=1` (about an hour). The pack and
-//! save tests take a few seconds each. Tests needing `/dev/kvm`, the test guest or the guest
-//! artifacts skip loudly without them, except under `CI=true`, where they fail.
+//! A Linux build boots a guest (30-60 s on an emulating KVM host), so by default the build
+//! test kills at 7 points only, each timed from the killed run's own progress: three in the
+//! rootfs phase and one in the boot (from their step lines), three in the write of the
+//! output (from the moment its temp file appears, spread over the write as measured), and
+//! every kill is followed by a complete build: 8 complete builds and 7 cut ones, about
+//! 10-20 minutes on such a host. All 30 + 3 spread-out points run with
+//! `SMOLVM_SLOW_TESTS=1` (34 complete builds and 33 cut ones, an hour or more). The pack,
+//! save and gc tests take seconds. Tests needing `/dev/kvm`, the test guest, the embedded
+//! stub or the guest artifacts skip loudly without them, except under `CI=true`, where they
+//! fail.
 
 mod build_util;
 #[path = "../../stub/tests/common/mod.rs"]
@@ -76,18 +82,43 @@ impl Rng {
     }
 }
 
-/// When to kill a run: `delay` after the first stderr line containing `after` (after the
-/// start when `None`).
+/// What a kill point's delay counts from.
+#[derive(Debug, Clone, Copy)]
+enum After {
+    /// The start of the run.
+    Start,
+    /// The first stderr line containing this.
+    Line(&'static str),
+    /// The moment the output's temp file appears (the write itself begins).
+    OutputTemp,
+}
+
+/// When to kill a run: `delay` after `after`.
 #[derive(Debug, Clone)]
 struct KillPoint {
-    after: Option<&'static str>,
+    after: After,
     delay: Duration,
 }
 
 impl KillPoint {
     fn at(delay: Duration) -> KillPoint {
-        KillPoint { after: None, delay }
+        KillPoint {
+            after: After::Start,
+            delay,
+        }
     }
+}
+
+/// Whether a writer's temp file of `output` is beside it.
+fn has_temp(output: &Path) -> bool {
+    let (Some(dir), Some(name)) = (output.parent(), output.file_name()) else {
+        return false;
+    };
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| atomic::is_temp_name(&e.file_name(), Some(name)))
+    })
 }
 
 /// One command under test, writing `output`.
@@ -105,6 +136,9 @@ struct Run {
     status: std::process::ExitStatus,
     lines: Vec<(Duration, String)>,
     took: Duration,
+    /// When the output's temp file was first seen, and when it was gone again (renamed).
+    temp_seen: Option<Duration>,
+    temp_gone: Option<Duration>,
 }
 
 impl Run {
@@ -126,8 +160,9 @@ impl Run {
     }
 }
 
-/// Runs `cmd`, killing it with SIGKILL at `kill` (if it is still running then).
-fn run(mut cmd: Command, kill: Option<&KillPoint>) -> Run {
+/// Runs `cmd`, which writes `output`, killing it with SIGKILL at `kill` (if it is still
+/// running then).
+fn run(mut cmd: Command, kill: Option<&KillPoint>, output: &Path) -> Run {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -147,9 +182,22 @@ fn run(mut cmd: Command, kill: Option<&KillPoint>) -> Run {
     });
     let mut lines = Vec::new();
     // When the kill is due, once its mark has been seen.
-    let mut due = kill.and_then(|k| k.after.is_none().then(|| start + k.delay));
+    let mut due = kill.and_then(|k| matches!(k.after, After::Start).then(|| start + k.delay));
+    let (mut temp_seen, mut temp_gone) = (None, None);
     let status = loop {
         let now = Instant::now();
+        if temp_gone.is_none() {
+            match (temp_seen, has_temp(output)) {
+                (None, true) => {
+                    temp_seen = Some(now - start);
+                    if let Some(k) = kill.filter(|k| matches!(k.after, After::OutputTemp)) {
+                        due = due.or(Some(now + k.delay));
+                    }
+                }
+                (Some(_), false) => temp_gone = Some(now - start),
+                _ => {}
+            }
+        }
         if due.is_some_and(|d| now >= d) {
             child.kill().expect("SIGKILL");
             break child.wait().expect("reaping a killed child");
@@ -161,15 +209,16 @@ fn run(mut cmd: Command, kill: Option<&KillPoint>) -> Run {
             now - start < DEADLINE,
             "{cmd:?} hung: running for {DEADLINE:?}"
         );
-        // Woken by the next stderr line at once, so a kill timed from a line is precise.
-        let nap = due.map_or(Duration::from_millis(5), |d| {
+        // Woken by the next stderr line at once, so a kill timed from a line is precise;
+        // the temp file is looked for every millisecond.
+        let nap = due.map_or(Duration::from_millis(1), |d| {
             d.saturating_duration_since(now)
-                .min(Duration::from_millis(5))
+                .min(Duration::from_millis(1))
         });
         if let Ok((t, line)) = rx.recv_timeout(nap) {
-            if let Some(k) = kill {
-                if due.is_none() && k.after.is_some_and(|m| line.contains(m)) {
-                    due = Some(start + t + k.delay);
+            if let Some(After::Line(m)) = kill.map(|k| k.after) {
+                if due.is_none() && line.contains(m) {
+                    due = kill.map(|k| start + t + k.delay);
                 }
             }
             lines.push((t, line));
@@ -182,6 +231,8 @@ fn run(mut cmd: Command, kill: Option<&KillPoint>) -> Run {
         status,
         lines,
         took,
+        temp_seen,
+        temp_gone,
     }
 }
 
@@ -231,7 +282,7 @@ fn kill_at_points(s: &Subject, points: &[KillPoint]) -> Vec<String> {
             let _ = fs::remove_file(&s.output);
         }
         let before = sha256(&s.output);
-        let r = run((s.command)(), Some(point));
+        let r = run((s.command)(), Some(point), &s.output);
         let what = format!("{} killed at {point:?} (point {})", s.name, i + 1);
         if r.status.signal() == Some(libc::SIGKILL) {
             killed += 1;
@@ -259,7 +310,7 @@ fn kill_at_points(s: &Subject, points: &[KillPoint]) -> Vec<String> {
             }
         }
         // The next run cleans up and completes.
-        let again = run((s.command)(), None);
+        let again = run((s.command)(), None, &s.output);
         if again.status.code() != Some(s.success) {
             problems.push(format!(
                 "{what}: the next run failed: {:?}\n{}",
@@ -308,7 +359,7 @@ fn even_and_random(test: &str, t: Duration) -> Vec<KillPoint> {
 /// of `n`, so that the spread-out kill points fall inside the runs they kill.
 fn uncut(s: &Subject, n: u32) -> Run {
     let r = (0..n)
-        .map(|_| run((s.command)(), None))
+        .map(|_| run((s.command)(), None, &s.output))
         .min_by_key(|r| r.took)
         .expect("at least one run");
     assert_eq!(
@@ -479,7 +530,7 @@ fn killed_save_leaves_no_damaged_output() {
     };
     eprintln!("{test}: the save took {save_len:?}");
     points.extend((0..SAVE_POINTS).map(|i| KillPoint {
-        after: Some(STOPPED),
+        after: After::Line(STOPPED),
         delay: save_len * i / SAVE_POINTS,
     }));
     assert_no_problems(&kill_at_points(&s, &points));
@@ -533,32 +584,41 @@ fn killed_build_leaves_no_damaged_output() {
     } else {
         // The phases as this run printed them: `[1/3] rootfs: ...`, `[2/3] boot: ...`,
         // `[3/3] save: ...`; kills are timed from the step line of the killed run itself,
-        // so a slower or faster boot does not move them out of their phase.
+        // so a slower or faster boot does not move them out of their phase. The save phase
+        // also quiesces the guest and shuts it down after the write; its kills count from
+        // the moment the output's temp file appears, spread over the write as measured.
         let mark = |step: &str| {
             r.mark(step)
                 .unwrap_or_else(|| panic!("no {step:?} line in:\n{}", r.stderr()))
         };
         let (rootfs, boot, save) = (mark("] rootfs:"), mark("] boot:"), mark("] save:"));
-        let rootfs_len = boot - rootfs;
-        let save_len = r.took - save;
+        let (Some(seen), Some(gone)) = (r.temp_seen, r.temp_gone) else {
+            panic!(
+                "the uncut build's temp file was never seen:\n{}",
+                r.stderr()
+            );
+        };
+        let write = gone - seen;
         eprintln!(
-            "{test}: rootfs {rootfs_len:?}, boot {:?}, save {save_len:?}",
-            save - boot
+            "{test}: rootfs {:?}, boot {:?}, save {:?} (the write {write:?})",
+            boot - rootfs,
+            save - boot,
+            r.took - save
         );
         let mut v: Vec<KillPoint> = [1, 2, 3]
             .into_iter()
             .map(|i| KillPoint {
-                after: Some("] rootfs:"),
-                delay: rootfs_len * i / 4,
+                after: After::Line("] rootfs:"),
+                delay: (boot - rootfs) * i / 4,
             })
             .collect();
         v.push(KillPoint {
-            after: Some("] boot:"),
+            after: After::Line("] boot:"),
             delay: (save - boot) / 2,
         });
-        v.extend([1, 2, 3].into_iter().map(|i| KillPoint {
-            after: Some("] save:"),
-            delay: save_len * i / 4,
+        v.extend([0, 1, 2].into_iter().map(|i| KillPoint {
+            after: After::OutputTemp,
+            delay: write * i / 3,
         }));
         v
     };
