@@ -16,10 +16,10 @@
 //! test kills at 7 points only, each timed from the killed run's own progress: three in the
 //! rootfs phase and one in the boot (from their step lines), three in the write of the
 //! output (from the moment its temp file appears, spread over the write as measured), and
-//! every kill is followed by a complete build: 8 complete builds and 7 cut ones, about
-//! 10-20 minutes on such a host. All 30 + 3 spread-out points run with
-//! `SMOLVM_SLOW_TESTS=1` (34 complete builds and 33 cut ones, an hour or more). The pack,
-//! save and gc tests take seconds. Tests needing `/dev/kvm`, the test guest, the embedded
+//! every kill is followed by a complete build: 8 complete builds and 7 cut ones, measured at
+//! 5 minutes with 30 s builds and 20 minutes on a loaded 2-core host (140 s builds). All
+//! 30 + 3 spread-out points run with `SMOLVM_SLOW_TESTS=1` (34 complete builds and 33 cut
+//! ones: about 30-60 minutes). The pack, save and gc tests take 10-30 s together. Tests needing `/dev/kvm`, the test guest, the embedded
 //! stub or the guest artifacts skip loudly without them, except under `CI=true`, where they
 //! fail.
 
