@@ -107,8 +107,9 @@ enum Command {
     /// (${SMOLVM_CACHE:-~/.cache/smolvm}/expanded). Only leftovers of processes that are gone
     /// are removed: a file or directory that a running build, pack, save or expansion holds
     /// (its flock) is left alone. Prints one `removed PATH` line per removal and exits 0; a
-    /// leftover that cannot be removed gets a `warning:` line on stderr. A build or pack
-    /// removes the leftovers of earlier killed runs writing the same output by itself.
+    /// leftover that cannot be removed gets a `warning:` line on stderr; a DIR that cannot be
+    /// listed is an error (exit status 1). A build or pack removes the leftovers of earlier
+    /// killed runs writing the same output by itself.
     #[command(after_help = "Examples:\n  smolpack gc\n  smolpack gc builds/ dist/")]
     Gc {
         /// Directories to clean (default: the current directory).
