@@ -9,7 +9,9 @@
 //!   File, compression)`, then `finish()`. Memory and disks are scanned in granules (4 KiB by
 //!   default, `set_granule` for 16/64 KiB page hosts) and only non-zero runs are stored; raw
 //!   region data starts [`DATA_ALIGN`]-aligned. Dropping an unfinished writer deletes the
-//!   temp file.
+//!   temp file; the writer holds an exclusive `flock` on it while it writes, so the temp
+//!   file of a killed writer is told apart from a live one and removed by the next writer
+//!   of the same file or by [`atomic::remove_leftovers`].
 //! * [`MachineReader::open`] takes a `.smolmachine` or a packed executable and checks the
 //!   header and table checksum. [`MachineReader::memory_layout`] gives, per region, sorted
 //!   [`MemRun`]s covering it exactly: `zero` runs, and data runs whose `file_offset` is an
@@ -24,7 +26,7 @@
 //! The reader never panics on bad input and never allocates more than the caps below (or
 //! the file's own size) allow; every offset is bounds-checked before use.
 
-mod atomic;
+pub mod atomic;
 mod error;
 mod image;
 mod layout;

@@ -261,8 +261,10 @@ pub fn pack(stub: &Path, machine: &Path, out: &Path) -> Result<Trailer> {
 /// written to a temporary file, checked with [`verify_packed`] (stub extent unchanged,
 /// payload beyond it, trailer, every checksum of the machine as copied, which also refuses a
 /// damaged input) and only then renamed to `out` with permission bits `mode`: on any failure
-/// no file appears under `out` and an existing one is left untouched. The machine is read
-/// once to copy it and once to check the copy.
+/// no file appears under `out` and an existing one is left untouched, even when the process
+/// is killed. The temp file (`.OUT.PID.N.tmp`) is locked while it is written, and the temp
+/// files that killed packs of the same `out` left behind are removed (see [`crate::atomic`]).
+/// The machine is read once to copy it and once to check the copy.
 pub fn pack_from<S: ReadAt + ?Sized>(
     stub: &S,
     stub_name: &str,

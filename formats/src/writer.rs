@@ -27,7 +27,8 @@ use crate::{Arch, Compression, SectionKind, DATA_ALIGN, MAX_BLOB_LEN, MAX_SECTIO
 
 /// Default zero-elision granule: the smallest host page size.
 pub const DEFAULT_GRANULE: u32 = 4096;
-/// Default zstd level: fast, and most of the gain on memory images comes from zero pages.
+/// The zstd level of compressed sections: fast, and most of the gain on memory images comes
+/// from zero pages.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 static ZEROS: [u8; DATA_ALIGN as usize] = [0u8; DATA_ALIGN as usize];
@@ -193,7 +194,10 @@ impl<'o> RegionEmitter<'o> {
 
 /// Streams a `.smolmachine` to a temp file and renames it into place on [`finish`].
 ///
-/// Dropping the writer without calling `finish` deletes the temp file.
+/// Dropping the writer without calling `finish` deletes the temp file. The temp file is
+/// `.NAME.PID.N.tmp` beside the output and locked (`flock`) while the writer lives; creating
+/// a writer removes the unlocked temp files of earlier writers of the same output, which were
+/// killed before they could (see [`crate::atomic`]).
 ///
 /// [`finish`]: MachineWriter::finish
 pub struct MachineWriter {
@@ -202,7 +206,6 @@ pub struct MachineWriter {
     arch: Arch,
     entries: Vec<RawEntry>,
     granule: u32,
-    zstd_level: i32,
     failed: bool,
 }
 
@@ -239,7 +242,6 @@ impl MachineWriter {
             arch,
             entries: Vec::new(),
             granule: DEFAULT_GRANULE,
-            zstd_level: DEFAULT_ZSTD_LEVEL,
             failed: false,
         })
     }
@@ -256,11 +258,6 @@ impl MachineWriter {
         }
         self.granule = granule;
         Ok(())
-    }
-
-    /// Sets the zstd level used by sections written with [`Compression::Zstd`].
-    pub fn set_zstd_level(&mut self, level: i32) {
-        self.zstd_level = level;
     }
 
     /// Adds the manifest (required, exactly once).
@@ -333,7 +330,7 @@ impl MachineWriter {
         compression: Compression,
     ) -> Result<()> {
         self.check_can_add(kind)?;
-        let level = self.zstd_level;
+        let level = DEFAULT_ZSTD_LEVEL;
         if data.len() as u64 > MAX_BLOB_LEN {
             return Err(Error::InvalidInput(format!(
                 "{kind} blob is {} bytes; readers accept at most {MAX_BLOB_LEN}",
@@ -424,7 +421,7 @@ impl MachineWriter {
             return Err(Error::GuestMemoryTooLarge(total));
         }
         let granule = self.granule;
-        let level = self.zstd_level;
+        let level = DEFAULT_ZSTD_LEVEL;
         let r = self.write_section(SectionKind::Memory, true, compression, |out| {
             write_image(
                 out,
@@ -472,7 +469,7 @@ impl MachineWriter {
             )));
         }
         let granule = self.granule;
-        let level = self.zstd_level;
+        let level = DEFAULT_ZSTD_LEVEL;
         let r = self.write_section(SectionKind::Disk, true, compression, |out| {
             write_image(out, name, granule, level, compression, 1, |_, em| {
                 let g = u64::from(granule);
@@ -571,7 +568,7 @@ impl MachineWriter {
         let granule = u32::try_from(layout.granule)
             .map_err(|_| Error::corrupt("memory granule out of range"))?;
         self.set_granule(granule)?;
-        let level = self.zstd_level;
+        let level = DEFAULT_ZSTD_LEVEL;
         let regions = &layout.regions;
         let r = self.write_section(SectionKind::Memory, e.required, Compression::Zstd, |out| {
             write_image(
@@ -614,7 +611,7 @@ impl MachineWriter {
         let granule =
             u32::try_from(d.granule).map_err(|_| Error::corrupt("disk granule out of range"))?;
         self.set_granule(granule)?;
-        let level = self.zstd_level;
+        let level = DEFAULT_ZSTD_LEVEL;
         let r = self.write_section(SectionKind::Disk, e.required, Compression::Zstd, |out| {
             write_image(
                 out,

@@ -2,9 +2,11 @@
 //! quiesce → pause → `.smolmachine`.
 //!
 //! The output is written by the atomic machine writer (temporary file, fsync, rename), and
-//! only after every step succeeded: a failed build leaves no output file and never replaces
-//! an existing one. Scratch files (the root filesystem image) live in a temporary directory
-//! beside the output, removed when the build ends either way.
+//! only after every step succeeded: a failed or killed build leaves no output file and never
+//! replaces an existing one. Scratch files (the root filesystem image) live in a locked
+//! scratch directory beside the output, removed when the build ends either way; after a
+//! kill, the next build to that directory (or `smolpack gc`) removes it and the output's
+//! temp file (see [`crate::gc`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +17,7 @@ use smolvm::linux::{boot_linux, LinuxConfig, LinuxError};
 use smolvm_formats::{Compression, Manifest};
 
 use crate::artifacts::{self, Artifact, ArtifactError};
+use crate::gc::{self, ScratchDir};
 use crate::guest::{self, display_command, GuestError, ServicePaths};
 use crate::progress::{format_duration, format_size, LineSplitter, Printer, Progress};
 use crate::smolfile::{Smolfile, SmolfileError};
@@ -175,12 +178,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&out_dir).map_err(out_err)?;
+    // What killed builds of this output left: their temp files (their scratch directories
+    // go below), so a finished build leaves the directory clean.
+    smolvm_formats::atomic::remove_leftovers_of(&opts.output);
     // Scratch space beside the output: this also proves the directory is writable before
     // the slow part starts.
-    let scratch = tempfile::Builder::new()
-        .prefix(".smolpack-build-")
-        .tempdir_in(&out_dir)
-        .map_err(out_err)?;
+    let scratch = ScratchDir::create(&out_dir, gc::BUILD_PREFIX).map_err(out_err)?;
 
     let mut progress = Progress::new(step_count(&sf));
     let mut phases = Phases::default();

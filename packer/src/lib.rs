@@ -2,6 +2,7 @@
 
 pub mod artifacts;
 pub mod build;
+pub mod gc;
 pub mod guest;
 pub mod pack;
 pub mod progress;

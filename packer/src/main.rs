@@ -1,4 +1,5 @@
-//! `smolpack`: builds, inspects, verifies, packs and unpacks `.smolmachine` files.
+//! `smolpack`: builds, inspects, verifies, packs and unpacks `.smolmachine` files, and cleans
+//! up what killed runs left (`gc`).
 //!
 //! Each subcommand lives in its own module; `main` only parses arguments and turns any error
 //! into one `error: ...` line on stderr and a non-zero exit status.
@@ -29,7 +30,8 @@ enum Command {
     Build {
         /// The Smolfile.
         smolfile: PathBuf,
-        /// Output .smolmachine (written atomically; untouched when the build fails).
+        /// Output .smolmachine (written atomically; untouched when the build fails or is
+        /// killed).
         #[arg(short, long)]
         output: PathBuf,
         /// Guest kernel (default: $SMOLVM_KERNEL, else target/guest/vmlinux).
@@ -69,8 +71,9 @@ enum Command {
     /// The executable is a VMM stub for the target with the machine appended (after the
     /// stub's ELF image, 64 KiB aligned, found through a 64-byte trailer at the end). The
     /// stubs are built into smolpack, so packing needs no network or toolchain; see
-    /// --list-targets. The result is verified before it is renamed into place: a failed pack
-    /// leaves no file under OUT and never replaces an existing one.
+    /// --list-targets. The result is verified before it is renamed into place: a failed or
+    /// killed pack leaves no file under OUT and never replaces an existing one (a killed
+    /// one's temp file is removed by the next pack to OUT, or by `smolpack gc`).
     #[command(
         after_help = "Examples:\n  smolpack pack app.smolmachine -o app\n  smolpack pack app.smolmachine -o app --compress\n  smolpack pack --list-targets"
     )]
@@ -96,6 +99,21 @@ enum Command {
         /// List the targets, whether this smolpack carries their stub, and its size.
         #[arg(long, conflicts_with_all = ["machine", "output", "target", "compress", "stub"])]
         list_targets: bool,
+    },
+    /// Remove what killed smolpack and smolvm runs left behind.
+    ///
+    /// Removes temp files of unfinished outputs (.NAME.PID.N.tmp) and build/pack scratch
+    /// directories (.smolpack-build-*, .smolpack-pack-*). Looks in each DIR (default: the current directory) and in the expansion cache
+    /// (${SMOLVM_CACHE:-~/.cache/smolvm}/expanded). Only leftovers of processes that are gone
+    /// are removed: a file or directory that a running build, pack, save or expansion holds
+    /// (its flock) is left alone. Prints one `removed PATH` line per removal and exits 0; a
+    /// leftover that cannot be removed gets a `warning:` line on stderr; a DIR that cannot be
+    /// listed is an error (exit status 1). A build or pack removes the leftovers of earlier
+    /// killed runs writing the same output by itself.
+    #[command(after_help = "Examples:\n  smolpack gc\n  smolpack gc builds/ dist/")]
+    Gc {
+        /// Directories to clean (default: the current directory).
+        dirs: Vec<PathBuf>,
     },
     /// Write the machine inside a packed executable out as a .smolmachine, byte for byte as
     /// it was packed.
@@ -177,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", report.summary());
             Ok(())
         }
+        Command::Gc { dirs } => gc(dirs),
         Command::Unpack { packed, output } => {
             let t = pack::unpack(&packed, &output)?;
             println!(
@@ -188,6 +207,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `smolpack gc [DIR...]`: every DIR must be readable; the expansion cache is cleaned too
+/// when it exists.
+fn gc(dirs: Vec<PathBuf>) -> anyhow::Result<()> {
+    let dirs = if dirs.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        dirs
+    };
+    let mut reports = Vec::new();
+    for dir in &dirs {
+        let r = smolpack::gc::gc_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot clean {}: {e}", dir.display()))?;
+        reports.push(r);
+    }
+    let cache = smolpack::gc::expanded_cache_dir();
+    let same = |d: &PathBuf| d.canonicalize().ok() == cache.canonicalize().ok();
+    if cache.is_dir() && !dirs.iter().any(same) {
+        match smolpack::gc::gc_dir(&cache) {
+            Ok(r) => reports.push(r),
+            Err(e) => eprintln!("warning: cannot clean {}: {e}", cache.display()),
+        }
+    }
+    for r in reports {
+        for p in &r.removed {
+            println!("removed {}", p.display());
+        }
+        for (p, e) in &r.failed {
+            eprintln!("warning: cannot remove {}: {e}", p.display());
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -5,8 +5,9 @@
 //! With `--compress` the payload is the machine re-encoded with zstd memory and disks (the
 //! stub expands it once into its cache); without it the payload is the input machine byte for
 //! byte, so guest memory maps straight from the executable. The output is verified before it
-//! is renamed into place: a failed pack leaves no file under the output name and never
-//! replaces an existing one.
+//! is renamed into place: a failed or killed pack leaves no file under the output name and
+//! never replaces an existing one; what a killed pack leaves beside it (a locked temp file,
+//! a scratch directory) is removed by the next pack to the same output or `smolpack gc`.
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use smolvm_formats::trailer::{self, ElfIdentity, Trailer};
 use smolvm_formats::{Compression, MachineReader, MachineWriter, SectionKind};
 
+use crate::gc::{self, ScratchDir};
 use crate::targets::{self, Target, TargetError};
 
 /// What to pack.
@@ -198,19 +200,21 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, PackError> {
             arch: target.arch,
         });
     }
+    let dir = match opts.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // What killed packs left beside this output, whether or not this one compresses (the
+    // output's own temp files go when its writer starts).
+    gc::remove_scratch_leftovers(&dir, gc::PACK_PREFIX);
     // The scratch directory (for the compressed payload) lives beside the output, on the
-    // same filesystem, and is removed when packing ends either way.
+    // same filesystem, locked while packing runs, and is removed when packing ends either
+    // way (or, after a kill, by the next pack there or `smolpack gc`).
     let mut _scratch = None;
     if opts.compress && !images_compressed(&machine) {
         machine.verify().map_err(file_err(&opts.machine))?;
-        let dir = match opts.output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let scratch = tempfile::Builder::new()
-            .prefix(".smolpack-")
-            .tempdir_in(&dir)
-            .map_err(|error| PackError::Scratch {
+        let scratch =
+            ScratchDir::create(&dir, gc::PACK_PREFIX).map_err(|error| PackError::Scratch {
                 path: opts.output.clone(),
                 error,
             })?;
