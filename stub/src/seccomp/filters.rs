@@ -100,6 +100,8 @@ pub(crate) const VMM: &[Allow] = allow![
     SYS_renameat2 Any: "the same, newer libc",
     SYS_unlink Any: "--save: removing the temporary file after a failure",
     SYS_unlinkat Any: "the same, newer libc",
+    SYS_flock Any: "--save: writers lock their temporary file while they write it",
+    SYS_getdents64 Any: "--save: listing the output directory for a killed writer's leftovers",
     SYS_ftruncate Any: "--save: sizing the output file",
     SYS_fsync Any: "--save: durable output",
     SYS_fdatasync Any: "the disk flush, when a vCPU is not the caller",

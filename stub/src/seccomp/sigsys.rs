@@ -142,7 +142,6 @@ const OTHER_NAMES: &[(i64, &str)] = names![
     SYS_chown,
     SYS_fchown,
     SYS_fchownat,
-    SYS_getdents64,
     SYS_stat,
     SYS_lstat,
     SYS_access,
