@@ -140,6 +140,7 @@ fn run_test_guest(plan: SnapshotPlan, save: Option<&Path>) -> Result<u8> {
     smolvm::testguest::attach_console(&mut machine, Box::new(std::io::stdout()))?;
     smolvm::testguest::ignore_reports(&mut machine)?;
     smolvm::seccomp::install()?;
+    timing::mark("filters-installed");
     machine.start()?;
     let reason = machine.run_to_exit()?;
     timing::mark("guest-stopped");

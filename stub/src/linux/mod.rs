@@ -442,6 +442,7 @@ pub fn resume_linux_plan(
     }
     if opts.seccomp {
         crate::seccomp::install().map_err(|e| LinuxError::Config(e.to_string()))?;
+        timing::mark("filters-installed");
     }
     m.machine.start()?;
     timing::mark("vcpus-started");
