@@ -17,6 +17,11 @@
 # plain check. The exit status is 1 when anything failed.
 set -u
 cd /work
+# Each smolvm, smolpack or packed run is cut off after this many seconds (status 143), so a
+# hang fails its check instead of the whole QEMU run.
+LIMIT=${NESTED_CHECK_TIMEOUT:-300}
+smolvm() { timeout "$LIMIT" /work/smolvm "$@"; }
+smolpack() { timeout "$LIMIT" /work/smolpack "$@"; }
 export SMOLVM_KERNEL=/work/vmlinux SMOLVM_AGENT=/work/smol-agent
 T=/tmp/nested-checks
 mkdir -p "$T"
@@ -88,18 +93,18 @@ part_vmm() {
 # the server started at build time, and pack.
 hello_checks() {
     tag=$1 m=$2 vcpus=$3
-    built=$(./smolvm run "$m" -- cat /etc/motd 2>/dev/null)
+    built=$(smolvm run "$m" -- cat /etc/motd 2>/dev/null)
     want 'hello from smolvm\n%s\n[a b]\n[c]\n' "$built"
-    expect "$tag: run greet with arguments" 0 "$T/want" ./smolvm run "$m" -- greet "a b" c
+    expect "$tag: run greet with arguments" 0 "$T/want" smolvm run "$m" -- greet "a b" c
     want 'hello from smolvm\n%s\n' "$built"
-    expect "$tag: run the default command" 0 "$T/want" ./smolvm run "$m"
+    expect "$tag: run the default command" 0 "$T/want" smolvm run "$m"
     want '%s\n' "$vcpus"
-    expect "$tag: nproc is $vcpus" 0 "$T/want" ./smolvm run "$m" -- nproc
+    expect "$tag: nproc is $vcpus" 0 "$T/want" smolvm run "$m" -- nproc
     : >"$T/want"
-    expect "$tag: exit status 7" 7 "$T/want" ./smolvm run "$m" -- sh -c 'exit 7'
-    expect "$tag: false gives 1" 1 "$T/want" ./smolvm run "$m" -- false
-    expect "$tag: killed by SIGTERM gives 143" 143 "$T/want" ./smolvm run "$m" -- sh -c 'kill -TERM $$'
-    ./smolvm run "$m" -- no-such-command >"$T/out" 2>"$T/err"
+    expect "$tag: exit status 7" 7 "$T/want" smolvm run "$m" -- sh -c 'exit 7'
+    expect "$tag: false gives 1" 1 "$T/want" smolvm run "$m" -- false
+    expect "$tag: killed by SIGTERM gives 143" 143 "$T/want" smolvm run "$m" -- sh -c 'kill -TERM $$'
+    smolvm run "$m" -- no-such-command >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 127 ] && [ ! -s "$T/out" ]; then ok "$tag: missing command gives 127"; else
         fail "$tag: missing command gives 127" "exit status $rc"
@@ -108,40 +113,40 @@ hello_checks() {
     head -c 65536 /dev/urandom >"$T/in"
     cp "$T/in" "$T/want"
     start=$(now)
-    expect "$tag: 64 KiB of stdin back through cat" 0 "$T/want" sh -c "./smolvm run '$m' -- cat <'$T/in'"
+    expect "$tag: 64 KiB of stdin back through cat" 0 "$T/want" sh -c "timeout $LIMIT ./smolvm run '$m' -- cat <'$T/in'"
     echo "    (64 KiB through cat: $(since "$start") s)"
     want '3\n'
-    expect "$tag: stdin pipe into wc" 0 "$T/want" sh -c "echo hi | ./smolvm run '$m' -- wc -c"
+    expect "$tag: stdin pipe into wc" 0 "$T/want" sh -c "echo hi | timeout $LIMIT ./smolvm run '$m' -- wc -c"
     want '<!doctype html>\n'
     expect "$tag: server started at build time answers" 0 "$T/want" \
-        sh -c "./smolvm run '$m' -- wget -qO- http://127.0.0.1:8080/ | head -1"
+        sh -c "timeout $LIMIT ./smolvm run '$m' -- wget -qO- http://127.0.0.1:8080/ | head -1"
     # --save chain: disk (/root/s) and memory (/tmp/s, a tmpfs) carry over.
     rm -f "$T/s1" "$T/s2"
     want ''
     expect "$tag: --save step 1" 0 "$T/want" \
-        ./smolvm run "$m" --save "$T/s1" -- sh -c 'echo one > /root/s; echo mem1 > /tmp/s'
+        smolvm run "$m" --save "$T/s1" -- sh -c 'echo one > /root/s; echo mem1 > /tmp/s'
     want 'one\nmem1\n'
     expect "$tag: --save step 2 sees step 1" 0 "$T/want" \
-        ./smolvm run "$T/s1" --save "$T/s2" -- sh -c 'cat /root/s /tmp/s; echo two >> /root/s; echo mem2 >> /tmp/s'
+        smolvm run "$T/s1" --save "$T/s2" -- sh -c 'cat /root/s /tmp/s; echo two >> /root/s; echo mem2 >> /tmp/s'
     want 'one\ntwo\nmem1\nmem2\n'
-    expect "$tag: --save step 3 sees step 2" 0 "$T/want" ./smolvm run "$T/s2" -- cat /root/s /tmp/s
+    expect "$tag: --save step 3 sees step 2" 0 "$T/want" smolvm run "$T/s2" -- cat /root/s /tmp/s
     want 'one\nmem1\n'
-    expect "$tag: the saved input is unchanged" 0 "$T/want" ./smolvm run "$T/s1" -- cat /root/s /tmp/s
+    expect "$tag: the saved input is unchanged" 0 "$T/want" smolvm run "$T/s1" -- cat /root/s /tmp/s
     : >"$T/want"
-    expect "$tag: the original machine is unchanged" 1 "$T/want" ./smolvm run "$m" -- test -e /root/s
+    expect "$tag: the original machine is unchanged" 1 "$T/want" smolvm run "$m" -- test -e /root/s
     # Packed executable.
     rm -f "$T/packed"
-    if ./smolpack pack "$m" -o "$T/packed" >"$T/pack.log" 2>&1; then ok "$tag: pack"; else
+    if smolpack pack "$m" -o "$T/packed" >"$T/pack.log" 2>&1; then ok "$tag: pack"; else
         fail "$tag: pack" "smolpack pack failed:"
         show "$T/pack.log"
         return
     fi
     want 'hello from smolvm\n%s\n[x y]\n' "$built"
-    expect "$tag: packed greet" 0 "$T/want" "$T/packed" greet "x y"
+    expect "$tag: packed greet" 0 "$T/want" timeout "$LIMIT" "$T/packed" greet "x y"
     : >"$T/want"
-    expect "$tag: packed exit status 5" 5 "$T/want" "$T/packed" sh -c 'exit 5'
+    expect "$tag: packed exit status 5" 5 "$T/want" timeout "$LIMIT" "$T/packed" sh -c 'exit 5'
     want 'packed\n'
-    expect "$tag: packed stdin" 0 "$T/want" sh -c "echo packed | '$T/packed' cat"
+    expect "$tag: packed stdin" 0 "$T/want" sh -c "echo packed | timeout $LIMIT '$T/packed' cat"
 }
 
 # build_hello TAG VCPUS OUT: examples/hello with [resources] vcpus replaced.
@@ -152,7 +157,7 @@ build_hello() {
     sed -i "s/^vcpus = .*/vcpus = $vcpus/" "$T/src-$tag/Smolfile"
     grep -q "^vcpus = $vcpus\$" "$T/src-$tag/Smolfile" || { fail "$tag: Smolfile" "no vcpus line to change"; return 1; }
     start=$(now)
-    if ./smolpack build "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
+    if smolpack build "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
         ok "$tag: smolpack build examples/hello with $vcpus vCPU(s) ($(since "$start") s)"
         echo "NESTED-BUILD-SECONDS $tag $(since "$start")"
     else
@@ -168,9 +173,9 @@ part_hello2() { build_hello hello2 2 "$T/hello2.smolmachine" && hello_checks hel
 # A machine built on the host's /dev/kvm (outside QEMU) and packed there.
 part_host() {
     m=/work/hello-host.smolmachine
-    built=$(./smolvm run "$m" -- cat /etc/motd 2>/dev/null)
+    built=$(smolvm run "$m" -- cat /etc/motd 2>/dev/null)
     want 'hello from smolvm\n%s\n[a b]\n' "$built"
-    ./smolvm run "$m" -- greet "a b" >"$T/out" 2>"$T/err"
+    smolvm run "$m" -- greet "a b" >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ] && cmp -s "$T/out" "$T/want"; then
         ok "host: host-built machine resumes and runs greet"
@@ -185,7 +190,7 @@ part_host() {
         xfail "host: nothing on stderr" 1
     fi
     want 'hello from smolvm\n%s\n[p]\n' "$built"
-    /work/hello-host greet p >"$T/out" 2>"$T/err"
+    timeout "$LIMIT" /work/hello-host greet p >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ] && cmp -s "$T/out" "$T/want"; then ok "host: packed ./hello built on the host runs"; else
         fail "host: packed ./hello built on the host runs" "exit status $rc; stdout and stderr:"
@@ -193,24 +198,29 @@ part_host() {
         show "$T/err"
     fi
     : >"$T/want"
-    /work/hello-host sh -c 'exit 9' >"$T/out" 2>/dev/null
+    timeout "$LIMIT" /work/hello-host sh -c 'exit 9' >"$T/out" 2>/dev/null
     rc=$?
     if [ "$rc" = 9 ]; then ok "host: packed exit status 9"; else fail "host: packed exit status 9" "got $rc"; fi
     want 'hi\n'
-    sh -c "echo hi | /work/hello-host cat" >"$T/out" 2>/dev/null
+    sh -c "echo hi | timeout $LIMIT /work/hello-host cat" >"$T/out" 2>/dev/null
     if cmp -s "$T/out" "$T/want"; then ok "host: packed stdin"; else fail "host: packed stdin" "got $(cat "$T/out")"; fi
     # Saved here, the machine is this host's: it resumes without the cross-host messages.
     rm -f "$T/host-saved"
-    ./smolvm run "$m" --save "$T/host-saved" -- sh -c 'echo kept > /root/k' >/dev/null 2>&1
+    smolvm run "$m" --save "$T/host-saved" -- sh -c 'echo kept > /root/k' >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ]; then ok "host: host-built machine saved here (--save)"; else
+        fail "host: host-built machine saved here (--save)" "exit status $rc (143: cut off after $LIMIT s); stderr:"
+        show "$T/err"
+    fi
     want 'kept\n'
     expect "host: host-built machine saved here resumes with its disk" 0 "$T/want" \
-        ./smolvm run "$T/host-saved" -- cat /root/k
+        smolvm run "$T/host-saved" -- cat /root/k
 }
 
 # Only the resume of the host-built machine: what other CPU models are checked for.
 part_resume_only() {
     m=/work/hello-host.smolmachine
-    ./smolvm run "$m" -- greet r >"$T/out" 2>"$T/err"
+    smolvm run "$m" -- greet r >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ] && grep -qx '\[r\]' "$T/out"; then
         ok "resume-only: host-built machine runs greet"
@@ -225,7 +235,7 @@ part_resume_only() {
 # host-built machine is refused by KVM today: its saved control registers use features this
 # CPU lacks, and the resume fails with the ioctl's error instead of naming them.
 part_resume_sregs() {
-    ./smolvm run /work/hello-host.smolmachine -- greet r >"$T/out" 2>"$T/err"
+    smolvm run /work/hello-host.smolmachine -- greet r >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 125 ] && grep -q 'KVM_SET_SREGS failed: Invalid argument' "$T/err"; then
         xfail "resume-sregs: host-built machine on a CPU with fewer features" 0 \
@@ -271,14 +281,14 @@ ready = { exec = ["/usr/local/bin/spin", "ready", "$n"], timeout = "10m" }
 cmd = ["/usr/local/bin/spin", "check", "$n"]
 EOF
     start=$(now)
-    if ./smolpack build "$d/Smolfile" -o "$T/$tag.smolmachine" >"$T/build-$tag.log" 2>&1; then
+    if smolpack build "$d/Smolfile" -o "$T/$tag.smolmachine" >"$T/build-$tag.log" 2>&1; then
         ok "$tag: smolpack build with $n vCPUs and a busy loop per vCPU ($(since "$start") s)"
     else
         fail "$tag: smolpack build" "failed after $(since "$start") s:"
         tail -30 "$T/build-$tag.log" | sed 's/^/    | /'
         return
     fi
-    ./smolvm run "$T/$tag.smolmachine" --save "$T/$tag-2.smolmachine" >"$T/out" 2>"$T/err"
+    smolvm run "$T/$tag.smolmachine" --save "$T/$tag-2.smolmachine" >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ]; then ok "$tag: resumed, every vCPU's loop advances on its own CPU"; else
         fail "$tag: resumed, every vCPU's loop advances on its own CPU" "exit status $rc:"
@@ -293,7 +303,7 @@ EOF
         fail "$tag: counts" "$# counts printed, want $n"
         return
     fi
-    ./smolvm run "$T/$tag-2.smolmachine" -- /usr/local/bin/spin check "$n" "$@" >"$T/out" 2>"$T/err"
+    smolvm run "$T/$tag-2.smolmachine" -- /usr/local/bin/spin check "$n" "$@" >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ]; then ok "$tag: saved mid-work, resumed again: counts continue"; else
         fail "$tag: saved mid-work, resumed again: counts continue" "exit status $rc:"
@@ -306,13 +316,13 @@ EOF
 part_bench() {
     ./testguest snapshot "$T/tg.smolmachine" --at 2 --exit-after 1 --every 1000 --limit 100000 \
         --status 0 >/dev/null
-    ./smolpack pack "$T/tg.smolmachine" -o "$T/testapp" >/dev/null
+    smolpack pack "$T/tg.smolmachine" -o "$T/testapp" >/dev/null
     echo "NESTED-BENCH testguest"
     ./bench_spawn "${BENCH_RUNS:-15}" :: true /usr/bin/true :: testapp "$T/testapp" \
         :: smolvm-run ./smolvm run "$T/tg.smolmachine"
     m="$T/hello1.smolmachine"
     [ -f "$m" ] || build_hello hello1 1 "$m" || return
-    ./smolpack pack "$m" -o "$T/hello" >/dev/null
+    smolpack pack "$m" -o "$T/hello" >/dev/null
     echo "NESTED-BENCH hello"
     ./bench_spawn "${BENCH_HELLO_RUNS:-5}" :: true /usr/bin/true :: hello "$T/hello" true \
         :: smolvm-run ./smolvm run "$m" -- true :: hello-echo "$T/hello" echo x
