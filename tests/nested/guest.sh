@@ -17,11 +17,12 @@
 # plain check. The exit status is 1 when anything failed.
 set -u
 cd /work
-# Each smolvm, smolpack or packed run is cut off after this many seconds (status 143), so a
-# hang fails its check instead of the whole QEMU run.
+# Each smolvm, smolpack or packed run is killed after this many seconds (status 137; KILL,
+# because smolvm forwards a first TERM to the guest's command), so a hang fails its check
+# instead of the whole QEMU run.
 LIMIT=${NESTED_CHECK_TIMEOUT:-300}
-smolvm() { timeout "$LIMIT" /work/smolvm "$@"; }
-smolpack() { timeout "$LIMIT" /work/smolpack "$@"; }
+smolvm() { timeout -s KILL "$LIMIT" /work/smolvm "$@"; }
+smolpack() { timeout -s KILL "$LIMIT" /work/smolpack "$@"; }
 export SMOLVM_KERNEL=/work/vmlinux SMOLVM_AGENT=/work/smol-agent
 T=/tmp/nested-checks
 mkdir -p "$T"
@@ -113,13 +114,13 @@ hello_checks() {
     head -c 65536 /dev/urandom >"$T/in"
     cp "$T/in" "$T/want"
     start=$(now)
-    expect "$tag: 64 KiB of stdin back through cat" 0 "$T/want" sh -c "timeout $LIMIT ./smolvm run '$m' -- cat <'$T/in'"
+    expect "$tag: 64 KiB of stdin back through cat" 0 "$T/want" sh -c "timeout -s KILL $LIMIT ./smolvm run '$m' -- cat <'$T/in'"
     echo "    (64 KiB through cat: $(since "$start") s)"
     want '3\n'
-    expect "$tag: stdin pipe into wc" 0 "$T/want" sh -c "echo hi | timeout $LIMIT ./smolvm run '$m' -- wc -c"
+    expect "$tag: stdin pipe into wc" 0 "$T/want" sh -c "echo hi | timeout -s KILL $LIMIT ./smolvm run '$m' -- wc -c"
     want '<!doctype html>\n'
     expect "$tag: server started at build time answers" 0 "$T/want" \
-        sh -c "timeout $LIMIT ./smolvm run '$m' -- wget -qO- http://127.0.0.1:8080/ | head -1"
+        sh -c "timeout -s KILL $LIMIT ./smolvm run '$m' -- wget -qO- http://127.0.0.1:8080/ | head -1"
     # --save chain: disk (/root/s) and memory (/tmp/s, a tmpfs) carry over.
     rm -f "$T/s1" "$T/s2"
     want ''
@@ -142,11 +143,11 @@ hello_checks() {
         return
     fi
     want 'hello from smolvm\n%s\n[x y]\n' "$built"
-    expect "$tag: packed greet" 0 "$T/want" timeout "$LIMIT" "$T/packed" greet "x y"
+    expect "$tag: packed greet" 0 "$T/want" timeout -s KILL "$LIMIT" "$T/packed" greet "x y"
     : >"$T/want"
-    expect "$tag: packed exit status 5" 5 "$T/want" timeout "$LIMIT" "$T/packed" sh -c 'exit 5'
+    expect "$tag: packed exit status 5" 5 "$T/want" timeout -s KILL "$LIMIT" "$T/packed" sh -c 'exit 5'
     want 'packed\n'
-    expect "$tag: packed stdin" 0 "$T/want" sh -c "echo packed | timeout $LIMIT '$T/packed' cat"
+    expect "$tag: packed stdin" 0 "$T/want" sh -c "echo packed | timeout -s KILL $LIMIT '$T/packed' cat"
 }
 
 # build_hello TAG VCPUS OUT: examples/hello with [resources] vcpus replaced.
@@ -173,7 +174,14 @@ part_hello2() { build_hello hello2 2 "$T/hello2.smolmachine" && hello_checks hel
 # A machine built on the host's /dev/kvm (outside QEMU) and packed there.
 part_host() {
     m=/work/hello-host.smolmachine
-    built=$(smolvm run "$m" -- cat /etc/motd 2>/dev/null)
+    built=$(smolvm run "$m" -- cat /etc/motd 2>"$T/err")
+    rc=$?
+    if [ "$rc" != 0 ]; then
+        # The rest would only wait out the same limit again.
+        fail "host: host-built machine resumes" "exit status $rc (137: killed after $LIMIT s); stderr:"
+        show "$T/err"
+        return
+    fi
     want 'hello from smolvm\n%s\n[a b]\n' "$built"
     smolvm run "$m" -- greet "a b" >"$T/out" 2>"$T/err"
     rc=$?
@@ -190,7 +198,7 @@ part_host() {
         xfail "host: nothing on stderr" 1
     fi
     want 'hello from smolvm\n%s\n[p]\n' "$built"
-    timeout "$LIMIT" /work/hello-host greet p >"$T/out" 2>"$T/err"
+    timeout -s KILL "$LIMIT" /work/hello-host greet p >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ] && cmp -s "$T/out" "$T/want"; then ok "host: packed ./hello built on the host runs"; else
         fail "host: packed ./hello built on the host runs" "exit status $rc; stdout and stderr:"
@@ -198,18 +206,18 @@ part_host() {
         show "$T/err"
     fi
     : >"$T/want"
-    timeout "$LIMIT" /work/hello-host sh -c 'exit 9' >"$T/out" 2>/dev/null
+    timeout -s KILL "$LIMIT" /work/hello-host sh -c 'exit 9' >"$T/out" 2>/dev/null
     rc=$?
     if [ "$rc" = 9 ]; then ok "host: packed exit status 9"; else fail "host: packed exit status 9" "got $rc"; fi
     want 'hi\n'
-    sh -c "echo hi | timeout $LIMIT /work/hello-host cat" >"$T/out" 2>/dev/null
+    sh -c "echo hi | timeout -s KILL $LIMIT /work/hello-host cat" >"$T/out" 2>/dev/null
     if cmp -s "$T/out" "$T/want"; then ok "host: packed stdin"; else fail "host: packed stdin" "got $(cat "$T/out")"; fi
     # Saved here, the machine is this host's: it resumes without the cross-host messages.
     rm -f "$T/host-saved"
     smolvm run "$m" --save "$T/host-saved" -- sh -c 'echo kept > /root/k' >"$T/out" 2>"$T/err"
     rc=$?
     if [ "$rc" = 0 ]; then ok "host: host-built machine saved here (--save)"; else
-        fail "host: host-built machine saved here (--save)" "exit status $rc (143: cut off after $LIMIT s); stderr:"
+        fail "host: host-built machine saved here (--save)" "exit status $rc (137: killed after $LIMIT s); stderr:"
         show "$T/err"
     fi
     want 'kept\n'
