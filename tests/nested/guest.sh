@@ -1,0 +1,357 @@
+#!/bin/sh
+# The hardware-KVM checks, run by busybox sh inside the QEMU guest of scripts/nested, where
+# /dev/kvm is kvm_amd. tests/nested/run puts the files under test into /work and calls
+#
+#   sh /work/guest.sh PART...
+#
+# Parts: vmm (the VMM test-guest test executables: vmm_*, packed_runtime), hello1 and hello2 (examples/hello built
+# here with 1 and 2 vCPUs: run, exit codes, stdin/stdout, --save chain, pack), host (a machine
+# built outside QEMU, on the host's KVM, resumed here), spin2 and spin4 (busy work on every
+# vCPU of a 2- and 4-vCPU machine, saved and resumed mid-work), resume-only (just the host
+# machine, for other CPU models), resume-sregs (the host machine on a CPU with fewer
+# features: a known failure), bench (timings).
+#
+# Each check prints one line: `ok - NAME`, `FAIL - NAME: why` or, for a failure that is
+# known today, `xfail - NAME: what happens` (exactly, so a change shows); a known failure
+# that passes prints `XPASS - NAME` and counts as a failure so that it gets promoted to a
+# plain check. The exit status is 1 when anything failed.
+set -u
+cd /work
+# Each smolvm, smolpack or packed run is killed after this many seconds (status 137; KILL,
+# because smolvm forwards a first TERM to the guest's command), so a hang fails its check
+# instead of the whole QEMU run.
+LIMIT=${NESTED_CHECK_TIMEOUT:-300}
+smolvm() { timeout -s KILL "$LIMIT" /work/smolvm "$@"; }
+smolpack() { timeout -s KILL "$LIMIT" /work/smolpack "$@"; }
+export SMOLVM_KERNEL=/work/vmlinux SMOLVM_AGENT=/work/smol-agent
+T=/tmp/nested-checks
+mkdir -p "$T"
+failed=0
+
+ok() { echo "ok - $1"; }
+fail() {
+    echo "FAIL - $1: $2"
+    failed=1
+}
+# xfail NAME CONDITION-HOLDS DETAIL: CONDITION-HOLDS is 0 when the known failure happened.
+xfail() {
+    if [ "$2" = 0 ]; then
+        echo "xfail - $1: $3"
+    else
+        echo "XPASS - $1: known to fail, now passes; make it a plain check"
+        failed=1
+    fi
+}
+# show FILE: a file's text, indented, for a failure's details.
+show() { sed 's/^/    | /' "$1" | head -40; }
+now() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# expect NAME WANT_STATUS WANT_STDOUT_FILE CMD...: runs CMD with stdout and stderr apart;
+# checks the status, stdout against the file's bytes, and that stderr is empty.
+expect() {
+    name=$1 want=$2 wantout=$3
+    shift 3
+    "$@" >"$T/out" 2>"$T/err"
+    got=$?
+    if [ "$got" != "$want" ]; then
+        fail "$name" "exit status $got, want $want; stderr:"
+        show "$T/err"
+        return 1
+    fi
+    if ! cmp -s "$T/out" "$wantout"; then
+        fail "$name" "stdout differs from the expected; got:"
+        show "$T/out"
+        return 1
+    fi
+    if [ -s "$T/err" ]; then
+        fail "$name" "stderr not empty:"
+        show "$T/err"
+        return 1
+    fi
+    ok "$name"
+}
+want() { printf "$@" >"$T/want"; }
+
+part_vmm() {
+    for t in vmm_boot vmm_snapshot vmm_corrupt packed_runtime; do
+        start=$(now)
+        CI=true "./$t" --test-threads=2 >"$T/$t.log" 2>&1
+        rc=$?
+        summary=$(grep '^test result:' "$T/$t.log" | tail -1)
+        if [ "$rc" = 0 ]; then
+            ok "vmm: $t ($summary; $(since "$start") s)"
+        else
+            fail "vmm: $t" "exit status $rc ($summary):"
+            grep -E '^test .*FAILED|panicked|^---- ' "$T/$t.log" | head -20 | sed 's/^/    | /'
+            tail -30 "$T/$t.log" | sed 's/^/    | /'
+        fi
+    done
+}
+
+# The checks every hello machine gets: default command, arguments, exit codes, stdin, a
+# --save chain (each step sees the last one's disk and memory, the input file never changes),
+# the server started at build time, and pack.
+hello_checks() {
+    tag=$1 m=$2 vcpus=$3
+    built=$(smolvm run "$m" -- cat /etc/motd 2>/dev/null)
+    want 'hello from smolvm\n%s\n[a b]\n[c]\n' "$built"
+    expect "$tag: run greet with arguments" 0 "$T/want" smolvm run "$m" -- greet "a b" c
+    want 'hello from smolvm\n%s\n' "$built"
+    expect "$tag: run the default command" 0 "$T/want" smolvm run "$m"
+    want '%s\n' "$vcpus"
+    expect "$tag: nproc is $vcpus" 0 "$T/want" smolvm run "$m" -- nproc
+    : >"$T/want"
+    expect "$tag: exit status 7" 7 "$T/want" smolvm run "$m" -- sh -c 'exit 7'
+    expect "$tag: false gives 1" 1 "$T/want" smolvm run "$m" -- false
+    expect "$tag: killed by SIGTERM gives 143" 143 "$T/want" smolvm run "$m" -- sh -c 'kill -TERM $$'
+    smolvm run "$m" -- no-such-command >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 127 ] && [ ! -s "$T/out" ]; then ok "$tag: missing command gives 127"; else
+        fail "$tag: missing command gives 127" "exit status $rc"
+        show "$T/err"
+    fi
+    head -c 65536 /dev/urandom >"$T/in"
+    cp "$T/in" "$T/want"
+    start=$(now)
+    expect "$tag: 64 KiB of stdin back through cat" 0 "$T/want" sh -c "timeout -s KILL $LIMIT ./smolvm run '$m' -- cat <'$T/in'"
+    echo "    (64 KiB through cat: $(since "$start") s)"
+    want '3\n'
+    expect "$tag: stdin pipe into wc" 0 "$T/want" sh -c "echo hi | timeout -s KILL $LIMIT ./smolvm run '$m' -- wc -c"
+    want '<!doctype html>\n'
+    expect "$tag: server started at build time answers" 0 "$T/want" \
+        sh -c "timeout -s KILL $LIMIT ./smolvm run '$m' -- wget -qO- http://127.0.0.1:8080/ | head -1"
+    # --save chain: disk (/root/s) and memory (/tmp/s, a tmpfs) carry over.
+    rm -f "$T/s1" "$T/s2"
+    want ''
+    expect "$tag: --save step 1" 0 "$T/want" \
+        smolvm run "$m" --save "$T/s1" -- sh -c 'echo one > /root/s; echo mem1 > /tmp/s'
+    want 'one\nmem1\n'
+    expect "$tag: --save step 2 sees step 1" 0 "$T/want" \
+        smolvm run "$T/s1" --save "$T/s2" -- sh -c 'cat /root/s /tmp/s; echo two >> /root/s; echo mem2 >> /tmp/s'
+    want 'one\ntwo\nmem1\nmem2\n'
+    expect "$tag: --save step 3 sees step 2" 0 "$T/want" smolvm run "$T/s2" -- cat /root/s /tmp/s
+    want 'one\nmem1\n'
+    expect "$tag: the saved input is unchanged" 0 "$T/want" smolvm run "$T/s1" -- cat /root/s /tmp/s
+    : >"$T/want"
+    expect "$tag: the original machine is unchanged" 1 "$T/want" smolvm run "$m" -- test -e /root/s
+    # Packed executable.
+    rm -f "$T/packed"
+    if smolpack pack "$m" -o "$T/packed" >"$T/pack.log" 2>&1; then ok "$tag: pack"; else
+        fail "$tag: pack" "smolpack pack failed:"
+        show "$T/pack.log"
+        return
+    fi
+    want 'hello from smolvm\n%s\n[x y]\n' "$built"
+    expect "$tag: packed greet" 0 "$T/want" timeout -s KILL "$LIMIT" "$T/packed" greet "x y"
+    : >"$T/want"
+    expect "$tag: packed exit status 5" 5 "$T/want" timeout -s KILL "$LIMIT" "$T/packed" sh -c 'exit 5'
+    want 'packed\n'
+    expect "$tag: packed stdin" 0 "$T/want" sh -c "echo packed | timeout -s KILL $LIMIT '$T/packed' cat"
+}
+
+# build_hello TAG VCPUS OUT: examples/hello with [resources] vcpus replaced.
+build_hello() {
+    tag=$1 vcpus=$2 out=$3
+    rm -rf "$T/src-$tag"
+    cp -r /work/hello "$T/src-$tag"
+    sed -i "s/^vcpus = .*/vcpus = $vcpus/" "$T/src-$tag/Smolfile"
+    grep -q "^vcpus = $vcpus\$" "$T/src-$tag/Smolfile" || { fail "$tag: Smolfile" "no vcpus line to change"; return 1; }
+    start=$(now)
+    if smolpack build "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
+        ok "$tag: smolpack build examples/hello with $vcpus vCPU(s) ($(since "$start") s)"
+        echo "NESTED-BUILD-SECONDS $tag $(since "$start")"
+    else
+        fail "$tag: smolpack build" "failed after $(since "$start") s:"
+        tail -30 "$T/build-$tag.log" | sed 's/^/    | /'
+        return 1
+    fi
+}
+
+part_hello1() { build_hello hello1 1 "$T/hello1.smolmachine" && hello_checks hello1 "$T/hello1.smolmachine" 1; }
+part_hello2() { build_hello hello2 2 "$T/hello2.smolmachine" && hello_checks hello2 "$T/hello2.smolmachine" 2; }
+
+# A machine built on the host's /dev/kvm (outside QEMU) and packed there.
+part_host() {
+    m=/work/hello-host.smolmachine
+    built=$(smolvm run "$m" -- cat /etc/motd 2>"$T/err")
+    rc=$?
+    if [ "$rc" != 0 ]; then
+        # The rest would only wait out the same limit again.
+        fail "host: host-built machine resumes" "exit status $rc (137: killed after $LIMIT s); stderr:"
+        show "$T/err"
+        return
+    fi
+    want 'hello from smolvm\n%s\n[a b]\n' "$built"
+    smolvm run "$m" -- greet "a b" >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ] && cmp -s "$T/out" "$T/want"; then
+        ok "host: host-built machine resumes and runs greet"
+    else
+        fail "host: host-built machine resumes and runs greet" "exit status $rc; stdout and stderr:"
+        show "$T/out"
+        show "$T/err"
+    fi
+    if [ -s "$T/err" ]; then
+        xfail "host: nothing on stderr" 0 "stderr was: $(tr '\n' '|' <"$T/err")"
+    else
+        xfail "host: nothing on stderr" 1
+    fi
+    want 'hello from smolvm\n%s\n[p]\n' "$built"
+    timeout -s KILL "$LIMIT" /work/hello-host greet p >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ] && cmp -s "$T/out" "$T/want"; then ok "host: packed ./hello built on the host runs"; else
+        fail "host: packed ./hello built on the host runs" "exit status $rc; stdout and stderr:"
+        show "$T/out"
+        show "$T/err"
+    fi
+    : >"$T/want"
+    timeout -s KILL "$LIMIT" /work/hello-host sh -c 'exit 9' >"$T/out" 2>/dev/null
+    rc=$?
+    if [ "$rc" = 9 ]; then ok "host: packed exit status 9"; else fail "host: packed exit status 9" "got $rc"; fi
+    want 'hi\n'
+    sh -c "echo hi | timeout -s KILL $LIMIT /work/hello-host cat" >"$T/out" 2>/dev/null
+    if cmp -s "$T/out" "$T/want"; then ok "host: packed stdin"; else fail "host: packed stdin" "got $(cat "$T/out")"; fi
+    # Saved here, the machine is this host's: it resumes without the cross-host messages.
+    rm -f "$T/host-saved"
+    smolvm run "$m" --save "$T/host-saved" -- sh -c 'echo kept > /root/k' >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ]; then ok "host: host-built machine saved here (--save)"; else
+        fail "host: host-built machine saved here (--save)" "exit status $rc (137: killed after $LIMIT s); stderr:"
+        show "$T/err"
+    fi
+    want 'kept\n'
+    expect "host: host-built machine saved here resumes with its disk" 0 "$T/want" \
+        smolvm run "$T/host-saved" -- cat /root/k
+}
+
+# Only the resume of the host-built machine: what other CPU models are checked for.
+part_resume_only() {
+    m=/work/hello-host.smolmachine
+    smolvm run "$m" -- greet r >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ] && grep -qx '\[r\]' "$T/out"; then
+        ok "resume-only: host-built machine runs greet"
+    else
+        fail "resume-only: host-built machine runs greet" "exit status $rc; stdout and stderr:"
+        show "$T/out"
+        show "$T/err"
+    fi
+}
+
+# On CPU models whose features are a subset of the building host's (qemu64,+svm,+npt), the
+# host-built machine is refused by KVM today: its saved control registers use features this
+# CPU lacks, and the resume fails with the ioctl's error instead of naming them.
+part_resume_sregs() {
+    smolvm run /work/hello-host.smolmachine -- greet r >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 125 ] && grep -q 'KVM_SET_SREGS failed: Invalid argument' "$T/err"; then
+        xfail "resume-sregs: host-built machine on a CPU with fewer features" 0 \
+            "exit status 125, stderr: $(tr '\n' '|' <"$T/err")"
+    elif [ "$rc" = 0 ] && grep -qx '\[r\]' "$T/out"; then
+        xfail "resume-sregs: host-built machine on a CPU with fewer features" 1
+    else
+        fail "resume-sregs: host-built machine on a CPU with fewer features" "exit status $rc (neither the known error nor success):"
+        show "$T/out"
+        show "$T/err"
+    fi
+}
+
+# A machine whose service keeps one busy loop pinned to each vCPU; the build snapshots it
+# mid-work. Checks: nproc, every loop advancing on its own CPU after resume, and the counts
+# carried through a --save and resumed again.
+part_spin() {
+    n=$1 tag=spin$1
+    d="$T/src-$tag"
+    rm -rf "$d"
+    mkdir -p "$d"
+    cp /work/spin.sh "$d/spin"
+    cat >"$d/Smolfile" <<EOF
+name = "spin"
+
+[base]
+type = "busybox"
+
+[resources]
+vcpus = $n
+memory = "256M"
+
+[[copy]]
+from = "spin"
+to = "/usr/local/bin/spin"
+
+[[service]]
+name = "spin"
+run = ["/usr/local/bin/spin", "start", "$n"]
+ready = { exec = ["/usr/local/bin/spin", "ready", "$n"], timeout = "10m" }
+
+[run]
+cmd = ["/usr/local/bin/spin", "check", "$n"]
+EOF
+    start=$(now)
+    if smolpack build "$d/Smolfile" -o "$T/$tag.smolmachine" >"$T/build-$tag.log" 2>&1; then
+        ok "$tag: smolpack build with $n vCPUs and a busy loop per vCPU ($(since "$start") s)"
+    else
+        fail "$tag: smolpack build" "failed after $(since "$start") s:"
+        tail -30 "$T/build-$tag.log" | sed 's/^/    | /'
+        return
+    fi
+    smolvm run "$T/$tag.smolmachine" --save "$T/$tag-2.smolmachine" >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ]; then ok "$tag: resumed, every vCPU's loop advances on its own CPU"; else
+        fail "$tag: resumed, every vCPU's loop advances on its own CPU" "exit status $rc:"
+        show "$T/out"
+        show "$T/err"
+        return
+    fi
+    sed 's/^/    /' "$T/out"
+    # shellcheck disable=SC2046 # one count per CPU
+    set -- $(sed -n 's/^cpu [0-9]*: count [0-9]* -> \([0-9]*\),.*/\1/p' "$T/out")
+    if [ $# != "$n" ]; then
+        fail "$tag: counts" "$# counts printed, want $n"
+        return
+    fi
+    smolvm run "$T/$tag-2.smolmachine" -- /usr/local/bin/spin check "$n" "$@" >"$T/out" 2>"$T/err"
+    rc=$?
+    if [ "$rc" = 0 ]; then ok "$tag: saved mid-work, resumed again: counts continue"; else
+        fail "$tag: saved mid-work, resumed again: counts continue" "exit status $rc:"
+        show "$T/out"
+        show "$T/err"
+    fi
+    sed 's/^/    /' "$T/out"
+}
+
+part_bench() {
+    ./testguest snapshot "$T/tg.smolmachine" --at 2 --exit-after 1 --every 1000 --limit 100000 \
+        --status 0 >/dev/null
+    smolpack pack "$T/tg.smolmachine" -o "$T/testapp" >/dev/null
+    echo "NESTED-BENCH testguest"
+    ./bench_spawn "${BENCH_RUNS:-15}" :: true /usr/bin/true :: testapp "$T/testapp" \
+        :: smolvm-run ./smolvm run "$T/tg.smolmachine"
+    m="$T/hello1.smolmachine"
+    [ -f "$m" ] || build_hello hello1 1 "$m" || return
+    smolpack pack "$m" -o "$T/hello" >/dev/null
+    echo "NESTED-BENCH hello"
+    ./bench_spawn "${BENCH_HELLO_RUNS:-5}" :: true /usr/bin/true :: hello "$T/hello" true \
+        :: smolvm-run ./smolvm run "$m" -- true :: hello-echo "$T/hello" echo x
+}
+
+echo "kvm: $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null | sed 's/^/nested=/') npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null), $(nproc) CPUs, CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+for p in "$@"; do
+    part_start=$(now)
+    echo "== $p"
+    case "$p" in
+        vmm) part_vmm ;;
+        hello1) part_hello1 ;;
+        hello2) part_hello2 ;;
+        host) part_host ;;
+        resume-only) part_resume_only ;;
+        resume-sregs) part_resume_sregs ;;
+        spin2) part_spin 2 ;;
+        spin4) part_spin 4 ;;
+        bench) part_bench ;;
+        *) fail "part $p" "unknown part" ;;
+    esac
+    echo "== $p: $(since "$part_start") s"
+done
+exit $failed
