@@ -116,6 +116,8 @@ impl Ended {
 /// Resume the machine and return how its command ended: a Linux machine
 /// runs a command through its agent, the VMM test guest runs to its exit port.
 fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
+    // The filters compile while the machine is built; they go on just before it runs.
+    smolvm::seccomp::prepare();
     match plan.state.guest {
         Guest::Linux { .. } => {
             let status = smolvm::linux::run::run(plan, name, opts)?;
