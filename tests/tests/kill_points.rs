@@ -396,27 +396,7 @@ fn big_machine(path: &Path, mib: usize) {
             w.copy_from_slice(&x.to_le_bytes());
         }
     }
-    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
-    w.add_manifest(&Manifest {
-        name: "kill-points".into(),
-        producer: "smolvm-tests".into(),
-        vcpus: 1,
-        memory_bytes: mem.len() as u64,
-        host_profile: "kvm".into(),
-        ..Default::default()
-    })
-    .unwrap();
-    w.add_blob(SectionKind::VmState, b"state", Compression::None)
-        .unwrap();
-    w.add_memory(
-        &[GuestRegion {
-            guest_addr: 0,
-            data: &mem,
-        }],
-        Compression::None,
-    )
-    .unwrap();
-    w.finish().unwrap();
+    build_util::machine_with_memory(path, "kill-points", &mem, Compression::None);
 }
 
 /// Whether this smolpack carries the host's stub (a build with `SMOLPACK_NO_STUB_BUILD=1`

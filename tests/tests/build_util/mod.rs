@@ -132,6 +132,12 @@ pub fn sample_machine(path: &Path, name: &str) {
     let mut mem = vec![0u8; 64 * 4096];
     mem[4096..8192].fill(0x5a);
     mem[40 * 4096] = 1;
+    machine_with_memory(path, name, &mem, Compression::Zstd);
+}
+
+/// A valid machine named `name` whose one memory region (at 0) is `mem`, with a
+/// placeholder state blob stored with `blob`; never resumed.
+pub fn machine_with_memory(path: &Path, name: &str, mem: &[u8], blob: Compression) {
     let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
     w.add_manifest(&Manifest {
         name: name.into(),
@@ -142,12 +148,11 @@ pub fn sample_machine(path: &Path, name: &str) {
         ..Default::default()
     })
     .unwrap();
-    w.add_blob(SectionKind::VmState, b"state", Compression::Zstd)
-        .unwrap();
+    w.add_blob(SectionKind::VmState, b"state", blob).unwrap();
     w.add_memory(
         &[GuestRegion {
             guest_addr: 0,
-            data: &mem,
+            data: mem,
         }],
         Compression::None,
     )
