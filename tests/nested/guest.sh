@@ -76,7 +76,8 @@ want() { printf "$@" >"$T/want"; }
 part_vmm() {
     for t in vmm_boot vmm_snapshot vmm_corrupt packed_runtime; do
         start=$(now)
-        CI=true "./$t" --test-threads=2 >"$T/$t.log" 2>&1
+        # A hang fails the check instead of the whole QEMU run.
+        CI=true timeout -s KILL "${NESTED_CHECK_TIMEOUT:-300}" "./$t" --test-threads=2 >"$T/$t.log" 2>&1
         rc=$?
         summary=$(grep '^test result:' "$T/$t.log" | tail -1)
         if [ "$rc" = 0 ]; then
