@@ -42,6 +42,28 @@ fn exe(path: &Path) -> Command {
     c
 }
 
+/// Running a packed executable the test just wrote: a child another test thread forked in
+/// between may still hold the file open for writing until its own exec (ETXTBSY).
+trait OutputRetrying {
+    fn output_retrying(&mut self) -> Output;
+}
+
+impl OutputRetrying for Command {
+    fn output_retrying(&mut self) -> Output {
+        let mut tries = 0;
+        loop {
+            match self.output() {
+                Ok(o) => return o,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("running {self:?}: {e}"),
+            }
+        }
+    }
+}
+
 fn describe(o: &Output) -> String {
     format!(
         "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -160,8 +182,7 @@ fn packed_executable_passes_every_argument_to_the_machine() {
         let o = exe(&app)
             .args(args)
             .env("SMOLVM_TIMINGS", "1")
-            .output()
-            .unwrap();
+            .output_retrying();
         assert_eq!(o.status.code(), Some(7), "{args:?}: {}", describe(&o));
         assert_eq!(
             String::from_utf8_lossy(&o.stdout),
@@ -196,7 +217,7 @@ fn packed_executable_passes_every_argument_to_the_machine() {
     );
 
     // Its own help only through the environment.
-    let o = exe(&app).env("SMOLVM_HELP", "1").output().unwrap();
+    let o = exe(&app).env("SMOLVM_HELP", "1").output_retrying();
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     let help = String::from_utf8_lossy(&o.stdout);
     assert!(help.contains("packed executable"), "{help}");
@@ -225,8 +246,7 @@ fn packed_compressed_guest_runs() {
     pack(&machine, &app);
     let o = exe(&app)
         .env("SMOLVM_CACHE", dir.path().join("cache"))
-        .output()
-        .unwrap();
+        .output_retrying();
     assert_eq!(o.status.code(), Some(7), "{}", describe(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), guest_line(10_000));
     // Same content, same fingerprint, packed or not (the expansion cache key).
@@ -247,7 +267,7 @@ fn smolvm_save_keeps_a_resumable_machine() {
     pack(&machine, &app);
     let before = std::fs::read(&app).unwrap();
     let saved = dir.path().join("after.smolmachine");
-    let o = exe(&app).env("SMOLVM_SAVE", &saved).output().unwrap();
+    let o = exe(&app).env("SMOLVM_SAVE", &saved).output_retrying();
     assert_eq!(o.status.code(), Some(7), "{}", describe(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), guest_line(10_000));
     let r = MachineReader::open(&saved).unwrap();
@@ -261,7 +281,7 @@ fn smolvm_save_keeps_a_resumable_machine() {
     // And it packs and runs like any machine.
     let app2 = dir.path().join("app2");
     pack(&saved, &app2);
-    let o = exe(&app2).output().unwrap();
+    let o = exe(&app2).output_retrying();
     assert_eq!(String::from_utf8_lossy(&o.stdout), guest_line(10_001));
     assert_eq!(
         std::fs::read(&app).unwrap(),
@@ -270,7 +290,7 @@ fn smolvm_save_keeps_a_resumable_machine() {
     );
 
     // Saving over the executable itself is refused before the guest runs.
-    let o = exe(&app).env("SMOLVM_SAVE", &app).output().unwrap();
+    let o = exe(&app).env("SMOLVM_SAVE", &app).output_retrying();
     let err = one_line_failure(&o);
     assert!(
         err.contains("SMOLVM_SAVE names this executable itself"),
@@ -323,7 +343,7 @@ fn another_architecture_is_refused_in_one_line() {
     );
     let app = dir.path().join("arm-app");
     pack(&arm, &app);
-    let err = one_line_failure(&exe(&app).arg("--help").output().unwrap());
+    let err = one_line_failure(&exe(&app).arg("--help").output_retrying());
     assert!(
         err.contains("was built for aarch64, this host is x86_64"),
         "{err}"
@@ -343,8 +363,7 @@ fn a_missing_kvm_device_is_one_line() {
                     (load kvm_intel/kvm_amd, or enable nested virtualisation)\n";
     let o = exe(&app)
         .env("SMOLVM_KVM_DEVICE", "/nonexistent/kvm")
-        .output()
-        .unwrap();
+        .output_retrying();
     assert_eq!(one_line_failure(&o), format!("smolvm: {expected}"));
     let o = smolvm()
         .arg("run")
@@ -380,7 +399,7 @@ fn damage_is_reported_in_one_line() {
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
     drop(f);
-    let err = one_line_failure(&exe(&app).output().unwrap());
+    let err = one_line_failure(&exe(&app).output_retrying());
     assert!(
         err.contains("is damaged (checksum mismatch in section"),
         "{err}"
@@ -391,7 +410,7 @@ fn damage_is_reported_in_one_line() {
     let f = std::fs::OpenOptions::new().write(true).open(&app).unwrap();
     f.write_all_at(&[0xff], len - 20).unwrap();
     drop(f);
-    let err = one_line_failure(&exe(&app).output().unwrap());
+    let err = one_line_failure(&exe(&app).output_retrying());
     assert!(
         err.contains("is damaged (checksum mismatch in packed-executable trailer)"),
         "{err}"
