@@ -24,20 +24,8 @@ impl ExitPort {
     }
 }
 
-/// Only vCPU exits reach the port; vCPUs are parked while it is paused.
-impl super::Pausable for ExitPort {
-    fn pause(&mut self) {
-        self.paused = true;
-    }
-
-    fn resume(&mut self) {
-        self.paused = false;
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused
-    }
-}
+// Only vCPU exits reach the port; vCPUs are parked while it is paused.
+crate::devices::pausable_by_flag!(ExitPort);
 
 impl BusDevice for ExitPort {
     fn read(&mut self, _offset: u64, _data: &mut [u8]) {}

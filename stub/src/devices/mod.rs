@@ -24,3 +24,24 @@ pub trait Pausable {
     /// Whether the device is paused.
     fn is_paused(&self) -> bool;
 }
+
+/// [`Pausable`] for a device whose only pause state is its `paused` flag: one that acts
+/// on vCPU exits alone (parked while it is paused) and at most refuses host input then.
+macro_rules! pausable_by_flag {
+    ($device:ty) => {
+        impl $crate::devices::Pausable for $device {
+            fn pause(&mut self) {
+                self.paused = true;
+            }
+
+            fn resume(&mut self) {
+                self.paused = false;
+            }
+
+            fn is_paused(&self) -> bool {
+                self.paused
+            }
+        }
+    };
+}
+pub(crate) use pausable_by_flag;

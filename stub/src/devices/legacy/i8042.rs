@@ -48,20 +48,8 @@ impl I8042 {
     }
 }
 
-/// Only vCPU exits reach the controller; vCPUs are parked while it is paused.
-impl crate::devices::Pausable for I8042 {
-    fn pause(&mut self) {
-        self.paused = true;
-    }
-
-    fn resume(&mut self) {
-        self.paused = false;
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused
-    }
-}
+// Only vCPU exits reach the controller; vCPUs are parked while it is paused.
+crate::devices::pausable_by_flag!(I8042);
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {

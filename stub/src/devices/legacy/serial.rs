@@ -93,21 +93,9 @@ impl SerialDevice {
     }
 }
 
-/// The UART only acts on vCPU exits (register accesses) and on
-/// [`SerialDevice::enqueue_input`], which a paused port refuses.
-impl crate::devices::Pausable for SerialDevice {
-    fn pause(&mut self) {
-        self.paused = true;
-    }
-
-    fn resume(&mut self) {
-        self.paused = false;
-    }
-
-    fn is_paused(&self) -> bool {
-        self.paused
-    }
-}
+// The UART only acts on vCPU exits (register accesses) and on
+// `SerialDevice::enqueue_input`, which a paused port refuses.
+crate::devices::pausable_by_flag!(SerialDevice);
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
