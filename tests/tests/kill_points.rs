@@ -374,15 +374,6 @@ fn uncut(s: &Subject, n: u32) -> Run {
     r
 }
 
-fn assert_no_problems(problems: &[String]) {
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
-}
-
 /// A machine with `mib` MiB of memory, every other page pseudo-random (so compressing and
 /// copying it takes a measurable time).
 fn big_machine(path: &Path, mib: usize) {
@@ -446,7 +437,7 @@ fn killed_pack_leaves_no_damaged_output() {
         output,
     };
     let t = uncut(&s, 3).took;
-    assert_no_problems(&kill_at_points(&s, &even_and_random(test, t)));
+    build_util::assert_no_problems(&kill_at_points(&s, &even_and_random(test, t)));
 }
 
 /// The test guest counts to `limit` and exits with `exit_status`.
@@ -513,7 +504,7 @@ fn killed_save_leaves_no_damaged_output() {
         after: After::Line(STOPPED),
         delay: save_len * i / SAVE_POINTS,
     }));
-    assert_no_problems(&kill_at_points(&s, &points));
+    build_util::assert_no_problems(&kill_at_points(&s, &points));
 }
 
 /// The smallest Linux machine: busybox, no setup step, no service.
@@ -602,7 +593,7 @@ fn killed_build_leaves_no_damaged_output() {
         }));
         v
     };
-    assert_no_problems(&kill_at_points(&s, &points));
+    build_util::assert_no_problems(&kill_at_points(&s, &points));
 }
 
 #[test]

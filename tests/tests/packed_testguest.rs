@@ -236,16 +236,6 @@ fn assert_clean_failure(o: &Output, what: &str) {
     }
 }
 
-/// Fails with every collected problem at once.
-fn assert_no_problems(problems: &[String]) {
-    assert!(
-        problems.is_empty(),
-        "{} problems:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
-}
-
 #[test]
 fn packed_guest_runs_with_its_exit_status() {
     let Some(fx) = fixture("packed_guest_runs_with_its_exit_status") else {
@@ -403,7 +393,7 @@ fn truncated_files_fail_cleanly() {
             ));
         }
     }
-    assert_no_problems(&problems);
+    build_util::assert_no_problems(&problems);
 }
 
 /// splitmix64: a small seeded generator, so failures reproduce.
@@ -468,7 +458,7 @@ fn flipped_payload_bytes_are_refused_before_the_guest_runs() {
             }
         }
     }
-    assert_no_problems(&problems);
+    build_util::assert_no_problems(&problems);
 }
 
 #[test]

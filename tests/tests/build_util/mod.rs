@@ -159,3 +159,13 @@ pub fn machine_with_memory(path: &Path, name: &str, mem: &[u8], blob: Compressio
     .unwrap();
     w.finish().unwrap();
 }
+
+/// Fails with every collected problem at once.
+pub fn assert_no_problems(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
