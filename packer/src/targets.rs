@@ -87,7 +87,8 @@ pub static TARGETS: &[Target] = &[
         strategy: PackStrategy::MachOSegment,
         stub: None,
         how_added: "not carried by this build: the aarch64-macos stub will be added with the \
-                    Apple Silicon backend (applevisor)",
+                    Apple Silicon backend (applevisor); it runs machines built on macOS 15+ \
+                    (docs/MACOS.md)",
     },
 ];
 
