@@ -47,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         workdir: "/".into(),
         kernel_cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
         host_profile: "kvm".into(),
+        cpu: "x86-64".into(),
         extra: BTreeMap::from([("sample".into(), "true".into())]),
     };
 

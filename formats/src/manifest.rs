@@ -42,6 +42,11 @@ pub struct Manifest {
     /// to resume on a different kind because saved CPU state is not portable between them.
     #[serde(default)]
     pub host_profile: String,
+    /// CPU model the guest was shown (`x86-64`, `x86-64-v2`, `x86-64-v3`, `x86-64-v4` or
+    /// `host`); a resume first checks that the host has its features. Empty in machines
+    /// written before models existed: they carry the building host's CPUID, like `host`.
+    #[serde(default)]
+    pub cpu: String,
     /// Free-form extra metadata.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,

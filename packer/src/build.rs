@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use smolvm::arch::x86_64::cpu_model::CpuModel;
 use smolvm::linux::{boot_linux, LinuxConfig, LinuxError};
 use smolvm_formats::{Compression, Manifest};
 
@@ -38,6 +39,8 @@ pub struct BuildOptions {
     pub compress: bool,
     /// Show the guest kernel's console while booting.
     pub verbose: bool,
+    /// The CPU model the guest is shown, over the Smolfile's `cpu` (default `x86-64`).
+    pub cpu: Option<CpuModel>,
 }
 
 /// Why a build failed.
@@ -135,6 +138,7 @@ pub fn manifest(
         workdir: sf.run.workdir.clone().unwrap_or_else(|| "/".into()),
         kernel_cmdline: String::new(),
         host_profile: host_profile.to_string(),
+        cpu: sf.resources.cpu.name().to_string(),
         extra,
     }
 }
@@ -213,6 +217,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let mut cfg = LinuxConfig::new(&kernel, &rootfs);
     cfg.vcpus = sf.resources.vcpus;
     cfg.memory_bytes = sf.resources.memory;
+    cfg.cpu = opts.cpu.unwrap_or(sf.resources.cpu);
     cfg.extra_cmdline = extra_cmdline(&sf);
     if opts.verbose {
         cfg.console = Some(Box::new(ConsoleLines {

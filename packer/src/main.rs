@@ -47,6 +47,11 @@ enum Command {
         /// Show the guest kernel's console while it boots.
         #[arg(short, long)]
         verbose: bool,
+        /// CPU model the guest is shown, over the Smolfile's `cpu`: x86-64 (the default:
+        /// runs on any x86_64 KVM host), x86-64-v2, x86-64-v3, x86-64-v4, or host (every
+        /// feature of this host: fastest, resumes only on hosts that have them all).
+        #[arg(long, value_name = "NAME")]
+        cpu: Option<smolvm::arch::x86_64::cpu_model::CpuModel>,
     },
     /// Show the sections, sizes, compression, zero-page ratio and checksum status of a
     /// .smolmachine or packed executable.
@@ -145,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent,
             compress,
             verbose,
+            cpu,
         } => {
             let report = build::build(&build::BuildOptions {
                 smolfile,
@@ -153,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 agent,
                 compress,
                 verbose,
+                cpu,
             })?;
             println!("{}", report.summary());
             Ok(())

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use smolvm::arch::x86_64::cpu_model::CpuModel;
 use toml::Spanned;
 
 pub use smolvm_rootfs::Base;
@@ -93,6 +94,8 @@ pub struct Resources {
     pub memory: u64,
     /// Root disk size in bytes; `None` sizes it from the content.
     pub disk_size: Option<u64>,
+    /// The CPU model the guest is shown.
+    pub cpu: CpuModel,
 }
 
 impl Default for Resources {
@@ -101,6 +104,7 @@ impl Default for Resources {
             vcpus: 1,
             memory: DEFAULT_MEMORY,
             disk_size: None,
+            cpu: CpuModel::default(),
         }
     }
 }
@@ -290,6 +294,7 @@ struct RawResources {
     vcpus: Option<Spanned<i64>>,
     memory: Option<Spanned<toml::Value>>,
     disk_size: Option<Spanned<toml::Value>>,
+    cpu: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -614,6 +619,10 @@ impl Cx<'_> {
             }
             out.disk_size = Some(bytes);
         }
+        if let Some(v) = &r.cpu {
+            out.cpu =
+                CpuModel::parse(v.get_ref()).map_err(|e| self.err(v.span(), e.to_string()))?;
+        }
         Ok(out)
     }
 
@@ -850,6 +859,7 @@ packages = ["python3", "curl"]
 vcpus = 2
 memory = "512M"
 disk_size = "1G"
+cpu = "x86-64-v3"
 
 [[copy]]
 from = "app/"
@@ -905,13 +915,14 @@ cmd = ["echo hello from smolvm"]
             Resources {
                 vcpus: 2,
                 memory: 512 << 20,
-                disk_size: Some(1 << 30)
+                disk_size: Some(1 << 30),
+                cpu: CpuModel::V3,
             }
         );
         assert_eq!(s.copies.len(), 2);
         assert_eq!(s.copies[0].from, t.path().join("app/"));
         assert_eq!(s.copies[0].to, PathBuf::from("/app"));
-        assert_eq!(s.copies[0].line, 14);
+        assert_eq!(s.copies[0].line, 15);
         assert_eq!(s.copies[1].to.as_os_str(), "/srv/");
         assert_eq!(s.setup[0].run, ["sh", "-c", "echo hi > /etc/motd"]);
         assert_eq!(
@@ -939,7 +950,7 @@ cmd = ["echo hello from smolvm"]
                 timeout: DEFAULT_READY_TIMEOUT
             })
         );
-        assert_eq!(s.services[1].line, 35);
+        assert_eq!(s.services[1].line, 36);
         assert_eq!(s.env["GREETING"], "hello");
         assert_eq!(s.run.workdir.as_deref(), Some("/app"));
         assert_eq!(s.run.argv(&[]), ["/bin/sh", "-c", "echo hello from smolvm"]);
@@ -1041,6 +1052,12 @@ cmd = ["echo hello from smolvm"]
         assert_eq!(line, 7, "{msg}");
         let (line, _) = err(&format!("{base}disk_size = \"1K\"\n"));
         assert_eq!(line, 5);
+        let (line, msg) = err(&format!("{base}vcpus = 1\ncpu = \"skylake\"\n"));
+        assert_eq!(line, 6, "{msg}");
+        assert!(
+            msg.contains("unknown CPU model 'skylake'; use x86-64"),
+            "{msg}"
+        );
     }
 
     #[test]

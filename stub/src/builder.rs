@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use smolvm_formats::{Arch, MachineReader};
 
+use crate::arch::x86_64::cpu_model::{self, CpuModel, CpuModelError};
 use crate::arch::x86_64::layout;
 use crate::device_manager::{DeviceArgs, DeviceError, DeviceManager, HostEnds};
 use crate::devices::exit::EXIT_PORT;
 use crate::host::{HostProfile, ProfileError};
 use crate::hypervisor::{
-    Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError, VcpuX86_64, VmX86_64,
+    Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError, HypervisorX86_64, VcpuX86_64,
+    VmX86_64,
 };
 use crate::machine::{irq_line, kick, Machine};
 use crate::memory::{GuestMemory, MemoryError, Run};
@@ -50,6 +52,12 @@ pub enum BuildError {
     /// A bad boot configuration.
     #[error("invalid machine configuration: {0}")]
     Config(String),
+    /// This host's CPU cannot run (or build) the machine's CPU model.
+    #[error(transparent)]
+    Cpu(#[from] CpuModelError),
+    /// The machine names a CPU model this smolvm does not know.
+    #[error("it was built for CPU model '{0}', which this smolvm does not know: upgrade smolvm")]
+    UnknownCpu(String),
 }
 
 /// What a booted machine looks like.
@@ -64,6 +72,8 @@ pub struct BootConfig {
     pub pit: bool,
     /// Port of the exit device, or None for no exit device.
     pub exit_port: Option<u16>,
+    /// The CPU model the guest is shown.
+    pub cpu: CpuModel,
 }
 
 impl Default for BootConfig {
@@ -73,6 +83,7 @@ impl Default for BootConfig {
             memory_bytes: 128 << 20,
             pit: true,
             exit_port: Some(EXIT_PORT),
+            cpu: CpuModel::default(),
         }
     }
 }
@@ -88,6 +99,7 @@ fn assemble(
     control: Arc<RunControl>,
     guest: Guest,
     profile: HostProfile,
+    cpu: CpuModel,
     needs_entry: bool,
 ) -> Machine {
     Machine {
@@ -101,7 +113,21 @@ fn assemble(
         pit,
         guest,
         profile,
+        cpu,
         needs_entry,
+    }
+}
+
+/// The CPU features a guest can use on this host: KVM's supported CPUID, or
+/// on PVM the CPU's own (PVM does not trap CPUID; see `cpu_model::native_cpuid`).
+fn host_cpuid(
+    hv: &Backend,
+    profile: HostProfile,
+) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, HypervisorError> {
+    if profile == HostProfile::KvmPvm {
+        Ok(cpu_model::native_cpuid())
+    } else {
+        hv.supported_cpuid()
     }
 }
 
@@ -120,9 +146,13 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
     }
     let profile = HostProfile::detect();
     let hv = Backend::open_default()?;
+    cpu_model::check_build(config.cpu, &host_cpuid(&hv, profile)?)?;
     let memory = GuestMemory::anonymous(&layout::ram_regions(config.memory_bytes))?;
     crate::arch::x86_64::write_boot_tables(&memory)?;
-    let (vm, vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
+    let (vm, mut vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
+    for v in &mut vcpus {
+        v.set_cpu_model(config.cpu);
+    }
     let control = RunControl::new(kick);
     let mut devices = DeviceManager::new(control.clone());
     if let Some(port) = config.exit_port {
@@ -138,6 +168,7 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
         control,
         Guest::TestGuest,
         profile,
+        config.cpu,
         true,
     ))
 }
@@ -149,6 +180,8 @@ pub struct SnapshotPlan {
     pub manifest: smolvm_formats::Manifest,
     pub state: MachineState,
     pub layout: smolvm_formats::MemoryLayout,
+    /// The CPU model its guest was shown.
+    pub cpu: CpuModel,
 }
 
 impl SnapshotPlan {
@@ -168,6 +201,8 @@ impl SnapshotPlan {
         }
         let manifest = reader.manifest()?;
         HostProfile::detect().check_can_resume(&manifest.host_profile)?;
+        let cpu = CpuModel::from_manifest(&manifest.cpu)
+            .map_err(|_| BuildError::UnknownCpu(manifest.cpu.clone()))?;
         let blob = reader.read_blob(smolvm_formats::SectionKind::VmState)?;
         let state = MachineState::from_bytes(&blob)?;
         let layout = reader.memory_layout()?;
@@ -191,6 +226,7 @@ impl SnapshotPlan {
             manifest,
             state,
             layout,
+            cpu,
         })
     }
 }
@@ -249,10 +285,20 @@ pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
 pub fn build_from_snapshot_with(plan: SnapshotPlan, ends: HostEnds) -> Result<Machine, BuildError> {
     let profile = HostProfile::detect();
     let hv = Backend::open_default()?;
+    // Before any vCPU exists: a host that lacks a feature the guest was
+    // shown is refused in one line, not by an ioctl error or a guest crash.
+    let state = &plan.state;
+    cpu_model::check_resume(
+        plan.cpu,
+        state.vcpus[0].cpuid.as_slice(),
+        &host_cpuid(&hv, profile)?,
+    )?;
     let memory = snapshot_memory(&plan)?;
     timing::mark("file-mapped");
-    let state = &plan.state;
-    let (vm, vcpus) = create_vm(&hv, &memory, state.pit, state.vcpus.len() as u32)?;
+    let (vm, mut vcpus) = create_vm(&hv, &memory, state.pit, state.vcpus.len() as u32)?;
+    for v in &mut vcpus {
+        v.set_cpu_model(plan.cpu);
+    }
     timing::mark("vm-and-vcpus-created");
     // IRQ chips and PIT first, then each vCPU (its LAPIC included), then the
     // clock, which KVM propagates to the vCPUs that exist.
@@ -283,6 +329,7 @@ pub fn build_from_snapshot_with(plan: SnapshotPlan, ends: HostEnds) -> Result<Ma
         control,
         state.guest.clone(),
         profile,
+        plan.cpu,
         false,
     ))
 }

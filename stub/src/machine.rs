@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 
 use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
 
+use crate::arch::x86_64::cpu_model::CpuModel;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::HostProfile;
 use crate::hypervisor::{
@@ -81,6 +82,8 @@ pub struct Machine {
     pub(crate) pit: bool,
     pub(crate) guest: Guest,
     pub(crate) profile: HostProfile,
+    /// The CPU model the guest is shown (recorded in the manifest).
+    pub(crate) cpu: CpuModel,
     /// Set for a machine built for boot until it first starts.
     pub(crate) needs_entry: bool,
 }
@@ -131,6 +134,11 @@ impl Machine {
         Ok(irq_line(&self.vm, gsi)?)
     }
 
+    /// The CPU model its guest is shown.
+    pub fn cpu_model(&self) -> CpuModel {
+        self.cpu
+    }
+
     /// The host profile this machine runs under.
     pub fn host_profile(&self) -> HostProfile {
         self.profile
@@ -153,7 +161,7 @@ impl Machine {
         }
         let count = self.parked.len() as u32;
         for vcpu in &self.parked {
-            vcpu.configure_boot(entry, count)?;
+            vcpu.configure_boot(entry, count, self.cpu)?;
         }
         self.needs_entry = false;
         Ok(())
@@ -175,7 +183,7 @@ impl Machine {
             .write(layout::GDT_ADDR, &gdt::gdt_bytes(&gdt::PVH_GDT))?;
         let count = self.parked.len() as u32;
         for vcpu in &self.parked {
-            vcpu.configure_boot_pvh(entry, count)?;
+            vcpu.configure_boot_pvh(entry, count, self.cpu)?;
         }
         self.needs_entry = false;
         Ok(())
@@ -334,6 +342,7 @@ impl Machine {
         manifest.vcpus = state.vcpus.len() as u32;
         manifest.memory_bytes = state.memory.iter().map(|r| r.size).sum();
         manifest.host_profile = self.profile.as_str().into();
+        manifest.cpu = self.cpu.name().into();
         if manifest.producer.is_empty() {
             manifest.producer = format!("smolvm {}", env!("CARGO_PKG_VERSION"));
         }

@@ -307,6 +307,7 @@ pub fn boot_with_console(params: &Params, console: ConsoleOut) -> Result<Machine
         memory_bytes: MEMORY_BYTES,
         pit: false,
         exit_port: Some(EXIT_PORT),
+        cpu: Default::default(),
     })?;
     let mem = m.memory();
     mem.write(LOAD_ADDR, IMAGE)?;

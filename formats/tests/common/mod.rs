@@ -32,6 +32,7 @@ pub fn manifest() -> Manifest {
         workdir: "/root".into(),
         kernel_cmdline: "console=ttyS0".into(),
         host_profile: "kvm".into(),
+        cpu: "x86-64".into(),
         extra: [("k".to_string(), "v".to_string())].into(),
     }
 }

@@ -72,6 +72,13 @@ pub enum HypervisorError {
     /// Saved state does not fit this host or is inconsistent.
     #[error("invalid vCPU/VM state: {0}")]
     BadState(String),
+    /// KVM refused a saved MSR on restore: the machine was built for
+    /// another kind of CPU.
+    #[error("this host's KVM refuses the machine's MSR {index:#x} (value {value:#x}): rebuild it with a named --cpu model (the default x86-64)")]
+    MsrRefused { index: u32, value: u64 },
+    /// A `host` machine's TSC rate cannot be kept on this host.
+    #[error("this machine's guest counts time at a TSC rate of {saved} kHz, this host's TSC runs at {here} kHz and KVM cannot scale it: rebuild it with a named --cpu model (the default x86-64)")]
+    TscRate { saved: u32, here: u32 },
 }
 
 impl HypervisorError {
@@ -181,6 +188,13 @@ pub trait Vcpu: Send {
     fn describe_position(&self, memory: &crate::memory::GuestMemory) -> String;
 }
 
+/// x86_64 hypervisor queries.
+#[cfg(target_arch = "x86_64")]
+pub trait HypervisorX86_64: Hypervisor {
+    /// The CPUID the hypervisor can offer a guest on this host.
+    fn supported_cpuid(&self) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, HypervisorError>;
+}
+
 /// x86_64 VM operations: the in-kernel interrupt controllers, PIT and clock.
 #[cfg(target_arch = "x86_64")]
 pub trait VmX86_64: Vm {
@@ -199,17 +213,24 @@ pub trait VmX86_64: Vm {
 /// x86_64 vCPU operations: boot entry and the saved register state.
 #[cfg(target_arch = "x86_64")]
 pub trait VcpuX86_64: Vcpu {
-    /// Set this vCPU (one of `count`) up for a direct 64-bit entry.
+    /// The machine's CPU model, before a boot or restore: it decides which
+    /// MSRs are saved and whether the TSC rate must match on restore.
+    fn set_cpu_model(&mut self, model: CpuModel);
+    /// Set this vCPU (one of `count`) up for a direct 64-bit entry, with
+    /// the CPUID of CPU model `model`.
     fn configure_boot(
         &self,
         entry: &crate::arch::x86_64::regs::Entry64,
         count: u32,
+        model: CpuModel,
     ) -> Result<(), HypervisorError>;
-    /// Set this vCPU (one of `count`) up for a PVH entry (32-bit, paging off).
+    /// Set this vCPU (one of `count`) up for a PVH entry (32-bit, paging
+    /// off), with the CPUID of CPU model `model`.
     fn configure_boot_pvh(
         &self,
         entry: &crate::arch::x86_64::regs::EntryPvh,
         count: u32,
+        model: CpuModel,
     ) -> Result<(), HypervisorError>;
     /// Save every register and piece of state the vCPU holds. The vCPU must be
     /// out of the guest with its last exit completed.
@@ -220,6 +241,8 @@ pub trait VcpuX86_64: Vcpu {
     fn regs(&self) -> Result<kvm_bindings::kvm_regs, HypervisorError>;
 }
 
+#[cfg(target_arch = "x86_64")]
+use crate::arch::x86_64::cpu_model::CpuModel;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::state::{VcpuState as X86VcpuState, VmState as X86VmState};
 

@@ -18,6 +18,7 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::LinuxError;
+use crate::arch::x86_64::cpu_model::CpuModel;
 use crate::host::HostProfile;
 use crate::memory::GuestMemory;
 
@@ -68,7 +69,15 @@ pub struct CmdlineParts<'a> {
     pub agent_port: &'a str,
     /// Caller's extra options, last so they win.
     pub extra: &'a str,
+    /// The CPU model the guest is shown.
+    pub cpu: CpuModel,
 }
+
+/// PVM hosts only, for CPU models that hide FSGSBASE: under PVM the guest
+/// executes CPUID natively and sees the host's FSGSBASE, but KVM checks its
+/// CR4 writes against the model's CPUID and refuses CR4.FSGSBASE, which the
+/// kernel would set at boot.
+pub const PVM_NO_FSGSBASE: &str = "nofsgsbase";
 
 /// Build the kernel command line.
 pub fn compose_cmdline(p: &CmdlineParts<'_>) -> Result<String, LinuxError> {
@@ -77,6 +86,9 @@ pub fn compose_cmdline(p: &CmdlineParts<'_>) -> Result<String, LinuxError> {
         words.extend(CMDLINE_PVM.split_whitespace());
         if !CMDLINE_PVM.contains("GLIBC_TUNABLES=") {
             words.push(PVM_USER_NO_AVX);
+        }
+        if p.cpu.features().is_some_and(|f| !f.contains(&"fsgsbase")) {
+            words.push(PVM_NO_FSGSBASE);
         }
     }
     words.extend(p.devices.iter().map(String::as_str));
@@ -265,6 +277,7 @@ mod tests {
             root_rw: false,
             agent_port: "/dev/hvc0",
             extra: "loglevel=7",
+            cpu: CpuModel::default(),
         };
         let hw = compose_cmdline(&parts).unwrap();
         for w in CMDLINE_PVM.split_whitespace() {
@@ -282,6 +295,12 @@ mod tests {
         assert!(pvm.contains(CMDLINE_PVM.trim()));
         assert!(pvm.contains("GLIBC_TUNABLES="), "{pvm}");
         assert!(pvm.contains(" rw "));
+        assert!(pvm.split(' ').any(|w| w == PVM_NO_FSGSBASE), "{pvm}");
+        assert!(!hw.contains(PVM_NO_FSGSBASE), "{hw}");
+        parts.cpu = CpuModel::Host;
+        let pvm_host = compose_cmdline(&parts).unwrap();
+        assert!(!pvm_host.contains(PVM_NO_FSGSBASE), "{pvm_host}");
+        parts.cpu = CpuModel::default();
         let long = "x".repeat(CMDLINE_MAX);
         parts.extra = &long;
         assert!(compose_cmdline(&parts).is_err());

@@ -34,6 +34,7 @@ use smolvm_agent::client::{Client, ClientError};
 use smolvm_agent::protocol::{QuiesceReport, WallClock};
 use smolvm_formats::{Arch, Compression, MachineReader, MachineWriter, Manifest, SectionKind};
 
+use crate::arch::x86_64::cpu_model::CpuModel;
 use crate::arch::x86_64::regs::{Entry64, EntryPvh};
 use crate::builder::{
     build_for_boot, build_from_snapshot_with, BootConfig, BuildError, SnapshotPlan,
@@ -153,6 +154,8 @@ pub struct LinuxConfig {
     pub agent_timeout: Duration,
     /// How to enter the kernel.
     pub boot_protocol: BootProtocol,
+    /// The CPU model the guest is shown (default: the portable `x86-64`).
+    pub cpu: CpuModel,
 }
 
 impl LinuxConfig {
@@ -169,6 +172,7 @@ impl LinuxConfig {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             boot_protocol: BootProtocol::Auto,
+            cpu: CpuModel::default(),
         }
     }
 }
@@ -286,6 +290,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         memory_bytes: cfg.memory_bytes,
         pit: true,
         exit_port: None,
+        cpu: cfg.cpu,
     })?;
     let entries = boot::load_kernel(machine.memory(), &cfg.kernel)?;
     let disk = CowDisk::open(&cfg.rootfs)?;
@@ -306,6 +311,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         root_rw: !cfg.read_only,
         agent_port: AGENT_PORT,
         extra: &cfg.extra_cmdline,
+        cpu: cfg.cpu,
     })?;
     log::debug!("kernel command line: {cmdline}");
     machine.set_guest(Guest::Linux {

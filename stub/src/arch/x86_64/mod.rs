@@ -3,6 +3,7 @@
 //! starts with, and the saved vCPU/VM state types. Pure functions and plain
 //! data here; the KVM calls live in `hypervisor::kvm::x86_64`.
 
+pub mod cpu_model;
 pub mod cpuid;
 pub mod gdt;
 pub mod interrupts;

@@ -98,6 +98,17 @@ impl KvmHypervisor {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl super::HypervisorX86_64 for KvmHypervisor {
+    fn supported_cpuid(&self) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, HypervisorError> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HypervisorError::op("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(cpuid.as_slice().to_vec())
+    }
+}
+
 impl super::Hypervisor for KvmHypervisor {
     type Vm = KvmVm;
 
@@ -198,6 +209,8 @@ impl super::Vm for KvmVm {
             id,
             kvm: self.kvm.clone(),
             xsave_fam,
+            #[cfg(target_arch = "x86_64")]
+            model: crate::arch::x86_64::cpu_model::CpuModel::Host,
         })
     }
 }
@@ -210,6 +223,10 @@ pub struct KvmVcpu {
     /// u32 words of XSAVE state past the legacy 4 KiB (KVM_CAP_XSAVE2).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     xsave_fam: usize,
+    /// The machine's CPU model: which MSRs are saved, whether the TSC rate
+    /// must match (set before a boot or restore).
+    #[cfg(target_arch = "x86_64")]
+    model: crate::arch::x86_64::cpu_model::CpuModel,
 }
 
 impl KvmVcpu {

@@ -6,12 +6,13 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_sregs,
-    kvm_xsave, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_xsave, CpuId, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::{KvmVcpu, KvmVm};
+use crate::arch::x86_64::cpu_model::{self, CpuModel};
 use crate::arch::x86_64::state::{FpuState, VcpuState, VmState};
 use crate::arch::x86_64::{cpuid, interrupts, layout, msr, paging, regs};
 use crate::hypervisor::HypervisorError;
@@ -60,14 +61,19 @@ pub(super) fn xsave_fam_len(vm: &VmFd) -> usize {
     }
 }
 
-/// The MSRs of the host's KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS accepts,
-/// with their values. KVM_GET_MSRS stops at the first MSR it cannot read, so
-/// that one is dropped and the batch continues after it.
-fn read_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<(u32, u64)>> {
-    let list = kvm
-        .get_msr_index_list()
-        .map_err(op("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut pending: Vec<u32> = list.as_slice().to_vec();
+/// The MSRs to save with their values: those of `wanted` (a CPU model's
+/// allowlist), or of the host's KVM_GET_MSR_INDEX_LIST when None, that
+/// KVM_GET_MSRS accepts. KVM_GET_MSRS stops at the first MSR it cannot read,
+/// so that one is dropped and the batch continues after it.
+fn read_msrs(kvm: &Kvm, fd: &VcpuFd, wanted: Option<Vec<u32>>) -> Result<Vec<(u32, u64)>> {
+    let mut pending: Vec<u32> = match wanted {
+        Some(list) => list,
+        None => kvm
+            .get_msr_index_list()
+            .map_err(op("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec(),
+    };
     let mut out = Vec::with_capacity(pending.len());
     while !pending.is_empty() {
         let n = pending.len().min(KVM_MAX_MSR_ENTRIES);
@@ -89,8 +95,10 @@ fn read_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<(u32, u64)>> {
     Ok(out)
 }
 
-/// Write MSRs in chunks; an MSR KVM refuses is logged and skipped (hosts
-/// differ in what they accept).
+/// Write MSRs in chunks. Every one must be accepted: a machine's MSRs are
+/// the ones its CPU model lets the guest use, so an MSR this host's KVM
+/// refuses means the machine does not fit the host, and resuming anyway
+/// would run the guest with state it did not leave.
 fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
     let mut rest = msrs;
     while !rest.is_empty() {
@@ -107,13 +115,12 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
             .map_err(|e| HypervisorError::BadState(format!("MSR list: {e:?}")))?;
         let written = fd.set_msrs(&wrapper).map_err(op("KVM_SET_MSRS"))?;
         if written < n {
-            log::warn!(
-                "KVM refused MSR {:#x} = {:#x}; skipped",
-                rest[written].0,
-                rest[written].1
-            );
+            return Err(HypervisorError::MsrRefused {
+                index: rest[written].0,
+                value: rest[written].1,
+            });
         }
-        rest = &rest[(written + 1).min(n)..];
+        rest = &rest[n..];
     }
     Ok(())
 }
@@ -210,21 +217,18 @@ impl KvmVcpu {
     fn configure_boot_with(
         &self,
         count: u32,
+        model: CpuModel,
         boot_regs: &kvm_regs,
         boot_sregs: fn(kvm_sregs) -> kvm_sregs,
     ) -> Result<()> {
-        let mut cpuid = self
+        let host = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(op("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::patch_for_vcpu(cpuid.as_mut_slice(), self.id, count);
-        if !cpuid.as_slice().iter().any(|e| e.function == 0x4000_0000) {
-            for leaf in cpuid::kvm_leaves() {
-                cpuid
-                    .push(leaf)
-                    .map_err(|e| HypervisorError::BadState(format!("CPUID table full: {e:?}")))?;
-            }
-        }
+        let mut entries = cpu_model::cpuid_for(model, host.as_slice(), count);
+        cpuid::patch_for_vcpu(&mut entries, self.id, count);
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| HypervisorError::BadState(format!("CPUID table: {e:?}")))?;
         // CPUID first: KVM derives feature-dependent vCPU state from it.
         self.fd.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
         write_msrs(&self.fd, &msr::boot_msrs())?;
@@ -247,12 +251,21 @@ impl KvmVcpu {
 }
 
 impl VcpuX86_64 for KvmVcpu {
-    fn configure_boot(&self, entry: &regs::Entry64, count: u32) -> Result<()> {
-        self.configure_boot_with(count, &regs::boot_regs(entry), regs::boot_sregs)
+    fn set_cpu_model(&mut self, model: CpuModel) {
+        self.model = model;
     }
 
-    fn configure_boot_pvh(&self, entry: &regs::EntryPvh, count: u32) -> Result<()> {
-        self.configure_boot_with(count, &regs::pvh_regs(entry), regs::pvh_sregs)
+    fn configure_boot(&self, entry: &regs::Entry64, count: u32, model: CpuModel) -> Result<()> {
+        self.configure_boot_with(count, model, &regs::boot_regs(entry), regs::boot_sregs)
+    }
+
+    fn configure_boot_pvh(
+        &self,
+        entry: &regs::EntryPvh,
+        count: u32,
+        model: CpuModel,
+    ) -> Result<()> {
+        self.configure_boot_with(count, model, &regs::pvh_regs(entry), regs::pvh_sregs)
     }
 
     fn regs(&self) -> Result<kvm_regs> {
@@ -286,7 +299,10 @@ impl VcpuX86_64 for KvmVcpu {
         } else {
             FpuState::Legacy(fpu_to_bytes(&fd.get_fpu().map_err(op("KVM_GET_FPU"))?))
         };
-        let xcrs = if self.kvm.check_extension(Cap::Xcrs) {
+        // A model without XSAVE keeps XCR0 at its reset value, and hosts
+        // without XSAVE refuse KVM_SET_XCRS: such a machine saves none.
+        let xcrs_used = !self.model.is_named() || self.model.xcr0() != Some(0b11);
+        let xcrs = if xcrs_used && self.kvm.check_extension(Cap::Xcrs) {
             Some(fd.get_xcrs().map_err(op("KVM_GET_XCRS"))?)
         } else {
             None
@@ -297,7 +313,7 @@ impl VcpuX86_64 for KvmVcpu {
             None
         };
         let lapic = fd.get_lapic().map_err(op("KVM_GET_LAPIC"))?;
-        let msrs = read_msrs(&self.kvm, fd)?;
+        let msrs = read_msrs(&self.kvm, fd, cpu_model::saved_msrs(self.model))?;
         // vCPU events after REGS: pending exceptions and interrupt shadows
         // refer to the RIP saved above.
         let vcpu_events = if self.kvm.check_extension(Cap::VcpuEvents) {
@@ -332,18 +348,22 @@ impl VcpuX86_64 for KvmVcpu {
     /// Restore a freshly created vCPU from `state`.
     fn restore_state(&self, state: &VcpuState) -> Result<()> {
         let fd = &self.fd;
-        // TSC frequency before anything that reads or writes the TSC.
-        if let Some(khz) = state.tsc_khz {
+        // TSC frequency before anything that reads or writes the TSC. A
+        // named CPU model hides the invariant TSC, so its guest keeps time
+        // with kvmclock, which KVM derives from this host's TSC frequency
+        // whatever the guest's TSC rate: nothing to set, and a host without
+        // TSC scaling runs it correctly. A `host` machine's guest may clock
+        // itself by the TSC, so its rate must be the saved one.
+        if let (Some(khz), false) = (state.tsc_khz, self.model.is_named()) {
             let here = fd.get_tsc_khz().ok();
             if here != Some(khz) {
-                if self.kvm.check_extension(Cap::TscControl) {
-                    if let Err(e) = fd.set_tsc_khz(khz) {
-                        log::warn!(
-                            "cannot scale the guest TSC to {khz} kHz: {e}; guest time may drift"
-                        );
-                    }
-                } else {
-                    log::warn!("host TSC is {here:?} kHz, machine saved at {khz} kHz, and KVM cannot scale it");
+                let scaled =
+                    self.kvm.check_extension(Cap::TscControl) && fd.set_tsc_khz(khz).is_ok();
+                if !scaled {
+                    return Err(HypervisorError::TscRate {
+                        saved: khz,
+                        here: here.unwrap_or(0),
+                    });
                 }
             }
         }
