@@ -290,13 +290,14 @@ fn print_human(r: &Report) {
     );
     if let Some(m) = &r.manifest {
         println!(
-            "machine:   {:?} by {:?}, created {} (unix), {} vCPU, {} memory, host {:?}",
+            "machine:   {:?} by {:?}, created {} (unix), {} vCPU, {} memory, host {:?}, cpu {:?}",
             m.name,
             m.producer,
             m.created_unix_s,
             m.vcpus,
             human(m.memory_bytes),
-            m.host_profile
+            m.host_profile,
+            m.cpu
         );
         println!(
             "run:       entrypoint {:?} cmd {:?} workdir {:?}",
