@@ -151,7 +151,7 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
     crate::arch::x86_64::write_boot_tables(&memory)?;
     let (vm, mut vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
     for v in &mut vcpus {
-        v.set_cpu_model(config.cpu);
+        v.set_cpu_model(config.cpu, config.vcpus);
     }
     let control = RunControl::new(kick);
     let mut devices = DeviceManager::new(control.clone());
@@ -296,8 +296,9 @@ pub fn build_from_snapshot_with(plan: SnapshotPlan, ends: HostEnds) -> Result<Ma
     let memory = snapshot_memory(&plan)?;
     timing::mark("file-mapped");
     let (vm, mut vcpus) = create_vm(&hv, &memory, state.pit, state.vcpus.len() as u32)?;
+    let count = vcpus.len() as u32;
     for v in &mut vcpus {
-        v.set_cpu_model(plan.cpu);
+        v.set_cpu_model(plan.cpu, count);
     }
     timing::mark("vm-and-vcpus-created");
     // IRQ chips and PIT first, then each vCPU (its LAPIC included), then the

@@ -213,9 +213,10 @@ pub trait VmX86_64: Vm {
 /// x86_64 vCPU operations: boot entry and the saved register state.
 #[cfg(target_arch = "x86_64")]
 pub trait VcpuX86_64: Vcpu {
-    /// The machine's CPU model, before a boot or restore: it decides which
-    /// MSRs are saved and whether the TSC rate must match on restore.
-    fn set_cpu_model(&mut self, model: CpuModel);
+    /// The machine's CPU model and vCPU count, before a boot or restore: they
+    /// decide the CPUID saved, which MSRs are saved and whether the TSC rate
+    /// must match on restore.
+    fn set_cpu_model(&mut self, model: CpuModel, count: u32);
     /// Set this vCPU (one of `count`) up for a direct 64-bit entry, with
     /// the CPUID of CPU model `model`.
     fn configure_boot(

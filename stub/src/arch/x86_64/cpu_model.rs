@@ -511,6 +511,7 @@ const FEATURE_REGS: &[(u32, u32, Reg)] = &[
     (7, 0, Ebx),
     (7, 0, Ecx),
     (7, 0, Edx),
+    (7, 1, Eax),
     (0xd, 1, Eax),
     (0x8000_0001, 0, Ecx),
     (0x8000_0001, 0, Edx),
@@ -536,17 +537,8 @@ pub fn cpuid_for(model: CpuModel, host: &[kvm_cpuid_entry2], count: u32) -> Vec<
         }
         return out;
     };
-    let mut masks: Vec<((u32, u32, Reg), u32)> = FEATURE_REGS.iter().map(|&r| (r, 0)).collect();
-    for name in names {
-        let f = feature(name);
-        if let Some((_, m)) = masks
-            .iter_mut()
-            .find(|(r, _)| *r == (f.leaf, f.subleaf, f.reg))
-        {
-            *m |= 1 << f.bit;
-        }
-    }
-    let xsave = model.features().is_some_and(|n| n.contains(&"xsave"));
+    let masks = feature_masks(&names);
+    let xsave = names.contains(&"xsave");
     let host_xcr0 = find(host, 0xd, 0).map_or(0, |e| u64::from(e.eax) | u64::from(e.edx) << 32);
     let xcr0 = model.xcr0().unwrap_or(0) & host_xcr0;
     let mut out = Vec::with_capacity(host.len());
@@ -622,6 +614,42 @@ pub fn cpuid_for(model: CpuModel, host: &[kvm_cpuid_entry2], count: u32) -> Vec<
     set_topology(&mut out, count);
     out.extend(super::cpuid::kvm_leaves());
     out
+}
+
+/// Per feature register, the bits of the features in `names`.
+fn feature_masks(names: &[&str]) -> Vec<((u32, u32, Reg), u32)> {
+    let mut masks: Vec<((u32, u32, Reg), u32)> = FEATURE_REGS.iter().map(|&r| (r, 0)).collect();
+    for name in names {
+        let f = feature(name);
+        if let Some((_, m)) = masks
+            .iter_mut()
+            .find(|(r, _)| *r == (f.leaf, f.subleaf, f.reg))
+        {
+            *m |= 1 << f.bit;
+        }
+    }
+    masks
+}
+
+/// The CPUID to save for vCPU `id` of `count`, from the table KVM reports
+/// for it (`KVM_GET_CPUID2`). For a named model it is the model's table
+/// again (the masking is idempotent): a PVM host reports, and runs the guest
+/// with, the host CPU's feature bits whatever table the VMM set, and a
+/// machine built there must not carry them to the next host, where
+/// processes started after the resume would use them. OSXSAVE and OSPKE
+/// come out clear; KVM sets them again from the restored CR4.
+pub fn saved_cpuid(
+    model: CpuModel,
+    reported: &[kvm_cpuid_entry2],
+    id: u32,
+    count: u32,
+) -> Vec<kvm_cpuid_entry2> {
+    if !model.is_named() {
+        return reported.to_vec();
+    }
+    let mut v = cpuid_for(model, reported, count);
+    super::cpuid::patch_for_vcpu(&mut v, id, count);
+    v
 }
 
 /// The legacy XSAVE area and the XSAVE header.
@@ -975,6 +1003,30 @@ mod tests {
         let v = cpuid_for(CpuModel::Host, &rich, 2);
         assert_eq!(v.len(), rich.len());
         assert!(has(&v, feature("avx512f")) && has(&v, feature("constant_tsc")));
+    }
+
+    #[test]
+    fn saved_tables_are_the_models_again() {
+        let rich = host_with(&all_features());
+        let mut set = cpuid_for(CpuModel::V3, &rich, 2);
+        crate::arch::x86_64::cpuid::patch_for_vcpu(&mut set, 1, 2);
+        // What KVM reports back on hardware: the table as set.
+        assert_eq!(saved_cpuid(CpuModel::V3, &set, 1, 2), set);
+        // What a PVM host reports: its own feature bits and leaves.
+        let mut pvm = rich.clone();
+        crate::arch::x86_64::cpuid::patch_for_vcpu(&mut pvm, 1, 2);
+        let saved = saved_cpuid(CpuModel::V3, &pvm, 1, 2);
+        let shown: Vec<&str> = FEATURES
+            .iter()
+            .filter(|f| has(&saved, f))
+            .map(|f| f.name)
+            .collect();
+        let want = CpuModel::V3.features().unwrap();
+        assert!(shown.iter().all(|n| want.contains(n)), "{shown:?}");
+        assert!(saved
+            .iter()
+            .all(|e| e.function != 0xa && e.function != 0x1f));
+        assert_eq!(saved_cpuid(CpuModel::Host, &pvm, 1, 2), pvm);
     }
 
     #[test]

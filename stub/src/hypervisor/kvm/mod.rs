@@ -211,6 +211,8 @@ impl super::Vm for KvmVm {
             xsave_fam,
             #[cfg(target_arch = "x86_64")]
             model: crate::arch::x86_64::cpu_model::CpuModel::Host,
+            #[cfg(target_arch = "x86_64")]
+            count: 1,
         })
     }
 }
@@ -227,6 +229,9 @@ pub struct KvmVcpu {
     /// must match (set before a boot or restore).
     #[cfg(target_arch = "x86_64")]
     model: crate::arch::x86_64::cpu_model::CpuModel,
+    /// The machine's vCPU count (its CPUID topology).
+    #[cfg(target_arch = "x86_64")]
+    count: u32,
 }
 
 impl KvmVcpu {

@@ -251,8 +251,9 @@ impl KvmVcpu {
 }
 
 impl VcpuX86_64 for KvmVcpu {
-    fn set_cpu_model(&mut self, model: CpuModel) {
+    fn set_cpu_model(&mut self, model: CpuModel, count: u32) {
         self.model = model;
+        self.count = count;
     }
 
     fn configure_boot(&self, entry: &regs::Entry64, count: u32, model: CpuModel) -> Result<()> {
@@ -326,9 +327,16 @@ impl VcpuX86_64 for KvmVcpu {
         } else {
             None
         };
-        let cpuid = fd
+        let reported = fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(op("KVM_GET_CPUID2"))?;
+        let cpuid = CpuId::from_entries(&cpu_model::saved_cpuid(
+            self.model,
+            reported.as_slice(),
+            self.id,
+            self.count,
+        ))
+        .map_err(|e| HypervisorError::BadState(format!("CPUID table: {e:?}")))?;
         Ok(VcpuState {
             id: self.id,
             cpuid,
