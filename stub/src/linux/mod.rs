@@ -39,6 +39,7 @@ use crate::builder::{
     build_for_boot, build_from_snapshot_with, BootConfig, BuildError, SnapshotPlan,
 };
 use crate::devices::virtio::block::{CowDisk, DiskError};
+use crate::devices::virtio::fs::{Server, ShareConfig};
 use crate::host::HostProfile;
 use crate::machine::{Machine, MachineError, RunEvent};
 use crate::snapshot::Guest;
@@ -185,6 +186,10 @@ pub struct ResumeOptions {
     /// Put the process under the system call filters just before the vCPUs start
     /// (`crate::seccomp::install`; `smolvm run` sets it).
     pub seccomp: bool,
+    /// Host directories the machine's virtio-fs device serves (entry N of
+    /// the device's root is share N; the agent mounts them, see
+    /// [`LinuxMachine::mount_shares`]).
+    pub shares: Vec<ShareConfig>,
 }
 
 impl Default for ResumeOptions {
@@ -194,6 +199,7 @@ impl Default for ResumeOptions {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             verify: true,
             seccomp: false,
+            shares: Vec::new(),
         }
     }
 }
@@ -420,7 +426,8 @@ pub fn resume_linux_plan(
     let disk = CowDisk::from_disk_base(Box::new(base))?;
     let log = ConsoleLog::new(opts.console);
     let (vmm_end, client_end) = UnixStream::pair()?;
-    let ends = LinuxDevices::host_ends(disk, log.clone(), SocketSink(vmm_end.try_clone()?));
+    let server = Server::new(&opts.shares).map_err(|e| LinuxError::Config(e.to_string()))?;
+    let ends = LinuxDevices::host_ends(disk, log.clone(), SocketSink(vmm_end.try_clone()?), server);
     let machine = build_from_snapshot_with(plan, ends)?;
     end_on_halt(&log, &machine);
     let devices = LinuxDevices::of(&machine)?;

@@ -127,27 +127,27 @@ fn cstr(b: &[u8]) -> Res<CString> {
     CString::new(b).map_err(|_| libc::EINVAL)
 }
 
-/// `openat2(dir, path, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
-/// RESOLVE_NO_MAGICLINKS)`; an empty path means `.`.
-fn open_beneath(dir: BorrowedFd<'_>, path: &[u8], flags: i32, mode: u32) -> Res<OwnedFd> {
-    let p = cstr(if path.is_empty() { b"." } else { path })?;
+/// `openat2(dir, path, flags | O_CLOEXEC, resolve)`, retried when the kernel
+/// asks (a rename raced the walk). All opens of the server go through here,
+/// so the vCPU threads that run it need `openat2` and not `openat`.
+fn openat2(dir: i32, path: &std::ffi::CStr, flags: i32, mode: u32, resolve: u64) -> Res<OwnedFd> {
     // SAFETY: open_how is plain data; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
         u64::from(mode)
     } else {
         0
     };
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = resolve;
     loop {
-        // SAFETY: `p` is a NUL-terminated string and `how` a valid open_how
-        // of the size passed; the kernel reads both and returns a new fd.
+        // SAFETY: `path` is a NUL-terminated string and `how` a valid
+        // open_how of the size passed; the kernel returns a new fd or -1.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
-                dir.as_raw_fd(),
-                p.as_ptr(),
+                dir,
+                path.as_ptr(),
                 &how as *const libc::open_how,
                 std::mem::size_of::<libc::open_how>(),
             )
@@ -157,11 +157,24 @@ fn open_beneath(dir: BorrowedFd<'_>, path: &[u8], flags: i32, mode: u32) -> Res<
             return Ok(unsafe { OwnedFd::from_raw_fd(r as i32) });
         }
         let e = last();
-        // The kernel may ask for a retry when a rename raced the walk.
         if e != libc::EAGAIN && e != libc::EINTR {
             return Err(e);
         }
     }
+}
+
+/// `path` under `dir` with no symlink followed and no escape
+/// (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`, and
+/// `O_NOFOLLOW` for the last component); an empty path means `dir` itself.
+fn open_beneath(dir: BorrowedFd<'_>, path: &[u8], flags: i32, mode: u32) -> Res<OwnedFd> {
+    let p = cstr(if path.is_empty() { b"." } else { path })?;
+    openat2(
+        dir.as_raw_fd(),
+        &p,
+        flags | libc::O_NOFOLLOW,
+        mode,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 fn fstat(fd: BorrowedFd<'_>) -> Res<libc::stat> {
@@ -183,13 +196,8 @@ fn proc_path(fd: BorrowedFd<'_>) -> CString {
 
 fn reopen(fd: BorrowedFd<'_>, flags: i32) -> Res<File> {
     let p = proc_path(fd);
-    // SAFETY: `p` is NUL-terminated; open returns a new fd or -1.
-    let r = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY) };
-    if r < 0 {
-        return Err(last());
-    }
-    // SAFETY: a new descriptor we now own.
-    Ok(unsafe { File::from_raw_fd(r) })
+    // The one magic link followed: our own descriptor's.
+    openat2(libc::AT_FDCWD, &p, flags | libc::O_NOCTTY, 0, 0).map(File::from)
 }
 
 fn is(st: &libc::stat, fmt: u32) -> bool {
