@@ -228,6 +228,8 @@ pub struct LinuxMachine {
     log: Arc<ConsoleLog>,
     cmdline: String,
     quiesced: bool,
+    /// The agent mounted host directory shares (unmounted before a save).
+    shares_mounted: bool,
 }
 
 impl LinuxMachine {
@@ -256,6 +258,7 @@ impl LinuxMachine {
             log,
             cmdline,
             quiesced: false,
+            shares_mounted: false,
         })
     }
 }
@@ -536,6 +539,53 @@ impl LinuxMachine {
         Ok(r)
     }
 
+    /// Have the agent mount the shares the machine was resumed with
+    /// ([`ResumeOptions::shares`], in that order) at their guest paths
+    /// (`paths[i]` for share `i`).
+    pub fn mount_shares(&mut self, shares: &[(String, bool)]) -> Result<(), LinuxError> {
+        if shares.is_empty() {
+            return Ok(());
+        }
+        if self.machine.devices().virtio_fs().is_none() {
+            return Err(LinuxError::Config(
+                "this machine was built without host directory shares: rebuild it with the \
+                 current smolpack"
+                    .into(),
+            ));
+        }
+        let mounts = shares
+            .iter()
+            .enumerate()
+            .map(
+                |(i, (path, read_only))| smolvm_agent::protocol::ShareMount {
+                    index: i as u32,
+                    path: path.clone(),
+                    read_only: *read_only,
+                },
+            )
+            .collect();
+        self.shares_mounted = true;
+        self.client.mount_shares(mounts).map_err(|e| match e {
+            ClientError::Agent(why) => LinuxError::Config(format!("cannot mount a share: {why}")),
+            e => e.into(),
+        })
+    }
+
+    /// Have the agent unmount the shares (a save does this first); refuses
+    /// while files on a share are open.
+    pub fn unmount_shares(&mut self) -> Result<(), LinuxError> {
+        if !self.shares_mounted {
+            return Ok(());
+        }
+        if let Some(why) = self.client.unmount_shares()? {
+            return Err(LinuxError::Config(format!(
+                "cannot save the machine: {why} (close them before the command exits)"
+            )));
+        }
+        self.shares_mounted = false;
+        Ok(())
+    }
+
     /// Park the vCPUs.
     fn pause(&mut self) -> Result<(), LinuxError> {
         if !self.machine.is_running() {
@@ -562,6 +612,7 @@ impl LinuxMachine {
         manifest: &Manifest,
         compression: Compression,
     ) -> Result<(), LinuxError> {
+        self.unmount_shares()?;
         if !self.quiesced {
             self.quiesce()?;
         }

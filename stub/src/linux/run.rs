@@ -29,6 +29,62 @@ pub struct RunOptions {
     pub argv: Option<Vec<String>>,
     /// Write the machine as it is at exit to this file.
     pub save: Option<PathBuf>,
+    /// Host directories to share (`-v`, `SMOLVM_VOLUME`), in order.
+    pub volumes: Vec<Volume>,
+}
+
+/// One host directory shared into the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The host directory (absolute, symlinks resolved).
+    pub host: PathBuf,
+    /// Where the guest sees it (absolute).
+    pub guest: String,
+    /// Read-only (the default) or read-write.
+    pub read_only: bool,
+}
+
+/// Parse `HOST:GUEST[:ro|:rw]` (docker's `-v` syntax; read-only unless
+/// `:rw`). The host directory must exist; the guest path must be absolute,
+/// not `/` and without `..`. The error is one line naming the spec.
+pub fn parse_volume(spec: &str) -> Result<Volume, String> {
+    let bad =
+        |why: &str| format!("bad volume '{spec}': {why} (expected HOST_DIR:GUEST_DIR[:ro|:rw])");
+    let (rest, read_only) = match spec.rsplit_once(':') {
+        Some((r, "ro")) => (r, true),
+        Some((r, "rw")) => (r, false),
+        _ => (spec, true),
+    };
+    let (host, guest) = rest.rsplit_once(':').ok_or_else(|| bad("no guest path"))?;
+    if host.is_empty() {
+        return Err(bad("empty host path"));
+    }
+    if !guest.starts_with('/')
+        || guest.split('/').any(|c| c == "..")
+        || guest.trim_matches('/').is_empty()
+    {
+        return Err(bad(
+            "the guest path must be absolute, not '/', and without '..'",
+        ));
+    }
+    let host =
+        std::fs::canonicalize(host).map_err(|e| bad(&format!("host directory {host}: {e}")))?;
+    if !host.is_dir() {
+        return Err(bad(&format!("{} is not a directory", host.display())));
+    }
+    Ok(Volume {
+        host,
+        guest: guest.trim_end_matches('/').to_string(),
+        read_only,
+    })
+}
+
+/// Parse `SMOLVM_VOLUME`: volume specs separated by commas.
+pub fn parse_volume_list(list: &str) -> Result<Vec<Volume>, String> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(parse_volume)
+        .collect()
 }
 
 /// The cache directory for expanded machines.
@@ -404,9 +460,24 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
             console,
             verify: !verified_before,
             seccomp: true,
+            shares: opts
+                .volumes
+                .iter()
+                .map(|v| crate::devices::virtio::fs::ShareConfig {
+                    host: v.host.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
             ..Default::default()
         },
     )?;
+    let mounts: Vec<(String, bool)> = opts
+        .volumes
+        .iter()
+        .map(|v| (v.guest.clone(), v.read_only))
+        .collect();
+    m.mount_shares(&mounts)?;
+    timing::mark("shares-mounted");
     if !verified_before {
         if let Some(s) = &stamp {
             s.record();
