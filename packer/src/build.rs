@@ -123,6 +123,17 @@ pub fn manifest(
     for (name, pid) in service_pids {
         extra.insert(format!("service.{name}.pid"), pid.to_string());
     }
+    // `[[volume]]`: the runtime reads these (docs/RUNTIME.md, shared directories).
+    for (i, v) in sf.volumes.iter().enumerate() {
+        extra.insert(format!("volume.{i}.path"), v.path.clone());
+        extra.insert(
+            format!("volume.{i}.mode"),
+            if v.read_only { "ro" } else { "rw" }.into(),
+        );
+        if let Some(h) = &v.host {
+            extra.insert(format!("volume.{i}.host"), h.clone());
+        }
+    }
     Manifest {
         name: sf.name.clone(),
         created_unix_s: created

@@ -83,6 +83,22 @@ pub struct Smolfile {
     pub env: BTreeMap<String, String>,
     /// What `smolvm run` executes.
     pub run: Run,
+    /// `[[volume]]`: host directories the machine expects shared at run time.
+    pub volumes: Vec<Volume>,
+}
+
+/// A `[[volume]]`: where the machine expects a shared host directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// Guest path.
+    pub path: String,
+    /// Default mode for a `-v`/`SMOLVM_VOLUME` spec without `:ro|:rw`.
+    pub read_only: bool,
+    /// Host directory shared when the caller gives none for `path`, relative
+    /// to the working directory of the run (`"."`: where the executable runs).
+    pub host: Option<String>,
+    /// Line in the Smolfile.
+    pub line: usize,
 }
 
 /// Machine resources.
@@ -275,6 +291,16 @@ struct RawSmolfile {
     env: Option<RawEnv>,
     #[serde(default)]
     run: Option<RawRun>,
+    #[serde(default)]
+    volume: Vec<Spanned<RawVolume>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    path: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -468,6 +494,50 @@ impl Cx<'_> {
             },
             None => Run::default(),
         };
+        let mut paths = HashSet::new();
+        let volumes = raw
+            .volume
+            .iter()
+            .map(|v| {
+                let inner = v.get_ref();
+                let path = self.guest_path(&inner.path)?;
+                let path = path.trim_end_matches('/').to_string();
+                if path.is_empty() || path.split('/').any(|c| c == "..") {
+                    return Err(self.err(
+                        inner.path.span(),
+                        "a volume path must be absolute, not '/', and without '..'",
+                    ));
+                }
+                if !paths.insert(path.clone()) {
+                    return Err(self.err(
+                        inner.path.span(),
+                        format!("volume path {path:?} is used twice"),
+                    ));
+                }
+                let read_only = match inner.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("ro") => true,
+                    Some("rw") => false,
+                    Some(_) => {
+                        let m = inner.mode.as_ref().map(|m| m.span()).unwrap_or_default();
+                        return Err(self.err(m, "volume mode must be \"ro\" or \"rw\""));
+                    }
+                };
+                let host = inner.host.as_ref().map(|h| h.get_ref().clone());
+                if host
+                    .as_deref()
+                    .is_some_and(|h| h.is_empty() || h.contains(','))
+                {
+                    let span = inner.host.as_ref().map(|h| h.span()).unwrap_or_default();
+                    return Err(self.err(span, "volume host must be a non-empty path without ','"));
+                }
+                Ok(Volume {
+                    path,
+                    read_only,
+                    host,
+                    line: self.line(&v.span()),
+                })
+            })
+            .collect::<R<_>>()?;
         Ok(Smolfile {
             name,
             dir: self.dir.to_path_buf(),
@@ -478,6 +548,7 @@ impl Cx<'_> {
             services,
             env,
             run,
+            volumes,
         })
     }
 
@@ -996,6 +1067,39 @@ cmd = ["echo hello from smolvm"]
         s.apply_image_defaults(&image);
         assert_eq!(s.run.argv(&[]), ["/mine"]);
         assert_eq!(s.run.workdir.as_deref(), Some("/w"));
+    }
+
+    #[test]
+    fn volumes_parse_with_defaults_and_are_checked() {
+        let head = "name = \"m\"\n[base]\ntype = \"busybox\"\n";
+        let s = parse(&format!(
+            "{head}[[volume]]\npath = \"/src/\"\nmode = \"rw\"\nhost = \".\"\n\
+             [[volume]]\npath = \"/data\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.volumes.len(), 2);
+        assert_eq!(s.volumes[0].path, "/src");
+        assert!(!s.volumes[0].read_only);
+        assert_eq!(s.volumes[0].host.as_deref(), Some("."));
+        assert!(s.volumes[1].read_only && s.volumes[1].host.is_none());
+        for bad in [
+            "path = \"src\"",
+            "path = \"/\"",
+            "path = \"/a/../b\"",
+            "path = \"/a\"\nmode = \"rx\"",
+            "path = \"/a\"\nhost = \"\"",
+            "path = \"/a\"\nbogus = 1",
+        ] {
+            assert!(
+                parse(&format!("{head}[[volume]]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+        let twice = format!("{head}[[volume]]\npath = \"/a\"\n[[volume]]\npath = \"/a/\"\n");
+        assert!(parse(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("used twice"));
     }
 
     #[test]

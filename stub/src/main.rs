@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use smolvm::builder::SnapshotPlan;
-use smolvm::linux::run::RunOptions;
+use smolvm::linux::run::{parse_volume, parse_volume_list, RunOptions};
 use smolvm::snapshot::Guest;
 use smolvm::timing;
 use smolvm_agent::protocol::ExitStatus;
@@ -25,12 +25,14 @@ use smolvm_formats::MachineReader;
 const VMM_ERROR: u8 = 125;
 
 const USAGE: &str = concat!(
-    "usage: smolvm run [--save OUT] FILE [-- ARGS...]\n",
-    "       smolvm shell [--save OUT] FILE\n",
+    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... FILE [-- ARGS...]\n",
+    "       smolvm shell [--save OUT] [-v HOST:GUEST[:ro|:rw]]... FILE\n",
     "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
     "         entrypoint with its cmd (or with ARGS after `--`) on this terminal's stdio;\n",
     "         exit with the command's status. FILE is never modified;\n",
-    "         --save OUT writes the machine as it is at exit to OUT.\n",
+    "         --save OUT writes the machine as it is at exit to OUT;\n",
+    "         -v HOST:GUEST[:ro|:rw] shares the host directory HOST at GUEST\n",
+    "         (read-only unless :rw; repeatable).\n",
     "  shell  Resume FILE and open an interactive shell (/bin/sh -l) in it.\n",
     "A packed executable (`smolpack pack`) is this program with a machine appended: it\n",
     "resumes that machine and gives the command ALL of its arguments (SMOLVM_HELP=1 shows\n",
@@ -39,6 +41,8 @@ const USAGE: &str = concat!(
     "Environment:\n",
     "  SMOLVM_SAVE=PATH        packed executables only: save the machine as it is when the\n",
     "                          command ends to PATH (like `run --save`; `run` ignores it)\n",
+    "  SMOLVM_VOLUME=H:G[:rw],...  packed executables only: share host directories\n",
+    "                          (like `run -v`; `run` ignores it)\n",
     "  SMOLVM_TIMINGS=1        print resume phase times to stderr\n",
     "  SMOLVM_LOG=LEVEL        error, warn (default), info, debug or off\n",
     "  SMOLVM_CONSOLE=1        copy the guest kernel log to stderr\n",
@@ -123,6 +127,9 @@ fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
             let status = smolvm::linux::run::run(plan, name, opts)?;
             Ok(Ended::Command(status))
         }
+        Guest::TestGuest if !opts.volumes.is_empty() => {
+            anyhow::bail!("the VMM test guest cannot mount shared directories (no -v for it)")
+        }
         Guest::TestGuest => run_test_guest(plan, opts.save.as_deref()).map(Ended::TestGuest),
     }
 }
@@ -198,6 +205,20 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<(PathBuf, RunOptio
                 };
                 opts.save = Some(PathBuf::from(out));
                 i += 2;
+            }
+            "-v" | "--volume" => {
+                let Some(spec) = args.get(i + 1) else {
+                    return Ok(None);
+                };
+                opts.volumes
+                    .push(parse_volume(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?);
+                i += 2;
+            }
+            s if s.starts_with("--volume=") => {
+                let spec = &s["--volume=".len()..];
+                opts.volumes
+                    .push(parse_volume(spec).map_err(anyhow::Error::msg)?);
+                i += 1;
             }
             "--" if !shell => {
                 opts.args = Some(utf8_args(args[i + 1..].to_vec())?);
@@ -314,6 +335,11 @@ fn run_packed(target: Target) -> Result<Ended> {
         return Ok(Ended::Nothing);
     }
     let save = save_target(target.reader.file())?;
+    let volumes = match std::env::var("SMOLVM_VOLUME") {
+        Ok(list) => parse_volume_list(&list).map_err(anyhow::Error::msg)?,
+        Err(std::env::VarError::NotPresent) => Vec::new(),
+        Err(_) => anyhow::bail!("SMOLVM_VOLUME is not valid UTF-8"),
+    };
     let name = target.name;
     let plan = SnapshotPlan::from_reader(target.reader)
         .with_context(|| format!("cannot resume {}", name.display()))?;
@@ -324,6 +350,7 @@ fn run_packed(target: Target) -> Result<Ended> {
             Guest::Linux { .. } | Guest::TestGuest => None,
         },
         save,
+        volumes,
         ..Default::default()
     };
     run(plan, &name, &opts)
@@ -563,6 +590,31 @@ mod tests {
         assert_eq!(o.args, Some(vec!["--help".to_string(), "--".to_string()]));
         assert!(parse_run(&a(&["--bogus", "m"]), false).unwrap().is_none());
         assert!(parse_run(&a(&["--save"]), false).unwrap().is_none());
+        assert!(parse_run(&a(&["m", "-v"]), false).unwrap().is_none());
+        let dir = std::env::temp_dir();
+        let spec = format!("{}:/src:rw", dir.display());
+        let (_, o) = parse_run(&a(&["-v", &spec, "m", "--volume=/:/host"]), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.volumes.len(), 2);
+        assert_eq!(o.volumes[0].guest, "/src");
+        assert!(!o.volumes[0].read_only && o.volumes[1].read_only);
+        for bad in [
+            "/tmp",
+            "/tmp:src",
+            "/tmp:/",
+            "/tmp:/a/../b",
+            "/nonexistent-dir-x:/a",
+            "/tmp:/a:rx",
+        ] {
+            let err = parse_run(&a(&["-v", bad, "m"]), false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("bad volume") && !err.contains('\n'),
+                "{bad}: {err}"
+            );
+        }
         use std::os::unix::ffi::OsStringExt;
         let bad = vec![
             OsString::from("m"),

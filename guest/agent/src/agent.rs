@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use crate::agent_log;
 use crate::protocol::{
     encode_frame, AgentMsg, Applied, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    QuiesceReport, ResumeReport, Stream, WallClock, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY,
-    PROTOCOL_VERSION,
+    QuiesceReport, ResumeReport, ShareMount, Stream, WallClock, INITIAL_WINDOW, MAX_CHUNK,
+    MAX_ENTROPY, PROTOCOL_VERSION,
 };
 use crate::sys::{self, Creds};
 
@@ -34,6 +34,14 @@ pub trait System {
     fn set_clock(&mut self, now: WallClock) -> Applied;
     /// Mixes `bytes` into the kernel RNG and forces a reseed.
     fn add_entropy(&mut self, bytes: &[u8]) -> Applied;
+    /// Mounts the host directory shares (see `HostMsg::Mount`).
+    fn mount_shares(&mut self, _shares: &[ShareMount]) -> Result<(), String> {
+        Err("shares can only be mounted inside a machine".into())
+    }
+    /// Unmounts every share mounted by `mount_shares`; fails if one is busy.
+    fn unmount_shares(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The system as seen by an agent running as an ordinary host process: syncs, but leaves the
@@ -562,6 +570,14 @@ impl<'a, T: Transport> Session<'a, T> {
             HostMsg::Shutdown { req, reboot } => {
                 self.send(&AgentMsg::ShuttingDown { req });
                 self.end = Some(SessionEnd::Shutdown { reboot });
+            }
+            HostMsg::Mount { req, shares } => {
+                let error = self.system.mount_shares(&shares).err();
+                self.send(&AgentMsg::Mounted { req, error });
+            }
+            HostMsg::Unmount { req } => {
+                let error = self.system.unmount_shares().err();
+                self.send(&AgentMsg::Unmounted { req, error });
             }
         }
     }

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{
     frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    ProtocolError, QuiesceReport, ResumeReport, Stream, WallClock, WinSize, INITIAL_WINDOW,
-    MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
+    ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, WallClock, WinSize,
+    INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
 };
 
 /// Errors seen by client callers.
@@ -523,6 +523,24 @@ impl Client {
         }
     }
 
+    /// Has the agent mount the virtio-fs shares; the agent's error is
+    /// [`ClientError::Agent`].
+    pub fn mount_shares(&self, shares: Vec<ShareMount>) -> Result<()> {
+        match self.request(|req| HostMsg::Mount { req, shares }, "mount the shares")? {
+            AgentMsg::Mounted { error: None, .. } => Ok(()),
+            AgentMsg::Mounted { error: Some(e), .. } => Err(ClientError::Agent(e)),
+            other => Err(ClientError::Agent(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Has the agent unmount every share: `Ok(Some(why))` when one is still in use.
+    pub fn unmount_shares(&self) -> Result<Option<String>> {
+        match self.request(|req| HostMsg::Unmount { req }, "unmount the shares")? {
+            AgentMsg::Unmounted { error, .. } => Ok(error),
+            other => Err(ClientError::Agent(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     /// Releases a quiesce without a restore.
     pub fn unquiesce(&self) -> Result<()> {
         self.request(|req| HostMsg::Unquiesce { req }, "unquiesce")
@@ -654,7 +672,9 @@ fn apply(st: &mut State, msg: AgentMsg, credits: &mut Vec<HostMsg>) {
         | AgentMsg::Unquiesced { req }
         | AgentMsg::ShuttingDown { req }
         | AgentMsg::Quiesced { req, .. }
-        | AgentMsg::Resumed { req, .. } => {
+        | AgentMsg::Resumed { req, .. }
+        | AgentMsg::Mounted { req, .. }
+        | AgentMsg::Unmounted { req, .. } => {
             if st.awaiting.remove(&req) {
                 st.replies.insert(req, msg);
             } else if !st.abandoned.remove(&req) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::agent::System;
 use crate::agent_log;
 use crate::protocol::{
-    Applied, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY, DEFAULT_AGENT_PORT,
+    Applied, ShareMount, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY, DEFAULT_AGENT_PORT,
     DEFAULT_HOSTNAME, MAX_ENTROPY,
 };
 use crate::sys::{self, cvt};
@@ -23,9 +23,17 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
-/// The real system: what PID 1 in the guest does for quiesce and resume.
+/// Where the virtio-fs device (tag [`SHARES_TAG`]) is mounted; entry N is share N.
+pub const SHARES_DIR: &str = "/run/smolvm/shares";
+/// The virtio-fs tag of the VMM's share device.
+pub const SHARES_TAG: &str = "smolvm";
+
+/// The real system: what PID 1 in the guest does for quiesce, resume and shares.
 #[derive(Debug, Default)]
-pub struct GuestSystem;
+pub struct GuestSystem {
+    /// Guest paths of the mounted shares, in mount order.
+    shares: Vec<String>,
+}
 
 impl System for GuestSystem {
     fn quiesce(&mut self) -> (Applied, Applied) {
@@ -55,6 +63,76 @@ impl System for GuestSystem {
             Ok(()) => Applied::Applied,
             Err(e) => Applied::Failed(e.to_string()),
         }
+    }
+
+    fn mount_shares(&mut self, shares: &[ShareMount]) -> Result<(), String> {
+        if shares.is_empty() {
+            return Ok(());
+        }
+        if !mounted_points().contains(SHARES_DIR) {
+            fs::create_dir_all(SHARES_DIR).map_err(|e| format!("mkdir {SHARES_DIR}: {e}"))?;
+            // nosuid/nodev: a host file's bits never grant anything in the guest.
+            mount(
+                SHARES_TAG,
+                SHARES_DIR,
+                "virtiofs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                "",
+            )
+            .map_err(|e| {
+                format!(
+                    "cannot mount the share device ({e}); the machine may predate shares: \
+                     rebuild it with the current smolpack"
+                )
+            })?;
+        }
+        for s in shares {
+            if !s.path.starts_with('/') || s.path.split('/').any(|c| c == "..") {
+                return Err(format!(
+                    "share path {} must be absolute, without '..'",
+                    s.path
+                ));
+            }
+            let src = format!("{SHARES_DIR}/{}", s.index);
+            fs::create_dir_all(&s.path).map_err(|e| format!("mkdir {}: {e}", s.path))?;
+            mount(&src, &s.path, "", libc::MS_BIND, "")
+                .map_err(|e| format!("mount {} at {}: {e}", s.index, s.path))?;
+            self.shares.push(s.path.clone());
+            let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV;
+            if s.read_only {
+                flags |= libc::MS_RDONLY;
+            }
+            mount("", &s.path, "", flags, "")
+                .map_err(|e| format!("remount {} read-only: {e}", s.path))?;
+        }
+        Ok(())
+    }
+
+    fn unmount_shares(&mut self) -> Result<(), String> {
+        while let Some(path) = self.shares.last() {
+            let c = CString::new(path.as_str()).map_err(|_| format!("bad path {path}"))?;
+            // SAFETY: a valid NUL-terminated path.
+            if let Err(e) = cvt(unsafe { libc::umount2(c.as_ptr(), 0) }) {
+                return Err(if e.raw_os_error() == Some(libc::EBUSY) {
+                    format!("files on the share at {path} are still open")
+                } else {
+                    format!("unmount {path}: {e}")
+                });
+            }
+            self.shares.pop();
+        }
+        if mounted_points().contains(SHARES_DIR) {
+            let c = CString::new(SHARES_DIR).unwrap_or_default();
+            // SAFETY: a valid NUL-terminated path.
+            if let Err(e) = cvt(unsafe { libc::umount2(c.as_ptr(), 0) }) {
+                return Err(if e.raw_os_error() == Some(libc::EBUSY) {
+                    format!("files on {SHARES_DIR} are still open")
+                } else {
+                    format!("unmount {SHARES_DIR}: {e}")
+                });
+            }
+        }
+        Ok(())
     }
 }
 

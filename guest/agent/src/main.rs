@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let mut system: Box<dyn System> = if real_system {
-        Box::new(GuestSystem)
+        Box::new(GuestSystem::default())
     } else {
         Box::new(HostSystem)
     };
@@ -229,7 +229,7 @@ fn pid1_serve(opts: Pid1Options) -> bool {
         signal_fd: sigfd.as_ref().map(|f| f.as_raw_fd()),
         ..SessionConfig::default()
     };
-    let mut system = GuestSystem;
+    let mut system = GuestSystem::default();
     agent_log!(
         "serving protocol {PROTOCOL_VERSION} on {} as {}",
         boot.agent_port,

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides announce (`Ready` / `Hello`); bumped on any wire change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First two bytes of every frame; catches a wrong port or a desynchronised stream at once.
 pub const MAGIC: [u8; 2] = *b"SM";
 /// Magic plus little-endian `u32` payload length.
@@ -217,6 +217,18 @@ pub struct ResumeReport {
     pub dropped_execs: u32,
 }
 
+/// One host directory share for `Mount`: entry `index` of the virtio-fs device's root
+/// directory, bind-mounted at `path`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShareMount {
+    /// Entry of the device's root (`0`, `1`, ...).
+    pub index: u32,
+    /// Absolute guest path to mount it at (created if missing).
+    pub path: String,
+    /// Mount read-only (the host refuses writes to a read-only share anyway).
+    pub read_only: bool,
+}
+
 /// Messages from the host (VMM, tests) to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum HostMsg {
@@ -257,6 +269,11 @@ pub enum HostMsg {
     },
     /// Power off (or reboot) the machine; answered by `ShuttingDown`.
     Shutdown { req: u32, reboot: bool },
+    /// Mount the virtio-fs device (tag `smolvm`) and bind-mount the shares; answered by
+    /// `Mounted`. Sent after `Resume`; shares are never part of a snapshot.
+    Mount { req: u32, shares: Vec<ShareMount> },
+    /// Unmount every share (before a save); answered by `Unmounted`.
+    Unmount { req: u32 },
 }
 
 /// Messages from the agent to the host.
@@ -291,6 +308,11 @@ pub enum AgentMsg {
     ShuttingDown { req: u32 },
     /// Fatal protocol error; the agent ends the session after sending it.
     Error { message: String },
+    /// Answer to `Mount`: `error` says which share failed and why (the ones before it stay
+    /// mounted).
+    Mounted { req: u32, error: Option<String> },
+    /// Answer to `Unmount`: `error` names a share still in use (files open on it).
+    Unmounted { req: u32, error: Option<String> },
 }
 
 /// Encodes `msg` as one frame appended to `out`.

@@ -19,6 +19,7 @@ use crate::devices::legacy::{COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I
 use crate::devices::state::{DeviceState, VirtioDeviceState, VirtioSlotState};
 use crate::devices::virtio::block::{Block, BlockArgs, CowDisk};
 use crate::devices::virtio::console::{Console, ConsoleArgs, ConsoleSink};
+use crate::devices::virtio::fs::{Fs, FsArgs, Server};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::{Rng, RngArgs};
 use crate::devices::virtio::{mmio_slot, InterruptTrigger, VirtioInterrupt, MMIO_IRQS, MMIO_SIZE};
@@ -63,6 +64,7 @@ pub enum VirtioHandle {
     Block(Arc<Mutex<MmioTransport<Block>>>),
     Console(Arc<Mutex<MmioTransport<Console>>>),
     Rng(Arc<Mutex<MmioTransport<Rng>>>),
+    Fs(Arc<Mutex<MmioTransport<Fs>>>),
 }
 
 impl VirtioHandle {
@@ -71,6 +73,7 @@ impl VirtioHandle {
             VirtioHandle::Block(d) => d.clone(),
             VirtioHandle::Console(d) => d.clone(),
             VirtioHandle::Rng(d) => d.clone(),
+            VirtioHandle::Fs(d) => d.clone(),
         }
     }
 
@@ -79,6 +82,7 @@ impl VirtioHandle {
             VirtioHandle::Block(d) => f(&mut *lock(d)),
             VirtioHandle::Console(d) => f(&mut *lock(d)),
             VirtioHandle::Rng(d) => f(&mut *lock(d)),
+            VirtioHandle::Fs(d) => f(&mut *lock(d)),
         }
     }
 
@@ -99,6 +103,7 @@ impl VirtioHandle {
             VirtioHandle::Rng(d) => {
                 VirtioDeviceState::Rng(lock(d).save().map_err(err("virtio-rng"))?)
             }
+            VirtioHandle::Fs(d) => VirtioDeviceState::Fs(lock(d).save().map_err(err("virtio-fs"))?),
         })
     }
 }
@@ -138,6 +143,8 @@ pub struct HostEnds {
     pub console_out: Option<ConsoleSink>,
     /// The disk behind the virtio block device.
     pub disk: Option<CowDisk>,
+    /// The shares the virtio-fs device serves (none when `None`).
+    pub shares: Option<Server>,
 }
 
 /// What [`DeviceManager::restore`] needs from the machine.
@@ -275,6 +282,14 @@ impl DeviceManager {
     pub fn virtio_console(&self) -> Option<Arc<Mutex<MmioTransport<Console>>>> {
         self.virtio().find_map(|d| match d {
             VirtioHandle::Console(c) => Some(c.clone()),
+            _ => None,
+        })
+    }
+
+    /// The virtio-fs device (machines built before shares have none).
+    pub fn virtio_fs(&self) -> Option<Arc<Mutex<MmioTransport<Fs>>>> {
+        self.virtio().find_map(|d| match d {
+            VirtioHandle::Fs(f) => Some(f.clone()),
             _ => None,
         })
     }
@@ -449,6 +464,21 @@ impl Persist for DeviceManager {
                             VirtioHandle::Rng(Arc::new(Mutex::new(
                                 MmioTransport::<Rng>::restore(args, state)
                                     .map_err(restore_err("virtio-rng"))?,
+                            )))
+                        }
+                        VirtioDeviceState::Fs(state) => {
+                            let server = match ends.shares.take() {
+                                Some(s) => s,
+                                None => Server::new(&[]).map_err(restore_err("virtio-fs"))?,
+                            };
+                            let args = FsArgs {
+                                mem: mem.clone(),
+                                interrupt,
+                                server,
+                            };
+                            VirtioHandle::Fs(Arc::new(Mutex::new(
+                                MmioTransport::<Fs>::restore(args, state)
+                                    .map_err(restore_err("virtio-fs"))?,
                             )))
                         }
                     };

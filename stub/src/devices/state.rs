@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::legacy::serial::SerialDeviceState;
 use super::virtio::block::BlockState;
 use super::virtio::console::ConsoleState;
+use super::virtio::fs::FsState;
 use super::virtio::mmio::MmioDeviceState;
 use super::virtio::rng::RngState;
 
@@ -54,4 +55,6 @@ pub enum VirtioDeviceState {
     Console(MmioDeviceState<ConsoleState>),
     /// virtio-rng.
     Rng(MmioDeviceState<RngState>),
+    /// virtio-fs (host directory shares; which ones is the resume's choice).
+    Fs(MmioDeviceState<FsState>),
 }

@@ -1,7 +1,9 @@
 //! The device set of a Linux guest: COM1 (kernel log), the i8042 (its reset
 //! ends the VM), and on virtio-mmio, declared on the command line: the root
-//! disk (slot 0), the agent's console (slot 1) and an entropy source
-//! (slot 2). The machine's device manager owns them; a boot attaches them
+//! disk (slot 0), the agent's console (slot 1), an entropy source
+//! (slot 2) and the host directory shares (slot 5; present even when no
+//! directory is shared, so a machine's device set does not depend on how it
+//! is run). The machine's device manager owns them; a boot attaches them
 //! here through its attach helpers, a resume has the manager restore them
 //! from the snapshot with the host ends built here. Interrupts are irqfd
 //! lines from `Machine::interrupt_line`.
@@ -14,6 +16,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::COM1_IRQ;
 use crate::devices::virtio::block::{Block, BlockConfig, CowDisk};
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::fs::{Fs, Server};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{cmdline_fragment, mmio_slot, VirtioInterrupt};
@@ -27,9 +30,11 @@ pub const ROOT_DISK: &str = "root";
 const BLOCK_SLOT: usize = 0;
 const CONSOLE_SLOT: usize = 1;
 const RNG_SLOT: usize = 2;
+/// Slot 3 is the vsock device's, 4 the network device's.
+const FS_SLOT: usize = 5;
 
 fn slot(i: usize) -> (u64, u32) {
-    // The three slots used here exist (mmio_slot has six).
+    // The slots used here exist (mmio_slot has six).
     mmio_slot(i).unwrap_or((0, 0))
 }
 
@@ -81,8 +86,12 @@ impl LinuxDevices {
             Box::new(console_sink),
         )
         .map_err(|e| dev_err("virtio-console")(e.to_string()))?;
-        let rng = Rng::new(mem, irq(machine, slot(RNG_SLOT).1)?)
+        let rng = Rng::new(mem.clone(), irq(machine, slot(RNG_SLOT).1)?)
             .map_err(|e| dev_err("virtio-rng")(e.to_string()))?;
+        // A booting machine serves no shares: they are given at each resume.
+        let no_shares = Server::new(&[]).map_err(|e| dev_err("virtio-fs")(e.to_string()))?;
+        let fs = Fs::new(mem, irq(machine, slot(FS_SLOT).1)?, no_shares)
+            .map_err(|e| dev_err("virtio-fs")(e.to_string()))?;
         let dev_mgr = machine.devices_mut();
         let attach_err = |e: crate::device_manager::DeviceError| LinuxError::Device(e.to_string());
         dev_mgr.attach_serial(serial).map_err(attach_err)?;
@@ -100,6 +109,10 @@ impl LinuxDevices {
                 RNG_SLOT,
                 VirtioHandle::Rng(Arc::new(Mutex::new(MmioTransport::new(rng)))),
             ),
+            (
+                FS_SLOT,
+                VirtioHandle::Fs(Arc::new(Mutex::new(MmioTransport::new(fs)))),
+            ),
         ] {
             let (base, irq) = slot(i);
             dev_mgr.attach_virtio(base, irq, dev).map_err(attach_err)?;
@@ -108,11 +121,17 @@ impl LinuxDevices {
     }
 
     /// The host ends a resume gives the device manager.
-    pub fn host_ends(disk: CowDisk, log: Arc<ConsoleLog>, console_sink: SocketSink) -> HostEnds {
+    pub fn host_ends(
+        disk: CowDisk,
+        log: Arc<ConsoleLog>,
+        console_sink: SocketSink,
+        shares: Server,
+    ) -> HostEnds {
         HostEnds {
             serial_out: Some(Box::new(LogWriter(log))),
             console_out: Some(Box::new(console_sink)),
             disk: Some(disk),
+            shares: Some(shares),
         }
     }
 
@@ -133,7 +152,7 @@ impl LinuxDevices {
 
     /// `virtio_mmio.device=` options declaring the devices to the kernel.
     pub fn cmdline_fragments() -> Vec<String> {
-        [BLOCK_SLOT, CONSOLE_SLOT, RNG_SLOT]
+        [BLOCK_SLOT, CONSOLE_SLOT, RNG_SLOT, FS_SLOT]
             .iter()
             .map(|&i| {
                 let (base, irq) = slot(i);

@@ -40,6 +40,7 @@ use crate::builder::{
     build_for_boot, build_from_snapshot_with, BootConfig, BuildError, SnapshotPlan,
 };
 use crate::devices::virtio::block::{CowDisk, DiskError};
+use crate::devices::virtio::fs::{Server, ShareConfig};
 use crate::host::HostProfile;
 use crate::machine::{Machine, MachineError, RunEvent};
 use crate::snapshot::Guest;
@@ -189,6 +190,10 @@ pub struct ResumeOptions {
     /// Put the process under the system call filters just before the vCPUs start
     /// (`crate::seccomp::install`; `smolvm run` sets it).
     pub seccomp: bool,
+    /// Host directories the machine's virtio-fs device serves (entry N of
+    /// the device's root is share N; the agent mounts them, see
+    /// [`LinuxMachine::mount_shares`]).
+    pub shares: Vec<ShareConfig>,
 }
 
 impl Default for ResumeOptions {
@@ -198,6 +203,7 @@ impl Default for ResumeOptions {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             verify: true,
             seccomp: false,
+            shares: Vec::new(),
         }
     }
 }
@@ -226,6 +232,8 @@ pub struct LinuxMachine {
     log: Arc<ConsoleLog>,
     cmdline: String,
     quiesced: bool,
+    /// The agent mounted host directory shares (unmounted before a save).
+    shares_mounted: bool,
 }
 
 impl LinuxMachine {
@@ -254,6 +262,7 @@ impl LinuxMachine {
             log,
             cmdline,
             quiesced: false,
+            shares_mounted: false,
         })
     }
 }
@@ -426,7 +435,8 @@ pub fn resume_linux_plan(
     let disk = CowDisk::from_disk_base(Box::new(base))?;
     let log = ConsoleLog::new(opts.console);
     let (vmm_end, client_end) = UnixStream::pair()?;
-    let ends = LinuxDevices::host_ends(disk, log.clone(), SocketSink(vmm_end.try_clone()?));
+    let server = Server::new(&opts.shares).map_err(|e| LinuxError::Config(e.to_string()))?;
+    let ends = LinuxDevices::host_ends(disk, log.clone(), SocketSink(vmm_end.try_clone()?), server);
     let machine = build_from_snapshot_with(plan, ends)?;
     end_on_halt(&log, &machine);
     let devices = LinuxDevices::of(&machine)?;
@@ -535,6 +545,53 @@ impl LinuxMachine {
         Ok(r)
     }
 
+    /// Have the agent mount the shares the machine was resumed with
+    /// ([`ResumeOptions::shares`], in that order) at their guest paths
+    /// (`paths[i]` for share `i`).
+    pub fn mount_shares(&mut self, shares: &[(String, bool)]) -> Result<(), LinuxError> {
+        if shares.is_empty() {
+            return Ok(());
+        }
+        if self.machine.devices().virtio_fs().is_none() {
+            return Err(LinuxError::Config(
+                "this machine was built without host directory shares: rebuild it with the \
+                 current smolpack"
+                    .into(),
+            ));
+        }
+        let mounts = shares
+            .iter()
+            .enumerate()
+            .map(
+                |(i, (path, read_only))| smolvm_agent::protocol::ShareMount {
+                    index: i as u32,
+                    path: path.clone(),
+                    read_only: *read_only,
+                },
+            )
+            .collect();
+        self.shares_mounted = true;
+        self.client.mount_shares(mounts).map_err(|e| match e {
+            ClientError::Agent(why) => LinuxError::Config(format!("cannot mount a share: {why}")),
+            e => e.into(),
+        })
+    }
+
+    /// Have the agent unmount the shares (a save does this first); refuses
+    /// while files on a share are open.
+    pub fn unmount_shares(&mut self) -> Result<(), LinuxError> {
+        if !self.shares_mounted {
+            return Ok(());
+        }
+        if let Some(why) = self.client.unmount_shares()? {
+            return Err(LinuxError::Config(format!(
+                "cannot save the machine: {why} (close them before the command exits)"
+            )));
+        }
+        self.shares_mounted = false;
+        Ok(())
+    }
+
     /// Park the vCPUs.
     fn pause(&mut self) -> Result<(), LinuxError> {
         if !self.machine.is_running() {
@@ -561,6 +618,7 @@ impl LinuxMachine {
         manifest: &Manifest,
         compression: Compression,
     ) -> Result<(), LinuxError> {
+        self.unmount_shares()?;
         if !self.quiesced {
             self.quiesce()?;
         }

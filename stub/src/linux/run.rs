@@ -29,6 +29,104 @@ pub struct RunOptions {
     pub argv: Option<Vec<String>>,
     /// Write the machine as it is at exit to this file.
     pub save: Option<PathBuf>,
+    /// Host directories to share (`-v`, `SMOLVM_VOLUME`), in order.
+    pub volumes: Vec<Volume>,
+}
+
+/// One host directory shared into the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The host directory (absolute, symlinks resolved).
+    pub host: PathBuf,
+    /// Where the guest sees it (absolute).
+    pub guest: String,
+    /// Read-only (the default) or read-write.
+    pub read_only: bool,
+    /// The spec said `:ro` or `:rw` (otherwise a Smolfile `[[volume]]` for
+    /// the same guest path gives the mode).
+    pub mode_given: bool,
+}
+
+/// Parse `HOST:GUEST[:ro|:rw]` (docker's `-v` syntax; read-only unless
+/// `:rw`). The host directory must exist; the guest path must be absolute,
+/// not `/` and without `..`. The error is one line naming the spec.
+pub fn parse_volume(spec: &str) -> Result<Volume, String> {
+    let bad =
+        |why: &str| format!("bad volume '{spec}': {why} (expected HOST_DIR:GUEST_DIR[:ro|:rw])");
+    let (rest, read_only, mode_given) = match spec.rsplit_once(':') {
+        Some((r, "ro")) => (r, true, true),
+        Some((r, "rw")) => (r, false, true),
+        _ => (spec, true, false),
+    };
+    let (host, guest) = rest.rsplit_once(':').ok_or_else(|| bad("no guest path"))?;
+    if host.is_empty() {
+        return Err(bad("empty host path"));
+    }
+    if !guest.starts_with('/')
+        || guest.split('/').any(|c| c == "..")
+        || guest.trim_matches('/').is_empty()
+    {
+        return Err(bad(
+            "the guest path must be absolute, not '/', and without '..'",
+        ));
+    }
+    let host =
+        std::fs::canonicalize(host).map_err(|e| bad(&format!("host directory {host}: {e}")))?;
+    if !host.is_dir() {
+        return Err(bad(&format!("{} is not a directory", host.display())));
+    }
+    Ok(Volume {
+        host,
+        guest: guest.trim_end_matches('/').to_string(),
+        read_only,
+        mode_given,
+    })
+}
+
+/// The shares of a run: the caller's `given` (`-v`, `SMOLVM_VOLUME`), with
+/// the mode of the manifest's `volume.N.*` entry (a Smolfile `[[volume]]`)
+/// for the same guest path when the spec gave none, then each manifest
+/// volume with a `host` that the caller did not share, its host directory
+/// taken relative to the current directory.
+pub fn volumes_for(manifest: &Manifest, given: &[Volume]) -> Result<Vec<Volume>, String> {
+    let mut declared = Vec::new();
+    for i in 0.. {
+        let Some(path) = manifest.extra.get(&format!("volume.{i}.path")) else {
+            break;
+        };
+        let rw = manifest
+            .extra
+            .get(&format!("volume.{i}.mode"))
+            .map(String::as_str)
+            == Some("rw");
+        let host = manifest.extra.get(&format!("volume.{i}.host"));
+        declared.push((path.as_str(), rw, host));
+    }
+    let mut out: Vec<Volume> = given.to_vec();
+    for v in &mut out {
+        if let Some((_, rw, _)) = declared.iter().find(|d| d.0 == v.guest) {
+            if !v.mode_given {
+                v.read_only = !rw;
+            }
+        }
+    }
+    for (path, rw, host) in declared {
+        if let Some(host) = host {
+            if !out.iter().any(|v| v.guest == path) {
+                let mode = if rw { "rw" } else { "ro" };
+                out.push(parse_volume(&format!("{host}:{path}:{mode}"))?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parse `SMOLVM_VOLUME`: volume specs separated by commas.
+pub fn parse_volume_list(list: &str) -> Result<Vec<Volume>, String> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(parse_volume)
+        .collect()
 }
 
 /// The cache directory for expanded machines.
@@ -392,6 +490,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
     let plan = mappable_plan(plan)?;
     let manifest = plan.manifest.clone();
     let argv = command_for(&manifest, opts)?;
+    let volumes = volumes_for(&manifest, &opts.volumes).map_err(LinuxError::Config)?;
     let console = std::env::var_os("SMOLVM_CONSOLE")
         .filter(|v| v == "1")
         .map(|_| Box::new(io::stderr()) as super::console::ConsoleSink);
@@ -404,9 +503,22 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
             console,
             verify: !verified_before,
             seccomp: true,
+            shares: volumes
+                .iter()
+                .map(|v| crate::devices::virtio::fs::ShareConfig {
+                    host: v.host.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
             ..Default::default()
         },
     )?;
+    let mounts: Vec<(String, bool)> = volumes
+        .iter()
+        .map(|v| (v.guest.clone(), v.read_only))
+        .collect();
+    m.mount_shares(&mounts)?;
+    timing::mark("shares-mounted");
     if !verified_before {
         if let Some(s) = &stamp {
             s.record();
@@ -544,6 +656,37 @@ fn run_exec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifest_volumes_give_modes_and_default_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let mut m = Manifest::default();
+        for (k, v) in [
+            ("volume.0.path", "/src"),
+            ("volume.0.mode", "rw"),
+            ("volume.1.path", "/data"),
+            ("volume.1.mode", "ro"),
+            ("volume.1.host", d.as_str()),
+        ] {
+            m.extra.insert(k.into(), v.into());
+        }
+        // No mode in the spec: the Smolfile's rw applies; /data is added.
+        let given = vec![parse_volume(&format!("{d}:/src")).unwrap()];
+        let v = volumes_for(&m, &given).unwrap();
+        assert_eq!(v.len(), 2);
+        assert!(!v[0].read_only);
+        assert_eq!((v[1].guest.as_str(), v[1].read_only), ("/data", true));
+        // An explicit mode wins; a caller's share of /data replaces the default.
+        let given = vec![
+            parse_volume(&format!("{d}:/src:ro")).unwrap(),
+            parse_volume(&format!("{d}:/data:rw")).unwrap(),
+        ];
+        let v = volumes_for(&m, &given).unwrap();
+        assert_eq!(v.len(), 2);
+        assert!(v[0].read_only && !v[1].read_only);
+        assert!(volumes_for(&Manifest::default(), &[]).unwrap().is_empty());
+    }
 
     /// A compressed machine with 64 KiB of memory and a 1 MiB disk, each with a
     /// little data.

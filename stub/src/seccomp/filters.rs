@@ -140,6 +140,19 @@ pub(crate) const VMM: &[Allow] = allow![
     SYS_clock_nanosleep Any: "polling loops sleep",
     SYS_nanosleep Any: "polling loops sleep",
     SYS_getrandom Any: "fresh entropy for the resumed guest, temporary file names",
+    // The share server (virtio-fs), run on vCPU threads; every open is an openat2 confined
+    // beneath a share (or the reopen of its own O_PATH descriptor).
+    SYS_openat2 Any: "virtio-fs: confined opens beneath a share's root",
+    SYS_fstatfs Any: "virtio-fs: statfs of a share",
+    SYS_readlinkat Any: "virtio-fs: reading a symlink in a share",
+    SYS_symlinkat Any: "virtio-fs: creating a symlink in a share",
+    SYS_mknodat Any: "virtio-fs: FIFOs and sockets in a share (device nodes are refused first)",
+    SYS_linkat Any: "virtio-fs: hard links inside one share",
+    SYS_chmod Any: "virtio-fs: chmod through the verified O_PATH descriptor",
+    SYS_fchmodat Any: "virtio-fs: the same, newer libc",
+    SYS_truncate Any: "virtio-fs: truncate through the verified O_PATH descriptor",
+    SYS_utimensat Any: "virtio-fs: setting times",
+    SYS_fallocate Any: "virtio-fs: fallocate on an open share file",
 ];
 
 /// What a vCPU thread may call in addition to being under the VMM filter.
@@ -176,6 +189,28 @@ pub(crate) const VCPU: &[Allow] = allow![
     SYS_clock_nanosleep Any: "short waits",
     SYS_exit Any: "the vCPU thread ends",
     SYS_exit_group Any: "the process ends",
+    // The share server (virtio-fs) answers guest requests on the notifying vCPU.
+    SYS_openat2 Any: "virtio-fs: confined opens beneath a share's root",
+    SYS_close Any: "virtio-fs: closing share descriptors",
+    SYS_fstat Any: "virtio-fs: attributes",
+    SYS_newfstatat Any: "virtio-fs: attributes (libc's fstat)",
+    SYS_statx Any: "virtio-fs: attributes (libc's fstat)",
+    SYS_fstatfs Any: "virtio-fs: statfs of a share",
+    SYS_lseek Any: "virtio-fs: directory offsets, SEEK_DATA/HOLE",
+    SYS_getdents64 Any: "virtio-fs: directory listings",
+    SYS_readlinkat Any: "virtio-fs: reading a symlink in a share",
+    SYS_symlinkat Any: "virtio-fs: creating a symlink in a share",
+    SYS_mknodat Any: "virtio-fs: FIFOs and sockets in a share (device nodes are refused first)",
+    SYS_mkdirat Any: "virtio-fs: directories in a share",
+    SYS_unlinkat Any: "virtio-fs: removing entries of a share",
+    SYS_renameat2 Any: "virtio-fs: renames inside one share",
+    SYS_linkat Any: "virtio-fs: hard links inside one share",
+    SYS_chmod Any: "virtio-fs: chmod through the verified O_PATH descriptor",
+    SYS_fchmodat Any: "virtio-fs: the same, newer libc",
+    SYS_truncate Any: "virtio-fs: truncate through the verified O_PATH descriptor",
+    SYS_ftruncate Any: "virtio-fs: truncate of an open share file",
+    SYS_utimensat Any: "virtio-fs: setting times",
+    SYS_fallocate Any: "virtio-fs: fallocate on an open share file",
 ];
 
 /// The allow-list of `role`.

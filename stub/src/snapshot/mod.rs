@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// Magic at the start of an encoded machine state.
 pub const STATE_MAGIC: [u8; 8] = *b"SMOLVMST";
 /// Version of the state layout this build writes and reads.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 /// Largest encoded state accepted (vCPU state is about 10 KiB per vCPU): the
 /// machine file's blob limit, so what one accepts the other does too.
 pub const MAX_STATE_BYTES: usize = smolvm_formats::MAX_BLOB_LEN as usize;
@@ -335,6 +335,7 @@ mod machine_state_tests {
     use crate::devices::legacy::serial::SerialDeviceState;
     use crate::devices::virtio::block::{BlockConfig, BlockState, DiskState};
     use crate::devices::virtio::console::ConsoleState;
+    use crate::devices::virtio::fs::FsState;
     use crate::devices::virtio::mmio::{MmioDeviceState, MmioState};
     use crate::devices::virtio::rng::RngState;
     use crate::devices::virtio::{QueueSnapshot, VirtioCommonState};
@@ -343,7 +344,7 @@ mod machine_state_tests {
     /// The checked-in encoding of [`state`]; see `golden_bytes_are_stable`.
     const GOLDEN: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/machine_state_v3.bin"
+        "/tests/golden/machine_state_v4.bin"
     );
 
     fn common(seed: u64) -> VirtioCommonState {
@@ -516,6 +517,19 @@ mod machine_state_tests {
                 device: VirtioDeviceState::Rng(MmioDeviceState {
                     transport: transport(0),
                     device: RngState { common: common(3) },
+                }),
+            }),
+            DeviceState::VirtioMmio(VirtioSlotState {
+                base: 0xd000_5000,
+                irq: 11,
+                device: VirtioDeviceState::Fs(MmioDeviceState {
+                    transport: transport(2),
+                    device: FsState {
+                        common: VirtioCommonState {
+                            queues: vec![common(4).queues[0], common(5).queues[0]],
+                            ..common(4)
+                        },
+                    },
                 }),
             }),
         ];

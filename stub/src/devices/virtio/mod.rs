@@ -1,4 +1,4 @@
-//! Virtio devices (console, block, rng) behind the virtio-mmio transport.
+//! Virtio devices (console, block, rng, fs) behind the virtio-mmio transport.
 //!
 //! Ownership: each device owns its queues and a handle to guest memory; the
 //! [`mmio::MmioTransport`] owns the device and turns guest register accesses
@@ -14,6 +14,7 @@
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 
