@@ -558,6 +558,9 @@ impl<'a, T: Transport> Session<'a, T> {
                 self.send(&AgentMsg::Ready {
                     version: PROTOCOL_VERSION,
                 });
+                // The host sends its first command right behind `Resume`: answer before
+                // starting it, so the host learns when the resume itself was done.
+                self.flush();
             }
             HostMsg::Shutdown { req, reboot } => {
                 self.send(&AgentMsg::ShuttingDown { req });
