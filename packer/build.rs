@@ -54,6 +54,9 @@ const STUB_INPUTS: &[&str] = &[
     "stub/build.rs",
     "stub/Cargo.toml",
     "stub/testguest",
+    // Included by the stub (stub/src/linux/boot.rs).
+    "guest/kernel/cmdline-base.txt",
+    "guest/kernel/cmdline-pvm.txt",
     "formats/src",
     "formats/Cargo.toml",
     "guest/agent/src",

@@ -66,10 +66,34 @@ fn missing_program_fails_to_start_and_session_goes_on() {
     }
     let mut req = ExecRequest::new(["true"]);
     req.cwd = Some("/no/such/dir".into());
-    assert!(matches!(
-        c.exec(req).unwrap().wait(),
-        Err(ClientError::ExecFailed(_))
-    ));
+    match c.exec(req).unwrap().wait() {
+        Err(ClientError::ExecFailed(msg)) => assert!(
+            msg.contains("working directory \"/no/such/dir\" does not exist"),
+            "{msg}"
+        ),
+        other => panic!("expected ExecFailed, got {other:?}"),
+    }
+    // A name without a slash is looked up in the command's PATH, as execvp does; a name
+    // found nowhere, or a file that is not executable, fails to start.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("say-hi");
+    std::fs::write(&script, "#!/bin/sh\necho hi from PATH\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(dir.path().join("not-exec"), "#!/bin/sh\n").unwrap();
+    let path = format!("/nonexistent:{}:/usr/bin:/bin", dir.path().display());
+    let mut req = ExecRequest::new(["say-hi"]);
+    req.env = vec![("PATH".into(), path.clone())];
+    let h = c.exec(req).unwrap();
+    h.close_stdin().unwrap();
+    assert_eq!(h.wait_with_output().unwrap().stdout, b"hi from PATH\n");
+    for name in ["no-such-program-anywhere", "not-exec"] {
+        let mut req = ExecRequest::new([name]);
+        req.env = vec![("PATH".into(), path.clone())];
+        match c.exec(req).unwrap().wait() {
+            Err(ClientError::ExecFailed(msg)) => assert!(msg.contains(name), "{msg}"),
+            other => panic!("{name}: expected ExecFailed, got {other:?}"),
+        }
+    }
     assert_eq!(c.run_capture(["echo", "ok"]).unwrap().stdout, b"ok\n");
     finish(c, t);
 }

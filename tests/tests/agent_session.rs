@@ -126,6 +126,71 @@ fn resume_applies_clock_and_entropy_then_announces_ready() {
     assert_eq!(t.join().unwrap(), SessionEnd::Closed);
 }
 
+/// A system whose clock and entropy steps leave a file a command can read, so a test sees
+/// what a command started right after a resume observes.
+struct Marker(std::path::PathBuf);
+
+impl System for Marker {
+    fn quiesce(&mut self) -> (Applied, Applied) {
+        (Applied::Applied, Applied::Applied)
+    }
+    fn set_clock(&mut self, now: WallClock) -> Applied {
+        std::fs::write(self.0.join("clock"), format!("{}.{}", now.secs, now.nanos)).unwrap();
+        Applied::Applied
+    }
+    fn add_entropy(&mut self, bytes: &[u8]) -> Applied {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(self.0.join("entropy"), hex).unwrap();
+        Applied::Applied
+    }
+}
+
+#[test]
+fn a_command_sent_behind_resume_sees_its_clock_and_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, t) = agent_with(Marker(dir.path().to_owned()));
+    let old = c.exec(ExecRequest::new(["sleep", "1000"])).unwrap();
+    let old_pid = old.pid().unwrap() as i32;
+    c.quiesce().unwrap();
+
+    // The pipelined order of `smolvm run`: Resume, then at once the command, then the
+    // answer. The command must run after the clock and entropy steps and must survive the
+    // dropping of the snapshot's execs.
+    let now = WallClock {
+        secs: 1_900_000_001,
+        nanos: 42,
+    };
+    let entropy = [0x5au8; 16];
+    let pending = c.resume_start(now, &entropy).unwrap();
+    let d = dir.path().display();
+    let mut req = ExecRequest::new(["sh", "-c", "cat \"$0/clock\"; echo; cat \"$0/entropy\""]);
+    req.argv.push(d.to_string());
+    let h = c.exec(req).unwrap();
+    h.close_stdin().unwrap();
+    let report = c.resume_finish(pending).unwrap();
+    assert_eq!(report.clock, Applied::Applied);
+    assert_eq!(report.entropy, Applied::Applied);
+    assert_eq!(
+        report.dropped_execs, 1,
+        "only the snapshot's exec is dropped"
+    );
+    let out = h.wait_with_output().unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("1900000001.42\n{}", "5a".repeat(16))
+    );
+    // SAFETY: kill with signal 0 only checks for existence.
+    let alive = unsafe { libc::kill(old_pid, 0) } == 0;
+    assert!(
+        !alive,
+        "the snapshot's command {old_pid} outlived the resume"
+    );
+    drop(old);
+    drop(c);
+    assert_eq!(t.join().unwrap(), SessionEnd::Closed);
+}
+
 #[test]
 fn oversized_entropy_is_refused_by_the_client() {
     let (c, t) = agent_with(HostSystem);

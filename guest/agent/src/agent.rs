@@ -566,6 +566,9 @@ impl<'a, T: Transport> Session<'a, T> {
                 self.send(&AgentMsg::Ready {
                     version: PROTOCOL_VERSION,
                 });
+                // The host sends its first command right behind `Resume`: answer before
+                // starting it, so the host learns when the resume itself was done.
+                self.flush();
             }
             HostMsg::Shutdown { req, reboot } => {
                 self.send(&AgentMsg::ShuttingDown { req });
@@ -928,10 +931,21 @@ fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
         None => None,
     };
     let cwd = req.cwd.as_deref().unwrap_or("/");
+    let no_cwd =
+        || format!("cannot start {argv0:?}: working directory {cwd:?} does not exist in the guest");
+    if req.tty.is_none() && creds.is_none() {
+        return spawn_piped(req, cwd, &build_env(req, None, &inherited_env())).map_err(|e| {
+            // The child's chdir and exec both fail with ENOENT: name the directory when it
+            // is the one missing (checked only on this error path, not before every start).
+            if e.kind() == ErrorKind::NotFound && !std::path::Path::new(cwd).is_dir() {
+                no_cwd()
+            } else {
+                format!("cannot start {argv0:?}: {e}")
+            }
+        });
+    }
     if !std::path::Path::new(cwd).is_dir() {
-        return Err(format!(
-            "cannot start {argv0:?}: working directory {cwd:?} does not exist in the guest"
-        ));
+        return Err(no_cwd());
     }
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..]);
@@ -1012,6 +1026,49 @@ fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
         stdin,
         tty,
         outs,
+    })
+}
+
+/// The common case (pipes, no terminal, no other user) on the short path: the pipes made
+/// with one system call each plus one to make the agent's end non-blocking, the command
+/// started by [`sys::spawn_piped`] (vfork-style, no copy of the agent's address space).
+fn spawn_piped(req: &ExecRequest, cwd: &str, env: &[(String, String)]) -> io::Result<Spawned> {
+    let os = |e: sys::SysError| match e {
+        sys::SysError::Os { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    };
+    let (in_r, in_w) = sys::pipe().map_err(os)?;
+    let (out_r, out_w) = sys::pipe().map_err(os)?;
+    let (err_r, err_w) = sys::pipe().map_err(os)?;
+    for fd in [&in_w, &out_r, &err_r] {
+        // A pipe end is O_RDONLY or O_WRONLY and nothing else: F_SETFL without F_GETFL.
+        // SAFETY: F_SETFL on a descriptor we own reads no memory.
+        sys::cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) })?;
+    }
+    // Without a console, PID 1 may have no descriptors 0-2 and a pipe can land there;
+    // the child's dup2 onto 0-2 needs its sources elsewhere.
+    let high = |fd: OwnedFd| -> io::Result<OwnedFd> {
+        if fd.as_raw_fd() < 3 {
+            sys::dup(fd.as_raw_fd()).map_err(os)
+        } else {
+            Ok(fd)
+        }
+    };
+    let (in_r, out_w, err_w) = (high(in_r)?, high(out_w)?, high(err_w)?);
+    let plan = sys::SpawnPlan::new(
+        &req.argv,
+        env,
+        cwd,
+        [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+    )?;
+    let pid = sys::spawn_piped(&plan)?;
+    // The child's ends (in_r, out_w, err_w) close here.
+    Ok(Spawned {
+        pid,
+        pidfd: sys::pidfd_open(pid),
+        stdin: in_w,
+        tty: None,
+        outs: [Some(out_r), Some(err_r)],
     })
 }
 

@@ -342,6 +342,15 @@ fn stream_index(s: Stream) -> usize {
     }
 }
 
+/// A `Resume` sent by [`Client::resume_start`] whose answer is still to be awaited.
+#[derive(Debug)]
+#[must_use = "a resume is checked only by Client::resume_finish"]
+pub struct PendingResume {
+    req: u32,
+    /// `Ready` messages seen before the request: the agent sends one more after resuming.
+    seen: u64,
+}
+
 /// A connection to an agent. Cheap to share by reference across threads.
 pub struct Client {
     inner: Arc<Inner>,
@@ -493,20 +502,43 @@ impl Client {
     }
 
     fn request(&self, make: impl FnOnce(u32) -> HostMsg, what: &'static str) -> Result<AgentMsg> {
+        let req = self.send_request(make)?;
+        self.await_reply(req, what)
+    }
+
+    /// Sends a request without waiting: its number, for [`Client::await_reply`]. Forgotten
+    /// (its answer dropped as abandoned) when sending fails.
+    fn send_request(&self, make: impl FnOnce(u32) -> HostMsg) -> Result<u32> {
         let req = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
         self.inner.lock().awaiting.insert(req);
-        let res = self.inner.send(&make(req)).and_then(|()| {
-            self.inner
-                .wait_for(self.timeout(), what, |st| st.replies.remove(&req))
-        });
+        match self.inner.send(&make(req)) {
+            Ok(()) => Ok(req),
+            Err(e) => {
+                self.forget(req);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the answer to request `req`.
+    fn await_reply(&self, req: u32, what: &'static str) -> Result<AgentMsg> {
+        let res = self
+            .inner
+            .wait_for(self.timeout(), what, |st| st.replies.remove(&req));
         if res.is_err() {
+            self.forget(req);
+        }
+        res
+    }
+
+    fn forget(&self, req: u32) {
+        {
             let mut st = self.inner.lock();
             st.replies.remove(&req);
             if st.awaiting.remove(&req) && st.closed.is_none() {
                 st.abandoned.insert(req);
             }
         }
-        res
     }
 
     /// Round trip to the agent.
@@ -550,6 +582,16 @@ impl Client {
     /// After a restore: hands the agent the wall clock and fresh entropy, waits for it to
     /// apply them and announce `Ready`.
     pub fn resume(&self, now: WallClock, entropy: &[u8]) -> Result<ResumeReport> {
+        let pending = self.resume_start(now, entropy)?;
+        self.resume_finish(pending)
+    }
+
+    /// The first half of [`Client::resume`]: sends `Resume` and returns at once, so that
+    /// the first command can follow it on the wire without waiting for the round trip.
+    /// The agent handles frames in order, so a command sent after this starts only once
+    /// the clock is set, the entropy added and the execs of the previous host are gone.
+    /// Finish with [`Client::resume_finish`].
+    pub fn resume_start(&self, now: WallClock, entropy: &[u8]) -> Result<PendingResume> {
         if entropy.len() > MAX_ENTROPY {
             return Err(ClientError::Invalid(format!(
                 "{} bytes of entropy exceed the {MAX_ENTROPY}-byte limit",
@@ -558,11 +600,17 @@ impl Client {
         }
         let seen = self.inner.lock().ready_count;
         let entropy = entropy.to_vec();
-        let answer = self.request(|req| HostMsg::Resume { req, now, entropy }, "resume")?;
+        let req = self.send_request(|req| HostMsg::Resume { req, now, entropy })?;
+        Ok(PendingResume { req, seen })
+    }
+
+    /// Waits for the agent's answer to a [`Client::resume_start`] and its `Ready`.
+    pub fn resume_finish(&self, pending: PendingResume) -> Result<ResumeReport> {
+        let answer = self.await_reply(pending.req, "resume")?;
         let AgentMsg::Resumed { report, .. } = answer else {
             return Err(ClientError::Agent(format!("unexpected answer {answer:?}")));
         };
-        self.wait_ready_after(seen)?;
+        self.wait_ready_after(pending.seen)?;
         Ok(report)
     }
 

@@ -1,5 +1,6 @@
 //! Thin, checked wrappers over the Linux system calls the agent needs.
 
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -332,6 +333,191 @@ pub fn read_signals(fd: RawFd) -> (bool, Option<bool>) {
             _ => {}
         }
     }
+}
+
+/// What [`spawn_piped`] starts: every string already NUL-terminated, so the child does no
+/// allocation.
+pub struct SpawnPlan {
+    /// Candidate paths of the program, tried in order as `execvp` would (one when the name
+    /// has a `/`, else one per `PATH` directory).
+    pub candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    /// The child's stdin, stdout and stderr; each must be 3 or above (see [`spawn_piped`]).
+    pub stdio: [RawFd; 3],
+}
+
+impl SpawnPlan {
+    /// Prepares `argv` to run with `env` in `cwd`. `PATH` is taken from `env`, as the
+    /// child would see it. A NUL byte in any string is an error.
+    pub fn new(
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: &str,
+        stdio: [RawFd; 3],
+    ) -> io::Result<SpawnPlan> {
+        let c = |s: &str| {
+            CString::new(s).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the request")
+            })
+        };
+        let prog = argv
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
+        let candidates = if prog.contains('/') {
+            vec![c(prog)?]
+        } else {
+            let path = env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map_or("/usr/local/bin:/usr/bin:/bin", |(_, v)| v.as_str());
+            path.split(':')
+                .map(|d| if d.is_empty() { "." } else { d })
+                .map(|d| c(&format!("{}/{prog}", d.trim_end_matches('/'))))
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        Ok(SpawnPlan {
+            candidates,
+            argv: argv.iter().map(|a| c(a)).collect::<io::Result<_>>()?,
+            envp: env
+                .iter()
+                .map(|(k, v)| c(&format!("{k}={v}")))
+                .collect::<io::Result<_>>()?,
+            cwd: c(cwd)?,
+            stdio,
+        })
+    }
+}
+
+/// What the vfork child reads: raw pointers into a [`SpawnPlan`] the parent keeps alive
+/// (it is suspended until the child execs or exits), and where the child reports an error.
+struct ChildArgs {
+    candidates: Vec<*const libc::c_char>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    cwd: *const libc::c_char,
+    stdio: [RawFd; 3],
+    /// errno of the step that failed, 0 if the exec happened.
+    error: libc::c_int,
+}
+
+/// Stack of the vfork child: it makes a dozen system calls through libc wrappers.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// The vfork child: only async-signal-safe calls on memory prepared by the parent, then
+/// `execve` or `_exit`. Runs on its own stack, in the parent's address space.
+extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` the parent passed to clone and keeps alive (it is
+    // suspended, CLONE_VFORK); every pointer in it points into the parent's SpawnPlan.
+    unsafe {
+        let a = &mut *(arg as *mut ChildArgs);
+        // Handlers the agent process has (std's SIGSEGV/SIGBUS overflow guards) must not run
+        // here, on shared memory: defaults first, then the signal mask is opened.
+        for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGPIPE] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let fail = |a: &mut ChildArgs| -> libc::c_int {
+            a.error = *libc::__errno_location();
+            libc::_exit(127)
+        };
+        if libc::setsid() < 0 {
+            return fail(a);
+        }
+        for (target, &fd) in a.stdio.iter().enumerate() {
+            // Every source is 3 or above, so dup2 always makes a fresh, inheritable copy.
+            if libc::dup2(fd, target as libc::c_int) < 0 {
+                return fail(a);
+            }
+        }
+        if libc::chdir(a.cwd) < 0 {
+            return fail(a);
+        }
+        let mut err = libc::ENOENT;
+        for &path in &a.candidates {
+            libc::execve(path, a.argv.as_ptr(), a.envp.as_ptr());
+            let e = *libc::__errno_location();
+            // As execvp: a missing file (or a non-directory on the way) tries the next
+            // directory; a file that is there but not executable is remembered.
+            match e {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => err = e,
+                _ => {
+                    err = e;
+                    break;
+                }
+            }
+        }
+        a.error = err;
+        libc::_exit(127)
+    }
+}
+
+/// Starts `plan` in a new session with `clone(CLONE_VM | CLONE_VFORK)`: no copy of the
+/// agent's page tables (a fork's main cost where the guest kernel is emulated) and about a
+/// dozen system calls in all. The child's signal mask is empty and SIGPIPE is at its
+/// default. Returns the pid; the error of the step that failed otherwise (the child is
+/// reaped then). The caller's stdio descriptors must be 3 or above.
+pub fn spawn_piped(plan: &SpawnPlan) -> io::Result<i32> {
+    if plan.stdio.iter().any(|&fd| fd < 3) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "stdio descriptors below 3",
+        ));
+    }
+    let nul = || std::iter::once(std::ptr::null());
+    let mut args = ChildArgs {
+        candidates: plan.candidates.iter().map(|c| c.as_ptr()).collect(),
+        argv: plan.argv.iter().map(|c| c.as_ptr()).chain(nul()).collect(),
+        envp: plan.envp.iter().map(|c| c.as_ptr()).chain(nul()).collect(),
+        cwd: plan.cwd.as_ptr(),
+        stdio: plan.stdio,
+        error: 0,
+    };
+    let mut stack = vec![0u8; CHILD_STACK];
+    // SAFETY: the stack grows down from the end of `stack`, aligned down to 16 bytes; it
+    // outlives the child's use of it (CLONE_VFORK suspends us until exec or exit).
+    let top = unsafe { stack.as_mut_ptr().add(CHILD_STACK) } as usize & !15;
+    // Block every signal around the clone so that no handler of ours runs in the child
+    // before it has reset them; the child opens its own mask.
+    // SAFETY: sigset_t buffers on the stack, filled by sigfillset / the kernel.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointers; only this thread's mask changes.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: `spawn_child` only reads `args` and the plan's strings (alive here) and ends
+    // in execve or _exit; CLONE_VM shares our memory, CLONE_VFORK keeps us suspended until
+    // then, so `args.error` is final when clone returns.
+    let pid = unsafe {
+        libc::clone(
+            spawn_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut args as *mut ChildArgs).cast(),
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    // SAFETY: the child is done with `args` (exec'ed or exited): read the volatile field
+    // the other task wrote.
+    let error = unsafe { std::ptr::read_volatile(&args.error) };
+    drop(stack);
+    if error != 0 {
+        wait_blocking(pid);
+        return Err(io::Error::from_raw_os_error(error));
+    }
+    Ok(pid)
 }
 
 #[cfg(test)]

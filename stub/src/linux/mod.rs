@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use smolvm_agent::client::{Client, ClientError};
+use smolvm_agent::client::{Client, ClientError, PendingResume};
 use smolvm_agent::protocol::{QuiesceReport, WallClock};
 use smolvm_formats::{Arch, Compression, MachineReader, MachineWriter, Manifest, SectionKind};
 
@@ -392,6 +392,20 @@ pub fn resume_linux_plan(
     path: &Path,
     opts: ResumeOptions,
 ) -> Result<LinuxMachine, LinuxError> {
+    let (m, pending) = resume_linux_start(plan, path, opts)?;
+    m.finish_resume(pending)?;
+    Ok(m)
+}
+
+/// [`resume_linux_plan`] up to sending the agent its `Resume`, without waiting for the
+/// answer: the caller sends its first command right behind it (the agent applies the clock
+/// and entropy and drops the previous host's execs before it reads the next frame), then
+/// calls [`LinuxMachine::finish_resume`].
+pub fn resume_linux_start(
+    plan: SnapshotPlan,
+    path: &Path,
+    opts: ResumeOptions,
+) -> Result<(LinuxMachine, PendingResume), LinuxError> {
     let Guest::Linux { cmdline } = plan.state.guest.clone() else {
         return Err(LinuxError::NotLinux(path.to_owned()));
     };
@@ -464,17 +478,29 @@ pub fn resume_linux_plan(
     timing::mark("vcpus-started");
     let mut entropy = [0u8; 64];
     crate::devices::virtio::rng::host_random(&mut entropy)?;
-    match m.client.resume(wall_clock(), &entropy) {
-        Ok(report) => log::debug!("agent resumed: {report:?}"),
-        Err(e) => {
-            return Err(m.guest_error(format!("the resumed guest's agent did not answer: {e}")))
-        }
+    match m.client.resume_start(wall_clock(), &entropy) {
+        Ok(pending) => Ok((m, pending)),
+        Err(e) => Err(m.guest_error(format!(
+            "cannot send the resumed guest's agent its clock: {e}"
+        ))),
     }
-    timing::mark("agent-resumed");
-    Ok(m)
 }
 
 impl LinuxMachine {
+    /// Waits for the agent's answer to the `Resume` sent by [`resume_linux_start`].
+    pub fn finish_resume(&self, pending: PendingResume) -> Result<(), LinuxError> {
+        match self.client.resume_finish(pending) {
+            Ok(report) => log::debug!("agent resumed: {report:?}"),
+            Err(e) => {
+                return Err(
+                    self.guest_error(format!("the resumed guest's agent did not answer: {e}"))
+                )
+            }
+        }
+        timing::mark("agent-resumed");
+        Ok(())
+    }
+
     /// The agent client: run commands, quiesce, shut down.
     pub fn agent(&self) -> &Client {
         &self.client

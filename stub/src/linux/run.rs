@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use smolvm_agent::client::ClientError;
+use smolvm_agent::client::{ClientError, ExecHandle};
 use smolvm_agent::protocol::{ExecRequest, ExitStatus, WinSize};
 use smolvm_formats::{
     Compression, GuestRegion, MachineReader, MachineWriter, Manifest, SectionKind,
 };
 
-use super::{resume_linux_plan, LinuxError, LinuxExit, ResumeOptions};
+use super::{resume_linux_start, LinuxError, LinuxExit, ResumeOptions};
 use crate::builder::SnapshotPlan;
 use crate::timing;
 
@@ -496,7 +496,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
         .map(|_| Box::new(io::stderr()) as super::console::ConsoleSink);
     let stamp = VerifiedStamp::of(plan.reader.file());
     let verified_before = stamp.as_ref().is_some_and(VerifiedStamp::is_recorded);
-    let mut m = resume_linux_plan(
+    let (mut m, pending) = resume_linux_start(
         plan,
         name,
         ResumeOptions {
@@ -532,7 +532,16 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
         user: None,
         tty: tty.then(window_size),
     };
-    let status = match run_exec(&m, req, tty) {
+    // Sent right behind `Resume`, without waiting for its answer: the agent handles frames
+    // in order, so the command starts after the clock, the entropy and the dropping of the
+    // snapshot's execs, and the round trip is saved.
+    let handle = m.agent().exec(req);
+    timing::mark("exec-sent");
+    m.finish_resume(pending)?;
+    let status = match handle
+        .map_err(LinuxError::from)
+        .and_then(|h| run_exec(h, tty))
+    {
         Ok(status) => status,
         // The guest ended under the command (`reboot`, `poweroff`, a panic).
         Err(e) if m.has_stopped() => match m.wait_exit(Duration::from_secs(5))? {
@@ -574,13 +583,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
     Ok(status)
 }
 
-fn run_exec(
-    m: &super::LinuxMachine,
-    req: ExecRequest,
-    tty: bool,
-) -> Result<ExitStatus, LinuxError> {
-    let mut handle = m.agent().exec(req)?;
-    timing::mark("exec-sent");
+fn run_exec(mut handle: ExecHandle, tty: bool) -> Result<ExitStatus, LinuxError> {
     let raw = if tty { RawMode::enter().ok() } else { None };
     install(libc::SIGWINCH, on_winch);
     // In raw mode the terminal sends Ctrl-C as a byte (the guest's terminal

@@ -4,11 +4,14 @@
 //! both filters (the VMM one it inherits, then its own), so its effective list is the
 //! intersection; every vCPU entry is also a VMM entry.
 
+#[cfg(test)]
 use std::collections::BTreeMap;
 
+use seccompiler::{sock_filter, BpfProgram};
+#[cfg(test)]
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
+    SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
 };
 
 use super::SeccompError;
@@ -221,10 +224,12 @@ pub(crate) fn allowed(role: Role) -> &'static [Allow] {
     }
 }
 
+#[cfg(test)]
 fn cond(arg: u8, op: Op, value: u64) -> Result<SeccompCondition, SeccompError> {
     SeccompCondition::new(arg, Len::Dword, op, value).map_err(SeccompError::compile)
 }
 
+#[cfg(test)]
 fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
     SeccompRule::new(conds).map_err(SeccompError::compile)
 }
@@ -233,6 +238,7 @@ fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
 const IOC_TYPE_MASK: u64 = 0xff00;
 const KVMIO: u64 = 0xAE00;
 
+#[cfg(test)]
 fn rules_for(args: Args, pid: u32) -> Result<Vec<SeccompRule>, SeccompError> {
     let kvm = || rule(vec![cond(1, Op::MaskedEq(IOC_TYPE_MASK), KVMIO)?]);
     let eq = |arg, v: u64| rule(vec![cond(arg, Op::Eq, v)?]);
@@ -269,9 +275,10 @@ fn rules_for(args: Args, pid: u32) -> Result<Vec<SeccompRule>, SeccompError> {
     })
 }
 
-/// The BPF program of `role` for process `pid`: the listed calls allowed, anything else
-/// trapping.
-pub(crate) fn compile(role: Role, pid: u32) -> Result<BpfProgram, SeccompError> {
+/// `seccompiler`'s program for `role`: a linear chain, one comparison per listed call.
+/// Kept as the reference the tree of [`compile`] is checked against.
+#[cfg(test)]
+pub(crate) fn compile_linear(role: Role, pid: u32) -> Result<BpfProgram, SeccompError> {
     let mut rules = BTreeMap::new();
     for a in allowed(role) {
         rules.insert(a.nr, rules_for(a.args, pid)?);
@@ -284,6 +291,177 @@ pub(crate) fn compile(role: Role, pid: u32) -> Result<BpfProgram, SeccompError> 
     )
     .map_err(SeccompError::compile)?;
     filter.try_into().map_err(SeccompError::compile)
+}
+
+// Classic BPF encoding (linux/bpf_common.h, linux/seccomp.h).
+/// BPF_LD | BPF_W | BPF_ABS (class and size are 0).
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_ALU_AND_K: u16 = 0x04 | 0x50;
+const BPF_JMP_JA: u16 = 0x05;
+const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_DATA_NR: u32 = 0;
+const SECCOMP_DATA_ARCH: u32 = 4;
+const SECCOMP_DATA_ARGS: u32 = 16;
+/// `EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// At most this many calls are compared one after the other in a leaf of the tree.
+const LEAF: usize = 3;
+
+fn stmt(code: u16, k: u32) -> sock_filter {
+    sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+fn short(n: usize) -> Result<u8, SeccompError> {
+    u8::try_from(n).map_err(|_| SeccompError::Compile(format!("a jump of {n} instructions")))
+}
+
+/// The code run for one listed call, the call number already checked: allow when one rule
+/// matches (all its conditions hold on the argument's low 32 bits, as seccompiler's
+/// `Dword` conditions), trap otherwise.
+fn leaf_body(rules: &[SeccompRuleSpec]) -> Result<Vec<sock_filter>, SeccompError> {
+    let allow = stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW);
+    if rules.is_empty() {
+        return Ok(vec![allow]);
+    }
+    let mut out = Vec::new();
+    for rule in rules {
+        // Per condition: load, optional mask, compare; a failed compare skips the rest of
+        // this rule (its remaining conditions and its RET ALLOW).
+        let lens: Vec<usize> = rule
+            .iter()
+            .map(|c| if c.mask.is_some() { 3 } else { 2 })
+            .collect();
+        for (i, c) in rule.iter().enumerate() {
+            out.push(stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARGS + 8 * c.arg as u32));
+            if let Some(m) = c.mask {
+                out.push(stmt(BPF_ALU_AND_K, m));
+            }
+            let rest: usize = lens[i + 1..].iter().sum::<usize>() + 1;
+            out.push(jump(BPF_JMP_JEQ_K, c.value, 0, short(rest)?));
+        }
+        out.push(allow.clone());
+    }
+    out.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRAP));
+    Ok(out)
+}
+
+/// A binary search over the sorted call numbers (the accumulator holds the number): each
+/// call costs about log2(n) comparisons instead of up to n, both when the kernel runs the
+/// filter and when it precomputes, per call number, which calls the filter always allows
+/// (its action cache emulates the filter once per number when it is installed).
+fn tree(calls: &[(u32, Vec<sock_filter>)]) -> Result<Vec<sock_filter>, SeccompError> {
+    if calls.len() <= LEAF {
+        let mut out = Vec::new();
+        for (nr, body) in calls {
+            out.push(jump(BPF_JMP_JEQ_K, *nr, 0, short(body.len())?));
+            out.extend_from_slice(body);
+        }
+        out.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRAP));
+        return Ok(out);
+    }
+    let (low, high) = calls.split_at(calls.len() / 2);
+    let (low, high) = (tree(low)?, tree(high)?);
+    let mut out = Vec::with_capacity(low.len() + high.len() + 2);
+    match u8::try_from(low.len()) {
+        Ok(jt) => out.push(jump(BPF_JMP_JGE_K, calls[calls.len() / 2].0, jt, 0)),
+        Err(_) => {
+            // Conditional jumps reach 255 instructions: a long one goes through JA.
+            let over = u32::try_from(low.len())
+                .map_err(|_| SeccompError::Compile("filter too long".into()))?;
+            out.push(jump(BPF_JMP_JGE_K, calls[calls.len() / 2].0, 0, 1));
+            out.push(stmt(BPF_JMP_JA, over));
+        }
+    }
+    out.extend(low);
+    out.extend(high);
+    Ok(out)
+}
+
+/// One argument condition: `(arg & mask) == value` on the low 32 bits.
+struct CondSpec {
+    arg: u8,
+    mask: Option<u32>,
+    value: u32,
+}
+
+/// All conditions of a rule must hold.
+type SeccompRuleSpec = Vec<CondSpec>;
+
+fn rule_specs(args: Args, pid: u32) -> Vec<SeccompRuleSpec> {
+    let eq = |arg, value: u64| {
+        vec![CondSpec {
+            arg,
+            mask: None,
+            value: value as u32,
+        }]
+    };
+    let masked = |arg, mask: u64, value: u64| {
+        vec![CondSpec {
+            arg,
+            mask: Some(mask as u32),
+            value: value as u32,
+        }]
+    };
+    match args {
+        Args::Any => vec![],
+        Args::KvmIoctl => vec![masked(1, IOC_TYPE_MASK, KVMIO)],
+        Args::KvmOrTerminalIoctl => vec![
+            masked(1, IOC_TYPE_MASK, KVMIO),
+            eq(1, libc::TCGETS),
+            eq(1, libc::TCSETS),
+            eq(1, libc::TIOCGWINSZ),
+        ],
+        Args::NoExec => vec![masked(2, libc::PROT_EXEC as u64, 0)],
+        Args::Thread => vec![masked(
+            0,
+            libc::CLONE_THREAD as u64,
+            libc::CLONE_THREAD as u64,
+        )],
+        Args::ThreadName => vec![
+            eq(0, libc::PR_SET_NAME as u64),
+            eq(0, libc::PR_GET_NAME as u64),
+        ],
+        Args::ThreadNameOrNoNewPrivs => vec![
+            eq(0, libc::PR_SET_NAME as u64),
+            eq(0, libc::PR_GET_NAME as u64),
+            eq(0, libc::PR_SET_NO_NEW_PRIVS as u64),
+        ],
+        Args::AddFilter => vec![eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)],
+        Args::OwnProcess => vec![eq(0, pid as u64)],
+    }
+}
+
+/// The BPF program of `role` for process `pid`: the listed calls allowed, anything else
+/// trapping, another architecture's calls killing the process. The calls are found by
+/// binary search (see [`tree`]); the decisions are those of seccompiler's linear program
+/// for the same lists (checked by the tests).
+pub(crate) fn compile(role: Role, pid: u32) -> Result<BpfProgram, SeccompError> {
+    let mut calls = Vec::new();
+    for a in allowed(role) {
+        let nr = u32::try_from(a.nr)
+            .map_err(|_| SeccompError::Compile(format!("call number {}", a.nr)))?;
+        calls.push((nr, leaf_body(&rule_specs(a.args, pid))?));
+    }
+    calls.sort_by_key(|c| c.0);
+    let mut prog = vec![
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
+        jump(BPF_JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
+    ];
+    prog.extend(tree(&calls)?);
+    Ok(prog)
 }
 
 #[cfg(test)]
@@ -299,6 +477,104 @@ mod tests {
                 !prog.is_empty() && prog.len() < 4096,
                 "{role:?}: {}",
                 prog.len()
+            );
+        }
+    }
+
+    /// Runs a classic BPF program of the instructions the two compilers emit on one
+    /// `seccomp_data` (call number, x86_64, arguments); returns the action.
+    fn run(prog: &[sock_filter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+        let word = |off: u32| -> u32 {
+            match off {
+                0 => nr,
+                4 => arch,
+                o if (16..64).contains(&o) => {
+                    let a = args[((o - 16) / 8) as usize];
+                    if (o - 16) % 8 == 0 {
+                        a as u32
+                    } else {
+                        (a >> 32) as u32
+                    }
+                }
+                o => panic!("load of offset {o}"),
+            }
+        };
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            match i.code {
+                BPF_LD_W_ABS => acc = word(i.k),
+                BPF_ALU_AND_K => acc &= i.k,
+                BPF_JMP_JA => pc += i.k as usize,
+                BPF_JMP_JEQ_K => pc += if acc == i.k { i.jt } else { i.jf } as usize,
+                BPF_JMP_JGE_K => pc += if acc >= i.k { i.jt } else { i.jf } as usize,
+                0x25 => pc += if acc > i.k { i.jt } else { i.jf } as usize, // JGT
+                BPF_RET_K => return i.k,
+                c => panic!("instruction {c:#x} at {}", pc - 1),
+            }
+        }
+    }
+
+    #[test]
+    fn the_tree_decides_as_the_linear_program() {
+        let pid = 4242u32;
+        let mut values: Vec<u64> = vec![
+            0,
+            1,
+            u64::MAX,
+            pid as u64,
+            pid as u64 + 1,
+            (1 << 32) | pid as u64,
+            KVMIO,
+            KVMIO | 0x01,
+            0xAE80,
+            0x1200,
+            libc::TCGETS,
+            libc::TCSETS,
+            libc::TIOCGWINSZ,
+            libc::TIOCSTI,
+            libc::PROT_READ as u64,
+            (libc::PROT_READ | libc::PROT_EXEC) as u64,
+            libc::CLONE_THREAD as u64,
+            (libc::CLONE_VM | libc::CLONE_THREAD) as u64,
+            libc::CLONE_VM as u64,
+            libc::PR_SET_NAME as u64,
+            libc::PR_GET_NAME as u64,
+            libc::PR_SET_NO_NEW_PRIVS as u64,
+            libc::PR_SET_DUMPABLE as u64,
+            libc::SECCOMP_SET_MODE_FILTER as u64,
+            libc::SECCOMP_SET_MODE_STRICT as u64,
+        ];
+        values.dedup();
+        for role in [Role::Vmm, Role::Vcpu] {
+            let tree = compile(role, pid).unwrap();
+            let linear = compile_linear(role, pid).unwrap();
+            assert!(tree.len() < 4096);
+            for arch in [AUDIT_ARCH_X86_64, 0x4000_0003] {
+                for nr in (0..600u32).chain([0x4000_0000, 0x4000_0001, u32::MAX]) {
+                    for (i, &v) in values.iter().enumerate() {
+                        // The value under test in each argument slot, others varying.
+                        for slot in 0..3 {
+                            let mut args = [values[(i + 1) % values.len()]; 6];
+                            args[slot] = v;
+                            assert_eq!(
+                                run(&tree, arch, nr, args),
+                                run(&linear, arch, nr, args),
+                                "{role:?}: arch {arch:#x}, call {nr}, args {args:x?}"
+                            );
+                        }
+                    }
+                }
+            }
+            // Sanity: the lists mean what they say.
+            let allow = libc::SECCOMP_RET_ALLOW;
+            let read = libc::SYS_read as u32;
+            assert_eq!(run(&tree, AUDIT_ARCH_X86_64, read, [0; 6]), allow);
+            let execve = libc::SYS_execve as u32;
+            assert_eq!(
+                run(&tree, AUDIT_ARCH_X86_64, execve, [0; 6]),
+                libc::SECCOMP_RET_TRAP
             );
         }
     }

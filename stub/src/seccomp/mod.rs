@@ -44,6 +44,7 @@ pub enum SeccompError {
 }
 
 impl SeccompError {
+    #[cfg(test)]
     fn compile(e: impl std::fmt::Display) -> SeccompError {
         SeccompError::Compile(e.to_string())
     }

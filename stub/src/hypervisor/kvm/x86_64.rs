@@ -438,6 +438,11 @@ impl VcpuX86_64 for KvmVcpu {
         if let Some(ev) = &state.vcpu_events {
             fd.set_vcpu_events(ev).map_err(op("KVM_SET_VCPU_EVENTS"))?;
         }
+        // Tell a kvmclock guest that this vCPU was stopped (PVCLOCK_GUEST_STOPPED in its
+        // clock page): its soft-lockup watchdog then takes the gap for a pause, not for a
+        // hung CPU to report and recover from on the resumed guest's time. KVM refuses it
+        // (EINVAL) for a guest that never enabled kvmclock, which is fine: nothing to tell.
+        let _ = fd.kvmclock_ctrl();
         Ok(())
     }
 }
