@@ -7,7 +7,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use smolvm_formats::{
-    testing, trailer, Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind,
+    signature, testing, trailer, Arch, Compression, GuestRegion, MachineReader, MachineWriter,
+    Manifest, SectionKind,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -63,8 +64,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(p)
         };
     write(Compression::None, false)?;
-    write(Compression::Zstd, true)?;
+    let zstd = write(Compression::Zstd, true)?;
     let raw = write(Compression::None, true)?;
+    // Signed copies, so the signature section's parser and checks are reached.
+    let key = signature::SecretKey::from_seed([0x5e; 32]);
+    for (src, name) in [(&raw, "seed-signed"), (&zstd, "seed-signed-zstd")] {
+        let r = MachineReader::open(src)?;
+        MachineWriter::copy_from(&r, &dir.join(format!("{name}.smolmachine")), Some(&key))?;
+    }
     let stub = dir.join("stub.tmp");
     fs::write(&stub, testing::tiny_elf())?;
     trailer::pack(&stub, &raw, &dir.join("seed-packed"))?;

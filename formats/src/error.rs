@@ -68,6 +68,18 @@ pub enum Error {
     /// A caller passed arguments the API cannot honour.
     #[error("{0}")]
     InvalidInput(String),
+    /// A signature was required and the machine has none.
+    #[error("the machine is not signed, and a trusted key is configured: sign it with `smolpack sign`, or run it without a trust key")]
+    Unsigned,
+    /// The machine is signed by a key that is not trusted.
+    #[error("the machine is signed by key {0}, which is not a trusted key")]
+    UntrustedKey(String),
+    /// The signature does not match the file.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// A key file does not parse.
+    #[error("{0}")]
+    Key(String),
     /// The stub executable is not a usable ELF file.
     #[error("stub is not a usable ELF executable: {0}")]
     Elf(String),

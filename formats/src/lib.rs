@@ -32,6 +32,7 @@ mod image;
 mod layout;
 mod manifest;
 mod reader;
+pub mod signature;
 mod source;
 pub mod trailer;
 mod writer;
@@ -266,6 +267,10 @@ pub mod testing {
         for i in 0..r.table_len() {
             let _ = r.check_section(i);
         }
+        // Trust the embedded key, so the signed message and every digest are checked too.
+        if let Ok(Some(info)) = r.signature_info() {
+            let _ = crate::signature::verify_signature(&r, &[info.key]);
+        }
         Ok(r.verify().is_ok())
     }
 }
@@ -375,6 +380,9 @@ pub enum SectionKind {
     Memory,
     /// A disk image with a zero-run map; there may be several.
     Disk,
+    /// An Ed25519 signature over the header, the table and every other section's digest
+    /// (optional, at most once, the last section; see [`signature`]).
+    Signature,
     /// A kind this build does not know (listed, never interpreted).
     Unknown(u32),
 }
@@ -387,6 +395,7 @@ impl SectionKind {
             SectionKind::VmState => 2,
             SectionKind::Memory => 3,
             SectionKind::Disk => 4,
+            SectionKind::Signature => 5,
             SectionKind::Unknown(c) => c,
         }
     }
@@ -397,6 +406,7 @@ impl SectionKind {
             2 => SectionKind::VmState,
             3 => SectionKind::Memory,
             4 => SectionKind::Disk,
+            5 => SectionKind::Signature,
             c => SectionKind::Unknown(c),
         }
     }
@@ -404,7 +414,10 @@ impl SectionKind {
     pub fn is_singleton(self) -> bool {
         matches!(
             self,
-            SectionKind::Manifest | SectionKind::VmState | SectionKind::Memory
+            SectionKind::Manifest
+                | SectionKind::VmState
+                | SectionKind::Memory
+                | SectionKind::Signature
         )
     }
     /// Kinds stored as an image (region data + run map).
@@ -417,6 +430,7 @@ impl SectionKind {
             SectionKind::VmState => "vm-state",
             SectionKind::Memory => "memory",
             SectionKind::Disk => "disk",
+            SectionKind::Signature => "signature",
             SectionKind::Unknown(_) => "unknown",
         }
     }

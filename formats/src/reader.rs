@@ -137,6 +137,9 @@ pub struct MachineReader<S: ReadAt = File> {
     sections: Vec<SectionEntry>,
     trailer: Option<Trailer>,
     fingerprint: u128,
+    /// The header and table bytes as stored (checked), for signatures.
+    header_bytes: [u8; HEADER_LEN as usize],
+    table: Vec<u8>,
 }
 
 impl MachineReader<File> {
@@ -350,7 +353,21 @@ impl<S: ReadAt> MachineReader<S> {
             sections,
             trailer: None,
             fingerprint,
+            header_bytes: hb,
+            table,
         })
+    }
+
+    /// The header as stored (64 bytes, checksum checked on open).
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.header_bytes
+    }
+    /// The section table as stored (every entry, skipped ones included).
+    pub fn table_bytes(&self) -> &[u8] {
+        &self.table
+    }
+    pub(crate) fn raw_entry(&self, i: usize) -> &RawEntry {
+        &self.raw[i]
     }
 
     /// The underlying byte source.

@@ -22,6 +22,7 @@ use crate::layout::{
 };
 use crate::manifest::Manifest;
 use crate::reader::{DiskLayout, MachineReader, SectionEntry};
+use crate::signature::{self, SecretKey};
 use crate::source::{read_exact_at, ReadAt, CHUNK};
 use crate::{Arch, Compression, SectionKind, DATA_ALIGN, MAX_BLOB_LEN, MAX_SECTIONS};
 
@@ -288,7 +289,10 @@ impl MachineWriter {
         required: bool,
     ) -> Result<()> {
         match kind {
-            SectionKind::Manifest | SectionKind::Memory | SectionKind::Disk => {
+            SectionKind::Manifest
+            | SectionKind::Memory
+            | SectionKind::Disk
+            | SectionKind::Signature => {
                 return Err(Error::InvalidInput(format!(
                     "{kind} sections have a dedicated writer method"
                 )))
@@ -313,6 +317,15 @@ impl MachineWriter {
             return Err(Error::InvalidInput(format!(
                 "a .smolmachine holds at most {MAX_SECTIONS} sections"
             )));
+        }
+        if self
+            .entries
+            .iter()
+            .any(|e| e.kind() == SectionKind::Signature)
+        {
+            return Err(Error::InvalidInput(
+                "the signature must be the last section; add it last".into(),
+            ));
         }
         if kind.is_singleton() && self.entries.iter().any(|e| e.kind() == kind) {
             return Err(Error::InvalidInput(format!(
@@ -502,7 +515,14 @@ impl MachineWriter {
     /// table order); optional sections this build cannot decode are dropped. Zero granules
     /// stay elided at the source's granule. Verify `src` first: raw memory is copied as read
     /// (disk data is checked against its region checksum on the way).
-    pub fn compress_from<S: ReadAt>(src: &MachineReader<S>, dest: &Path) -> Result<()> {
+    ///
+    /// A signature section is dropped (its digests no longer match the re-encoded sections);
+    /// with `key` the result is signed again.
+    pub fn compress_from<S: ReadAt>(
+        src: &MachineReader<S>,
+        dest: &Path,
+        key: Option<&SecretKey>,
+    ) -> Result<()> {
         let mut w = MachineWriter::create(dest, src.arch())?;
         let disks = if src.sections().iter().any(|e| e.kind == SectionKind::Disk) {
             src.disks()?
@@ -519,10 +539,77 @@ impl MachineWriter {
                     })?;
                     w.compress_disk_from(src, e, d)?;
                 }
+                SectionKind::Signature => {}
                 _ => w.copy_section_from(src, e)?,
             }
         }
+        if let Some(key) = key {
+            w.add_signature(key)?;
+        }
         w.finish()
+    }
+
+    /// Rewrites `src` at `dest` (atomically) with every section copied byte for byte (same
+    /// offsets when `src` was written by this writer) except its signature, which is dropped;
+    /// with `key` a new signature is added. `smolpack sign` is this with `dest` = the file
+    /// itself. Copying reads every byte, and the checksum of every copied section is checked
+    /// on the way (a damaged source is refused).
+    pub fn copy_from<S: ReadAt>(
+        src: &MachineReader<S>,
+        dest: &Path,
+        key: Option<&SecretKey>,
+    ) -> Result<()> {
+        if src.skipped_sections() > 0 {
+            return Err(Error::InvalidInput(format!(
+                "{} optional sections use an encoding this build does not know; upgrade smolpack",
+                src.skipped_sections()
+            )));
+        }
+        let mut w = MachineWriter::create(dest, src.arch())?;
+        for e in src.sections() {
+            if e.kind != SectionKind::Signature {
+                w.copy_section_from(src, e)?;
+            }
+        }
+        if let Some(key) = key {
+            w.add_signature(key)?;
+        }
+        w.finish()
+    }
+
+    /// Signs the machine written so far: SHA-512 of every section as written, then the
+    /// Ed25519 signature over the header fields, the table entries and those digests, as
+    /// the last section. Nothing may be added after it.
+    pub fn add_signature(&mut self, key: &SecretKey) -> Result<()> {
+        self.check_can_add(SectionKind::Signature)?;
+        let ctx = format!("writing {}", self.file.tmp_path().display());
+        let r = self.out.flush().map_err(|e| Error::io(&ctx, e));
+        self.fail_on_err(r)?;
+        let digests: Result<Vec<[u8; 64]>> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let what = format!("section {i} as written");
+                signature::digest_range(self.file.file(), e.offset, e.stored_len, &what)
+            })
+            .collect();
+        let digests = self.fail_on_err(digests)?;
+        let header = Header {
+            version_major: VERSION_MAJOR,
+            version_minor: VERSION_MINOR,
+            arch: self.arch,
+            flags: 0,
+            section_count: 0,
+            table_offset: 0,
+            file_len: 0,
+        }
+        .encode(&[]);
+        let entries: Vec<[u8; ENTRY_LEN as usize]> =
+            self.entries.iter().map(|e| e.encode()).collect();
+        let refs: Vec<&[u8]> = entries.iter().map(|e| &e[..]).collect();
+        let section = signature::encode(key, &header, &refs, &digests);
+        self.add_section(SectionKind::Signature, false, &section, Compression::None)
     }
 
     /// Copies section `e` of `src` byte for byte; its checksum must still match.
@@ -841,7 +928,7 @@ mod tests {
 
         let r = MachineReader::open(&src).unwrap();
         let dest = dir.path().join("zstd.smolmachine");
-        MachineWriter::compress_from(&r, &dest).unwrap();
+        MachineWriter::compress_from(&r, &dest, None).unwrap();
         let c = MachineReader::open(&dest).unwrap();
         c.verify().unwrap();
         assert!(c.len() < r.len());
@@ -871,7 +958,7 @@ mod tests {
 
         // Already compressed: the same bytes again (byte-for-byte section copies).
         let again = dir.path().join("again.smolmachine");
-        MachineWriter::compress_from(&c, &again).unwrap();
+        MachineWriter::compress_from(&c, &again, None).unwrap();
         assert_eq!(
             std::fs::read(&again).unwrap(),
             std::fs::read(&dest).unwrap()

@@ -6,5 +6,6 @@ pub mod gc;
 pub mod guest;
 pub mod pack;
 pub mod progress;
+pub mod signing;
 pub mod smolfile;
 pub mod targets;

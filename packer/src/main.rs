@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use smolpack::{build, pack, targets};
+use smolpack::{build, pack, signing, targets};
 
 #[derive(Parser)]
 #[command(
@@ -65,9 +65,35 @@ enum Command {
         #[arg(long)]
         no_verify: bool,
     },
-    /// Check every checksum and that all padding is zero; exit status 0 means intact.
+    /// Check every checksum and that all padding is zero; exit status 0 means intact. With
+    /// --key, also that the machine is signed by one of these keys and that no byte of it
+    /// changed since.
     Verify {
         /// A .smolmachine or a packed executable.
+        file: PathBuf,
+        /// A trusted public key file (`smolpack keygen` writes NAME.pub); may repeat.
+        #[arg(long = "key", value_name = "PUB")]
+        keys: Vec<PathBuf>,
+    },
+    /// Write a new Ed25519 signing key pair: NAME.key (secret, mode 0600) and NAME.pub.
+    #[command(
+        after_help = "Example:\n  smolpack keygen -o release\n  smolpack sign --key release.key app"
+    )]
+    Keygen {
+        /// Path prefix of the two files (never overwritten).
+        #[arg(short, long, value_name = "NAME")]
+        output: PathBuf,
+    },
+    /// Sign a .smolmachine or packed executable in place (atomically) with a secret key: a
+    /// signature section covering the header, every section's table entry and a SHA-512 of
+    /// every section. An existing signature is replaced. Runs with a trust key configured
+    /// (`smolvm run --trust PUB`, SMOLVM_TRUST, /etc/smolvm/trust.d) refuse unsigned or
+    /// wrongly signed machines.
+    Sign {
+        /// The secret key file (from `smolpack keygen`).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// The .smolmachine or packed executable to sign.
         file: PathBuf,
     },
     /// Pack a machine into one self-resuming executable: `./OUT ARGS...` resumes the machine
@@ -101,8 +127,12 @@ enum Command {
         /// Use this smolvm stub executable instead of the one built into smolpack.
         #[arg(long, value_name = "PATH")]
         stub: Option<PathBuf>,
+        /// Sign the payload with this secret key (after --compress, which drops any
+        /// signature the input had).
+        #[arg(long, value_name = "KEY")]
+        key: Option<PathBuf>,
         /// List the targets, whether this smolpack carries their stub, and its size.
-        #[arg(long, conflicts_with_all = ["machine", "output", "target", "compress", "stub"])]
+        #[arg(long, conflicts_with_all = ["machine", "output", "target", "compress", "stub", "key"])]
         list_targets: bool,
     },
     /// Remove what killed smolpack and smolvm runs left behind.
@@ -172,9 +202,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet_on_broken_pipe();
             inspect::inspect(&file, json, !no_verify)
         }
-        Command::Verify { file } => {
+        Command::Verify { file, keys } => {
             quiet_on_broken_pipe();
-            inspect::verify(&file)
+            if keys.is_empty() {
+                return inspect::verify(&file);
+            }
+            let keys = keys
+                .iter()
+                .map(|k| signing::read_public(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            let info = signing::verify(&file, &keys)?;
+            println!(
+                "ok: {} (signed by key {}, {} sections covered)",
+                file.display(),
+                info.key.id(),
+                info.covered
+            );
+            Ok(())
+        }
+        Command::Keygen { output } => {
+            let public = signing::keygen(&output)?;
+            println!(
+                "wrote {0}.key (secret: keep it private) and {0}.pub (key {1})",
+                output.display(),
+                public.id()
+            );
+            Ok(())
+        }
+        Command::Sign { key, file } => {
+            let key = signing::read_secret(&key)?;
+            let id = signing::sign(&file, &key)?;
+            println!("signed {} with key {id}", file.display());
+            Ok(())
         }
         Command::Pack {
             machine,
@@ -182,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             compress,
             stub,
+            key,
             list_targets,
         } => {
             if list_targets {
@@ -198,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 target,
                 compress,
                 stub,
+                key: key.map(|k| signing::read_secret(&k)).transpose()?,
             })?;
             println!("{}", report.summary());
             Ok(())

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use smolvm_formats::signature::SecretKey;
 use smolvm_formats::trailer::{self, ElfIdentity, Trailer};
 use smolvm_formats::{Compression, MachineReader, MachineWriter, SectionKind};
 
@@ -32,6 +33,8 @@ pub struct PackOptions {
     pub compress: bool,
     /// Use this stub instead of the embedded one.
     pub stub: Option<PathBuf>,
+    /// Sign the payload with this key (after compressing it, with `compress`).
+    pub key: Option<SecretKey>,
 }
 
 /// What was packed.
@@ -44,6 +47,10 @@ pub struct PackReport {
     pub trailer: Trailer,
     /// The payload's memory/disk compression.
     pub compressed: bool,
+    /// The key that signed the payload, if it is signed.
+    pub signed_by: Option<String>,
+    /// The input was signed, and re-encoding it dropped the signature (no key was given).
+    pub signature_dropped: bool,
 }
 
 impl PackReport {
@@ -60,7 +67,13 @@ impl PackReport {
             if self.compressed { " (zstd)" } else { "" },
             t.payload_offset,
             t.payload_offset + t.payload_len + trailer::TRAILER_LEN
-        )
+        ) + &match (&self.signed_by, self.signature_dropped) {
+            (Some(k), _) => format!(", signed by key {k}"),
+            (None, true) => ", unsigned: compressing dropped the input's signature (sign the \
+                             output, or pack with --key)"
+                .to_string(),
+            (None, false) => String::new(),
+        }
     }
 }
 
@@ -211,18 +224,29 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, PackError> {
     // same filesystem, locked while packing runs, and is removed when packing ends either
     // way (or, after a kill, by the next pack there or `smolpack gc`).
     let mut _scratch = None;
-    if opts.compress && !images_compressed(&machine) {
+    let was_signed = machine.section(SectionKind::Signature).is_some();
+    let recompress = opts.compress && !images_compressed(&machine);
+    if recompress || opts.key.is_some() {
         machine.verify().map_err(file_err(&opts.machine))?;
         let scratch =
             ScratchDir::create(&dir, gc::PACK_PREFIX).map_err(|error| PackError::Scratch {
                 path: opts.output.clone(),
                 error,
             })?;
-        let compressed = scratch.path().join("payload.smolmachine");
-        MachineWriter::compress_from(&machine, &compressed).map_err(file_err(&opts.machine))?;
-        machine = MachineReader::open(&compressed).map_err(file_err(&compressed))?;
+        let payload = scratch.path().join("payload.smolmachine");
+        if recompress {
+            MachineWriter::compress_from(&machine, &payload, opts.key.as_ref())
+        } else {
+            MachineWriter::copy_from(&machine, &payload, opts.key.as_ref())
+        }
+        .map_err(file_err(&opts.machine))?;
+        machine = MachineReader::open(&payload).map_err(file_err(&payload))?;
         _scratch = Some(scratch);
     }
+    let signed_by = match machine.signature_info() {
+        Ok(Some(info)) => Some(info.key.id()),
+        _ => None,
+    };
     let compressed = images_compressed(&machine)
         && machine
             .sections()
@@ -259,6 +283,8 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, PackError> {
         stub_source,
         trailer,
         compressed,
+        signature_dropped: was_signed && signed_by.is_none(),
+        signed_by,
     })
 }
 

@@ -19,20 +19,22 @@ use smolvm::linux::run::{parse_volume, parse_volume_list, RunOptions};
 use smolvm::snapshot::Guest;
 use smolvm::timing;
 use smolvm_agent::protocol::ExitStatus;
+use smolvm_formats::signature::PublicKey;
 use smolvm_formats::MachineReader;
 
 /// Exit status when smolvm itself fails (as `docker run` and `env` do).
 const VMM_ERROR: u8 = 125;
 
 const USAGE: &str = concat!(
-    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... FILE [-- ARGS...]\n",
-    "       smolvm shell [--save OUT] [-v HOST:GUEST[:ro|:rw]]... FILE\n",
+    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE [-- ARGS...]\n",
+    "       smolvm shell [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE\n",
     "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
     "         entrypoint with its cmd (or with ARGS after `--`) on this terminal's stdio;\n",
     "         exit with the command's status. FILE is never modified;\n",
     "         --save OUT writes the machine as it is at exit to OUT;\n",
     "         -v HOST:GUEST[:ro|:rw] shares the host directory HOST at GUEST\n",
-    "         (read-only unless :rw; repeatable).\n",
+    "         (read-only unless :rw; repeatable);\n",
+    "         --trust PUB runs FILE only when it is signed by that key (`smolpack sign`).\n",
     "  shell  Resume FILE and open an interactive shell (/bin/sh -l) in it.\n",
     "A packed executable (`smolpack pack`) is this program with a machine appended: it\n",
     "resumes that machine and gives the command ALL of its arguments (SMOLVM_HELP=1 shows\n",
@@ -51,6 +53,8 @@ const USAGE: &str = concat!(
     "  SMOLVM_IGNORE_HOST_PROFILE=1  try a machine built on hardware KVM on a PVM host anyway\n",
     "  SMOLVM_SECCOMP=0        debugging only: run without the system call filters\n",
     "  SMOLVM_HELP=1           in a packed executable: print its help instead of running\n",
+    "  SMOLVM_TRUST=PUB[:PUB]  run only machines signed by one of these public keys\n",
+    "  SMOLVM_TRUST_DIR=DIR    trusted keys (*.pub) instead of /etc/smolvm/trust.d\n",
     "\n",
     "Exit status: the command's (the test guest's status byte); 128+N when signal N ended\n",
     "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error;\n",
@@ -190,15 +194,31 @@ fn utf8_args(args: Vec<OsString>) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Parse `[--save OUT] FILE [-- ARGS...]` (`--save` may also follow FILE).
+/// `smolvm run`'s arguments.
+struct RunArgs {
+    file: PathBuf,
+    opts: RunOptions,
+    /// `--trust PUB` key files.
+    trust: Vec<PathBuf>,
+}
+
+/// Parse `[--save OUT] [-v SPEC]... [--trust PUB]... FILE [-- ARGS...]` (options may also follow FILE).
 /// `Ok(None)` is a usage error.
-fn parse_run(args: &[OsString], shell: bool) -> Result<Option<(PathBuf, RunOptions)>> {
+fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
     let mut opts = RunOptions::default();
+    let mut trust = Vec::new();
     let mut file = None;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].to_string_lossy();
         match a.as_ref() {
+            "--trust" => {
+                let Some(k) = args.get(i + 1) else {
+                    return Ok(None);
+                };
+                trust.push(PathBuf::from(k));
+                i += 2;
+            }
             "--save" => {
                 let Some(out) = args.get(i + 1) else {
                     return Ok(None);
@@ -240,7 +260,57 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<(PathBuf, RunOptio
     if shell {
         opts.argv = Some(vec!["/bin/sh".into(), "-l".into()]);
     }
-    Ok(file.map(|f| (f, opts)))
+    Ok(file.map(|file| RunArgs { file, opts, trust }))
+}
+
+/// Directory of trusted public keys when `SMOLVM_TRUST_DIR` is not set.
+const SYSTEM_TRUST_DIR: &str = "/etc/smolvm/trust.d";
+
+/// The trusted public keys: `--trust` files, `SMOLVM_TRUST` (paths separated by `:`) and
+/// every `*.pub` file in `SMOLVM_TRUST_DIR` (default /etc/smolvm/trust.d; absent means
+/// none). Any of them unreadable or malformed is an error: a trust setting never silently
+/// turns into no check.
+fn trusted_keys(cli: &[PathBuf]) -> Result<Vec<PublicKey>> {
+    let mut paths: Vec<PathBuf> = cli.to_vec();
+    if let Some(v) = std::env::var_os("SMOLVM_TRUST").filter(|v| !v.is_empty()) {
+        paths.extend(std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()));
+    }
+    let dir = std::env::var_os("SMOLVM_TRUST_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_TRUST_DIR));
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+                .collect();
+            found.sort();
+            paths.extend(found);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot read the trust directory {}: {e}", dir.display()),
+    }
+    paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read trusted key {}", p.display()))?;
+            PublicKey::parse(&text).with_context(|| format!("trusted key {}", p.display()))
+        })
+        .collect()
+}
+
+/// With trusted keys configured, refuse a machine that is not signed by one of them, before
+/// any of its memory is mapped (this reads and hashes the whole stored machine once).
+fn check_trust(reader: &MachineReader, trust: &[PathBuf]) -> Result<()> {
+    let keys = trusted_keys(trust)?;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    smolvm_formats::signature::verify_signature(reader, &keys).context("refusing to run it")?;
+    timing::mark("signature-verified");
+    Ok(())
 }
 
 /// This executable's own machine, when it carries one. `/proc/self/exe` is
@@ -335,6 +405,8 @@ fn run_packed(target: Target) -> Result<Ended> {
         return Ok(Ended::Nothing);
     }
     let save = save_target(target.reader.file())?;
+    check_trust(&target.reader, &[])
+        .with_context(|| format!("cannot run {}", target.name.display()))?;
     let volumes = match std::env::var("SMOLVM_VOLUME") {
         Ok(list) => parse_volume_list(&list).map_err(anyhow::Error::msg)?,
         Err(std::env::VarError::NotPresent) => Vec::new(),
@@ -358,11 +430,12 @@ fn run_packed(target: Target) -> Result<Ended> {
 
 /// `smolvm run` / `smolvm shell`; `packed` is set when FILE turns out to be
 /// a packed executable.
-fn run_file(file: &Path, opts: &RunOptions, packed: &mut bool) -> Result<Ended> {
+fn run_file(file: &Path, opts: &RunOptions, trust: &[PathBuf], packed: &mut bool) -> Result<Ended> {
     let reader =
         MachineReader::open(file).with_context(|| format!("cannot run {}", file.display()))?;
     timing::mark("machine-opened");
     *packed = reader.trailer().is_some();
+    check_trust(&reader, trust).with_context(|| format!("cannot run {}", file.display()))?;
     let plan = SnapshotPlan::from_reader(reader)
         .with_context(|| format!("cannot resume {}", file.display()))?;
     run(plan, file, opts).with_context(|| format!("cannot run {}", file.display()))
@@ -464,9 +537,9 @@ fn main() -> ExitCode {
             let args: Vec<OsString> = std::env::args_os().skip(1).collect();
             match args.first().and_then(|a| a.to_str()) {
                 Some(cmd @ ("run" | "shell")) => match parse_run(&args[1..], cmd == "shell") {
-                    Ok(Some((f, opts))) => {
-                        file = f;
-                        let r = run_file(&file, &opts, &mut file_packed);
+                    Ok(Some(a)) => {
+                        file = a.file;
+                        let r = run_file(&file, &a.opts, &a.trust, &mut file_packed);
                         (
                             r,
                             Subject::File {
@@ -582,9 +655,15 @@ mod tests {
     #[test]
     fn run_arguments_parse() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let (f, o) = parse_run(&a(&["m", "--save", "o", "--", "--help", "--"]), false)
-            .unwrap()
-            .unwrap();
+        let r = parse_run(
+            &a(&["m", "--save", "o", "--trust", "k.pub", "--", "--help", "--"]),
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        let (f, o) = (r.file, r.opts);
+        assert_eq!(r.trust, vec![PathBuf::from("k.pub")]);
+        assert!(parse_run(&a(&["m", "--trust"]), false).unwrap().is_none());
         assert_eq!(f, PathBuf::from("m"));
         assert_eq!(o.save, Some(PathBuf::from("o")));
         assert_eq!(o.args, Some(vec!["--help".to_string(), "--".to_string()]));
@@ -621,7 +700,7 @@ mod tests {
             OsString::from("--"),
             OsString::from_vec(vec![0xff, b'x']),
         ];
-        let err = parse_run(&bad, false).unwrap_err().to_string();
+        let err = parse_run(&bad, false).err().unwrap().to_string();
         assert!(err.contains("argument 1") && err.contains("UTF-8"), "{err}");
     }
 }

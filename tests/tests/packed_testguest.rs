@@ -189,6 +189,9 @@ impl Fixture {
     fn command(&self, exe: &Path) -> Command {
         let mut cmd = Command::new(exe);
         cmd.env("SMOLVM_CACHE", self.dir.path().join("cache"));
+        // No trusted keys unless a test sets some: the host's trust directory stays out.
+        cmd.env("SMOLVM_TRUST_DIR", self.dir.path().join("no-trust-dir"));
+        cmd.env_remove("SMOLVM_TRUST");
         cmd
     }
 
@@ -743,4 +746,213 @@ fn targets_are_listed_and_checked() {
         "{line}"
     );
     assert!(!out.exists());
+}
+
+/// `smolpack ARGS...`, which must succeed.
+fn smolpack_ok(args: &[&std::ffi::OsStr]) -> Output {
+    let o = smolpack(args);
+    assert!(
+        o.status.success(),
+        "smolpack {args:?} failed: {}",
+        describe(&o)
+    );
+    o
+}
+
+/// A run refused by the trust check: exit 125, one `smolvm:` line containing `needle`, and
+/// the guest never ran.
+fn assert_refused(o: &Output, needle: &str, what: &str) {
+    assert_clean_failure(o, what);
+    assert_eq!(o.status.code(), Some(125), "{what}: {}", describe(o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(needle),
+        "{what}: wanted {needle:?}: {}",
+        describe(o)
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "{what}: the guest ran: {}",
+        describe(o)
+    );
+}
+
+#[test]
+fn signed_machines_run_only_with_a_trusted_signature() {
+    let Some(fx) = fixture("signed_machines_run_only_with_a_trusted_signature") else {
+        return;
+    };
+    let d = fx.scratch("signed");
+    for k in ["a", "b"] {
+        smolpack_ok(&[os("keygen"), os("-o"), d.join(k).as_os_str()]);
+    }
+    let (a_key, a_pub, b_pub) = (d.join("a.key"), d.join("a.pub"), d.join("b.pub"));
+    let signed = d.join("signed.smolmachine");
+    fs::copy(&fx.machine, &signed).unwrap();
+    smolpack_ok(&[
+        os("sign"),
+        os("--key"),
+        a_key.as_os_str(),
+        signed.as_os_str(),
+    ]);
+    let o = smolpack_ok(&[
+        os("verify"),
+        os("--key"),
+        a_pub.as_os_str(),
+        signed.as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: "));
+    let e = error_line(&smolpack(&[
+        os("verify"),
+        os("--key"),
+        b_pub.as_os_str(),
+        signed.as_os_str(),
+    ]));
+    assert!(e.contains("not a trusted key"), "{e}");
+
+    let smolvm = build_util::bin("smolvm", "smolvm");
+    let run = |file: &Path, trust: &[&Path], env: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = fx.command(&smolvm);
+        cmd.arg("run");
+        for t in trust {
+            cmd.arg("--trust").arg(t);
+        }
+        cmd.arg(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_until(cmd, DEADLINE)
+    };
+    // No trust configured: signed and unsigned both run.
+    assert_guest_ran(&run(&signed, &[], &[]));
+    assert_guest_ran(&run(&fx.machine, &[], &[]));
+    // --trust, SMOLVM_TRUST and the trust directory each require the signature.
+    assert_guest_ran(&run(&signed, &[&a_pub], &[]));
+    assert_guest_ran(&run(&signed, &[&b_pub, &a_pub], &[]));
+    assert_guest_ran(&run(&signed, &[], &[("SMOLVM_TRUST", a_pub.as_os_str())]));
+    let trust_dir = d.join("trust.d");
+    fs::create_dir_all(&trust_dir).unwrap();
+    fs::copy(&a_pub, trust_dir.join("release.pub")).unwrap();
+    let dir_env = [("SMOLVM_TRUST_DIR", trust_dir.as_os_str())];
+    assert_guest_ran(&run(&signed, &[], &dir_env));
+    assert_refused(
+        &run(&fx.machine, &[&a_pub], &[]),
+        "is not signed",
+        "unsigned, --trust",
+    );
+    assert_refused(
+        &run(&fx.machine, &[], &dir_env),
+        "is not signed",
+        "unsigned, trust dir",
+    );
+    assert_refused(
+        &run(&signed, &[&b_pub], &[]),
+        "not a trusted key",
+        "another key",
+    );
+    let env_b = [("SMOLVM_TRUST", b_pub.as_os_str())];
+    assert_refused(
+        &run(&signed, &[], &env_b),
+        "not a trusted key",
+        "SMOLVM_TRUST other key",
+    );
+    let missing = d.join("missing.pub");
+    assert_refused(
+        &run(&signed, &[&missing], &[]),
+        "cannot read trusted key",
+        "missing key",
+    );
+
+    // A byte of memory changed after signing, every checksum resealed: refused before the
+    // guest runs.
+    let mut bytes = fs::read(&signed).unwrap();
+    let r = MachineReader::open(&signed).unwrap();
+    let mem = r.section(SectionKind::Memory).unwrap().file_offset as usize;
+    bytes[mem + 100] ^= 0x5a;
+    smolvm_formats::testing::reseal(&mut bytes);
+    let tampered = d.join("tampered.smolmachine");
+    fs::write(&tampered, &bytes).unwrap();
+    assert_refused(
+        &run(&tampered, &[&a_pub], &[]),
+        "bad signature",
+        "tampered memory",
+    );
+
+    // Packed: the executable carries the signature, through unpack and pack again.
+    let app = d.join("app");
+    pack(&signed, &app, &[]);
+    let trust_a = [("SMOLVM_TRUST", a_pub.as_os_str())];
+    let run_app = |exe: &Path, env: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = fx.command(exe);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_until(cmd, DEADLINE)
+    };
+    assert_guest_ran(&run_app(&app, &trust_a));
+    assert_refused(
+        &run_app(&app, &env_b),
+        "not a trusted key",
+        "packed, other key",
+    );
+    assert_refused(
+        &run_app(&fx.app, &trust_a),
+        "is not signed",
+        "unsigned packed",
+    );
+    let back = d.join("back.smolmachine");
+    smolpack_ok(&[os("unpack"), app.as_os_str(), os("-o"), back.as_os_str()]);
+    let again = d.join("again");
+    pack(&back, &again, &[]);
+    assert_guest_ran(&run_app(&again, &trust_a));
+    // Compressing drops the signature unless pack signs again with --key.
+    let zstd = d.join("app-zstd");
+    let o = smolpack_ok(&[
+        os("pack"),
+        signed.as_os_str(),
+        os("-o"),
+        zstd.as_os_str(),
+        os("--compress"),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("dropped"),
+        "{}",
+        describe(&o)
+    );
+    assert_refused(
+        &run_app(&zstd, &trust_a),
+        "is not signed",
+        "compressed, unsigned",
+    );
+    let o = smolpack_ok(&[
+        os("pack"),
+        signed.as_os_str(),
+        os("-o"),
+        zstd.as_os_str(),
+        os("--compress"),
+        os("--key"),
+        a_key.as_os_str(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("signed by key"),
+        "{}",
+        describe(&o)
+    );
+    assert_guest_ran(&run_app(&zstd, &trust_a));
+    // Signing a packed executable in place keeps it runnable and signs its payload.
+    let unsigned_app = d.join("unsigned-app");
+    fs::copy(&fx.app, &unsigned_app).unwrap();
+    smolpack_ok(&[
+        os("sign"),
+        os("--key"),
+        a_key.as_os_str(),
+        unsigned_app.as_os_str(),
+    ]);
+    assert_guest_ran(&run_app(&unsigned_app, &trust_a));
+    smolpack_ok(&[
+        os("verify"),
+        os("--key"),
+        a_pub.as_os_str(),
+        unsigned_app.as_os_str(),
+    ]);
 }
