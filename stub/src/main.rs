@@ -195,6 +195,7 @@ fn utf8_args(args: Vec<OsString>) -> Result<Vec<String>> {
 }
 
 /// `smolvm run`'s arguments.
+#[derive(Debug)]
 struct RunArgs {
     file: PathBuf,
     opts: RunOptions,
@@ -672,9 +673,10 @@ mod tests {
         assert!(parse_run(&a(&["m", "-v"]), false).unwrap().is_none());
         let dir = std::env::temp_dir();
         let spec = format!("{}:/src:rw", dir.display());
-        let (_, o) = parse_run(&a(&["-v", &spec, "m", "--volume=/:/host"]), false)
+        let o = parse_run(&a(&["-v", &spec, "m", "--volume=/:/host"]), false)
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .opts;
         assert_eq!(o.volumes.len(), 2);
         assert_eq!(o.volumes[0].guest, "/src");
         assert!(!o.volumes[0].read_only && o.volumes[1].read_only);
