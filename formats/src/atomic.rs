@@ -181,7 +181,7 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 /// A temp file that becomes `final_path` on [`AtomicFile::commit`] and is deleted otherwise.
 #[derive(Debug)]
-pub(crate) struct AtomicFile {
+pub struct AtomicFile {
     final_path: PathBuf,
     tmp_path: PathBuf,
     file: File,
@@ -191,7 +191,7 @@ pub(crate) struct AtomicFile {
 impl AtomicFile {
     /// Creates and locks the temp file, then removes the leftovers of earlier writers of
     /// `final_path` that were killed.
-    pub(crate) fn create(final_path: &Path) -> Result<AtomicFile> {
+    pub fn create(final_path: &Path) -> Result<AtomicFile> {
         let name = final_path.file_name().ok_or_else(|| {
             Error::InvalidInput(format!("{} is not a file path", final_path.display()))
         })?;
@@ -232,16 +232,16 @@ impl AtomicFile {
         })
     }
 
-    pub(crate) fn file(&self) -> &File {
+    pub fn file(&self) -> &File {
         &self.file
     }
 
-    pub(crate) fn tmp_path(&self) -> &Path {
+    pub fn tmp_path(&self) -> &Path {
         &self.tmp_path
     }
 
     /// Flushes to disk, optionally sets the permission bits, and renames into place.
-    pub(crate) fn commit(mut self, mode: Option<u32>) -> Result<()> {
+    pub fn commit(mut self, mode: Option<u32>) -> Result<()> {
         let ctx = |what: &str| format!("{what} {}", self.tmp_path.display());
         if let Some(mode) = mode {
             self.file

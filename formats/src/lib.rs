@@ -32,6 +32,7 @@ mod image;
 mod layout;
 mod manifest;
 mod reader;
+pub mod reference;
 pub mod signature;
 mod source;
 pub mod trailer;

@@ -6,6 +6,7 @@ pub mod gc;
 pub mod guest;
 pub mod pack;
 pub mod progress;
+pub mod registry;
 pub mod signing;
 pub mod smolfile;
 pub mod targets;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use smolpack::{build, pack, signing, targets};
+use smolpack::{build, pack, registry, signing, targets};
 
 #[derive(Parser)]
 #[command(
@@ -68,12 +68,70 @@ enum Command {
     /// Check every checksum and that all padding is zero; exit status 0 means intact. With
     /// --key, also that the machine is signed by one of these keys and that no byte of it
     /// changed since.
+    ///
+    /// FILE may be a registry reference (REGISTRY/NAME:TAG or @sha256:...) that is not an
+    /// existing path: it is pulled into the machine cache first (see `pull --cache`).
     Verify {
-        /// A .smolmachine or a packed executable.
+        /// A .smolmachine, a packed executable, or a registry reference.
         file: PathBuf,
         /// A trusted public key file (`smolpack keygen` writes NAME.pub); may repeat.
         #[arg(long = "key", value_name = "PUB")]
         keys: Vec<PathBuf>,
+        /// For a reference: speak plain HTTP to its registry (loopback registries always are).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Push a .smolmachine or packed executable to an OCI registry as REGISTRY/NAME:TAG.
+    ///
+    /// The file becomes an OCI artifact (docs/DISTRIBUTION.md): one layer per component
+    /// (header, manifest, VM state, memory, each disk, table, signature; stub and trailer of a
+    /// packed executable), so a second push of a rebuilt machine uploads only the layers that
+    /// changed, under an image index with one entry per platform (other platforms' entries
+    /// of the tag are kept). Credentials come from ~/.docker/config.json ($DOCKER_CONFIG);
+    /// TLS unless the registry is on the loopback interface or --insecure is given.
+    /// Exit status: 3 registry unreachable, 4 not found, 5 refused as corrupt, 6 access
+    /// denied, 1 anything else.
+    #[command(
+        after_help = "Example:\n  smolpack push hello.smolmachine ghcr.io/me/hello:1\n  smolpack push hello 127.0.0.1:5000/hello:latest"
+    )]
+    Push {
+        /// The .smolmachine or packed executable (it is verified first).
+        file: PathBuf,
+        /// Where to: REGISTRY/NAME:TAG.
+        reference: String,
+        /// Plain HTTP instead of TLS (loopback registries always use plain HTTP).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Pull a machine from an OCI registry: the file comes back byte for byte as pushed.
+    ///
+    /// Every blob's digest is checked before it is kept; the file is assembled in a temp
+    /// file, its SHA-256 checked against the artifact's, and renamed into place. Verified
+    /// blobs wait in ${SMOLVM_CACHE:-${XDG_CACHE_HOME:-~/.cache}/smolvm}/machines/blobs
+    /// until then, so a killed pull resumes where it stopped. Exit status as for push.
+    #[command(
+        after_help = "Examples:\n  smolpack pull ghcr.io/me/hello:1 -o hello.smolmachine\n  smolpack pull ghcr.io/me/hello:1 --pack -o hello\n  smolpack pull ghcr.io/me/hello:1 --cache"
+    )]
+    Pull {
+        /// REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST.
+        reference: String,
+        /// Output file (written atomically).
+        #[arg(short, long, required_unless_present = "cache")]
+        output: Option<PathBuf>,
+        /// Write a runnable packed executable for this host's target (whatever was pushed:
+        /// a machine is packed with the stub built into smolpack).
+        #[arg(long, requires = "output")]
+        pack: bool,
+        /// Pull into the content-addressed machine cache (…/machines/sha256-HEX) and print
+        /// its path on stdout: what `smolvm run REF` does.
+        #[arg(long, conflicts_with_all = ["output", "pack"])]
+        cache: bool,
+        /// Plain HTTP instead of TLS (loopback registries always use plain HTTP).
+        #[arg(long)]
+        insecure: bool,
+        /// Errors as `smolvm: ...` lines (used by `smolvm run REF`).
+        #[arg(long, hide = true)]
+        for_smolvm: bool,
     },
     /// Write a new Ed25519 signing key pair: NAME.key (secret, mode 0600) and NAME.pub.
     #[command(
@@ -202,8 +260,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet_on_broken_pipe();
             inspect::inspect(&file, json, !no_verify)
         }
-        Command::Verify { file, keys } => {
+        Command::Verify {
+            file,
+            keys,
+            insecure,
+        } => {
             quiet_on_broken_pipe();
+            let file = match file.to_str() {
+                Some(r) if !file.exists() && smolvm_formats::reference::looks_like_reference(r) => {
+                    let conn = registry::Connection { insecure };
+                    registry::pull_for_verify(r, &conn)
+                        .map_err(|e| anyhow::Error::new(e).context(format!("cannot pull {r}")))?
+                }
+                _ => file,
+            };
             if keys.is_empty() {
                 return inspect::verify(&file);
             }
@@ -264,6 +334,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gc { dirs } => gc(dirs),
+        Command::Push {
+            file,
+            reference,
+            insecure,
+        } => {
+            let conn = registry::Connection { insecure };
+            let report = registry::push(&file, &reference, &conn).map_err(|e| {
+                anyhow::Error::new(e)
+                    .context(format!("cannot push {} to {reference}", file.display()))
+            })?;
+            println!("{}", report.summary());
+            Ok(())
+        }
+        Command::Pull {
+            reference,
+            output,
+            pack: repack,
+            cache,
+            insecure,
+            for_smolvm: _,
+        } => {
+            let conn = registry::Connection { insecure };
+            let dest = match (&output, cache || repack) {
+                (Some(o), false) => registry::Destination::Output(o.clone()),
+                _ => registry::Destination::Cache,
+            };
+            let report = registry::pull(&reference, &dest, &conn)
+                .map_err(|e| anyhow::Error::new(e).context(format!("cannot pull {reference}")))?;
+            if cache {
+                println!("{}", report.path.display());
+                return Ok(());
+            }
+            println!("{}", report.summary());
+            if let (true, Some(out)) = (repack, output) {
+                let r = pack::pack(&pack::PackOptions {
+                    machine: report.path.clone(),
+                    output: out,
+                    ..Default::default()
+                })?;
+                println!("{}", r.summary());
+            }
+            Ok(())
+        }
         Command::Unpack { packed, output } => {
             let t = pack::unpack(&packed, &output)?;
             println!(
@@ -312,12 +425,25 @@ fn gc(dirs: Vec<PathBuf>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let for_smolvm = matches!(
+        cli.command,
+        Command::Pull {
+            for_smolvm: true,
+            ..
+        }
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` joins the context chain into one line.
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let prefix = if for_smolvm { "smolvm" } else { "error" };
+            eprintln!("{prefix}: {e:#}");
+            // Registry failures have their own documented statuses (docs/DISTRIBUTION.md).
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<registry::RegistryError>())
+                .map_or(1, |r| r.exit_code());
+            ExitCode::from(code)
         }
     }
 }

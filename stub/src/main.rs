@@ -26,7 +26,7 @@ use smolvm_formats::MachineReader;
 const VMM_ERROR: u8 = 125;
 
 const USAGE: &str = concat!(
-    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE [-- ARGS...]\n",
+    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE|REF [-- ARGS...]\n",
     "       smolvm shell [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE\n",
     "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
     "         entrypoint with its cmd (or with ARGS after `--`) on this terminal's stdio;\n",
@@ -35,6 +35,8 @@ const USAGE: &str = concat!(
     "         -v HOST:GUEST[:ro|:rw] shares the host directory HOST at GUEST\n",
     "         (read-only unless :rw; repeatable);\n",
     "         --trust PUB runs FILE only when it is signed by that key (`smolpack sign`).\n",
+    "         REF (REGISTRY/NAME:TAG or @sha256:..., not an existing path) is pulled by\n",
+    "         `smolpack pull --cache` into ~/.cache/smolvm/machines and run from there.\n",
     "  shell  Resume FILE and open an interactive shell (/bin/sh -l) in it.\n",
     "A packed executable (`smolpack pack`) is this program with a machine appended: it\n",
     "resumes that machine and gives the command ALL of its arguments (SMOLVM_HELP=1 shows\n",
@@ -55,6 +57,7 @@ const USAGE: &str = concat!(
     "  SMOLVM_HELP=1           in a packed executable: print its help instead of running\n",
     "  SMOLVM_TRUST=PUB[:PUB]  run only machines signed by one of these public keys\n",
     "  SMOLVM_TRUST_DIR=DIR    trusted keys (*.pub) instead of /etc/smolvm/trust.d\n",
+    "  SMOLVM_SMOLPACK=PATH    the smolpack that pulls REF (default: beside smolvm, or PATH)\n",
     "\n",
     "Exit status: the command's (the test guest's status byte); 128+N when signal N ended\n",
     "it; 127 when it could not start; 125 when smolvm failed; 2 for a usage error;\n",
@@ -442,6 +445,73 @@ fn run_file(file: &Path, opts: &RunOptions, trust: &[PathBuf], packed: &mut bool
     run(plan, file, opts).with_context(|| format!("cannot run {}", file.display()))
 }
 
+/// Why `smolvm run REF` could not get the machine.
+enum PullError {
+    /// `smolpack pull` failed and printed its one line.
+    Reported,
+    /// smolpack could not be started or said nothing usable.
+    Other(anyhow::Error),
+}
+
+/// The `smolpack` that pulls references: `SMOLVM_SMOLPACK`, else the one beside this
+/// executable, else `smolpack` on `PATH`.
+fn smolpack_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SMOLVM_SMOLPACK").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("smolpack")))
+        .filter(|p| p.is_file())
+    {
+        return beside;
+    }
+    PathBuf::from("smolpack")
+}
+
+/// `smolvm run REF`: a FILE argument that is not an existing path but reads as a registry
+/// reference (`smolvm_formats::reference`) is pulled into the content-addressed machine cache
+/// by `smolpack pull --cache REF`, which prints the cached file's path; that file is then run
+/// as any other. The stub has no HTTP or TLS client of its own (docs/DISTRIBUTION.md).
+/// `Ok(None)`: FILE is a path, run it as it is.
+fn pull_reference(file: &Path) -> Result<Option<PathBuf>, PullError> {
+    if file.symlink_metadata().is_ok() {
+        return Ok(None);
+    }
+    let Some(reference) = file
+        .to_str()
+        .filter(|s| smolvm_formats::reference::looks_like_reference(s))
+    else {
+        return Ok(None);
+    };
+    let smolpack = smolpack_path();
+    let out = std::process::Command::new(&smolpack)
+        .args(["pull", "--cache", "--for-smolvm", reference])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| {
+            PullError::Other(anyhow!(
+                "cannot pull {reference}: cannot start {} ({e}); install smolpack beside smolvm, \
+                 on PATH, or name it in SMOLVM_SMOLPACK",
+                smolpack.display()
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(PullError::Reported);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let path = PathBuf::from(text.trim_end_matches('\n'));
+    if text.lines().count() != 1 || !path.is_file() {
+        return Err(PullError::Other(anyhow!(
+            "cannot pull {reference}: {} printed no cached file",
+            smolpack.display()
+        )));
+    }
+    timing::mark("reference-pulled");
+    Ok(Some(path))
+}
+
 /// Which file an error is about, for [`describe`].
 enum Subject<'a> {
     /// This packed executable.
@@ -539,7 +609,16 @@ fn main() -> ExitCode {
             match args.first().and_then(|a| a.to_str()) {
                 Some(cmd @ ("run" | "shell")) => match parse_run(&args[1..], cmd == "shell") {
                     Ok(Some(a)) => {
-                        file = a.file;
+                        file = match pull_reference(&a.file) {
+                            Ok(Some(cached)) => cached,
+                            Ok(None) => a.file,
+                            // smolpack has said why, in one `smolvm:` line.
+                            Err(PullError::Reported) => return ExitCode::from(VMM_ERROR),
+                            Err(PullError::Other(e)) => {
+                                eprintln!("smolvm: {}", describe(&e, &Subject::None));
+                                return ExitCode::from(VMM_ERROR);
+                            }
+                        };
                         let r = run_file(&file, &a.opts, &a.trust, &mut file_packed);
                         (
                             r,
