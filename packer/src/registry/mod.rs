@@ -339,8 +339,8 @@ impl Session {
 
 /// Credentials for `registry` from the Docker config file (`$DOCKER_CONFIG/config.json`,
 /// else `~/.docker/config.json`): an `auths` entry's `auth` (base64 `user:password`) or
-/// `username`/`password`; `identitytoken` is used as a bearer token. Anonymous otherwise
-/// (credential helpers, `credsStore`, are not run).
+/// `username`/`password`. Anonymous otherwise (credential helpers, `credsStore`, and OAuth
+/// `identitytoken`s are not used).
 pub fn docker_credentials(registry: &str) -> RegistryAuth {
     let path = match std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d).join("config.json"),
@@ -371,9 +371,6 @@ pub fn credentials_from_config(text: &str, registry: &str) -> Option<RegistryAut
         let matches = host == registry || (hub && host.ends_with("docker.io"));
         matches.then_some(e)
     })?;
-    if let Some(token) = entry.get("identitytoken").and_then(|t| t.as_str()) {
-        return Some(RegistryAuth::Bearer(token.to_string()));
-    }
     if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
@@ -1258,7 +1255,8 @@ mod tests {
         let text = r#"{"auths": {
             "https://ghcr.io": {"auth": "dXNlcjpwYTpzcw=="},
             "127.0.0.1:5000": {"username": "u", "password": "p"},
-            "https://index.docker.io/v1/": {"identitytoken": "tok"}
+            "https://index.docker.io/v1/": {"auth": "aHViOmh1Yg=="},
+            "quay.io": {"identitytoken": "tok"}
         }}"#;
         let basic = |u: &str, p: &str| Some(RegistryAuth::Basic(u.into(), p.into()));
         assert_eq!(
@@ -1271,7 +1269,7 @@ mod tests {
         );
         assert_eq!(
             credentials_from_config(text, "index.docker.io"),
-            Some(RegistryAuth::Bearer("tok".into()))
+            basic("hub", "hub")
         );
         assert_eq!(credentials_from_config(text, "quay.io"), None);
         assert_eq!(credentials_from_config("not json", "ghcr.io"), None);
