@@ -196,8 +196,9 @@ enum Command {
     /// Remove what killed smolpack and smolvm runs left behind.
     ///
     /// Removes temp files of unfinished outputs (.NAME.PID.N.tmp) and build/pack scratch
-    /// directories (.smolpack-build-*, .smolpack-pack-*). Looks in each DIR (default: the current directory) and in the expansion cache
-    /// (${SMOLVM_CACHE:-~/.cache/smolvm}/expanded). Only leftovers of processes that are gone
+    /// directories (.smolpack-build-*, .smolpack-pack-*). Looks in each DIR (default: the current directory), in the expansion cache
+    /// (${SMOLVM_CACHE:-~/.cache/smolvm}/expanded) and in the machine cache of pulls
+    /// (…/machines, docs/DISTRIBUTION.md). Only leftovers of processes that are gone
     /// are removed: a file or directory that a running build, pack, save or expansion holds
     /// (its flock) is left alone. Prints one `removed PATH` line per removal and exits 0; a
     /// leftover that cannot be removed gets a `warning:` line on stderr; a DIR that cannot be
@@ -404,12 +405,13 @@ fn gc(dirs: Vec<PathBuf>) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot clean {}: {e}", dir.display()))?;
         reports.push(r);
     }
-    let cache = smolpack::gc::expanded_cache_dir();
-    let same = |d: &PathBuf| d.canonicalize().ok() == cache.canonicalize().ok();
-    if cache.is_dir() && !dirs.iter().any(same) {
-        match smolpack::gc::gc_dir(&cache) {
-            Ok(r) => reports.push(r),
-            Err(e) => eprintln!("warning: cannot clean {}: {e}", cache.display()),
+    for cache in [smolpack::gc::expanded_cache_dir(), registry::machines_dir()] {
+        let same = |d: &PathBuf| d.canonicalize().ok() == cache.canonicalize().ok();
+        if cache.is_dir() && !dirs.iter().any(same) {
+            match smolpack::gc::gc_dir(&cache) {
+                Ok(r) => reports.push(r),
+                Err(e) => eprintln!("warning: cannot clean {}: {e}", cache.display()),
+            }
         }
     }
     for r in reports {
