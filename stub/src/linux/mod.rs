@@ -23,6 +23,7 @@ pub mod boot;
 pub mod console;
 pub mod devices;
 pub mod disk;
+pub mod publish;
 pub mod run;
 
 use std::os::unix::net::UnixStream;
@@ -106,6 +107,9 @@ pub enum LinuxError {
         needs_mib: u64,
         free_mib: u64,
     },
+    /// A port cannot be published (bad spec in the manifest, host port busy).
+    #[error("{0}")]
+    Publish(String),
 }
 
 impl From<crate::memory::MemoryError> for LinuxError {
