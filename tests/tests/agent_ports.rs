@@ -227,3 +227,34 @@ fn quiesce_holds_stream_data_and_resume_closes_streams() {
         .wait_all_closed(Duration::from_secs(30))
         .unwrap();
 }
+
+#[test]
+fn abort_closes_a_stream_whose_guest_end_never_finishes() {
+    // A server that reads forever and never writes or closes on its own.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let srv = thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut all = Vec::new();
+        let _ = c.read_to_end(&mut all);
+        all
+    });
+    let (c, _t) = agent();
+    let s = Arc::new(c.connect_port(port).unwrap());
+    s.wait_connected(WAIT).unwrap();
+    s.write_all(b"partial request").unwrap();
+    let reader = {
+        let s = s.clone();
+        thread::spawn(move || read_all(&s))
+    };
+    s.abort();
+    assert_eq!(reader.join().unwrap(), b"", "a reader stops at once");
+    assert!(s.write_all(b"more").is_err());
+    c.port_connector()
+        .wait_all_closed(Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(srv.join().unwrap(), b"partial request");
+    drop(s);
+    assert_eq!(c.port_connector().open_streams(), 0);
+    assert_eq!(c.protocol_violations().total(), 0);
+}

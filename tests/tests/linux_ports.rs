@@ -50,7 +50,10 @@ fn hello(test: &str) -> Option<&'static Built> {
             std::fs::copy(src.join(f), copy.join(f)).map_err(|e| e.to_string())?;
         }
         let default_port = free_port();
-        let smolfile = std::fs::read_to_string(src.join("Smolfile")).map_err(|e| e.to_string())?
+        // The web service's readiness gets more time: a loaded emulating host needs it.
+        let smolfile = std::fs::read_to_string(src.join("Smolfile"))
+            .map_err(|e| e.to_string())?
+            .replace("timeout = \"60s\"", "timeout = \"600s\"")
             + &format!("\n[[port]]\nguest = 8080\nhost = {default_port}\n");
         std::fs::write(copy.join("Smolfile"), smolfile).map_err(|e| e.to_string())?;
         let machine = dir.path().join("hello.smolmachine");

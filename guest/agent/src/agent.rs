@@ -467,39 +467,51 @@ impl<'a, T: Transport> Session<'a, T> {
         if self.out_pending() > 0 {
             self.flush();
         }
-        if self.out_pending() >= OUT_HIGH_WATER {
-            return;
-        }
-        match self.transport.read(&mut self.readbuf) {
-            Ok(0) => {
-                self.end.get_or_insert(SessionEnd::Closed);
+        // A virtio port returns at most one receive buffer (a page) per read: take a few
+        // in a row before going back to poll, up to one read buffer's worth.
+        let mut taken = 0;
+        while taken < MAX_CHUNK {
+            if self.out_pending() >= OUT_HIGH_WATER {
+                break;
+            }
+            match self.transport.read(&mut self.readbuf) {
+                Ok(0) => {
+                    self.end.get_or_insert(SessionEnd::Closed);
+                    return;
+                }
+                Ok(n) => {
+                    taken += n;
+                    let chunk = &self.readbuf[..n];
+                    self.decoder.feed(chunk);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.end
+                        .get_or_insert(SessionEnd::Failed(format!("read from host failed: {e}")));
+                    return;
+                }
+            }
+            if !self.handle_frames() {
                 return;
             }
-            Ok(n) => {
-                let chunk = &self.readbuf[..n];
-                self.decoder.feed(chunk);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                return
-            }
-            Err(e) => {
-                self.end
-                    .get_or_insert(SessionEnd::Failed(format!("read from host failed: {e}")));
-                return;
-            }
         }
+    }
+
+    /// Handles every whole frame received so far; false once the session is ending.
+    fn handle_frames(&mut self) -> bool {
         loop {
             match self.decoder.next_msg::<HostMsg>() {
                 Ok(Some(msg)) => {
                     self.handle(msg);
                     if self.end.is_some() {
-                        return;
+                        return false;
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     self.fail(format!("malformed frame from host: {e}"));
-                    return;
+                    return false;
                 }
             }
         }

@@ -839,6 +839,9 @@ impl PortStream {
             let Some(p) = st.ports.get_mut(&id) else {
                 return Some((0, 0));
             };
+            if p.aborting {
+                return Some((0, 0));
+            }
             if p.rx.is_empty() {
                 return (p.rx_eof || p.closed).then_some((0, 0));
             }
@@ -905,6 +908,29 @@ impl PortStream {
         self.inner.send(&HostMsg::StreamEof { id: self.id })
     }
 
+    /// Aborts the stream now (`StreamClose`): readers and writers of it stop at once, and
+    /// the agent closes the guest socket without waiting for either end.
+    pub fn abort(&self) {
+        let id = self.id;
+        let send = {
+            let mut st = self.inner.lock();
+            let open = st.closed.is_none();
+            let send = match st.ports.get_mut(&id) {
+                Some(p) if !p.closed && !p.aborting => {
+                    p.aborting = true;
+                    p.rx.clear();
+                    open
+                }
+                _ => false,
+            };
+            self.inner.cond.notify_all();
+            send
+        };
+        if send && self.inner.send(&HostMsg::StreamClose { id }).is_err() {
+            self.inner.lock().ports.remove(&id);
+        }
+    }
+
     /// Why the agent closed the stream, if it did and said why.
     pub fn close_error(&self) -> Option<String> {
         self.inner
@@ -925,6 +951,8 @@ impl Drop for PortStream {
                     st.ports.remove(&id);
                     false
                 }
+                // Aborted already: `StreamClosed` removes it.
+                Some(p) if p.aborting => false,
                 Some(p) => {
                     p.aborting = true;
                     p.rx.clear();

@@ -192,13 +192,13 @@ impl Publisher {
 
 struct Shared {
     stop: AtomicBool,
-    /// Host connections being forwarded, to cut them off on `stop`.
-    live: Mutex<HashMap<u64, TcpStream>>,
+    /// Host connections being forwarded and their streams, to cut them off on `stop`.
+    live: Mutex<HashMap<u64, (TcpStream, Arc<PortStream>)>>,
     next: AtomicU64,
 }
 
 impl Shared {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, TcpStream>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (TcpStream, Arc<PortStream>)>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -221,8 +221,11 @@ impl Forwarding {
             // SAFETY: shutdown on a socket we own reads no memory.
             unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
-        for s in self.shared.live().values() {
-            let _ = s.shutdown(Shutdown::Both);
+        for (tcp, stream) in self.shared.live().values() {
+            // The stream is aborted, not half-closed: a guest server that would wait for
+            // more must not hold the save up.
+            stream.abort();
+            let _ = tcp.shutdown(Shutdown::Both);
         }
         self.conn
             .wait_all_closed(timeout)
@@ -287,9 +290,10 @@ fn forward(tcp: TcpStream, guest_port: u16, conn: PortConnector, sh: Arc<Shared>
         return;
     }
     let key = sh.next.fetch_add(1, Ordering::Relaxed);
+    let stream = Arc::new(stream);
     match tcp.try_clone() {
         Ok(c) => {
-            sh.live().insert(key, c);
+            sh.live().insert(key, (c, stream.clone()));
         }
         Err(e) => {
             log::warn!("forward to guest port {guest_port}: {e}");
@@ -297,9 +301,9 @@ fn forward(tcp: TcpStream, guest_port: u16, conn: PortConnector, sh: Arc<Shared>
         }
     }
     if sh.stop.load(Ordering::SeqCst) {
+        stream.abort();
         let _ = tcp.shutdown(Shutdown::Both);
     }
-    let stream = Arc::new(stream);
     let up = {
         let (stream, tcp) = (stream.clone(), tcp.try_clone());
         thread::Builder::new()
