@@ -43,6 +43,21 @@ fn hello(test: &str) -> Option<&'static Built> {
     let guest = guest(test)?;
     let built = BUILT.get_or_init(|| {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        // A machine built beforehand from the same Smolfile (on a loaded emulating host the
+        // build alone can take 10 minutes): SMOLVM_TEST_PORTS_MACHINE=FILE and
+        // SMOLVM_TEST_PORTS_DEFAULT=the host port of its [[port]] for guest port 8080.
+        if let (Ok(m), Ok(p)) = (
+            std::env::var("SMOLVM_TEST_PORTS_MACHINE"),
+            std::env::var("SMOLVM_TEST_PORTS_DEFAULT"),
+        ) {
+            return Ok(Built {
+                dir,
+                machine: PathBuf::from(m),
+                default_port: p
+                    .parse()
+                    .map_err(|_| "bad SMOLVM_TEST_PORTS_DEFAULT".to_string())?,
+            });
+        }
         let src = repo().join("examples/hello");
         let copy = dir.path().join("hello");
         std::fs::create_dir_all(copy.join("www")).map_err(|e| e.to_string())?;
