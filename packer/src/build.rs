@@ -134,6 +134,10 @@ pub fn manifest(
             extra.insert(format!("volume.{i}.host"), h.clone());
         }
     }
+    // `[[port]]`: published by default at run time (docs/RUNTIME.md, published ports).
+    for (i, p) in sf.ports.iter().enumerate() {
+        extra.insert(format!("port.{i}"), p.spec());
+    }
     Manifest {
         name: sf.name.clone(),
         created_unix_s: created

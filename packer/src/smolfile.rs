@@ -85,6 +85,33 @@ pub struct Smolfile {
     pub run: Run,
     /// `[[volume]]`: host directories the machine expects shared at run time.
     pub volumes: Vec<Volume>,
+    /// `[[port]]`: guest ports published by default when the machine runs.
+    pub ports: Vec<Port>,
+}
+
+/// A `[[port]]`: a guest TCP port published on the host whenever the machine runs (unless
+/// the caller publishes that guest port itself with `-p`/`SMOLVM_PUBLISH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// Guest port (connections go to the guest's 127.0.0.1:guest).
+    pub guest: u16,
+    /// Host port (default: the guest port).
+    pub host: u16,
+    /// Host address to listen on (default 127.0.0.1).
+    pub address: std::net::IpAddr,
+    /// Line in the Smolfile.
+    pub line: usize,
+}
+
+impl Port {
+    /// The mapping as `smolvm run -p` takes it: `ADDRESS:HOST:GUEST`.
+    pub fn spec(&self) -> String {
+        format!(
+            "{}:{}",
+            std::net::SocketAddr::new(self.address, self.host),
+            self.guest
+        )
+    }
 }
 
 /// A `[[volume]]`: where the machine expects a shared host directory.
@@ -293,6 +320,16 @@ struct RawSmolfile {
     run: Option<RawRun>,
     #[serde(default)]
     volume: Vec<Spanned<RawVolume>>,
+    #[serde(default)]
+    port: Vec<Spanned<RawPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    guest: Spanned<i64>,
+    host: Option<Spanned<i64>>,
+    address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -538,7 +575,45 @@ impl Cx<'_> {
                 })
             })
             .collect::<R<_>>()?;
+        let mut host_ports = HashSet::new();
+        let ports = raw
+            .port
+            .iter()
+            .map(|p| {
+                let inner = p.get_ref();
+                let num = |v: &Spanned<i64>, what: &str| -> R<u16> {
+                    u16::try_from(*v.get_ref())
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| self.err(v.span(), format!("{what} must be 1-65535")))
+                };
+                let guest = num(&inner.guest, "port guest")?;
+                let host = match &inner.host {
+                    Some(h) => num(h, "port host")?,
+                    None => guest,
+                };
+                let address = match &inner.address {
+                    Some(a) => a.get_ref().parse().map_err(|_| {
+                        self.err(
+                            a.span(),
+                            "port address must be an IP address, as \"0.0.0.0\"",
+                        )
+                    })?,
+                    None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                };
+                if !host_ports.insert((address, host)) {
+                    return Err(self.err(p.span(), format!("host port {host} is published twice")));
+                }
+                Ok(Port {
+                    guest,
+                    host,
+                    address,
+                    line: self.line(&p.span()),
+                })
+            })
+            .collect::<R<_>>()?;
         Ok(Smolfile {
+            ports,
             name,
             dir: self.dir.to_path_buf(),
             base,
@@ -1067,6 +1142,43 @@ cmd = ["echo hello from smolvm"]
         s.apply_image_defaults(&image);
         assert_eq!(s.run.argv(&[]), ["/mine"]);
         assert_eq!(s.run.workdir.as_deref(), Some("/w"));
+    }
+
+    #[test]
+    fn ports_parse_with_defaults_and_are_checked() {
+        let head = "name = \"p\"\n[base]\ntype = \"busybox\"\n";
+        let s = parse(&format!(
+            "{head}[[port]]\nguest = 80\nhost = 8080\n[[port]]\nguest = 9090\n\
+             [[port]]\nguest = 22\nhost = 2222\naddress = \"0.0.0.0\"\n"
+        ))
+        .unwrap();
+        let specs: Vec<String> = s.ports.iter().map(Port::spec).collect();
+        assert_eq!(
+            specs,
+            [
+                "127.0.0.1:8080:80",
+                "127.0.0.1:9090:9090",
+                "0.0.0.0:2222:22"
+            ]
+        );
+        for bad in [
+            "guest = 0",
+            "guest = 65536",
+            "guest = 80\nhost = -1",
+            "guest = 80\naddress = \"localhost\"",
+            "guest = 80\nproto = \"udp\"",
+            "host = 80",
+        ] {
+            assert!(
+                parse(&format!("{head}[[port]]\n{bad}\n")).is_err(),
+                "{bad} accepted"
+            );
+        }
+        let twice = format!("{head}[[port]]\nguest = 80\n[[port]]\nguest = 81\nhost = 80\n");
+        assert!(parse(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("published twice"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use smolvm::builder::SnapshotPlan;
+use smolvm::linux::publish::{parse_publish, parse_publish_list};
 use smolvm::linux::run::{parse_volume, parse_volume_list, RunOptions};
 use smolvm::snapshot::Guest;
 use smolvm::timing;
@@ -34,6 +35,8 @@ const USAGE: &str = concat!(
     "         --save OUT writes the machine as it is at exit to OUT;\n",
     "         -v HOST:GUEST[:ro|:rw] shares the host directory HOST at GUEST\n",
     "         (read-only unless :rw; repeatable);\n",
+    "         -p [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] forwards connections to the host port\n",
+    "         (127.0.0.1 unless HOST_IP) to the guest's 127.0.0.1:GUEST_PORT (repeatable);\n",
     "         --trust PUB runs FILE only when it is signed by that key (`smolpack sign`).\n",
     "         REF (REGISTRY/NAME:TAG or @sha256:..., not an existing path) is pulled by\n",
     "         `smolpack pull --cache` into ~/.cache/smolvm/machines and run from there.\n",
@@ -47,6 +50,8 @@ const USAGE: &str = concat!(
     "                          command ends to PATH (like `run --save`; `run` ignores it)\n",
     "  SMOLVM_VOLUME=H:G[:rw],...  packed executables only: share host directories\n",
     "                          (like `run -v`; `run` ignores it)\n",
+    "  SMOLVM_PUBLISH=8080:80,...  packed executables only: publish ports (like `run -p`;\n",
+    "                          `run` ignores it)\n",
     "  SMOLVM_TIMINGS=1        print resume phase times to stderr\n",
     "  SMOLVM_LOG=LEVEL        error, warn (default), info, debug or off\n",
     "  SMOLVM_CONSOLE=1        copy the guest kernel log to stderr\n",
@@ -238,6 +243,19 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
                     .push(parse_volume(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?);
                 i += 2;
             }
+            "-p" | "--publish" => {
+                let Some(spec) = args.get(i + 1) else {
+                    return Ok(None);
+                };
+                opts.ports
+                    .push(parse_publish(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?);
+                i += 2;
+            }
+            s if s.starts_with("--publish=") => {
+                opts.ports
+                    .push(parse_publish(&s["--publish=".len()..]).map_err(anyhow::Error::msg)?);
+                i += 1;
+            }
             s if s.starts_with("--volume=") => {
                 let spec = &s["--volume=".len()..];
                 opts.volumes
@@ -416,6 +434,11 @@ fn run_packed(target: Target) -> Result<Ended> {
         Err(std::env::VarError::NotPresent) => Vec::new(),
         Err(_) => anyhow::bail!("SMOLVM_VOLUME is not valid UTF-8"),
     };
+    let ports = match std::env::var("SMOLVM_PUBLISH") {
+        Ok(list) => parse_publish_list(&list).map_err(anyhow::Error::msg)?,
+        Err(std::env::VarError::NotPresent) => Vec::new(),
+        Err(_) => anyhow::bail!("SMOLVM_PUBLISH is not valid UTF-8"),
+    };
     let name = target.name;
     let plan = SnapshotPlan::from_reader(target.reader)
         .with_context(|| format!("cannot resume {}", name.display()))?;
@@ -427,6 +450,7 @@ fn run_packed(target: Target) -> Result<Ended> {
         },
         save,
         volumes,
+        ports,
         ..Default::default()
     };
     run(plan, &name, &opts)

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use crate::agent_log;
 use crate::protocol::{
     encode_frame, AgentMsg, Applied, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    QuiesceReport, ResumeReport, ShareMount, Stream, WallClock, INITIAL_WINDOW, MAX_CHUNK,
-    MAX_ENTROPY, PROTOCOL_VERSION,
+    QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, INITIAL_WINDOW,
+    MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use crate::sys::{self, Creds};
 
@@ -78,6 +78,8 @@ pub struct SessionConfig {
     pub exit_grace: Duration,
     /// Most execs (running or held) at once.
     pub max_execs: usize,
+    /// Most port-forward streams open at once.
+    pub max_streams: usize,
 }
 
 impl Default for SessionConfig {
@@ -88,6 +90,7 @@ impl Default for SessionConfig {
             etc_dir: PathBuf::from("/etc"),
             exit_grace: Duration::from_millis(500),
             max_execs: 256,
+            max_streams: 1024,
         }
     }
 }
@@ -158,6 +161,25 @@ impl Exec {
     }
 }
 
+/// One port-forward stream: a TCP connection to a guest port, carried as frames.
+struct FwdStream {
+    sock: OwnedFd,
+    /// The non-blocking connect has not completed yet.
+    connecting: bool,
+    /// Host bytes not yet written to the socket (at most one window).
+    to_guest: VecDeque<u8>,
+    /// The host sent `StreamEof`: shut the write side down once `to_guest` is drained.
+    host_eof: bool,
+    /// The write side is shut down.
+    write_shut: bool,
+    /// Guest bytes the host still accepts.
+    window: u32,
+    /// The guest end finished sending (`StreamEof` sent).
+    read_eof: bool,
+    /// Host bytes written but not yet credited back.
+    uncredited: u32,
+}
+
 #[derive(Clone, Copy)]
 enum Token {
     Transport,
@@ -165,6 +187,7 @@ enum Token {
     Out(ExecId, usize),
     In(ExecId),
     Pid,
+    Sock(StreamId),
 }
 
 /// Serves one session on `transport` until it ends. Catches panics: whatever happens, every
@@ -202,6 +225,7 @@ struct Session<'a, T: Transport> {
     out: Vec<u8>,
     out_pos: usize,
     execs: BTreeMap<ExecId, Exec>,
+    streams: BTreeMap<StreamId, FwdStream>,
     quiesced: bool,
     system: &'a mut dyn System,
     config: &'a SessionConfig,
@@ -226,6 +250,7 @@ impl<'a, T: Transport> Session<'a, T> {
             out: Vec::new(),
             out_pos: 0,
             execs: BTreeMap::new(),
+            streams: BTreeMap::new(),
             quiesced: false,
             system,
             config,
@@ -294,6 +319,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     Token::Out(id, idx) => self.on_output(id, idx),
                     Token::In(id) => self.pump_stdin(id),
                     Token::Pid => reap = true,
+                    Token::Sock(id) => self.on_sock(id),
                 }
                 if self.end.is_some() {
                     break;
@@ -360,6 +386,23 @@ impl<'a, T: Transport> Session<'a, T> {
                 }
             }
         }
+        for (&id, st) in &self.streams {
+            let mut ev = 0;
+            if st.connecting {
+                ev |= libc::POLLOUT;
+            } else if move_data {
+                if st.window > 0 && !st.read_eof {
+                    ev |= libc::POLLIN;
+                }
+                if !st.to_guest.is_empty() || (st.host_eof && !st.write_shut) {
+                    ev |= libc::POLLOUT;
+                }
+            }
+            // A stream with nothing to do is left out: its hang-up would wake poll in a loop.
+            if ev != 0 {
+                add(st.sock.as_raw_fd(), ev, Token::Sock(id));
+            }
+        }
         if !self.pidfds_work && self.execs.values().any(|e| e.running()) {
             timeout = Some(timeout.map_or(FALLBACK_TICK, |t| t.min(FALLBACK_TICK)));
         }
@@ -424,39 +467,51 @@ impl<'a, T: Transport> Session<'a, T> {
         if self.out_pending() > 0 {
             self.flush();
         }
-        if self.out_pending() >= OUT_HIGH_WATER {
-            return;
-        }
-        match self.transport.read(&mut self.readbuf) {
-            Ok(0) => {
-                self.end.get_or_insert(SessionEnd::Closed);
+        // A virtio port returns at most one receive buffer (a page) per read: take a few
+        // in a row before going back to poll, up to one read buffer's worth.
+        let mut taken = 0;
+        while taken < MAX_CHUNK {
+            if self.out_pending() >= OUT_HIGH_WATER {
+                break;
+            }
+            match self.transport.read(&mut self.readbuf) {
+                Ok(0) => {
+                    self.end.get_or_insert(SessionEnd::Closed);
+                    return;
+                }
+                Ok(n) => {
+                    taken += n;
+                    let chunk = &self.readbuf[..n];
+                    self.decoder.feed(chunk);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.end
+                        .get_or_insert(SessionEnd::Failed(format!("read from host failed: {e}")));
+                    return;
+                }
+            }
+            if !self.handle_frames() {
                 return;
             }
-            Ok(n) => {
-                let chunk = &self.readbuf[..n];
-                self.decoder.feed(chunk);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                return
-            }
-            Err(e) => {
-                self.end
-                    .get_or_insert(SessionEnd::Failed(format!("read from host failed: {e}")));
-                return;
-            }
         }
+    }
+
+    /// Handles every whole frame received so far; false once the session is ending.
+    fn handle_frames(&mut self) -> bool {
         loop {
             match self.decoder.next_msg::<HostMsg>() {
                 Ok(Some(msg)) => {
                     self.handle(msg);
                     if self.end.is_some() {
-                        return;
+                        return false;
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     self.fail(format!("malformed frame from host: {e}"));
-                    return;
+                    return false;
                 }
             }
         }
@@ -582,6 +637,170 @@ impl<'a, T: Transport> Session<'a, T> {
                 let error = self.system.unmount_shares().err();
                 self.send(&AgentMsg::Unmounted { req, error });
             }
+            HostMsg::Connect { id, port } => self.on_connect(id, port),
+            HostMsg::StreamData { id, data } => {
+                let Some(st) = self.streams.get_mut(&id) else {
+                    // Closed on this side already; the host learns it from `StreamClosed`.
+                    return;
+                };
+                if st.host_eof || st.to_guest.len() + data.len() > STREAM_WINDOW as usize {
+                    self.fail(format!(
+                        "stream {id}: data beyond its {STREAM_WINDOW}-byte window or after its end"
+                    ));
+                    return;
+                }
+                st.to_guest.extend(data);
+                self.on_sock(id);
+            }
+            HostMsg::StreamEof { id } => {
+                if let Some(st) = self.streams.get_mut(&id) {
+                    st.host_eof = true;
+                    self.on_sock(id);
+                }
+            }
+            HostMsg::StreamCredit { id, bytes } => {
+                if let Some(st) = self.streams.get_mut(&id) {
+                    st.window = st.window.saturating_add(bytes).min(STREAM_WINDOW);
+                }
+            }
+            HostMsg::StreamClose { id } => {
+                if self.streams.remove(&id).is_some() {
+                    self.send(&AgentMsg::StreamClosed { id, error: None });
+                }
+            }
+        }
+    }
+
+    fn on_connect(&mut self, id: StreamId, port: u16) {
+        let refuse = |s: &mut Self, error: String| s.send(&AgentMsg::ConnectFailed { id, error });
+        if self.streams.contains_key(&id) {
+            return refuse(
+                self,
+                format!("stream id {id} is still in use: pick a fresh id"),
+            );
+        }
+        if self.streams.len() >= self.config.max_streams {
+            return refuse(
+                self,
+                format!("{} port streams are already open", self.streams.len()),
+            );
+        }
+        match sys::tcp_connect_loopback(port) {
+            Ok((sock, connecting)) => {
+                self.streams.insert(
+                    id,
+                    FwdStream {
+                        sock,
+                        connecting,
+                        to_guest: VecDeque::new(),
+                        host_eof: false,
+                        write_shut: false,
+                        window: STREAM_WINDOW,
+                        read_eof: false,
+                        uncredited: 0,
+                    },
+                );
+                if !connecting {
+                    self.send(&AgentMsg::Connected { id });
+                }
+            }
+            Err(e) => refuse(self, format!("cannot connect to guest port {port}: {e}")),
+        }
+    }
+
+    /// Moves what can move on stream `id` without blocking, and ends it when both directions
+    /// are finished or its socket failed.
+    fn on_sock(&mut self, id: StreamId) {
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if st.connecting {
+            match sys::socket_error(st.sock.as_raw_fd()) {
+                Ok(None) => {
+                    st.connecting = false;
+                    self.send(&AgentMsg::Connected { id });
+                }
+                Ok(Some(e)) | Err(e) => {
+                    self.streams.remove(&id);
+                    self.send(&AgentMsg::ConnectFailed {
+                        id,
+                        error: format!("cannot connect to the guest port: {e}"),
+                    });
+                }
+            }
+            return;
+        }
+        if self.quiesced {
+            return;
+        }
+        let fd = st.sock.as_raw_fd();
+        let mut failed: Option<String> = None;
+        // Host to guest.
+        while !st.to_guest.is_empty() {
+            let (front, _) = st.to_guest.as_slices();
+            // SAFETY: `front` is a valid readable slice; MSG_NOSIGNAL turns a closed peer
+            // into EPIPE instead of a signal.
+            let n =
+                unsafe { libc::send(fd, front.as_ptr().cast(), front.len(), libc::MSG_NOSIGNAL) };
+            if n > 0 {
+                st.to_guest.drain(..n as usize);
+                st.uncredited += n as u32;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                ErrorKind::Interrupted => continue,
+                ErrorKind::WouldBlock => break,
+                _ => {
+                    failed = Some(format!("write to the guest socket failed: {err}"));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() && st.to_guest.is_empty() && st.host_eof && !st.write_shut {
+            // SAFETY: shutdown on a socket we own reads no memory.
+            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            st.write_shut = true;
+        }
+        let credit = if st.uncredited >= STREAM_WINDOW / 4
+            || (st.uncredited > 0 && st.to_guest.is_empty())
+        {
+            std::mem::take(&mut st.uncredited)
+        } else {
+            0
+        };
+        // Guest to host: one read per wake-up, as for command output.
+        let mut data = None;
+        let mut eof_now = false;
+        if failed.is_none() && st.window > 0 && !st.read_eof {
+            let want = (st.window as usize).min(self.readbuf.len());
+            // SAFETY: `readbuf` is writable for at least `want` bytes.
+            let n = unsafe { libc::recv(fd, self.readbuf.as_mut_ptr().cast(), want, 0) };
+            if n > 0 {
+                st.window -= n as u32;
+                data = Some(self.readbuf[..n as usize].to_vec());
+            } else if n == 0 {
+                st.read_eof = true;
+                eof_now = true;
+            } else {
+                let err = io::Error::last_os_error();
+                if !matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
+                    failed = Some(format!("read from the guest socket failed: {err}"));
+                }
+            }
+        }
+        let done = st.read_eof && st.write_shut;
+        if credit > 0 {
+            self.send(&AgentMsg::StreamCredit { id, bytes: credit });
+        }
+        if let Some(data) = data {
+            self.send(&AgentMsg::StreamData { id, data });
+        } else if eof_now && failed.is_none() {
+            self.send(&AgentMsg::StreamEof { id });
+        }
+        if failed.is_some() || done {
+            self.streams.remove(&id);
+            self.send(&AgentMsg::StreamClosed { id, error: failed });
         }
     }
 
@@ -858,6 +1077,8 @@ impl<'a, T: Transport> Session<'a, T> {
             }
         }
         self.execs.clear();
+        // The previous host's connections are gone with it.
+        self.streams.clear();
         count
     }
 }

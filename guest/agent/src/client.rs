@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{
     frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, WallClock, WinSize,
-    INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
+    ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WinSize,
+    INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 
 /// Errors seen by client callers.
@@ -49,6 +49,8 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("cannot set up the agent connection: {0}")]
     Io(#[from] io::Error),
+    #[error("{0}")]
+    ConnectFailed(String),
 }
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -76,6 +78,9 @@ pub struct ProtocolViolations {
     /// A frame with a bad magic, an oversized length or a payload that does not decode
     /// (ends the session).
     pub bad_frame: u64,
+    /// A port-forward frame for a stream the host never opened or already saw closed, or
+    /// stream credit beyond what was sent.
+    pub unknown_stream: u64,
 }
 
 impl ProtocolViolations {
@@ -86,7 +91,7 @@ impl ProtocolViolations {
 
     /// Violations that are only dropped until [`MAX_STRAY_FRAMES`] of them arrived.
     pub fn stray(&self) -> u64 {
-        self.unknown_exec + self.unsolicited_reply + self.excess_stdin_credit
+        self.unknown_exec + self.unsolicited_reply + self.excess_stdin_credit + self.unknown_stream
     }
 }
 
@@ -101,6 +106,45 @@ pub struct Buffered {
     pub replies: usize,
     /// Exec slots (running, or finished with a live handle).
     pub execs: usize,
+    /// Port-forward bytes received and not yet read, all streams.
+    pub port_bytes: usize,
+    /// Port-forward streams (open, or closing).
+    pub ports: usize,
+}
+
+/// The host's account of one port-forward stream.
+struct PortSlot {
+    connected: bool,
+    failed: Option<String>,
+    /// The agent sent `StreamClosed`: nothing more comes and nothing may be sent.
+    closed: bool,
+    close_error: Option<String>,
+    /// The host sent `StreamClose` and waits for `StreamClosed`; data meanwhile is dropped.
+    aborting: bool,
+    rx: VecDeque<u8>,
+    /// Credit the agent holds for guest-to-host data.
+    rx_window: u32,
+    rx_uncredited: u32,
+    rx_eof: bool,
+    /// Host-to-guest bytes the host may still send.
+    tx_credit: u32,
+}
+
+impl PortSlot {
+    fn new() -> Self {
+        PortSlot {
+            connected: false,
+            failed: None,
+            closed: false,
+            close_error: None,
+            aborting: false,
+            rx: VecDeque::new(),
+            rx_window: STREAM_WINDOW,
+            rx_uncredited: 0,
+            rx_eof: false,
+            tx_credit: STREAM_WINDOW,
+        }
+    }
 }
 
 /// Captured result of a finished command.
@@ -189,6 +233,7 @@ struct State {
     /// Requests whose caller gave up (timeout): a late answer is dropped without complaint.
     abandoned: HashSet<u32>,
     execs: HashMap<ExecId, ExecSlot>,
+    ports: HashMap<StreamId, PortSlot>,
     violations: ProtocolViolations,
 }
 
@@ -219,6 +264,8 @@ impl State {
             b.max_stream_bytes = b.max_stream_bytes.max(s.data.len());
             b.stream_bytes += s.data.len();
         }
+        b.ports = self.ports.len();
+        b.port_bytes = self.ports.values().map(|p| p.rx.len()).sum();
         b
     }
 }
@@ -228,6 +275,7 @@ struct Inner {
     cond: Condvar,
     tx: Mutex<Sender<Vec<u8>>>,
     next_id: AtomicU32,
+    next_stream: AtomicU32,
     next_req: AtomicU32,
     timeout: Mutex<Option<Duration>>,
     shutdown_hook: Option<UnixStream>,
@@ -401,6 +449,7 @@ impl Client {
             cond: Condvar::new(),
             tx: Mutex::new(tx),
             next_id: AtomicU32::new(1),
+            next_stream: AtomicU32::new(1),
             next_req: AtomicU32::new(1),
             timeout: Mutex::new(None),
             shutdown_hook: hook,
@@ -598,7 +647,22 @@ impl Client {
                 entropy.len()
             )));
         }
-        let seen = self.inner.lock().ready_count;
+        let seen = {
+            let mut st = self.inner.lock();
+            // The agent drops every port stream on `Resume` without a word (they belong to
+            // the host that saved the machine): close them here.
+            st.ports.retain(|_, p| !p.aborting);
+            for p in st.ports.values_mut() {
+                if !p.closed {
+                    p.closed = true;
+                    p.close_error = Some("the machine was resumed".into());
+                }
+                // What the agent sent before it handled `Resume` is dropped quietly.
+                p.aborting = true;
+            }
+            self.inner.cond.notify_all();
+            st.ready_count
+        };
         let entropy = entropy.to_vec();
         let req = self.send_request(|req| HostMsg::Resume { req, now, entropy })?;
         Ok(PendingResume { req, seen })
@@ -668,6 +732,238 @@ impl Client {
         let h = self.exec(ExecRequest::new(argv))?;
         h.close_stdin()?;
         h.wait_with_output()
+    }
+}
+
+impl Client {
+    /// A handle that opens port-forward streams on this connection, for other threads (it
+    /// does not keep the connection open by itself: dropping the client ends it).
+    pub fn port_connector(&self) -> PortConnector {
+        PortConnector {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Opens a stream to `127.0.0.1:port` in the guest (see [`PortConnector::connect`]).
+    pub fn connect_port(&self, port: u16) -> Result<PortStream> {
+        self.port_connector().connect(port)
+    }
+}
+
+/// Opens port-forward streams (`HostMsg::Connect`) on a client's connection.
+#[derive(Clone)]
+pub struct PortConnector {
+    inner: Arc<Inner>,
+}
+
+impl PortConnector {
+    /// Starts a connection to `127.0.0.1:port` in the guest. Returns at once; wait for the
+    /// outcome with [`PortStream::wait_connected`].
+    pub fn connect(&self, port: u16) -> Result<PortStream> {
+        let id = {
+            let mut st = self.inner.lock();
+            if st.closed.is_some() {
+                return Err(self.inner.disconnected(&st));
+            }
+            let mut id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+            while id == 0 || st.ports.contains_key(&id) {
+                id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+            }
+            st.ports.insert(id, PortSlot::new());
+            id
+        };
+        if let Err(e) = self.inner.send(&HostMsg::Connect { id, port }) {
+            self.inner.lock().ports.remove(&id);
+            return Err(e);
+        }
+        Ok(PortStream {
+            inner: Arc::clone(&self.inner),
+            id,
+        })
+    }
+
+    /// Streams open or closing (their `StreamClosed` not yet received).
+    pub fn open_streams(&self) -> usize {
+        self.inner.lock().ports.len()
+    }
+
+    /// Waits until no stream is open or closing, or `timeout`.
+    pub fn wait_all_closed(&self, timeout: Duration) -> Result<()> {
+        self.inner
+            .wait_for(Some(timeout), "close the port streams", |st| {
+                st.ports.is_empty().then_some(())
+            })
+    }
+}
+
+/// One port-forward stream: a TCP connection in the guest, as a byte stream each way.
+/// `read` and `write_all` may run on two threads at once (share it in an `Arc`). Dropping
+/// it before the agent closed the stream aborts it (`StreamClose`).
+pub struct PortStream {
+    inner: Arc<Inner>,
+    id: StreamId,
+}
+
+impl PortStream {
+    /// The protocol id of this stream.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Waits until the agent connected (`Ok`) or could not (`ConnectFailed` with its reason).
+    pub fn wait_connected(&self, timeout: Option<Duration>) -> Result<()> {
+        let id = self.id;
+        let r = self
+            .inner
+            .wait_for(timeout, "connect to the guest port", |st| {
+                let p = st.ports.get(&id)?;
+                if let Some(e) = &p.failed {
+                    return Some(Err(e.clone()));
+                }
+                if p.connected {
+                    return Some(Ok(()));
+                }
+                p.closed.then(|| Err("the stream was closed".to_string()))
+            })?;
+        r.map_err(ClientError::ConnectFailed)
+    }
+
+    /// Reads guest bytes, blocking until some arrive: 0 once the guest end finished or the
+    /// stream closed.
+    pub fn read(&self, buf: &mut [u8]) -> Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let id = self.id;
+        let (n, credit) = self.inner.wait_for(None, "send stream data", |st| {
+            let Some(p) = st.ports.get_mut(&id) else {
+                return Some((0, 0));
+            };
+            if p.aborting {
+                return Some((0, 0));
+            }
+            if p.rx.is_empty() {
+                return (p.rx_eof || p.closed).then_some((0, 0));
+            }
+            let n = p.rx.len().min(buf.len());
+            for (d, s) in buf.iter_mut().zip(p.rx.drain(..n)) {
+                *d = s;
+            }
+            // At most one window, a u32.
+            p.rx_uncredited += n as u32;
+            let credit = if p.closed {
+                0
+            } else if p.rx_uncredited >= STREAM_WINDOW / 4 || p.rx.is_empty() {
+                std::mem::take(&mut p.rx_uncredited)
+            } else {
+                0
+            };
+            p.rx_window += credit;
+            Some((n, credit))
+        })?;
+        if credit > 0 {
+            let _ = self
+                .inner
+                .send(&HostMsg::StreamCredit { id, bytes: credit });
+        }
+        Ok(n)
+    }
+
+    /// Sends all of `data` to the guest end, waiting for credit as needed; fails once the
+    /// stream is closed.
+    pub fn write_all(&self, mut data: &[u8]) -> Result<()> {
+        let id = self.id;
+        while !data.is_empty() {
+            let n = self.inner.wait_for(None, "accept stream data", |st| {
+                let Some(p) = st.ports.get_mut(&id) else {
+                    return Some(0);
+                };
+                if p.closed || p.aborting {
+                    return Some(0);
+                }
+                let n = (p.tx_credit as usize).min(data.len()).min(MAX_CHUNK);
+                if n == 0 {
+                    return None;
+                }
+                p.tx_credit -= n as u32;
+                Some(n)
+            })?;
+            if n == 0 {
+                return Err(ClientError::Disconnected(
+                    "the guest end of the stream is closed".into(),
+                ));
+            }
+            self.inner.send(&HostMsg::StreamData {
+                id,
+                data: data[..n].to_vec(),
+            })?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// The host end will send no more (half-close): the guest socket's write side is shut
+    /// down after the data already sent.
+    pub fn shutdown_write(&self) -> Result<()> {
+        self.inner.send(&HostMsg::StreamEof { id: self.id })
+    }
+
+    /// Aborts the stream now (`StreamClose`): readers and writers of it stop at once, and
+    /// the agent closes the guest socket without waiting for either end.
+    pub fn abort(&self) {
+        let id = self.id;
+        let send = {
+            let mut st = self.inner.lock();
+            let open = st.closed.is_none();
+            let send = match st.ports.get_mut(&id) {
+                Some(p) if !p.closed && !p.aborting => {
+                    p.aborting = true;
+                    p.rx.clear();
+                    open
+                }
+                _ => false,
+            };
+            self.inner.cond.notify_all();
+            send
+        };
+        if send && self.inner.send(&HostMsg::StreamClose { id }).is_err() {
+            self.inner.lock().ports.remove(&id);
+        }
+    }
+
+    /// Why the agent closed the stream, if it did and said why.
+    pub fn close_error(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .ports
+            .get(&self.id)
+            .and_then(|p| p.close_error.clone())
+    }
+}
+
+impl Drop for PortStream {
+    fn drop(&mut self) {
+        let id = self.id;
+        let abort = {
+            let mut st = self.inner.lock();
+            match st.ports.get_mut(&id) {
+                Some(p) if p.closed => {
+                    st.ports.remove(&id);
+                    false
+                }
+                // Aborted already: `StreamClosed` removes it.
+                Some(p) if p.aborting => false,
+                Some(p) => {
+                    p.aborting = true;
+                    p.rx.clear();
+                    st.closed.is_none()
+                }
+                None => false,
+            }
+        };
+        if abort && self.inner.send(&HostMsg::StreamClose { id }).is_err() {
+            self.inner.lock().ports.remove(&id);
+        }
     }
 }
 
@@ -792,6 +1088,64 @@ fn apply(st: &mut State, msg: AgentMsg, credits: &mut Vec<HostMsg>) {
             }
             None => unknown_exec(st, "Exited", id),
         },
+        AgentMsg::Connected { id } => match st.ports.get_mut(&id) {
+            Some(p) if !p.connected && !p.closed => p.connected = true,
+            _ => unknown_stream(st, "Connected", id),
+        },
+        AgentMsg::ConnectFailed { id, error } => match st.ports.get_mut(&id) {
+            Some(p) if !p.connected && !p.closed => {
+                p.failed = Some(error);
+                p.closed = true;
+                if p.aborting {
+                    st.ports.remove(&id);
+                }
+            }
+            _ => unknown_stream(st, "ConnectFailed", id),
+        },
+        AgentMsg::StreamData { id, data } => match st.ports.get_mut(&id) {
+            Some(p) if p.aborting => {}
+            Some(p) if p.connected && !p.closed && !p.rx_eof => {
+                if data.len() > p.rx_window as usize {
+                    let window = p.rx_window;
+                    st.violations.beyond_window += 1;
+                    st.broken(format!(
+                        "{} bytes for port stream {id} beyond its {window}-byte credit",
+                        data.len()
+                    ));
+                    return;
+                }
+                // `data.len() <= rx_window`, a u32.
+                p.rx_window -= data.len() as u32;
+                p.rx.extend(data);
+            }
+            _ => unknown_stream(st, "StreamData", id),
+        },
+        AgentMsg::StreamEof { id } => match st.ports.get_mut(&id) {
+            Some(p) if p.aborting => {}
+            Some(p) if p.connected && !p.closed => p.rx_eof = true,
+            _ => unknown_stream(st, "StreamEof", id),
+        },
+        AgentMsg::StreamCredit { id, bytes } => match st.ports.get_mut(&id) {
+            Some(p) if p.aborting => {}
+            Some(p) if p.connected && !p.closed => match p.tx_credit.checked_add(bytes) {
+                Some(c) if c <= STREAM_WINDOW => p.tx_credit = c,
+                _ => unknown_stream(st, "StreamCredit beyond what was sent", id),
+            },
+            _ => unknown_stream(st, "StreamCredit", id),
+        },
+        AgentMsg::StreamClosed { id, error } => match st.ports.get_mut(&id) {
+            Some(p) if p.aborting && p.closed => {
+                st.ports.remove(&id);
+            }
+            Some(p) if !p.closed => {
+                p.closed = true;
+                p.close_error = error;
+                if p.aborting {
+                    st.ports.remove(&id);
+                }
+            }
+            _ => unknown_stream(st, "StreamClosed", id),
+        },
         AgentMsg::Error { message } => {
             // The agent ends the session after it; nothing it sends later counts.
             st.agent_error = Some(message);
@@ -804,6 +1158,11 @@ fn apply(st: &mut State, msg: AgentMsg, credits: &mut Vec<HostMsg>) {
 /// The slot of an exec the agent may still send about: started by the host, not finished.
 fn live(st: &mut State, id: ExecId) -> Option<&mut ExecSlot> {
     st.execs.get_mut(&id).filter(|s| !s.finished())
+}
+
+fn unknown_stream(st: &mut State, what: &str, id: StreamId) {
+    st.violations.unknown_stream += 1;
+    st.stray(|| format!("{what} for port stream {id}, which is not open"));
 }
 
 fn unknown_exec(st: &mut State, what: &str, id: ExecId) {

@@ -398,6 +398,35 @@ pub fn power_off(reboot: bool) -> ! {
 }
 
 /// Opens the agent port read-write.
+/// The device node of the virtio-console port called `name`: the `vportNpM` directory of
+/// `sysfs` (normally `/sys/class/virtio-ports`) whose `name` file holds it, as `/dev/vportNpM`.
+pub fn find_virtio_port(sysfs: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    let mut found: Vec<_> = fs::read_dir(sysfs)
+        .ok()?
+        .flatten()
+        .filter(|e| fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim_end() == name))
+        .map(|e| std::path::Path::new("/dev").join(e.file_name()))
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// Where the agent's port is, from the `smolvm.agent=` value: a path is taken as it is; a
+/// name is looked up among the virtio-console ports, falling back to [`DEFAULT_AGENT_PORT`]
+/// (a machine with a single-port console) when that exists and no port has the name. `None`
+/// while neither exists yet (the port is named a moment after the driver probes).
+pub fn resolve_agent_port(configured: &str) -> Option<String> {
+    if configured.starts_with('/') {
+        return Some(configured.to_string());
+    }
+    if let Some(p) = find_virtio_port(std::path::Path::new("/sys/class/virtio-ports"), configured) {
+        return Some(p.to_string_lossy().into_owned());
+    }
+    std::path::Path::new(DEFAULT_AGENT_PORT)
+        .exists()
+        .then(|| DEFAULT_AGENT_PORT.to_string())
+}
+
 pub fn open_port(path: &str) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
@@ -419,6 +448,28 @@ mod tests {
         let c = BootConfig::from_cmdline("smolvm.agent=/dev/hvc2 smolvm.hostname=db");
         assert_eq!(c.agent_port, "/dev/hvc2");
         assert_eq!(c.hostname, "db");
+        let n = BootConfig::from_cmdline("smolvm.agent=org.smolvm.agent");
+        assert_eq!(n.agent_port, "org.smolvm.agent");
+        assert_eq!(
+            resolve_agent_port("/dev/hvc3").as_deref(),
+            Some("/dev/hvc3")
+        );
+    }
+
+    #[test]
+    fn virtio_ports_are_found_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        for (dir, name) in [("vport0p0", "other\n"), ("vport1p0", "org.smolvm.agent\n")] {
+            fs::create_dir(d.path().join(dir)).unwrap();
+            fs::write(d.path().join(dir).join("name"), name).unwrap();
+        }
+        fs::create_dir(d.path().join("vport2p0")).unwrap(); // unnamed
+        assert_eq!(
+            find_virtio_port(d.path(), "org.smolvm.agent"),
+            Some(std::path::PathBuf::from("/dev/vport1p0"))
+        );
+        assert_eq!(find_virtio_port(d.path(), "missing"), None);
+        assert_eq!(find_virtio_port(&d.path().join("nope"), "other"), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use smolvm_agent::agent::{run_session, HostSystem, SessionConfig, SessionEnd, System};
 use smolvm_agent::agent_log;
 use smolvm_agent::init::{self, BootConfig, GuestSystem};
-use smolvm_agent::protocol::PROTOCOL_VERSION;
+use smolvm_agent::protocol::{DEFAULT_AGENT_PORT, PROTOCOL_VERSION};
 
 const USAGE: &str = "\
 usage: smol-agent                    run as PID 1 of a smolvm guest (port from smolvm.agent=)
@@ -238,7 +238,18 @@ fn pid1_serve(opts: Pid1Options) -> bool {
     let mut open_failures = 0u32;
     loop {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            match init::open_port(&boot.agent_port) {
+            // The named port appears a moment after the console driver probed: until then
+            // (and without any port) this counts as a failed open and is retried soon.
+            let port = init::resolve_agent_port(&boot.agent_port).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "no virtio port named {} and no {DEFAULT_AGENT_PORT}",
+                        boot.agent_port
+                    ),
+                )
+            });
+            match port.and_then(|p| init::open_port(&p)) {
                 Ok(port) => {
                     open_failures = 0;
                     let end = run_session(port, &mut system, &config);
@@ -249,7 +260,7 @@ fn pid1_serve(opts: Pid1Options) -> bool {
                     }
                 }
                 Err(e) => {
-                    if open_failures < 3 {
+                    if open_failures == 200 || open_failures == 1000 {
                         agent_log!("cannot open agent port {}: {e}", boot.agent_port);
                     }
                     open_failures += 1;
@@ -260,15 +271,21 @@ fn pid1_serve(opts: Pid1Options) -> bool {
         if let Ok(Some(reboot)) = outcome {
             return reboot;
         }
-        // Between sessions: keep reaping and honour shutdown signals.
+        // Between sessions: keep reaping and honour shutdown signals. While the port has
+        // not shown up yet (the first seconds of a boot), look again soon.
+        let pause = if open_failures > 0 && open_failures < 500 {
+            Duration::from_millis(10)
+        } else {
+            Duration::from_millis(500)
+        };
         match &sigfd {
             Some(fd) => {
-                init::wait_signal(fd.as_raw_fd(), Duration::from_millis(500));
+                init::wait_signal(fd.as_raw_fd(), pause);
                 if let Some(reboot) = init::drain_signals(fd.as_raw_fd()) {
                     return reboot;
                 }
             }
-            None => std::thread::sleep(Duration::from_millis(500)),
+            None => std::thread::sleep(pause),
         }
         init::reap_orphans();
     }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides announce (`Ready` / `Hello`); bumped on any wire change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First two bytes of every frame; catches a wrong port or a desynchronised stream at once.
 pub const MAGIC: [u8; 2] = *b"SM";
 /// Magic plus little-endian `u32` payload length.
@@ -22,6 +22,8 @@ pub const HEADER_LEN: usize = 6;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes each side may send on a fresh exec stream (stdin, stdout, stderr) before it needs credit.
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
+/// Bytes each side may send on a fresh port-forward stream before it needs credit.
+pub const STREAM_WINDOW: u32 = 128 * 1024;
 /// Largest data chunk the reference agent and client put in one `Output`/`Stdin` frame.
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Largest entropy blob accepted in `Resume`.
@@ -29,8 +31,13 @@ pub const MAX_ENTROPY: usize = 4096;
 /// Device path of the agent port when the kernel command line names none: the VMM's only
 /// virtio console.
 pub const DEFAULT_AGENT_PORT: &str = "/dev/hvc0";
-/// Kernel command-line key naming the agent port device, e.g. `smolvm.agent=/dev/hvc0`.
+/// Kernel command-line key naming the agent port: a device path (`smolvm.agent=/dev/hvc0`) or
+/// the name of a virtio-console port (`smolvm.agent=org.smolvm.agent`), found in
+/// `/sys/class/virtio-ports/*/name`, with [`DEFAULT_AGENT_PORT`] as the fallback when no port
+/// has that name.
 pub const CMDLINE_AGENT_KEY: &str = "smolvm.agent";
+/// Name of the agent's virtio-console port in machines with a multiport console.
+pub const AGENT_PORT_NAME: &str = "org.smolvm.agent";
 /// Kernel command-line key naming the guest hostname, e.g. `smolvm.hostname=web`.
 pub const CMDLINE_HOSTNAME_KEY: &str = "smolvm.hostname";
 /// Hostname used when the command line names none.
@@ -38,6 +45,9 @@ pub const DEFAULT_HOSTNAME: &str = "smolvm";
 
 /// Host-chosen identifier of one exec, unique among the execs live in a session.
 pub type ExecId = u32;
+/// Host-chosen identifier of one port-forward stream (a TCP connection to a guest port),
+/// unique among the streams live in a session; a separate space from exec ids.
+pub type StreamId = u32;
 
 /// Errors of framing and encoding.
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +284,23 @@ pub enum HostMsg {
     Mount { req: u32, shares: Vec<ShareMount> },
     /// Unmount every share (before a save); answered by `Unmounted`.
     Unmount { req: u32 },
+    /// Open stream `id`: a TCP connection to `127.0.0.1:port` in the guest. Answered by
+    /// `Connected` or `ConnectFailed`.
+    Connect { id: StreamId, port: u16 },
+    /// Bytes for the guest end of a stream; needs stream credit (`STREAM_WINDOW` at first).
+    StreamData {
+        id: StreamId,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The host end will send no more: the agent shuts the guest socket's write side down
+    /// once the data before it is written (half-close).
+    StreamEof { id: StreamId },
+    /// The host delivered `bytes` of the stream's guest-to-host data: that many more may come.
+    StreamCredit { id: StreamId, bytes: u32 },
+    /// The host end is gone: close the guest socket at once, discarding what is buffered.
+    /// Answered by `StreamClosed` (unless that was already sent).
+    StreamClose { id: StreamId },
 }
 
 /// Messages from the agent to the host.
@@ -313,6 +340,24 @@ pub enum AgentMsg {
     Mounted { req: u32, error: Option<String> },
     /// Answer to `Unmount`: `error` names a share still in use (files open on it).
     Unmounted { req: u32, error: Option<String> },
+    /// Stream `id` is connected to its guest port.
+    Connected { id: StreamId },
+    /// Stream `id` could not connect (nothing listens on the port, too many streams); the
+    /// id is free again.
+    ConnectFailed { id: StreamId, error: String },
+    /// Bytes from the guest end of a stream; each consumes the stream's credit.
+    StreamData {
+        id: StreamId,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The guest end will send no more (it shut down its write side or closed).
+    StreamEof { id: StreamId },
+    /// The agent wrote `bytes` of host data to the guest socket: that many more may come.
+    StreamCredit { id: StreamId, bytes: u32 },
+    /// Stream `id` is over (both ends finished, an error, or the host's `StreamClose`);
+    /// nothing more is sent for it and the id is free again.
+    StreamClosed { id: StreamId, error: Option<String> },
 }
 
 /// Encodes `msg` as one frame appended to `out`.

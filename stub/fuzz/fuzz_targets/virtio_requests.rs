@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use smolvm::devices::bus::BusDevice;
 use smolvm::devices::virtio::block::{Block, BlockConfig, CowDisk};
-use smolvm::devices::virtio::console::Console;
+use smolvm::devices::virtio::console::{Console, VIRTIO_CONSOLE_F_MULTIPORT};
 use smolvm::devices::virtio::mmio::{regs, MmioTransport};
 use smolvm::devices::virtio::rng::Rng;
 use smolvm::devices::virtio::{
@@ -103,8 +103,14 @@ fuzz_target!(|data: &[u8]| {
             run(MmioTransport::new(dev), features, 1);
         }
         1 => {
+            // Multiport (control queues 2/3, whose messages the device parses) or not.
             let dev = Console::new(mem, irq, Box::new(std::io::sink())).expect("console");
-            let mut t = run(MmioTransport::new(dev), features, 2);
+            let features = if sel & 0x20 != 0 {
+                features | VIRTIO_CONSOLE_F_MULTIPORT
+            } else {
+                features
+            };
+            let mut t = run(MmioTransport::new(dev), features, 4);
             t.device_mut().enqueue_input(&rest[..n.min(300)]);
         }
         _ => {

@@ -65,7 +65,7 @@ pub struct CmdlineParts<'a> {
     pub devices: &'a [String],
     /// Mount the root read-write.
     pub root_rw: bool,
-    /// Device node of the agent's port (`/dev/hvc0`).
+    /// The agent's port: a virtio port name (`org.smolvm.agent`) or a device node.
     pub agent_port: &'a str,
     /// Caller's extra options, last so they win.
     pub extra: &'a str,

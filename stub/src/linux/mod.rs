@@ -23,6 +23,7 @@ pub mod boot;
 pub mod console;
 pub mod devices;
 pub mod disk;
+pub mod publish;
 pub mod run;
 
 use std::os::unix::net::UnixStream;
@@ -50,8 +51,9 @@ use crate::vstate::vcpu::ExitReason;
 use console::{AgentBridge, ConsoleLog, ConsoleSink, KernelEnd, SocketSink};
 use devices::{LinuxDevices, ROOT_DISK};
 
-/// Device node of the agent's port in the guest (the only virtio console).
-pub const AGENT_PORT: &str = "/dev/hvc0";
+/// The agent's port in the guest: the name of port 0 of the multiport virtio console
+/// (`/dev/vportNp0`, found by the agent in `/sys/class/virtio-ports/*/name`).
+pub const AGENT_PORT: &str = crate::devices::virtio::console::AGENT_PORT_NAME;
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Default wait for a booting guest's agent (PVM hosts boot in 30-120 s).
@@ -105,6 +107,9 @@ pub enum LinuxError {
         needs_mib: u64,
         free_mib: u64,
     },
+    /// A port cannot be published (bad spec in the manifest, host port busy).
+    #[error("{0}")]
+    Publish(String),
 }
 
 impl From<crate::memory::MemoryError> for LinuxError {
@@ -550,8 +555,8 @@ impl LinuxMachine {
             }
             return Err(self.guest_error(match e {
                 ClientError::Timeout(..) => format!(
-                    "the guest's agent was not ready after {} s (is {} the smolvm agent's port, \
-                     and /sbin/init the agent?)",
+                    "the guest's agent was not ready after {} s (is the virtio port {} the \
+                     smolvm agent's port, and /sbin/init the agent?)",
                     timeout.as_secs(),
                     AGENT_PORT
                 ),

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub save: Option<PathBuf>,
     /// Host directories to share (`-v`, `SMOLVM_VOLUME`), in order.
     pub volumes: Vec<Volume>,
+    /// Ports to publish (`-p`, `SMOLVM_PUBLISH`), before the manifest's own.
+    pub ports: Vec<super::publish::Publish>,
 }
 
 /// One host directory shared into the machine.
@@ -491,6 +493,10 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
     let manifest = plan.manifest.clone();
     let argv = command_for(&manifest, opts)?;
     let volumes = volumes_for(&manifest, &opts.volumes).map_err(LinuxError::Config)?;
+    // Bound before anything runs: a busy port fails the start, and binding is not allowed
+    // once the system call filters are on.
+    let ports = super::publish::ports_for(&manifest, &opts.ports).map_err(LinuxError::Publish)?;
+    let publisher = super::publish::Publisher::bind(&ports).map_err(LinuxError::Publish)?;
     let console = std::env::var_os("SMOLVM_CONSOLE")
         .filter(|v| v == "1")
         .map(|_| Box::new(io::stderr()) as super::console::ConsoleSink);
@@ -538,6 +544,12 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
     let handle = m.agent().exec(req);
     timing::mark("exec-sent");
     m.finish_resume(pending)?;
+    let forwarding = if publisher.is_empty() {
+        None
+    } else {
+        Some(publisher.start(m.agent().port_connector())?)
+    };
+    timing::mark("ports-published");
     let status = match handle
         .map_err(LinuxError::from)
         .and_then(|h| run_exec(h, tty))
@@ -575,6 +587,11 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
         Err(e) => return Err(e),
     };
     if let Some(out) = &opts.save {
+        // Forwarded connections are cut off first: a saved machine holds no open stream.
+        if let Some(f) = &forwarding {
+            f.stop(Duration::from_secs(30))
+                .map_err(LinuxError::Publish)?;
+        }
         m.save(out, &manifest, Compression::None)?;
         timing::mark("machine-saved");
     }

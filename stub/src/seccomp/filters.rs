@@ -114,7 +114,8 @@ pub(crate) const VMM: &[Allow] = allow![
     SYS_sendto Any: "writing the agent socket",
     SYS_recvmsg Any: "reading the agent socket",
     SYS_sendmsg Any: "writing the agent socket",
-    SYS_shutdown Any: "the guest watch ends the agent connection when the guest stops",
+    SYS_shutdown Any: "the guest watch ends the agent connection when the guest stops; published ports half-close and cut off host connections",
+    SYS_accept4 Any: "published ports: accepting host connections on listeners bound before the filters",
     // Threads and synchronisation.
     SYS_clone Thread: "stdio pump threads (threads only, never processes)",
     SYS_clone3 Any: "stdio pump threads (flags are in memory, out of reach of a filter)",
@@ -621,7 +622,8 @@ mod tests {
                     libc::SYS_openat,
                     libc::SYS_clone,
                     libc::SYS_clone3,
-                    libc::SYS_rename
+                    libc::SYS_rename,
+                    libc::SYS_accept4
                 ]
                 .contains(&a.nr),
                 "{} is for VMM threads only",

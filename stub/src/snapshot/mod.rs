@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// Magic at the start of an encoded machine state.
 pub const STATE_MAGIC: [u8; 8] = *b"SMOLVMST";
 /// Version of the state layout this build writes and reads.
-pub const STATE_VERSION: u32 = 4;
+pub const STATE_VERSION: u32 = 5;
 /// Largest encoded state accepted (vCPU state is about 10 KiB per vCPU): the
 /// machine file's blob limit, so what one accepts the other does too.
 pub const MAX_STATE_BYTES: usize = smolvm_formats::MAX_BLOB_LEN as usize;
@@ -334,7 +334,7 @@ mod machine_state_tests {
     use crate::arch::x86_64::state::FpuState;
     use crate::devices::legacy::serial::SerialDeviceState;
     use crate::devices::virtio::block::{BlockConfig, BlockState, DiskState};
-    use crate::devices::virtio::console::ConsoleState;
+    use crate::devices::virtio::console::{ConsoleState, ControlMsg, PortState};
     use crate::devices::virtio::fs::FsState;
     use crate::devices::virtio::mmio::{MmioDeviceState, MmioState};
     use crate::devices::virtio::rng::RngState;
@@ -344,7 +344,7 @@ mod machine_state_tests {
     /// The checked-in encoding of [`state`]; see `golden_bytes_are_stable`.
     const GOLDEN: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/machine_state_v4.bin"
+        "/tests/golden/machine_state_v5.bin"
     );
 
     fn common(seed: u64) -> VirtioCommonState {
@@ -503,11 +503,28 @@ mod machine_state_tests {
                     transport: transport(1),
                     device: ConsoleState {
                         common: VirtioCommonState {
-                            queues: vec![common(1).queues[0], common(2).queues[0]],
+                            queues: vec![
+                                common(1).queues[0],
+                                common(2).queues[0],
+                                common(3).queues[0],
+                                common(4).queues[0],
+                            ],
                             ..common(1)
                         },
                         pending_rx: b"pending input".to_vec(),
                         rx_capacity: 1 << 20,
+                        port: PortState {
+                            name: "org.smolvm.agent".into(),
+                            device_ready: true,
+                            port_ready: true,
+                            guest_open: true,
+                            pending_control: vec![ControlMsg {
+                                id: 0,
+                                event: 6,
+                                value: 1,
+                                name: Vec::new(),
+                            }],
+                        },
                     },
                 }),
             }),

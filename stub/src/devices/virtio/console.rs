@@ -1,5 +1,21 @@
-//! virtio-console with a single port (no `VIRTIO_CONSOLE_F_MULTIPORT`): the
-//! guest sees `/dev/hvcN`.
+//! virtio-console with `VIRTIO_CONSOLE_F_MULTIPORT` and one named port.
+//!
+//! The device offers multiport with `max_nr_ports = 1`: queues 0/1 are port
+//! 0's receive/transmit queues, 2/3 the control receive/transmit queues. The
+//! driver announces itself (`DEVICE_READY`), the device adds port 0
+//! (`DEVICE_ADD`), the driver says it is set up (`PORT_READY`), and the device
+//! names it (`PORT_NAME`, e.g. `org.smolvm.agent`) and reports the host end
+//! connected (`PORT_OPEN 1`). Port 0 is a plain character device
+//! (`/dev/vportNp0`, no tty, no line discipline) whose name the guest finds in
+//! `/sys/class/virtio-ports/vportNp0/name`. A driver that does not accept the
+//! feature gets a single-port console (`/dev/hvcN`) on queues 0/1, as before.
+//!
+//! In multiport mode Linux drops data that arrives for a port no guest
+//! process has open, so host input is delivered only while the guest holds
+//! the port open (`PORT_OPEN` from the guest); it waits in the bounded buffer
+//! otherwise. Control messages from the guest are untrusted: each is parsed
+//! by [`ControlMsg::parse`] from at most its first bytes, and the queue of
+//! control messages to the guest is bounded.
 //!
 //! Transmit: bytes the guest writes are passed to a host sink as they arrive.
 //! Receive: the host pushes bytes with [`Console::enqueue_input`]; they wait in
@@ -22,12 +38,113 @@ use super::{
 
 /// Virtio device ID of a console.
 pub const VIRTIO_ID_CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-/// Size of both queues.
+/// Size of both data queues.
 pub const QUEUE_SIZE: u16 = 256;
-/// receiveq (host to guest).
+/// Size of both control queues.
+pub const CTRL_QUEUE_SIZE: u16 = 32;
+/// receiveq of port 0 (host to guest).
 pub const RX_QUEUE: usize = 0;
-/// transmitq (guest to host).
+/// transmitq of port 0 (guest to host).
 pub const TX_QUEUE: usize = 1;
+/// Control receiveq (device to driver), multiport only.
+pub const CTRL_RX_QUEUE: usize = 2;
+/// Control transmitq (driver to device), multiport only.
+pub const CTRL_TX_QUEUE: usize = 3;
+/// The queue sizes, in queue order.
+pub const QUEUE_SIZES: [u16; 4] = [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE, CTRL_QUEUE_SIZE];
+/// `VIRTIO_CONSOLE_F_MULTIPORT`: ports, control queues, `max_nr_ports`.
+pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
+/// The name of the agent's port.
+pub const AGENT_PORT_NAME: &str = "org.smolvm.agent";
+/// Longest port name accepted (the guest keeps it in a sysfs attribute).
+pub const MAX_PORT_NAME: usize = 64;
+/// Control messages to the guest that may wait for control receive buffers.
+pub const MAX_PENDING_CONTROL: usize = 16;
+
+/// `struct virtio_console_control` events (virtio spec 5.3.6.2).
+pub mod event {
+    /// Driver to device: the driver is ready (value 1) or failed (0).
+    pub const DEVICE_READY: u16 = 0;
+    /// Device to driver: a port was added.
+    pub const DEVICE_ADD: u16 = 1;
+    /// Device to driver: a port was removed.
+    pub const DEVICE_REMOVE: u16 = 2;
+    /// Driver to device: a port is set up (1) or failed (0).
+    pub const PORT_READY: u16 = 3;
+    /// Device to driver: the port is a console (`hvc`).
+    pub const CONSOLE_PORT: u16 = 4;
+    /// Device to driver: console size.
+    pub const RESIZE: u16 = 5;
+    /// Both ways: the sender's end of the port is open (1) or closed (0).
+    pub const PORT_OPEN: u16 = 6;
+    /// Device to driver: the port's name follows the header.
+    pub const PORT_NAME: u16 = 7;
+}
+
+/// Bytes of a control message header (`id: le32, event: le16, value: le16`).
+pub const CONTROL_HEADER_LEN: usize = 8;
+
+/// One control message (`struct virtio_console_control`), plus the name
+/// bytes that follow a `PORT_NAME`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlMsg {
+    /// Port number.
+    pub id: u32,
+    /// What happened ([`event`]).
+    pub event: u16,
+    /// Event argument (open/ready flags).
+    pub value: u16,
+    /// Name bytes (`PORT_NAME` only).
+    pub name: Vec<u8>,
+}
+
+impl ControlMsg {
+    fn new(id: u32, event: u16, value: u16) -> Self {
+        ControlMsg {
+            id,
+            event,
+            value,
+            name: Vec::new(),
+        }
+    }
+
+    /// Parse a driver's control message: `None` when shorter than the
+    /// header. Bytes after the header are ignored (no driver-to-device event
+    /// carries any).
+    pub fn parse(bytes: &[u8]) -> Option<ControlMsg> {
+        let h: &[u8; CONTROL_HEADER_LEN] = bytes.get(..CONTROL_HEADER_LEN)?.try_into().ok()?;
+        Some(ControlMsg::new(
+            u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+            u16::from_le_bytes([h[4], h[5]]),
+            u16::from_le_bytes([h[6], h[7]]),
+        ))
+    }
+
+    /// The wire form: header, then the name bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(CONTROL_HEADER_LEN + self.name.len());
+        v.extend_from_slice(&self.id.to_le_bytes());
+        v.extend_from_slice(&self.event.to_le_bytes());
+        v.extend_from_slice(&self.value.to_le_bytes());
+        v.extend_from_slice(&self.name);
+        v
+    }
+}
+
+/// Where the multiport handshake of port 0 stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortState {
+    /// The port's name as told to the guest.
+    pub name: String,
+    /// The driver sent `DEVICE_READY 1` (port 0 was added).
+    pub device_ready: bool,
+    /// The driver sent `PORT_READY 1` for port 0 (named and opened).
+    pub port_ready: bool,
+    /// A guest process holds port 0 open: input may be delivered.
+    pub guest_open: bool,
+    /// Control messages for the guest still waiting for receive buffers.
+    pub pending_control: Vec<ControlMsg>,
+}
 /// Default bound of host input waiting for guest buffers.
 pub const DEFAULT_RX_CAPACITY: usize = 1 << 20;
 /// Most descriptors accepted per buffer chain.
@@ -36,9 +153,10 @@ pub const MAX_DESCS: usize = 64;
 /// Where guest output goes.
 pub type ConsoleSink = Box<dyn Write + Send>;
 
-/// A single-port virtio console.
+/// A virtio console with one port (multiport when the driver accepts it).
 pub struct Console {
     common: VirtioCommon,
+    port: PortState,
     sink: ConsoleSink,
     pending: VecDeque<u8>,
     rx_capacity: usize,
@@ -96,6 +214,8 @@ pub struct ConsoleState {
     pub pending_rx: Vec<u8>,
     /// Bound of `pending_rx`.
     pub rx_capacity: usize,
+    /// The multiport handshake and port 0's open state.
+    pub port: PortState,
 }
 
 /// Host resources for [`Console::restore`].
@@ -109,14 +229,31 @@ pub struct ConsoleArgs {
 }
 
 impl Console {
-    /// A console writing guest output to `sink`.
+    /// A console whose port 0 is named [`AGENT_PORT_NAME`], writing guest
+    /// output to `sink`.
     pub fn new(
         mem: GuestMemoryMmap,
         interrupt: VirtioInterrupt,
         sink: ConsoleSink,
     ) -> Result<Self, VirtioError> {
+        Self::with_name(mem, interrupt, sink, AGENT_PORT_NAME)
+    }
+
+    /// A console whose port 0 has the given name (at most
+    /// [`MAX_PORT_NAME`] bytes, no NUL).
+    pub fn with_name(
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        sink: ConsoleSink,
+        name: &str,
+    ) -> Result<Self, VirtioError> {
+        check_name(name)?;
         Ok(Self {
-            common: VirtioCommon::new(&[QUEUE_SIZE, QUEUE_SIZE], mem, interrupt)?,
+            common: VirtioCommon::new(&QUEUE_SIZES, mem, interrupt)?,
+            port: PortState {
+                name: name.into(),
+                ..PortState::default()
+            },
             sink,
             pending: VecDeque::new(),
             rx_capacity: DEFAULT_RX_CAPACITY,
@@ -158,8 +295,22 @@ impl Console {
         self.room.clone()
     }
 
+    /// Whether the driver runs the multiport protocol.
+    pub fn multiport(&self) -> bool {
+        self.common.activated && self.common.has_feature(VIRTIO_CONSOLE_F_MULTIPORT)
+    }
+
+    /// The multiport handshake state (port name, ready and open flags).
+    pub fn port_state(&self) -> &PortState {
+        &self.port
+    }
+
     fn deliver_input(&mut self) {
         if self.pending.is_empty() {
+            return;
+        }
+        // A multiport guest drops data for a port nobody has open.
+        if self.multiport() && !self.port.guest_open {
             return;
         }
         let before = self.pending.len();
@@ -185,6 +336,92 @@ impl Console {
         });
     }
 
+    /// Handle the driver's control messages, then send what is due.
+    fn control_in(&mut self) {
+        let mut got = Vec::new();
+        self.common
+            .drain_queue(CTRL_TX_QUEUE, MAX_DESCS, |mem, chain| {
+                match chain {
+                    Ok(c) => {
+                        let mut head = [0u8; CONTROL_HEADER_LEN];
+                        let n = SegCursor::new(&c.readable).read(mem, &mut head);
+                        match ControlMsg::parse(&head[..n]) {
+                            Some(m) => got.push(m),
+                            None => log::warn!("virtio-console: short control message ({n} bytes)"),
+                        }
+                    }
+                    Err(e) => log::warn!("virtio-console: bad control buffer: {e}"),
+                }
+                Some(0)
+            });
+        for m in got {
+            self.on_control(m);
+        }
+        self.control_out();
+        self.deliver_input();
+    }
+
+    /// One message from the driver (untrusted: anything unexpected is
+    /// ignored).
+    fn on_control(&mut self, m: ControlMsg) {
+        let p = &mut self.port;
+        match (m.event, m.id) {
+            (event::DEVICE_READY, _) if m.value == 1 => {
+                // A driver re-announcing itself (after a reset) starts over.
+                p.device_ready = true;
+                p.port_ready = false;
+                p.guest_open = false;
+                queue_control(p, ControlMsg::new(0, event::DEVICE_ADD, 0));
+            }
+            (event::DEVICE_READY, _) => log::warn!("virtio-console: the driver failed to start"),
+            (event::PORT_READY, 0) if m.value == 1 && p.device_ready => {
+                p.port_ready = true;
+                let mut name = ControlMsg::new(0, event::PORT_NAME, 1);
+                name.name = p.name.as_bytes().to_vec();
+                queue_control(p, name);
+                // The host end is always connected.
+                queue_control(p, ControlMsg::new(0, event::PORT_OPEN, 1));
+            }
+            (event::PORT_READY, id) if m.value != 1 => {
+                log::warn!("virtio-console: the driver could not set up port {id}")
+            }
+            (event::PORT_OPEN, 0) => p.guest_open = m.value == 1,
+            (ev, id) => log::debug!("virtio-console: ignored control event {ev} for port {id}"),
+        }
+    }
+
+    /// Copy waiting control messages into the driver's control receive
+    /// buffers, one message per buffer.
+    fn control_out(&mut self) {
+        if self.port.pending_control.is_empty() {
+            return;
+        }
+        let pending = &mut self.port.pending_control;
+        self.common
+            .drain_queue(CTRL_RX_QUEUE, MAX_DESCS, |mem, chain| {
+                if pending.is_empty() {
+                    return None;
+                }
+                let msg = pending.remove(0);
+                Some(match chain {
+                    Ok(c) => {
+                        let bytes = msg.encode();
+                        if c.writable_len() < bytes.len() as u64 {
+                            log::warn!("virtio-console: control buffer too small, message dropped");
+                            0
+                        } else {
+                            // Fits: `bytes` is at most a header and a name.
+                            SegCursor::new(&c.writable).write(mem, &bytes) as u32
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("virtio-console: bad control receive buffer: {e}");
+                        0
+                    }
+                })
+            });
+    }
+
     fn transmit(&mut self) {
         let sink = &mut self.sink;
         let sink_failed = &mut self.sink_failed;
@@ -199,6 +436,24 @@ impl Console {
             log::debug!("virtio-console: flushing output failed: {e}");
         }
     }
+}
+
+fn check_name(name: &str) -> Result<(), VirtioError> {
+    if name.is_empty() || name.len() > MAX_PORT_NAME || name.contains('\0') {
+        return Err(VirtioError::StateMismatch(format!(
+            "bad console port name {name:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn queue_control(p: &mut PortState, m: ControlMsg) {
+    if p.pending_control.len() >= MAX_PENDING_CONTROL {
+        // Only a driver repeating its handshake without taking the answers
+        // gets here; the oldest answers are stale by then.
+        p.pending_control.remove(0);
+    }
+    p.pending_control.push(m);
 }
 
 fn fill_rx(mem: &GuestMemoryMmap, chain: &Chain, pending: &mut VecDeque<u8>) -> u32 {
@@ -245,7 +500,7 @@ impl VirtioDevice for Console {
     }
 
     fn device_features(&self) -> u64 {
-        COMMON_FEATURES
+        COMMON_FEATURES | VIRTIO_CONSOLE_F_MULTIPORT
     }
 
     fn common(&self) -> &VirtioCommon {
@@ -257,16 +512,26 @@ impl VirtioDevice for Console {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // cols, rows, max_nr_ports, emerg_wr: meaningful only with features
-        // this device does not offer.
-        read_config_bytes(&[0u8; 12], offset, data);
+        // cols, rows (no VIRTIO_CONSOLE_F_SIZE), max_nr_ports = 1, emerg_wr.
+        let mut config = [0u8; 12];
+        config[4..8].copy_from_slice(&1u32.to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self) {
         self.deliver_input();
     }
 
+    fn reset(&mut self) {
+        let name = std::mem::take(&mut self.port.name);
+        self.port = PortState {
+            name,
+            ..PortState::default()
+        };
+    }
+
     fn resumed(&mut self) {
+        self.control_out();
         self.deliver_input();
     }
 
@@ -274,6 +539,8 @@ impl VirtioDevice for Console {
         match index {
             RX_QUEUE => self.deliver_input(),
             TX_QUEUE => self.transmit(),
+            CTRL_RX_QUEUE => self.control_out(),
+            CTRL_TX_QUEUE => self.control_in(),
             _ => {}
         }
     }
@@ -289,6 +556,7 @@ impl Persist for Console {
             common: self.common.save(),
             pending_rx: self.pending.iter().copied().collect(),
             rx_capacity: self.rx_capacity,
+            port: self.port.clone(),
         })
     }
 
@@ -299,13 +567,21 @@ impl Persist for Console {
                 "console input exceeds its buffer bound".into(),
             ));
         }
+        check_name(&state.port.name)?;
+        if state.port.pending_control.len() > MAX_PENDING_CONTROL
+            || state
+                .port
+                .pending_control
+                .iter()
+                .any(|m| m.name.len() > MAX_PORT_NAME)
+        {
+            return Err(VirtioError::StateMismatch(
+                "console control messages exceed their bound".into(),
+            ));
+        }
         Ok(Self {
-            common: VirtioCommon::restore(
-                &[QUEUE_SIZE, QUEUE_SIZE],
-                args.mem,
-                args.interrupt,
-                &state.common,
-            )?,
+            common: VirtioCommon::restore(&QUEUE_SIZES, args.mem, args.interrupt, &state.common)?,
+            port: state.port.clone(),
             sink: args.sink,
             pending: state.pending_rx.iter().copied().collect(),
             rx_capacity,
@@ -546,6 +822,246 @@ mod tests {
         wr(&mut t2, regs::QUEUE_NOTIFY, TX_QUEUE as u32);
         assert_eq!(sink2.take(), b"after");
         assert_eq!(txq.used_idx(), 4);
+    }
+
+    /// A multiport driver: the four queues at 0x1000.. and buffers at 0x10000...
+    struct Driver<'a> {
+        m: &'a GuestMemoryMmap,
+        rxq: TestQueue<'a>,
+        txq: TestQueue<'a>,
+        crx: TestQueue<'a>,
+        ctx: TestQueue<'a>,
+        crx_seen: u16,
+    }
+
+    impl<'a> Driver<'a> {
+        fn new(m: &'a GuestMemoryMmap) -> Self {
+            Driver {
+                m,
+                rxq: TestQueue::new(m, 16, GuestAddress(0x1000)),
+                txq: TestQueue::new(m, 16, GuestAddress(0x2000)),
+                crx: TestQueue::new(m, 16, GuestAddress(0x3000)),
+                ctx: TestQueue::new(m, 16, GuestAddress(0x4000)),
+                crx_seen: 0,
+            }
+        }
+
+        fn up(&mut self, t: &mut MmioTransport<Console>) {
+            let st = handshake(
+                t,
+                COMMON_FEATURES | VIRTIO_CONSOLE_F_MULTIPORT,
+                &[&self.rxq, &self.txq, &self.crx, &self.ctx],
+            );
+            assert_ne!(st & DRIVER_OK, 0);
+            for i in 0..8u64 {
+                self.crx.add(&[Desc::w(0x20000 + i * 0x100, 0x100)]);
+            }
+            wr(t, regs::QUEUE_NOTIFY, CTRL_RX_QUEUE as u32);
+        }
+
+        fn send(&mut self, t: &mut MmioTransport<Console>, at: u64, msg: &ControlMsg) {
+            self.m.write_slice(&msg.encode(), GuestAddress(at)).unwrap();
+            self.ctx.add(&[Desc::r(at, CONTROL_HEADER_LEN as u32)]);
+            wr(t, regs::QUEUE_NOTIFY, CTRL_TX_QUEUE as u32);
+        }
+
+        /// Control messages the device put in the receive buffers since the
+        /// last call.
+        fn received(&mut self) -> Vec<ControlMsg> {
+            let mut out = Vec::new();
+            while self.crx_seen < self.crx.used_idx() {
+                let (head, len) = self.crx.used_elem(self.crx_seen);
+                let addr = 0x20000 + u64::from(head) * 0x100;
+                let bytes = read(self.m, addr, len as usize);
+                let mut msg = ControlMsg::parse(&bytes).unwrap();
+                msg.name = bytes[CONTROL_HEADER_LEN..].to_vec();
+                out.push(msg);
+                self.crx_seen += 1;
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn multiport_handshake_names_the_port_and_gates_input_on_open() {
+        let m = mem(0x40000);
+        let (mut t, sink, _count) = setup(&m);
+        assert_ne!(t.device().device_features() & VIRTIO_CONSOLE_F_MULTIPORT, 0);
+        let mut cfg = [0u8; 4];
+        t.device().read_config(4, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), 1, "max_nr_ports");
+
+        let mut d = Driver::new(&m);
+        d.up(&mut t);
+        assert!(t.device().multiport());
+        assert!(d.received().is_empty(), "nothing before DEVICE_READY");
+        d.send(
+            &mut t,
+            0x30000,
+            &ControlMsg::new(0xffff_ffff, event::DEVICE_READY, 1),
+        );
+        assert_eq!(d.received(), vec![ControlMsg::new(0, event::DEVICE_ADD, 0)]);
+        d.send(&mut t, 0x30010, &ControlMsg::new(0, event::PORT_READY, 1));
+        let mut name = ControlMsg::new(0, event::PORT_NAME, 1);
+        name.name = AGENT_PORT_NAME.as_bytes().to_vec();
+        assert_eq!(
+            d.received(),
+            vec![name, ControlMsg::new(0, event::PORT_OPEN, 1)]
+        );
+
+        // Input waits while no guest process has the port open.
+        d.rxq.add(&[Desc::w(0x11000, 64)]);
+        wr(&mut t, regs::QUEUE_NOTIFY, RX_QUEUE as u32);
+        assert_eq!(t.device_mut().enqueue_input(b"frame"), 5);
+        assert_eq!(d.rxq.used_idx(), 0);
+        d.send(&mut t, 0x30020, &ControlMsg::new(0, event::PORT_OPEN, 1));
+        assert!(t.device().port_state().guest_open);
+        assert_eq!(d.rxq.used_elem(0), (0, 5));
+        assert_eq!(read(&m, 0x11000, 5), b"frame");
+
+        // Output flows on port 0's transmit queue.
+        m.write_slice(b"out", GuestAddress(0x12000)).unwrap();
+        d.txq.add(&[Desc::r(0x12000, 3)]);
+        wr(&mut t, regs::QUEUE_NOTIFY, TX_QUEUE as u32);
+        assert_eq!(sink.take(), b"out");
+
+        // Closed again: input waits again.
+        d.send(&mut t, 0x30030, &ControlMsg::new(0, event::PORT_OPEN, 0));
+        d.rxq.add(&[Desc::w(0x13000, 64)]);
+        t.device_mut().enqueue_input(b"later");
+        assert_eq!(d.rxq.used_idx(), 1);
+        assert_eq!(t.device().pending_input(), 5);
+
+        // Save with the port closed and input pending; the restored device
+        // delivers once the guest opens the port again.
+        let state = t.save().unwrap();
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        let state: crate::devices::virtio::mmio::MmioDeviceState<ConsoleState> =
+            postcard::from_bytes(&bytes).unwrap();
+        assert!(state.device.port.port_ready && !state.device.port.guest_open);
+        drop(t);
+        let (irq, _c) = counting_interrupt();
+        let mut t2 = MmioTransport::<Console>::restore(
+            ConsoleArgs {
+                mem: m.clone(),
+                interrupt: irq,
+                sink: Box::new(std::io::sink()),
+            },
+            &state,
+        )
+        .unwrap();
+        d.send(&mut t2, 0x30040, &ControlMsg::new(0, event::PORT_OPEN, 1));
+        assert_eq!(d.rxq.used_elem(1), (1, 5));
+        assert_eq!(read(&m, 0x13000, 5), b"later");
+    }
+
+    #[test]
+    fn control_messages_wait_for_buffers_across_a_save() {
+        let m = mem(0x40000);
+        let (mut t, _sink, _count) = setup(&m);
+        let mut d = Driver::new(&m);
+        handshake(
+            &mut t,
+            COMMON_FEATURES | VIRTIO_CONSOLE_F_MULTIPORT,
+            &[&d.rxq, &d.txq, &d.crx, &d.ctx],
+        );
+        // No control receive buffers posted yet: the answer waits.
+        d.send(&mut t, 0x30000, &ControlMsg::new(0, event::DEVICE_READY, 1));
+        assert_eq!(t.device().port_state().pending_control.len(), 1);
+        let state = t.save().unwrap();
+        let (irq, _c) = counting_interrupt();
+        let mut t2 = MmioTransport::<Console>::restore(
+            ConsoleArgs {
+                mem: m.clone(),
+                interrupt: irq,
+                sink: Box::new(std::io::sink()),
+            },
+            &state,
+        )
+        .unwrap();
+        d.crx.add(&[Desc::w(0x20000, 0x100)]);
+        wr(&mut t2, regs::QUEUE_NOTIFY, CTRL_RX_QUEUE as u32);
+        assert_eq!(d.received(), vec![ControlMsg::new(0, event::DEVICE_ADD, 0)]);
+        // A control buffer too small for a message completes empty.
+        d.send(&mut t2, 0x30010, &ControlMsg::new(0, event::PORT_READY, 1));
+        d.crx.add(&[Desc::w(0x20100, 4)]);
+        wr(&mut t2, regs::QUEUE_NOTIFY, CTRL_RX_QUEUE as u32);
+        assert_eq!(d.crx.used_elem(1).1, 0);
+    }
+
+    #[test]
+    fn a_driver_without_multiport_gets_a_plain_console() {
+        let m = mem(0x40000);
+        let (mut t, _sink, _count) = setup(&m);
+        let mut rxq = TestQueue::new(&m, 16, GuestAddress(0x1000));
+        let txq = TestQueue::new(&m, 16, GuestAddress(0x2000));
+        handshake(&mut t, COMMON_FEATURES, &[&rxq, &txq]);
+        assert!(!t.device().multiport());
+        rxq.add(&[Desc::w(0x10000, 8)]);
+        t.device_mut().enqueue_input(b"now");
+        assert_eq!(rxq.used_elem(0), (0, 3), "no open needed");
+    }
+
+    #[test]
+    fn control_parse_and_encode() {
+        assert_eq!(ControlMsg::parse(&[0; 7]), None);
+        let m = ControlMsg::parse(&[1, 0, 0, 0, 6, 0, 1, 0, 0xff]).unwrap();
+        assert_eq!(m, ControlMsg::new(1, event::PORT_OPEN, 1));
+        assert_eq!(m.encode(), [1, 0, 0, 0, 6, 0, 1, 0]);
+        assert!(Console::with_name(
+            mem(0x1000),
+            counting_interrupt().0,
+            Box::new(std::io::sink()),
+            "a\0b"
+        )
+        .is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Any header round-trips; any byte string parses or is refused
+        /// without panicking.
+        #[test]
+        fn control_header_round_trips(id: u32, ev: u16, value: u16,
+                                      junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32)) {
+            let m = ControlMsg::new(id, ev, value);
+            proptest::prop_assert_eq!(ControlMsg::parse(&m.encode()), Some(m));
+            let _ = ControlMsg::parse(&junk);
+        }
+
+        /// Arbitrary control messages (and chains) from a driver never
+        /// panic the device, keep the queue of answers bounded, and leave a
+        /// state that restores.
+        #[test]
+        fn arbitrary_control_traffic_stays_bounded(
+            msgs in proptest::collection::vec((0u32..3, 0u16..9, 0u16..3, 0u32..12), 0..64)
+        ) {
+            let m = mem(0x40000);
+            let (mut t, _sink, _count) = setup(&m);
+            let mut d = Driver::new(&m);
+            handshake(
+                &mut t,
+                COMMON_FEATURES | VIRTIO_CONSOLE_F_MULTIPORT,
+                &[&d.rxq, &d.txq, &d.crx, &d.ctx],
+            );
+            for (i, (id, ev, value, len)) in msgs.into_iter().enumerate() {
+                let at = 0x30000 + (i as u64 % 16) * 0x10;
+                m.write_slice(&ControlMsg::new(id, ev, value).encode(), GuestAddress(at)).unwrap();
+                d.ctx.add(&[Desc::r(at, len)]);
+                wr(&mut t, regs::QUEUE_NOTIFY, CTRL_TX_QUEUE as u32);
+                if i % 5 == 0 {
+                    d.crx.add(&[Desc::w(0x20000 + (i as u64 % 16) * 0x100, 0x100)]);
+                    wr(&mut t, regs::QUEUE_NOTIFY, CTRL_RX_QUEUE as u32);
+                }
+                proptest::prop_assert!(t.device().port_state().pending_control.len() <= MAX_PENDING_CONTROL);
+            }
+            let state = t.save().unwrap();
+            let (irq, _c) = counting_interrupt();
+            let args = ConsoleArgs { mem: m.clone(), interrupt: irq, sink: Box::new(std::io::sink()) };
+            let restored = MmioTransport::<Console>::restore(args, &state);
+            proptest::prop_assert!(restored.is_ok());
+        }
     }
 
     #[test]
