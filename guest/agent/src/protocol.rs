@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides announce (`Ready` / `Hello`); bumped on any wire change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First two bytes of every frame; catches a wrong port or a desynchronised stream at once.
 pub const MAGIC: [u8; 2] = *b"SM";
 /// Magic plus little-endian `u32` payload length.
@@ -229,6 +229,38 @@ pub struct ShareMount {
     pub read_only: bool,
 }
 
+/// How a warm entrypoint (see [`WarmRequest`]) waits for its run.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmMode {
+    /// Transparent: ready once it blocks reading its stdin; a run whose request equals the
+    /// warm one gets its pipes.
+    Stdin,
+    /// Invocation protocol: ready once it connects to the invocation socket
+    /// ([`crate::invoke`]); a run with the same program (`prefix` leading argv items),
+    /// environment and directory is handed to it.
+    Invoke,
+}
+
+/// A command the agent starts at build time and keeps, outside any exec, until a run
+/// takes it over (docs/WARM.md).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WarmRequest {
+    /// The command, as a run without arguments would send it (pipes, no terminal).
+    pub exec: ExecRequest,
+    pub mode: WarmMode,
+    /// `Invoke` mode: how many leading argv items a run must share with `exec.argv`.
+    pub prefix: u32,
+}
+
+/// Where a warm entrypoint stands (answer to `Warm`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum WarmState {
+    /// Blocked reading its stdin (or waiting on the invocation socket): snapshot now.
+    Ready { pid: u32 },
+    /// It could not start, or ended before it was ready; the reason and its last output.
+    Failed(String),
+}
+
 /// Messages from the host (VMM, tests) to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum HostMsg {
@@ -274,6 +306,9 @@ pub enum HostMsg {
     Mount { req: u32, shares: Vec<ShareMount> },
     /// Unmount every share (before a save); answered by `Unmounted`.
     Unmount { req: u32 },
+    /// Start a warm entrypoint and answer `WarmReady` once it waits for its run (or ended).
+    /// The host enforces the timeout; one warm entrypoint at a time (a new one replaces it).
+    Warm { req: u32, warm: WarmRequest },
 }
 
 /// Messages from the agent to the host.
@@ -313,6 +348,8 @@ pub enum AgentMsg {
     Mounted { req: u32, error: Option<String> },
     /// Answer to `Unmount`: `error` names a share still in use (files open on it).
     Unmounted { req: u32, error: Option<String> },
+    /// Answer to `Warm`.
+    WarmReady { req: u32, state: WarmState },
 }
 
 /// Encodes `msg` as one frame appended to `out`.

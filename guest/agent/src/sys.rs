@@ -520,6 +520,109 @@ pub fn spawn_piped(plan: &SpawnPlan) -> io::Result<i32> {
     Ok(pid)
 }
 
+/// System calls that read one descriptor named by their first argument (x86_64 numbers:
+/// read, pread64, readv, preadv, preadv2).
+#[cfg(target_arch = "x86_64")]
+const READ_CALLS: &[u64] = &[0, 17, 19, 295, 327];
+#[cfg(not(target_arch = "x86_64"))]
+const READ_CALLS: &[u64] = &[63, 65, 67, 69, 286];
+
+/// Parses a `/proc/PID/syscall` line: the call number and its first argument, for a task
+/// blocked in a system call (`running` and `-1 ...` give `None`).
+pub fn parse_proc_syscall(line: &str) -> Option<(u64, u64)> {
+    let mut it = line.split_ascii_whitespace();
+    let nr = it.next()?.parse::<u64>().ok()?;
+    let arg = it.next()?;
+    let arg = u64::from_str_radix(arg.strip_prefix("0x")?, 16).ok()?;
+    Some((nr, arg))
+}
+
+/// The session id of process `pid`, from `/proc/PID/stat`.
+fn session_of(pid: &str) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_ascii_whitespace().nth(3)?.parse().ok()
+}
+
+/// True when a thread of `pid` is blocked reading a descriptor that is the pipe `pipe`
+/// (the `pipe:[INODE]` name of its `/proc/PID/fd` link).
+fn reads_pipe(pid: &str, pipe: &str) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    for task in tasks.flatten() {
+        let Ok(line) = fs::read_to_string(task.path().join("syscall")) else {
+            continue;
+        };
+        let Some((nr, fd)) = parse_proc_syscall(&line) else {
+            continue;
+        };
+        if !READ_CALLS.contains(&nr) {
+            continue;
+        }
+        if fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .is_ok_and(|l| l.as_os_str() == std::ffi::OsStr::new(pipe))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// True when some process of session `sid` (the warm command and anything it started) is
+/// blocked reading the pipe whose write end is `pipe_end`: the command waits for its stdin.
+pub fn session_blocked_on_pipe(sid: i32, pipe_end: RawFd) -> bool {
+    // SAFETY: fstat fills the zeroed stat buffer for a descriptor we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(pipe_end, &mut st) } < 0 {
+        return false;
+    }
+    let pipe = format!("pipe:[{}]", st.st_ino);
+    let leader = sid.to_string();
+    if reads_pipe(&leader, &pipe) {
+        return true;
+    }
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let name = p.file_name();
+        let Some(name) = name.to_str() else {
+            return false;
+        };
+        name != leader
+            && name.bytes().all(|b| b.is_ascii_digit())
+            && session_of(name) == Some(sid)
+            && reads_pipe(name, &pipe)
+    })
+}
+
+/// The pid at the other end of a Unix socket (`SO_PEERCRED`).
+pub fn peer_pid(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: an all-zero ucred is valid; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: as above.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.pid)
+}
+
+/// The session id of `pid` (`getsid`).
+pub fn getsid(pid: i32) -> io::Result<i32> {
+    // SAFETY: getsid reads no memory.
+    cvt(unsafe { libc::getsid(pid) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +666,21 @@ mod tests {
             resolve_user(&User::Name("mallory".into()), dir.path()),
             Err(SysError::UnknownUser(_))
         ));
+    }
+
+    #[test]
+    fn proc_syscall_lines() {
+        assert_eq!(
+            parse_proc_syscall("0 0x0 0x55d0c0 0x1000 0x0 0x0 0x0 0x7ffd 0x7f1\n"),
+            Some((0, 0))
+        );
+        assert_eq!(
+            parse_proc_syscall("19 0x3 0x1 0x2 0 0 0 0x1 0x2"),
+            Some((19, 3))
+        );
+        assert_eq!(parse_proc_syscall("running\n"), None);
+        assert_eq!(parse_proc_syscall("-1 0x7ffd 0x7f1\n"), None);
+        assert_eq!(parse_proc_syscall(""), None);
     }
 
     #[test]
