@@ -184,6 +184,59 @@ fn a_child_of_the_entrypoint_reading_stdin_makes_it_ready() {
 }
 
 #[test]
+fn waiting_in_poll_select_or_epoll_on_stdin_makes_it_ready() {
+    if !have_python() {
+        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
+        return;
+    }
+    let waits = [
+        "select.select([0], [], [])",
+        "p = select.poll(); p.register(0, select.POLLIN); p.poll()",
+        "e = select.epoll(); e.register(0, select.EPOLLIN); e.poll()",
+    ];
+    let a = agent();
+    let c = &a.client;
+    for wait in waits {
+        let code = format!("import select, sys\n{wait}\nprint('got', sys.stdin.read().strip())");
+        let r = req(&["python3", "-c", &code]);
+        let pid = ready_pid(warm(c, r.clone(), WarmMode::Stdin, 0));
+        let (p, out) = run(c, r, b"in\n");
+        assert_eq!(
+            (p, out.stdout.as_slice()),
+            (pid, b"got in\n".as_slice()),
+            "{wait}"
+        );
+    }
+    // busybox's `read` polls before it reads (the guest's /bin/sh in busybox images).
+    if std::process::Command::new("busybox")
+        .arg("true")
+        .output()
+        .is_ok()
+    {
+        let r = req(&["busybox", "sh", "-c", "read -r l; echo \"got $l\""]);
+        let pid = ready_pid(warm(c, r.clone(), WarmMode::Stdin, 0));
+        let (p, out) = run(c, r, b"in\n");
+        assert_eq!((p, out.stdout.as_slice()), (pid, b"got in\n".as_slice()));
+    }
+    // Waiting on something else (a pipe of its own) is not waiting for stdin.
+    let r = req(&[
+        "python3",
+        "-c",
+        "import os, select\nr, w = os.pipe()\nselect.select([r], [], [])",
+    ]);
+    let w = WarmRequest {
+        exec: r,
+        mode: WarmMode::Stdin,
+        prefix: 0,
+    };
+    assert!(matches!(
+        c.warm(w, Duration::from_secs(2)),
+        Err(ClientError::Timeout(..))
+    ));
+    a.finish();
+}
+
+#[test]
 fn a_warm_process_that_died_before_the_run_falls_back() {
     let a = agent();
     let c = &a.client;
