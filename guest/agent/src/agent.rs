@@ -137,6 +137,8 @@ struct Warm {
     conn: Option<UnixStream>,
     /// How it ended, when it did before a run took it.
     status: Option<ExitStatus>,
+    /// Readiness checks so far (a log line every 100, about 5 s).
+    checks: u32,
 }
 
 impl Warm {
@@ -845,6 +847,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     listener,
                     conn: None,
                     status: None,
+                    checks: 0,
                 });
                 self.check_warm();
             }
@@ -894,8 +897,18 @@ impl<'a, T: Transport> Session<'a, T> {
         let Some(req) = w.starting else {
             return;
         };
-        if w.req.mode == WarmMode::Stdin && sys::session_blocked_on_pipe(w.pid, w.stdin.as_raw_fd())
-        {
+        if w.req.mode != WarmMode::Stdin {
+            return;
+        }
+        w.checks += 1;
+        if w.checks % 100 == 0 {
+            let what = sys::describe_wait(w.pid, w.stdin.as_raw_fd());
+            agent_log!(
+                "warm entrypoint {} not waiting for its stdin yet: {what}",
+                w.pid
+            );
+        }
+        if sys::session_blocked_on_pipe(w.pid, w.stdin.as_raw_fd()) {
             w.starting = None;
             let pid = w.pid as u32;
             self.send(&AgentMsg::WarmReady {

@@ -680,6 +680,23 @@ pub fn session_blocked_on_pipe(sid: i32, pipe_end: RawFd) -> bool {
     })
 }
 
+/// What process `pid` is doing, for a log line: its `/proc/PID/syscall`, what its
+/// descriptor 0 is, and what `pipe_end` is.
+pub fn describe_wait(pid: i32, pipe_end: RawFd) -> String {
+    let syscall =
+        fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_else(|e| format!("({e})"));
+    let fd0 = fs::read_link(format!("/proc/{pid}/fd/0"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_else(|e| format!("({e})"));
+    let ours = fs::read_link(format!("/proc/self/fd/{pipe_end}"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_else(|e| format!("({e})"));
+    format!(
+        "syscall {}, fd 0 {fd0}, its stdin pipe {ours}",
+        syscall.trim()
+    )
+}
+
 /// The pid at the other end of a Unix socket (`SO_PEERCRED`).
 pub fn peer_pid(fd: RawFd) -> io::Result<i32> {
     // SAFETY: an all-zero ucred is valid; getsockopt writes at most `len` bytes into it.
