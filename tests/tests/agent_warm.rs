@@ -439,3 +439,42 @@ fn a_stranger_on_the_invocation_socket_is_refused() {
     assert_eq!(t.join().unwrap(), 0);
     a.finish();
 }
+
+#[test]
+fn yaml2json_example_warm_and_cold_agree() {
+    let has_yaml = std::process::Command::new("python3")
+        .args(["-c", "import socket, yaml; socket.recv_fds"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_yaml {
+        eprintln!("SKIPPED: needs python3 (3.9 or later) with PyYAML on the host");
+        return;
+    }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/yaml2json");
+    let tool = example.join("yaml2json.py");
+    let yaml = std::fs::read(example.join("example.yaml")).unwrap();
+    let mut base = req(&["python3", tool.to_str().unwrap()]);
+    // What the image provides through dist-packages.
+    base.env = vec![("PYTHONPATH".into(), helpers_dir().display().to_string())];
+    let with = |args: &[&str]| {
+        let mut r = base.clone();
+        r.argv.extend(args.iter().map(|a| a.to_string()));
+        r
+    };
+    for (args, input) in [
+        (&["--compact"][..], &yaml[..]),
+        (&[][..], &yaml[..]),
+        (&["--keys"][..], &yaml[..]),
+        (&[][..], &b"a: [\n"[..]),
+    ] {
+        let a = agent();
+        let c = &a.client;
+        let pid = ready_pid(warm(c, base.clone(), WarmMode::Invoke, 2));
+        let (p, warm_out) = run(c, with(args), input);
+        assert_eq!(p, pid, "{args:?}: the run gets the warm process");
+        let (p, cold_out) = run(c, with(args), input);
+        assert_ne!(p, pid);
+        assert_eq!(warm_out, cold_out, "{args:?}: warm and cold differ");
+        a.finish();
+    }
+}
