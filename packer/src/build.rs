@@ -447,6 +447,22 @@ mod tests {
     }
 
     #[test]
+    fn warm_failures_name_the_warm_line() {
+        let e = BuildError::Warm {
+            at: "app/Smolfile:14".into(),
+            error: GuestError::Warm(
+                "the warm entrypoint `/app/filter` did not block reading its stdin within 2m00s"
+                    .into(),
+            ),
+        };
+        assert_eq!(
+            e.to_string(),
+            "app/Smolfile:14: warm = ...: the warm entrypoint `/app/filter` did not block \
+             reading its stdin within 2m00s"
+        );
+    }
+
+    #[test]
     fn summary_names_every_phase() {
         let r = BuildReport {
             output: "out.smolmachine".into(),
