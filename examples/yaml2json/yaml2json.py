@@ -61,6 +61,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Warm start (Smolfile `warm = "invoke"`, docs/WARM.md): the machine was snapshotted
+    # here, with the interpreter, json, argparse and PyYAML already imported; each run of
+    # ./yaml2json resumes at this call with its own arguments, stdin, stdout and stderr.
+    # Started any other way, wait() returns at once.
+    try:
+        import smolvm_invoke
+    except ImportError:
+        smolvm_invoke = None
+    if smolvm_invoke is not None:
+        smolvm_invoke.wait()
     try:
         main()
     except BrokenPipeError:

@@ -64,6 +64,8 @@ pub enum BuildError {
     Setup { at: String, error: GuestError },
     #[error("{at}: {error}")]
     Service { at: String, error: GuestError },
+    #[error("{at}: warm = ...: {error}")]
+    Warm { at: String, error: GuestError },
     #[error("saving the machine: {0}")]
     Save(LinuxError),
 }
@@ -138,6 +140,14 @@ pub fn manifest(
     for (i, p) in sf.ports.iter().enumerate() {
         extra.insert(format!("port.{i}"), p.spec());
     }
+    // `[run] warm`: informational (the agent decides which run gets the warm process).
+    if let Some(w) = &sf.run.warm {
+        let mode = match w.kind {
+            crate::smolfile::WarmKind::Stdin => "stdin",
+            crate::smolfile::WarmKind::Invoke => "invoke",
+        };
+        extra.insert("run.warm".into(), mode.into());
+    }
     Manifest {
         name: sf.name.clone(),
         created_unix_s: created
@@ -173,7 +183,7 @@ pub fn extra_cmdline(sf: &Smolfile) -> String {
 
 /// The phases a build of `sf` shows: rootfs, boot, each setup step, each service, save.
 pub fn step_count(sf: &Smolfile) -> usize {
-    3 + sf.setup.len() + sf.services.len()
+    3 + sf.setup.len() + sf.services.len() + usize::from(sf.run.warm.is_some())
 }
 
 /// Builds the machine described by `opts.smolfile` into `opts.output`.
@@ -291,10 +301,34 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         }
     }
 
+    // The warm entrypoint, last: nothing else runs between it and the snapshot.
+    let mut warm_pid = None;
+    if let Some(warm) = &sf.run.warm {
+        progress.step("warm", &display_command(&sf.run.argv(&[])));
+        match guest::start_warm(machine.agent(), &sf.run, &sf.env, warm) {
+            Ok(pid) => {
+                warm_pid = Some(pid);
+                phases.services += progress.done_with(&format!("waiting, pid {pid}"));
+            }
+            Err(error) => {
+                progress.failed();
+                return Err(BuildError::Warm {
+                    at: at(warm.line),
+                    error,
+                });
+            }
+        }
+    }
+
     // Snapshot.
     progress.step("save", &format!("{}", opts.output.display()));
     let profile = machine.host_profile();
-    let manifest = manifest(&sf, profile.as_str(), SystemTime::now(), &service_pids);
+    let mut manifest = manifest(&sf, profile.as_str(), SystemTime::now(), &service_pids);
+    if let Some(pid) = warm_pid {
+        manifest
+            .extra
+            .insert("run.warm.pid".into(), pid.to_string());
+    }
     let compression = if opts.compress {
         Compression::Zstd
     } else {
@@ -414,6 +448,22 @@ mod tests {
         assert_eq!(step_count(&sf), 5);
         assert_eq!(base_label(&sf), "busybox, 2 copies");
         assert!(extra_cmdline(&sf).starts_with("smolvm.hostname=hello"));
+    }
+
+    #[test]
+    fn warm_failures_name_the_warm_line() {
+        let e = BuildError::Warm {
+            at: "app/Smolfile:14".into(),
+            error: GuestError::Warm(
+                "the warm entrypoint `/app/filter` did not block reading its stdin within 2m00s"
+                    .into(),
+            ),
+        };
+        assert_eq!(
+            e.to_string(),
+            "app/Smolfile:14: warm = ...: the warm entrypoint `/app/filter` did not block \
+             reading its stdin within 2m00s"
+        );
     }
 
     #[test]

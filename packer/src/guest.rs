@@ -11,10 +11,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use smolvm_agent::client::{Client, ClientError};
-use smolvm_agent::protocol::{ExecRequest, ExitStatus};
+use smolvm_agent::protocol::{ExecRequest, ExitStatus, WarmMode, WarmRequest, WarmState};
 
 use crate::progress::{LineSplitter, Progress};
-use crate::smolfile::{Probe, Service, Step};
+use crate::smolfile::{Probe, Run, Service, Step, Warm, WarmKind};
 
 /// Lines of output kept for error messages.
 const TAIL_LINES: usize = 40;
@@ -73,6 +73,9 @@ pub enum GuestError {
         reason: String,
         log: String,
     },
+    /// The warm entrypoint did not get ready.
+    #[error("{0}")]
+    Warm(String),
     /// The agent refused or lost the command.
     #[error("{command}: {error}")]
     Agent { command: String, error: ClientError },
@@ -452,6 +455,60 @@ pub fn start_service(
     }
 }
 
+/// The request of a warm entrypoint: what a run without arguments sends (entrypoint and
+/// cmd, `[env]`, the workdir, pipes), so that exactly such a run matches it.
+pub fn warm_request(run: &Run, global_env: &BTreeMap<String, String>, warm: &Warm) -> WarmRequest {
+    WarmRequest {
+        exec: ExecRequest {
+            argv: run.argv(&[]),
+            env: global_env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cwd: Some(run.workdir.clone().unwrap_or_else(|| "/".into())),
+            ..Default::default()
+        },
+        mode: match warm.kind {
+            WarmKind::Stdin => WarmMode::Stdin,
+            WarmKind::Invoke => WarmMode::Invoke,
+        },
+        // The program: the entrypoint, or the command's first word without one.
+        prefix: run.entrypoint.len().max(1) as u32,
+    }
+}
+
+/// Starts the warm entrypoint and waits until it waits for its run; returns its pid.
+pub fn start_warm(
+    client: &Client,
+    run: &Run,
+    global_env: &BTreeMap<String, String>,
+    warm: &Warm,
+) -> Result<u32, GuestError> {
+    let req = warm_request(run, global_env, warm);
+    if req.exec.argv.is_empty() {
+        return Err(GuestError::Warm(
+            "there is no entrypoint or cmd to start warm".into(),
+        ));
+    }
+    let command = format!(
+        "`{}`",
+        crate::progress::truncate(&display_command(&req.exec.argv), 60)
+    );
+    let what = match warm.kind {
+        WarmKind::Stdin => "block reading its stdin",
+        WarmKind::Invoke => "ask for its invocation on the socket (docs/WARM.md)",
+    };
+    match client.warm(req, warm.timeout) {
+        Ok(WarmState::Ready { pid }) => Ok(pid),
+        Ok(WarmState::Failed(why)) => Err(GuestError::Warm(format!("{command}: {why}"))),
+        Err(ClientError::Timeout(..)) => Err(GuestError::Warm(format!(
+            "the warm entrypoint {command} did not {what} within {}",
+            crate::progress::format_duration(warm.timeout)
+        ))),
+        Err(error) => Err(GuestError::Agent { command, error }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +553,77 @@ mod tests {
 
     fn quiet() -> Progress {
         Progress::hidden(1)
+    }
+
+    fn warm_run(entrypoint: &[&str], cmd: &[&str], kind: WarmKind, secs: u64) -> (Run, Warm) {
+        let run = Run {
+            workdir: None,
+            entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            warm: None,
+        };
+        let warm = Warm {
+            kind,
+            timeout: Duration::from_secs(secs),
+            line: 12,
+        };
+        (run, warm)
+    }
+
+    #[test]
+    fn warm_request_is_what_a_plain_run_sends() {
+        let (run, warm) = warm_run(&["python3", "/app/t.py"], &["--x"], WarmKind::Invoke, 5);
+        let r = warm_request(&run, &map(&[("B", "2"), ("A", "1")]), &warm);
+        assert_eq!(r.exec.argv, ["python3", "/app/t.py", "--x"]);
+        assert_eq!(
+            r.exec.env,
+            [("A".into(), "1".into()), ("B".into(), "2".into())]
+        );
+        assert_eq!(r.exec.cwd.as_deref(), Some("/"));
+        assert_eq!((r.mode, r.prefix), (WarmMode::Invoke, 2));
+        let (run, warm) = warm_run(&[], &["greet"], WarmKind::Stdin, 5);
+        assert_eq!(warm_request(&run, &map(&[]), &warm).prefix, 1);
+    }
+
+    #[test]
+    fn warm_entrypoints_ready_exited_and_timed_out() {
+        let c = agent();
+        let env = map(&[("GREETING", "hi")]);
+        let (run, warm) = warm_run(
+            &["sh", "-c"],
+            &["read -r l; echo \"$GREETING $l\""],
+            WarmKind::Stdin,
+            60,
+        );
+        let pid = start_warm(&c, &run, &env, &warm).unwrap();
+        // The run a plain `smolvm run` sends gets it.
+        let h = c.exec(warm_request(&run, &env, &warm).exec).unwrap();
+        assert_eq!(h.pid().unwrap(), pid);
+        h.write_stdin(b"there\n").unwrap();
+        h.close_stdin().unwrap();
+        assert_eq!(h.wait_with_output().unwrap().stdout, b"hi there\n");
+
+        let (run, warm) = warm_run(
+            &["sh", "-c"],
+            &["echo no config >&2; exit 4"],
+            WarmKind::Stdin,
+            60,
+        );
+        let e = start_warm(&c, &run, &env, &warm).unwrap_err().to_string();
+        assert!(
+            e.contains("exited with status 4 before it blocked reading its stdin"),
+            "{e}"
+        );
+        assert!(e.contains("no config"), "{e}");
+
+        let (run, warm) = warm_run(&["sleep"], &["600"], WarmKind::Stdin, 1);
+        let e = start_warm(&c, &run, &env, &warm).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the warm entrypoint `sleep 600` did not block reading its stdin within 1.0s"
+        );
+        let (run, warm) = warm_run(&[], &[], WarmKind::Stdin, 1);
+        assert!(start_warm(&c, &run, &env, &warm).is_err());
     }
 
     /// Kills a service the test started, by its pid file.

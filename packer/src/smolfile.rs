@@ -222,7 +222,31 @@ pub struct Run {
     pub entrypoint: Vec<String>,
     /// The default command, replaced by arguments given to `smolvm run`.
     pub cmd: Vec<String>,
+    /// `warm`: start the entrypoint at build time and snapshot it waiting for its run.
+    pub warm: Option<Warm>,
 }
+
+/// How a warm entrypoint waits for its run (docs/WARM.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmKind {
+    /// `warm = true` (or `"stdin"`): transparent, ready once it blocks reading its stdin.
+    Stdin,
+    /// `warm = "invoke"`: the invocation protocol.
+    Invoke,
+}
+
+/// `[run] warm` and `warm_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warm {
+    pub kind: WarmKind,
+    /// How long the build waits for it to be ready.
+    pub timeout: Duration,
+    /// The line of the `warm` key.
+    pub line: usize,
+}
+
+/// How long a build waits for a warm entrypoint by default.
+pub const DEFAULT_WARM_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Run {
     /// The argv to execute: entrypoint followed by `args`, or by the default command when
@@ -402,6 +426,8 @@ struct RawRun {
     workdir: Option<Spanned<String>>,
     entrypoint: Option<Spanned<Argv>>,
     cmd: Option<Spanned<Argv>>,
+    warm: Option<Spanned<toml::Value>>,
+    warm_timeout: Option<Spanned<toml::Value>>,
 }
 
 /// A command: an array of strings, or a string run by `/bin/sh -c`.
@@ -528,6 +554,7 @@ impl Cx<'_> {
                 workdir: self.opt_guest_path(&r.workdir)?,
                 entrypoint: self.opt_argv(&r.entrypoint, "entrypoint")?,
                 cmd: self.opt_argv(&r.cmd, "cmd")?,
+                warm: self.warm(r)?,
             },
             None => Run::default(),
         };
@@ -905,26 +932,63 @@ impl Cx<'_> {
             ));
         }
         let timeout = match &raw.timeout {
-            Some(t) => {
-                let d = match t.get_ref() {
-                    toml::Value::Integer(n) if *n > 0 => Ok(Duration::from_secs(*n as u64)),
-                    toml::Value::String(s) => parse_duration(s),
-                    _ => Err("use a duration such as \"30s\", \"500ms\" or \"2m\"".to_string()),
-                }
-                .map_err(|m| self.err(t.span(), format!("timeout: {m}")))?;
-                if d.is_zero() || d > MAX_READY_TIMEOUT {
-                    return Err(self.err(
-                        t.span(),
-                        "timeout must be more than zero and at most 1h".to_string(),
-                    ));
-                }
-                d
-            }
+            Some(t) => self.timeout(t, "timeout")?,
             None => DEFAULT_READY_TIMEOUT,
         };
         Ok(Ready {
             probe: probes.remove(0),
             timeout,
+        })
+    }
+
+    /// A timeout value: a duration string or whole seconds, more than zero, at most 1h.
+    fn timeout(&self, t: &Spanned<toml::Value>, key: &str) -> R<Duration> {
+        let d = match t.get_ref() {
+            toml::Value::Integer(n) if *n > 0 => Ok(Duration::from_secs(*n as u64)),
+            toml::Value::String(s) => parse_duration(s),
+            _ => Err("use a duration such as \"30s\", \"500ms\" or \"2m\"".to_string()),
+        }
+        .map_err(|m| self.err(t.span(), format!("{key}: {m}")))?;
+        if d.is_zero() || d > MAX_READY_TIMEOUT {
+            return Err(self.err(
+                t.span(),
+                format!("{key} must be more than zero and at most 1h"),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// `[run] warm` (`true`, `false`, `"stdin"` or `"invoke"`) and `warm_timeout`.
+    fn warm(&self, r: &RawRun) -> R<Option<Warm>> {
+        let kind = match &r.warm {
+            None => None,
+            Some(w) => match w.get_ref() {
+                toml::Value::Boolean(false) => None,
+                toml::Value::Boolean(true) => Some(WarmKind::Stdin),
+                toml::Value::String(s) if s == "stdin" => Some(WarmKind::Stdin),
+                toml::Value::String(s) if s == "invoke" => Some(WarmKind::Invoke),
+                _ => {
+                    return Err(self.err(
+                        w.span(),
+                        "warm must be true, false, \"stdin\" or \"invoke\"",
+                    ))
+                }
+            },
+        };
+        let timeout = match &r.warm_timeout {
+            Some(t) if kind.is_none() => {
+                return Err(self.err(t.span(), "warm_timeout needs `warm = true` or \"invoke\""))
+            }
+            Some(t) => self.timeout(t, "warm_timeout")?,
+            None => DEFAULT_WARM_TIMEOUT,
+        };
+        Ok(match (kind, &r.warm) {
+            (Some(kind), Some(w)) => Some(Warm {
+                kind,
+                timeout,
+                line: self.line(&w.span()),
+            }),
+            _ => None,
         })
     }
 }
@@ -980,6 +1044,55 @@ mod tests {
         std::fs::write(t.path().join("app/index.html"), "hi").unwrap();
         std::fs::write(t.path().join("img.tar"), "").unwrap();
         t
+    }
+
+    #[test]
+    fn warm_keys() {
+        let base = "name = \"w\"\n[base]\ntype = \"busybox\"\n[run]\nentrypoint = [\"cat\"]\n";
+        let s = parse(&format!("{base}warm = true\nwarm_timeout = \"5s\"\n")).unwrap();
+        assert_eq!(
+            s.run.warm,
+            Some(Warm {
+                kind: WarmKind::Stdin,
+                timeout: Duration::from_secs(5),
+                line: 6
+            })
+        );
+        let s = parse(&format!("{base}warm = \"invoke\"\n")).unwrap();
+        let w = s.run.warm.unwrap();
+        assert_eq!(
+            (w.kind, w.timeout),
+            (WarmKind::Invoke, DEFAULT_WARM_TIMEOUT)
+        );
+        assert_eq!(
+            parse(&format!("{base}warm = \"stdin\"\n"))
+                .unwrap()
+                .run
+                .warm
+                .unwrap()
+                .kind,
+            WarmKind::Stdin
+        );
+        assert_eq!(
+            parse(&format!("{base}warm = false\n")).unwrap().run.warm,
+            None
+        );
+        assert_eq!(parse(base).unwrap().run.warm, None);
+        let e = parse(&format!("{base}warm = \"yes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":6:8: warm must be true, false"), "{e}");
+        let e = parse(&format!("{base}warm_timeout = \"5s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("warm_timeout needs"), "{e}");
+        let e = parse(&format!("{base}warm = true\nwarm_timeout = \"2h\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("warm_timeout must be more than zero and at most 1h"),
+            "{e}"
+        );
     }
 
     fn parse(text: &str) -> R<Smolfile> {

@@ -45,6 +45,11 @@ fn busybox_image_has_userland_etc_and_agent() {
     }
     let sbin = ls(&img, "/sbin");
     assert!(sbin.contains(&"init".to_string()) && sbin.contains(&"smol-agent".to_string()));
+    // The invocation-protocol helpers (docs/WARM.md).
+    let helper = stat(&img, "/usr/bin/smolvm-invoke").expect("smolvm-invoke missing");
+    assert_eq!(helper.link_dest.as_deref(), Some("/sbin/smol-agent"));
+    let module = cat(&img, "/usr/lib/smolvm/python/smolvm_invoke.py").expect("module missing");
+    assert!(String::from_utf8(module).unwrap().contains("def wait("));
 
     let passwd = String::from_utf8(cat(&img, "/etc/passwd").unwrap()).unwrap();
     assert!(passwd.starts_with("root:x:0:0:"), "{passwd}");

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -14,10 +15,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent_log;
+use crate::invoke::{self, Invocation};
 use crate::protocol::{
     encode_frame, AgentMsg, Applied, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, INITIAL_WINDOW,
-    MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
+    QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WarmMode, WarmRequest,
+    WarmState, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use crate::sys::{self, Creds};
 
@@ -80,6 +82,8 @@ pub struct SessionConfig {
     pub max_execs: usize,
     /// Most port-forward streams open at once.
     pub max_streams: usize,
+    /// Where a warm entrypoint in invocation mode connects (docs/WARM.md).
+    pub invoke_socket: PathBuf,
 }
 
 impl Default for SessionConfig {
@@ -91,6 +95,7 @@ impl Default for SessionConfig {
             exit_grace: Duration::from_millis(500),
             max_execs: 256,
             max_streams: 1024,
+            invoke_socket: PathBuf::from(invoke::DEFAULT_SOCKET),
         }
     }
 }
@@ -114,6 +119,84 @@ const OUT_HIGH_WATER: usize = 2 * 1024 * 1024;
 const STDIN_CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
 /// Poll interval used only when the kernel lacks pidfds and no signalfd is available.
 const FALLBACK_TICK: Duration = Duration::from_millis(50);
+/// How often a starting warm entrypoint is checked for blocking on its stdin.
+const WARM_TICK: Duration = Duration::from_millis(50);
+/// Bytes of a warm entrypoint's output quoted when it ends before it is ready.
+const WARM_TAIL: usize = 2048;
+
+/// A command started by `Warm` and kept outside every exec (so `Resume` does not kill it)
+/// until a matching run takes it over.
+struct Warm {
+    req: WarmRequest,
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+    stdin: OwnedFd,
+    outs: [OwnedFd; 2],
+    /// The `Warm` request to answer once it is ready; `None` once answered.
+    starting: Option<u32>,
+    /// Invocation mode: the socket it connects to, until it has.
+    listener: Option<UnixListener>,
+    /// Invocation mode: its connection, waiting for a run.
+    conn: Option<UnixStream>,
+    /// How it ended, when it did before a run took it.
+    status: Option<ExitStatus>,
+    /// Readiness checks so far (a log line every 100, about 5 s).
+    checks: u32,
+}
+
+impl Warm {
+    fn ready(&self) -> bool {
+        self.status.is_none()
+            && match self.req.mode {
+                WarmMode::Stdin => self.starting.is_none(),
+                WarmMode::Invoke => self.conn.is_some(),
+            }
+    }
+
+    /// Whether a run of `req` is the one this process waits for.
+    fn matches(&self, req: &ExecRequest) -> bool {
+        let w = &self.req.exec;
+        let cwd = |r: &ExecRequest| r.cwd.clone().unwrap_or_else(|| "/".into());
+        let env = |r: &ExecRequest| {
+            let mut e = r.env.clone();
+            e.sort();
+            e
+        };
+        let argv = match self.req.mode {
+            WarmMode::Stdin => req.argv == w.argv,
+            WarmMode::Invoke => {
+                let n = (self.req.prefix as usize).clamp(1, w.argv.len().max(1));
+                req.argv.len() >= n && req.argv[..n] == w.argv[..n.min(w.argv.len())]
+            }
+        };
+        argv && req.tty.is_none()
+            && w.tty.is_none()
+            && req.user == w.user
+            && cwd(req) == cwd(w)
+            && env(req) == env(w)
+    }
+
+    /// What is waiting in its output pipes (non-blocking), for an error message.
+    fn output_tail(&self) -> String {
+        let mut all = Vec::new();
+        for fd in &self.outs {
+            let mut buf = [0u8; 4096];
+            loop {
+                // SAFETY: `buf` is writable for its length.
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n as usize]);
+                if all.len() > 16 * WARM_TAIL {
+                    all.drain(..all.len() - WARM_TAIL);
+                }
+            }
+        }
+        let tail = &all[all.len().saturating_sub(WARM_TAIL)..];
+        String::from_utf8_lossy(tail).trim_end().to_string()
+    }
+}
 
 struct OutStream {
     fd: OwnedFd,
@@ -188,6 +271,7 @@ enum Token {
     In(ExecId),
     Pid,
     Sock(StreamId),
+    WarmListen,
 }
 
 /// Serves one session on `transport` until it ends. Catches panics: whatever happens, every
@@ -212,7 +296,12 @@ pub fn run_session<T: Transport>(
             SessionEnd::Panicked(msg)
         }
     };
-    if catch_unwind(AssertUnwindSafe(|| session.kill_all())).is_err() {
+    if catch_unwind(AssertUnwindSafe(|| {
+        session.kill_all();
+        session.drop_warm();
+    }))
+    .is_err()
+    {
         agent_log!("cleanup after the session panicked");
     }
     end
@@ -232,6 +321,7 @@ struct Session<'a, T: Transport> {
     end: Option<SessionEnd>,
     readbuf: Vec<u8>,
     pidfds_work: bool,
+    warm: Option<Warm>,
 }
 
 impl<'a, T: Transport> Session<'a, T> {
@@ -257,6 +347,7 @@ impl<'a, T: Transport> Session<'a, T> {
             end: None,
             readbuf: vec![0u8; MAX_CHUNK],
             pidfds_work: true,
+            warm: None,
         })
     }
 
@@ -320,6 +411,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     Token::In(id) => self.pump_stdin(id),
                     Token::Pid => reap = true,
                     Token::Sock(id) => self.on_sock(id),
+                    Token::WarmListen => self.on_warm_connect(),
                 }
                 if self.end.is_some() {
                     break;
@@ -329,6 +421,7 @@ impl<'a, T: Transport> Session<'a, T> {
                 self.reap();
             }
             self.housekeeping();
+            self.check_warm();
         }
     }
 
@@ -401,6 +494,20 @@ impl<'a, T: Transport> Session<'a, T> {
             // A stream with nothing to do is left out: its hang-up would wake poll in a loop.
             if ev != 0 {
                 add(st.sock.as_raw_fd(), ev, Token::Sock(id));
+            }
+        }
+        if let Some(w) = &self.warm {
+            if w.status.is_none() {
+                if let Some(p) = &w.pidfd {
+                    add(p.as_raw_fd(), libc::POLLIN, Token::Pid);
+                }
+            }
+            if let Some(l) = &w.listener {
+                add(l.as_raw_fd(), libc::POLLIN, Token::WarmListen);
+            }
+            let tick = w.starting.is_some() && w.req.mode == WarmMode::Stdin;
+            if tick || (w.pidfd.is_none() && w.status.is_none()) {
+                timeout = Some(timeout.map_or(WARM_TICK, |t| t.min(WARM_TICK)));
             }
         }
         if !self.pidfds_work && self.execs.values().any(|e| e.running()) {
@@ -637,6 +744,7 @@ impl<'a, T: Transport> Session<'a, T> {
                 let error = self.system.unmount_shares().err();
                 self.send(&AgentMsg::Unmounted { req, error });
             }
+            HostMsg::Warm { req, warm } => self.on_warm(req, warm),
             HostMsg::Connect { id, port } => self.on_connect(id, port),
             HostMsg::StreamData { id, data } => {
                 let Some(st) = self.streams.get_mut(&id) else {
@@ -835,7 +943,8 @@ impl<'a, T: Transport> Session<'a, T> {
         }
     }
 
-    /// Starts a held exec.
+    /// Starts a held exec: hands it the warm entrypoint when the request is the one it
+    /// waits for, else spawns it.
     fn start(&mut self, id: ExecId) {
         let Some(e) = self.execs.get_mut(&id) else {
             return;
@@ -843,31 +952,241 @@ impl<'a, T: Transport> Session<'a, T> {
         let Some(req) = e.pending.take() else {
             return;
         };
-        match spawn(&req, self.config) {
-            Ok(sp) => {
-                e.pid = Some(sp.pid);
-                e.pidfd = sp.pidfd;
-                if e.pidfd.is_none() {
-                    self.pidfds_work = false;
-                }
-                e.stdin = Some(sp.stdin);
-                e.tty = sp.tty;
-                e.outs = sp.outs.map(|o| {
-                    o.map(|fd| OutStream {
-                        fd,
-                        window: INITIAL_WINDOW,
-                    })
-                });
-                e.last_output = Instant::now();
-                self.send(&AgentMsg::Started {
-                    id,
-                    pid: sp.pid as u32,
-                });
-                self.pump_stdin(id);
+        if let Some(w) = self.take_warm(&req) {
+            match adopt(&req, w) {
+                Ok(sp) => return self.started(id, sp),
+                Err(why) => agent_log!("warm entrypoint not used, starting afresh: {why}"),
             }
+        }
+        match spawn(&req, self.config) {
+            Ok(sp) => self.started(id, sp),
             Err(error) => {
                 self.execs.remove(&id);
                 self.send(&AgentMsg::ExecFailed { id, error });
+            }
+        }
+    }
+
+    fn started(&mut self, id: ExecId, sp: Spawned) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        e.pid = Some(sp.pid);
+        e.pidfd = sp.pidfd;
+        if e.pidfd.is_none() {
+            self.pidfds_work = false;
+        }
+        e.stdin = Some(sp.stdin);
+        e.tty = sp.tty;
+        e.outs = sp.outs.map(|o| {
+            o.map(|fd| OutStream {
+                fd,
+                window: INITIAL_WINDOW,
+            })
+        });
+        e.last_output = Instant::now();
+        self.send(&AgentMsg::Started {
+            id,
+            pid: sp.pid as u32,
+        });
+        self.pump_stdin(id);
+    }
+
+    /// The warm entrypoint, if it is alive, ready and waits for exactly `req`; taken out
+    /// of its slot (a warm process serves one run).
+    fn take_warm(&mut self, req: &ExecRequest) -> Option<Warm> {
+        let w = self.warm.as_mut()?;
+        if !w.ready() || !w.matches(req) {
+            return None;
+        }
+        // It may have ended unseen (no pidfd, no SIGCHLD handled yet): then a fresh exec.
+        if let Some((_, status)) = sys::try_wait(w.pid) {
+            w.status = Some(status);
+            w.pidfd = None;
+            return None;
+        }
+        self.warm.take()
+    }
+
+    /// `Warm`: starts the entrypoint; `check_warm` and `on_warm_connect` answer.
+    fn on_warm(&mut self, req: u32, warm: WarmRequest) {
+        self.drop_warm();
+        if warm.exec.argv.is_empty() || warm.exec.tty.is_some() {
+            let why = "a warm entrypoint needs a command and runs on pipes, not a terminal";
+            self.send(&AgentMsg::WarmReady {
+                req,
+                state: WarmState::Failed(why.into()),
+            });
+            return;
+        }
+        let mut exec = warm.exec.clone();
+        let mut listener = None;
+        if warm.mode == WarmMode::Invoke {
+            let path = &self.config.invoke_socket;
+            let bound = (|| {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let _ = std::fs::remove_file(path);
+                let l = UnixListener::bind(path)?;
+                l.set_nonblocking(true)?;
+                Ok::<_, io::Error>(l)
+            })();
+            match bound {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    let why = format!("cannot listen on {}: {e}", path.display());
+                    self.send(&AgentMsg::WarmReady {
+                        req,
+                        state: WarmState::Failed(why),
+                    });
+                    return;
+                }
+            }
+            exec.env.push((
+                invoke::SOCKET_ENV.into(),
+                path.to_string_lossy().into_owned(),
+            ));
+        }
+        match spawn(&exec, self.config) {
+            Ok(sp) => {
+                let [Some(out), Some(err)] = sp.outs else {
+                    unreachable!("a piped spawn has both output pipes");
+                };
+                if sp.pidfd.is_none() {
+                    self.pidfds_work = false;
+                }
+                self.warm = Some(Warm {
+                    req: warm,
+                    pid: sp.pid,
+                    pidfd: sp.pidfd,
+                    stdin: sp.stdin,
+                    outs: [out, err],
+                    starting: Some(req),
+                    listener,
+                    conn: None,
+                    status: None,
+                    checks: 0,
+                });
+                self.check_warm();
+            }
+            Err(error) => {
+                if listener.is_some() {
+                    let _ = std::fs::remove_file(&self.config.invoke_socket);
+                }
+                self.send(&AgentMsg::WarmReady {
+                    req,
+                    state: WarmState::Failed(error),
+                })
+            }
+        }
+    }
+
+    /// Answers a pending `Warm` once the process is ready or has ended; forgets a warm
+    /// process that ended after it was ready (runs then start afresh).
+    fn check_warm(&mut self) {
+        let Some(w) = self.warm.as_mut() else {
+            return;
+        };
+        if let Some(status) = w.status {
+            if let Some(req) = w.starting.take() {
+                let tail = w.output_tail();
+                let how = match status {
+                    ExitStatus::Code(c) => format!("exited with status {c}"),
+                    ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+                };
+                let wait = match w.req.mode {
+                    WarmMode::Stdin => "blocked reading its stdin",
+                    WarmMode::Invoke => "asked for its invocation",
+                };
+                let mut why = format!("the warm entrypoint {how} before it {wait}");
+                if !tail.is_empty() {
+                    why.push_str(&format!("; its output: {tail}"));
+                }
+                self.send(&AgentMsg::WarmReady {
+                    req,
+                    state: WarmState::Failed(why),
+                });
+            } else {
+                agent_log!("the warm entrypoint ended ({status:?}); runs start afresh");
+            }
+            self.drop_warm();
+            return;
+        }
+        let Some(req) = w.starting else {
+            return;
+        };
+        if w.req.mode != WarmMode::Stdin {
+            return;
+        }
+        w.checks += 1;
+        if w.checks % 100 == 0 {
+            let what = sys::describe_wait(w.pid, w.stdin.as_raw_fd());
+            agent_log!(
+                "warm entrypoint {} not waiting for its stdin yet: {what}",
+                w.pid
+            );
+        }
+        if sys::session_blocked_on_pipe(w.pid, w.stdin.as_raw_fd()) {
+            w.starting = None;
+            let pid = w.pid as u32;
+            self.send(&AgentMsg::WarmReady {
+                req,
+                state: WarmState::Ready { pid },
+            });
+        }
+    }
+
+    /// A connection on the invocation socket: kept if it comes from the warm command's
+    /// session and asks correctly, which makes the warm entrypoint ready.
+    fn on_warm_connect(&mut self) {
+        let Some(w) = self.warm.as_mut() else {
+            return;
+        };
+        let Some(listener) = &w.listener else {
+            return;
+        };
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let from_warm = sys::peer_pid(conn.as_raw_fd())
+            .and_then(sys::getsid)
+            .is_ok_and(|sid| sid == w.pid);
+        if !from_warm {
+            agent_log!("invocation socket: refused a connection from outside the warm command");
+            return;
+        }
+        let mut got = [0u8; invoke::REQUEST.len()];
+        let asked = conn.set_nonblocking(false).is_ok()
+            && conn.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+            && (&conn).read_exact(&mut got).is_ok()
+            && &got == invoke::REQUEST;
+        if !asked {
+            agent_log!("invocation socket: a connection did not send the request");
+            return;
+        }
+        w.conn = Some(conn);
+        w.listener = None;
+        let _ = std::fs::remove_file(&self.config.invoke_socket);
+        if let Some(req) = w.starting.take() {
+            let pid = w.pid as u32;
+            self.send(&AgentMsg::WarmReady {
+                req,
+                state: WarmState::Ready { pid },
+            });
+        }
+    }
+
+    /// Kills and forgets the warm entrypoint, if any.
+    fn drop_warm(&mut self) {
+        if let Some(w) = self.warm.take() {
+            if w.listener.is_some() {
+                let _ = std::fs::remove_file(&self.config.invoke_socket);
+            }
+            if w.status.is_none() {
+                let _ = sys::kill(-w.pid, libc::SIGKILL);
+                let _ = sys::kill(w.pid, libc::SIGKILL);
+                sys::wait_blocking(w.pid);
             }
         }
     }
@@ -1010,8 +1329,19 @@ impl<'a, T: Transport> Session<'a, T> {
     }
 
     fn reap(&mut self) {
+        if let Some(w) = self.warm.as_mut().filter(|w| w.status.is_none()) {
+            if let Some((_, status)) = sys::try_wait(w.pid) {
+                w.status = Some(status);
+                w.pidfd = None;
+            }
+        }
         if self.config.reap_all {
             while let Some((pid, status)) = sys::try_wait(-1) {
+                if let Some(w) = self.warm.as_mut().filter(|w| w.pid == pid) {
+                    w.status = Some(status);
+                    w.pidfd = None;
+                    continue;
+                }
                 if let Some(e) = self
                     .execs
                     .values_mut()
@@ -1291,6 +1621,64 @@ fn spawn_piped(req: &ExecRequest, cwd: &str, env: &[(String, String)]) -> io::Re
         tty: None,
         outs: [Some(out_r), Some(err_r)],
     })
+}
+
+/// Hands a run to the warm entrypoint `w`: in stdin mode its own pipes; in invocation mode
+/// fresh pipes, sent to it over its connection with the run's argv, environment and
+/// directory. On error the process is killed and the caller starts the run afresh.
+fn adopt(req: &ExecRequest, w: Warm) -> Result<Spawned, String> {
+    match w.req.mode {
+        WarmMode::Stdin => {
+            let [out, err] = w.outs;
+            Ok(Spawned {
+                pid: w.pid,
+                pidfd: w.pidfd,
+                stdin: w.stdin,
+                tty: None,
+                outs: [Some(out), Some(err)],
+            })
+        }
+        WarmMode::Invoke => {
+            let kill = |why: String| {
+                let _ = sys::kill(-w.pid, libc::SIGKILL);
+                let _ = sys::kill(w.pid, libc::SIGKILL);
+                sys::wait_blocking(w.pid);
+                why
+            };
+            let Some(conn) = &w.conn else {
+                return Err(kill("no invocation connection".into()));
+            };
+            let os = |e: sys::SysError| e.to_string();
+            let pipes = (|| {
+                let (in_r, in_w) = sys::pipe().map_err(os)?;
+                let (out_r, out_w) = sys::pipe().map_err(os)?;
+                let (err_r, err_w) = sys::pipe().map_err(os)?;
+                for fd in [&in_w, &out_r, &err_r] {
+                    sys::set_nonblocking(fd.as_raw_fd(), true).map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(([in_r, out_w, err_w], [in_w, out_r, err_r]))
+            })();
+            let (theirs, [in_w, out_r, err_r]) = pipes.map_err(&kill)?;
+            let inv = Invocation {
+                argv: req.argv.clone(),
+                env: build_env(req, None, &inherited_env()),
+                cwd: req.cwd.clone().unwrap_or_else(|| "/".into()),
+                reseed: true,
+            };
+            let fds = theirs.each_ref().map(|f| f.as_raw_fd());
+            invoke::send(conn, &inv, fds).map_err(|e| kill(e.to_string()))?;
+            // Its build-time pipes (`w.stdin`, `w.outs`) and our copies of the new ends close
+            // here: it reads and writes only what it was sent.
+            drop(theirs);
+            Ok(Spawned {
+                pid: w.pid,
+                pidfd: w.pidfd,
+                stdin: in_w,
+                tty: None,
+                outs: [Some(out_r), Some(err_r)],
+            })
+        }
+    }
 }
 
 #[cfg(test)]

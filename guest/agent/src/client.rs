@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{
     frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WinSize,
-    INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
+    ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock,
+    WarmRequest, WarmState, WinSize, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
+    STREAM_WINDOW,
 };
 
 /// Errors seen by client callers.
@@ -622,6 +623,26 @@ impl Client {
         }
     }
 
+    /// Starts a warm entrypoint and waits, at most `timeout`, until it waits for its run
+    /// (blocked on its stdin, or connected to the invocation socket) or has ended. A timeout
+    /// is [`ClientError::Timeout`]; the process is then left as it is (the build fails).
+    pub fn warm(&self, warm: WarmRequest, timeout: Duration) -> Result<WarmState> {
+        let req = self.send_request(|req| HostMsg::Warm { req, warm })?;
+        let res = self
+            .inner
+            .wait_for(Some(timeout), "report the warm entrypoint ready", |st| {
+                st.replies.remove(&req)
+            });
+        match res {
+            Ok(AgentMsg::WarmReady { state, .. }) => Ok(state),
+            Ok(other) => Err(ClientError::Agent(format!("unexpected answer {other:?}"))),
+            Err(e) => {
+                self.forget(req);
+                Err(e)
+            }
+        }
+    }
+
     /// Releases a quiesce without a restore.
     pub fn unquiesce(&self) -> Result<()> {
         self.request(|req| HostMsg::Unquiesce { req }, "unquiesce")
@@ -1018,7 +1039,8 @@ fn apply(st: &mut State, msg: AgentMsg, credits: &mut Vec<HostMsg>) {
         | AgentMsg::Quiesced { req, .. }
         | AgentMsg::Resumed { req, .. }
         | AgentMsg::Mounted { req, .. }
-        | AgentMsg::Unmounted { req, .. } => {
+        | AgentMsg::Unmounted { req, .. }
+        | AgentMsg::WarmReady { req, .. } => {
             if st.awaiting.remove(&req) {
                 st.replies.insert(req, msg);
             } else if !st.abandoned.remove(&req) {

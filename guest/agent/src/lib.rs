@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod client;
 pub mod init;
+pub mod invoke;
 pub mod log;
 pub mod protocol;
 pub mod sys;

@@ -34,6 +34,13 @@ fn main() -> ExitCode {
     if unsafe { libc::getpid() } == 1 {
         pid1(Pid1Options::parse(std::env::args().skip(1)));
     }
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("smolvm-invoke") {
+        return invoke_cli(std::env::args().skip(1).collect());
+    }
+    if std::env::args().nth(1).as_deref() == Some("invoke") {
+        return invoke_cli(std::env::args().skip(2).collect());
+    }
     let mut args = std::env::args().skip(1);
     let mut mode = None;
     let mut real_system = false;
@@ -91,6 +98,87 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+const INVOKE_USAGE: &str = "\
+usage: smolvm-invoke --sh NARGS    (also: smol-agent invoke --sh NARGS)
+Waits for this warm program's run (docs/WARM.md) and prints shell commands that take it
+over: its stdin, stdout and stderr, working directory, environment and arguments.
+NARGS is the script's own argument count, so in a shell script:
+
+    eval \"$(smolvm-invoke --sh $#)\"";
+
+/// `smolvm-invoke --sh NARGS`: the invocation protocol for shell scripts. A shell cannot
+/// receive descriptors, so a child of this helper holds them while the script opens them
+/// again through `/proc/CHILD/fd/N` (they are pipes), then the script kills the child.
+fn invoke_cli(args: Vec<String>) -> ExitCode {
+    let nargs = match args.as_slice() {
+        [flag, n] if flag == "--sh" => n.parse::<usize>().ok(),
+        _ => None,
+    };
+    let Some(nargs) = nargs else {
+        eprintln!("smolvm-invoke: {INVOKE_USAGE}");
+        return ExitCode::from(2);
+    };
+    // Our parent is the script's shell (or its command-substitution subshell, a fork with
+    // the same command line): its argv minus its NARGS arguments is the interpreter part.
+    // SAFETY: getppid cannot fail.
+    let ppid = unsafe { libc::getppid() };
+    let own = std::fs::read(format!("/proc/{ppid}/cmdline"))
+        .map(|c| c.split(|&b| b == 0).count().saturating_sub(1))
+        .unwrap_or(0);
+    let skip = own.saturating_sub(nargs);
+    let socket = std::env::var(smolvm_agent::invoke::SOCKET_ENV)
+        .unwrap_or_else(|_| smolvm_agent::invoke::DEFAULT_SOCKET.into());
+    let (inv, fds) = match smolvm_agent::invoke::wait(&socket) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("smolvm-invoke: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // SAFETY: fork in a single-threaded process; the child only sleeps and exits.
+    let holder = unsafe { libc::fork() };
+    if holder < 0 {
+        eprintln!("smolvm-invoke: fork: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    if holder == 0 {
+        // The holder: keep the descriptors open, let go of the command substitution's pipe.
+        // SAFETY: plain system calls on descriptors of this process.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            libc::alarm(60);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    let q = smolvm_agent::invoke::shell_quote;
+    let [i, o, e] = fds.each_ref().map(|f| f.as_raw_fd());
+    let mut out = format!(
+        "exec 0</proc/{holder}/fd/{i} 1>/proc/{holder}/fd/{o} 2>/proc/{holder}/fd/{e}; \
+         kill {holder} 2>/dev/null\ncd -- {}\n",
+        q(&inv.cwd)
+    );
+    let name_ok = |k: &str| {
+        !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    for (k, v) in inv.env.iter().filter(|(k, _)| name_ok(k)) {
+        out.push_str(&format!("export {k}={}\n", q(v)));
+    }
+    out.push_str("set --");
+    for a in inv.argv.iter().skip(skip) {
+        out.push(' ');
+        out.push_str(&q(a));
+    }
+    out.push('\n');
+    print!("{out}");
+    ExitCode::SUCCESS
 }
 
 fn log_end(end: &SessionEnd) {

@@ -239,6 +239,38 @@ pub struct ShareMount {
     pub read_only: bool,
 }
 
+/// How a warm entrypoint (see [`WarmRequest`]) waits for its run.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmMode {
+    /// Transparent: ready once it blocks reading its stdin; a run whose request equals the
+    /// warm one gets its pipes.
+    Stdin,
+    /// Invocation protocol: ready once it connects to the invocation socket
+    /// ([`crate::invoke`]); a run with the same program (`prefix` leading argv items),
+    /// environment and directory is handed to it.
+    Invoke,
+}
+
+/// A command the agent starts at build time and keeps, outside any exec, until a run
+/// takes it over (docs/WARM.md).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WarmRequest {
+    /// The command, as a run without arguments would send it (pipes, no terminal).
+    pub exec: ExecRequest,
+    pub mode: WarmMode,
+    /// `Invoke` mode: how many leading argv items a run must share with `exec.argv`.
+    pub prefix: u32,
+}
+
+/// Where a warm entrypoint stands (answer to `Warm`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum WarmState {
+    /// Blocked reading its stdin (or waiting on the invocation socket): snapshot now.
+    Ready { pid: u32 },
+    /// It could not start, or ended before it was ready; the reason and its last output.
+    Failed(String),
+}
+
 /// Messages from the host (VMM, tests) to the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum HostMsg {
@@ -301,6 +333,9 @@ pub enum HostMsg {
     /// The host end is gone: close the guest socket at once, discarding what is buffered.
     /// Answered by `StreamClosed` (unless that was already sent).
     StreamClose { id: StreamId },
+    /// Start a warm entrypoint and answer `WarmReady` once it waits for its run (or ended).
+    /// The host enforces the timeout; one warm entrypoint at a time (a new one replaces it).
+    Warm { req: u32, warm: WarmRequest },
 }
 
 /// Messages from the agent to the host.
@@ -358,6 +393,8 @@ pub enum AgentMsg {
     /// Stream `id` is over (both ends finished, an error, or the host's `StreamClose`);
     /// nothing more is sent for it and the id is free again.
     StreamClosed { id: StreamId, error: Option<String> },
+    /// Answer to `Warm`.
+    WarmReady { req: u32, state: WarmState },
 }
 
 /// Encodes `msg` as one frame appended to `out`.

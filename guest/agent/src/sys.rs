@@ -573,6 +573,207 @@ pub fn socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
     Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
 }
 
+/// System calls a command waiting for input blocks in (x86_64 numbers): those reading the
+/// descriptor in their first argument (read, pread64, readv, preadv, preadv2), those
+/// polling an array of `pollfd` (poll, ppoll), a `select` bitmap (select, pselect6), an
+/// epoll instance (epoll_wait, epoll_pwait, epoll_pwait2).
+#[cfg(target_arch = "x86_64")]
+mod waits {
+    pub const READ: &[u64] = &[0, 17, 19, 295, 327];
+    pub const POLL: &[u64] = &[7, 271];
+    pub const SELECT: &[u64] = &[23, 270];
+    pub const EPOLL: &[u64] = &[232, 281, 441];
+}
+#[cfg(not(target_arch = "x86_64"))]
+mod waits {
+    pub const READ: &[u64] = &[63, 65, 67, 69, 286];
+    pub const POLL: &[u64] = &[73];
+    pub const SELECT: &[u64] = &[72];
+    pub const EPOLL: &[u64] = &[22, 441];
+}
+
+/// Parses a `/proc/PID/syscall` line: the call number and its six arguments, for a task
+/// blocked in a system call (`running` and `-1 ...` give `None`).
+pub fn parse_proc_syscall(line: &str) -> Option<(u64, [u64; 6])> {
+    let mut it = line.split_ascii_whitespace();
+    let nr = it.next()?.parse::<u64>().ok()?;
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(it.next()?.strip_prefix("0x")?, 16).ok()?;
+    }
+    Some((nr, args))
+}
+
+/// The descriptors with `EPOLLIN` in an epoll instance's `/proc/PID/fdinfo/N` text.
+pub fn epoll_read_fds(fdinfo: &str) -> Vec<u64> {
+    fdinfo
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_ascii_whitespace();
+            if it.next()? != "tfd:" {
+                return None;
+            }
+            let fd = it.next()?.parse::<u64>().ok()?;
+            if it.next()? != "events:" {
+                return None;
+            }
+            let ev = u32::from_str_radix(it.next()?, 16).ok()?;
+            (ev & libc::EPOLLIN as u32 != 0).then_some(fd)
+        })
+        .collect()
+}
+
+/// The session id of process `pid`, from `/proc/PID/stat`.
+fn session_of(pid: &str) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_ascii_whitespace().nth(3)?.parse().ok()
+}
+
+/// `len` bytes of process `pid`'s memory at `addr` (we are root, or its parent).
+fn read_mem(pid: &str, addr: u64, len: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, addr).ok()?;
+    Some(buf)
+}
+
+/// Which descriptors a task blocked in system call `nr` with `args` waits to read.
+fn waited_fds(pid: &str, nr: u64, args: &[u64; 6]) -> Vec<u64> {
+    /// Most descriptors looked at in one poll array or select bitmap.
+    const MAX_FDS: u64 = 1024;
+    if waits::READ.contains(&nr) {
+        return vec![args[0]];
+    }
+    if waits::POLL.contains(&nr) {
+        let n = args[1].min(MAX_FDS) as usize;
+        let Some(mem) = read_mem(pid, args[0], n * 8) else {
+            return Vec::new();
+        };
+        // struct pollfd { int fd; short events; short revents; }
+        return mem
+            .chunks_exact(8)
+            .filter(|p| i16::from_ne_bytes([p[4], p[5]]) & libc::POLLIN != 0)
+            .filter_map(|p| u64::try_from(i32::from_ne_bytes([p[0], p[1], p[2], p[3]])).ok())
+            .collect();
+    }
+    if waits::SELECT.contains(&nr) {
+        let nfds = args[0].min(MAX_FDS);
+        if args[1] == 0 || nfds == 0 {
+            return Vec::new();
+        }
+        let Some(bits) = read_mem(pid, args[1], nfds.div_ceil(8) as usize) else {
+            return Vec::new();
+        };
+        return (0..nfds)
+            .filter(|&fd| bits[(fd / 8) as usize] & (1 << (fd % 8)) != 0)
+            .collect();
+    }
+    if waits::EPOLL.contains(&nr) {
+        return fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", args[0]))
+            .map(|t| epoll_read_fds(&t))
+            .unwrap_or_default();
+    }
+    Vec::new()
+}
+
+/// True when a thread of `pid` is blocked waiting to read a descriptor that is the pipe
+/// `pipe` (the `pipe:[INODE]` name of its `/proc/PID/fd` link): in a read, or in a poll,
+/// select or epoll wait that includes it.
+fn reads_pipe(pid: &str, pipe: &str) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    for task in tasks.flatten() {
+        let Ok(line) = fs::read_to_string(task.path().join("syscall")) else {
+            continue;
+        };
+        let Some((nr, args)) = parse_proc_syscall(&line) else {
+            continue;
+        };
+        let waited = waited_fds(pid, nr, &args);
+        if waited.into_iter().any(|fd| {
+            fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .is_ok_and(|l| l.as_os_str() == std::ffi::OsStr::new(pipe))
+        }) {
+            return true;
+        }
+    }
+    false
+}
+
+/// True when some process of session `sid` (the warm command and anything it started) is
+/// blocked reading the pipe whose write end is `pipe_end`: the command waits for its stdin.
+pub fn session_blocked_on_pipe(sid: i32, pipe_end: RawFd) -> bool {
+    // SAFETY: fstat fills the zeroed stat buffer for a descriptor we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(pipe_end, &mut st) } < 0 {
+        return false;
+    }
+    let pipe = format!("pipe:[{}]", st.st_ino);
+    let leader = sid.to_string();
+    if reads_pipe(&leader, &pipe) {
+        return true;
+    }
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let name = p.file_name();
+        let Some(name) = name.to_str() else {
+            return false;
+        };
+        name != leader
+            && name.bytes().all(|b| b.is_ascii_digit())
+            && session_of(name) == Some(sid)
+            && reads_pipe(name, &pipe)
+    })
+}
+
+/// What process `pid` is doing, for a log line: its `/proc/PID/syscall`, what its
+/// descriptor 0 is, and what `pipe_end` is.
+pub fn describe_wait(pid: i32, pipe_end: RawFd) -> String {
+    let syscall =
+        fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_else(|e| format!("({e})"));
+    let fd0 = fs::read_link(format!("/proc/{pid}/fd/0"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_else(|e| format!("({e})"));
+    let ours = fs::read_link(format!("/proc/self/fd/{pipe_end}"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_else(|e| format!("({e})"));
+    format!(
+        "syscall {}, fd 0 {fd0}, its stdin pipe {ours}",
+        syscall.trim()
+    )
+}
+
+/// The pid at the other end of a Unix socket (`SO_PEERCRED`).
+pub fn peer_pid(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: an all-zero ucred is valid; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: as above.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.pid)
+}
+
+/// The session id of `pid` (`getsid`).
+pub fn getsid(pid: i32) -> io::Result<i32> {
+    // SAFETY: getsid reads no memory.
+    cvt(unsafe { libc::getsid(pid) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,6 +817,31 @@ mod tests {
             resolve_user(&User::Name("mallory".into()), dir.path()),
             Err(SysError::UnknownUser(_))
         ));
+    }
+
+    #[test]
+    fn proc_syscall_lines() {
+        assert_eq!(
+            parse_proc_syscall("0 0x0 0x55d0c0 0x1000 0x0 0x0 0x0 0x7ffd 0x7f1\n"),
+            Some((0, [0, 0x55d0c0, 0x1000, 0, 0, 0]))
+        );
+        assert_eq!(
+            parse_proc_syscall("7 0x7ffd10 0x1 0xffffffff 0x0 0x0 0x0 0x7ffd 0x7f1"),
+            Some((7, [0x7ffd10, 1, 0xffffffff, 0, 0, 0]))
+        );
+        assert_eq!(parse_proc_syscall("running\n"), None);
+        assert_eq!(parse_proc_syscall("-1 0x7ffd 0x7f1\n"), None);
+        assert_eq!(parse_proc_syscall("0 0x0"), None);
+        assert_eq!(parse_proc_syscall(""), None);
+    }
+
+    #[test]
+    fn epoll_fdinfo() {
+        let t = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n\
+                 tfd:        0 events:       19 data:                0  pos:0 ino:4 sdev:d\n\
+                 tfd:        5 events:        4 data:                5  pos:0 ino:9 sdev:d\n";
+        assert_eq!(epoll_read_fds(t), vec![0]);
+        assert!(epoll_read_fds("pos: 0\n").is_empty());
     }
 
     #[test]

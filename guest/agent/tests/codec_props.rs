@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use smolvm_agent::client::{ProtocolViolations, Replay, MAX_STRAY_FRAMES, PROTOCOL_BROKEN};
 use smolvm_agent::protocol::{
     encode_frame, read_frame, AgentMsg, Applied, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    ProtocolError, QuiesceReport, ResumeReport, Stream, User, WallClock, WinSize, HEADER_LEN,
-    INITIAL_WINDOW, MAX_CHUNK, MAX_PAYLOAD,
+    ProtocolError, QuiesceReport, ResumeReport, Stream, User, WallClock, WarmMode, WarmRequest,
+    WarmState, WinSize, HEADER_LEN, INITIAL_WINDOW, MAX_CHUNK, MAX_PAYLOAD,
 };
 
 fn stream() -> impl Strategy<Value = Stream> {
@@ -77,6 +77,20 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
             }
         ),
         (any::<u32>(), any::<bool>()).prop_map(|(req, reboot)| HostMsg::Shutdown { req, reboot }),
+        (any::<u32>(), exec_request(), any::<bool>(), any::<u32>()).prop_map(
+            |(req, exec, invoke, prefix)| HostMsg::Warm {
+                req,
+                warm: WarmRequest {
+                    exec,
+                    mode: if invoke {
+                        WarmMode::Invoke
+                    } else {
+                        WarmMode::Stdin
+                    },
+                    prefix,
+                },
+            }
+        ),
     ]
 }
 
@@ -108,6 +122,14 @@ fn agent_msg() -> impl Strategy<Value = AgentMsg> {
             }
         ),
         any::<u32>().prop_map(|req| AgentMsg::Unquiesced { req }),
+        (any::<u32>(), any::<u32>()).prop_map(|(req, pid)| AgentMsg::WarmReady {
+            req,
+            state: WarmState::Ready { pid }
+        }),
+        (any::<u32>(), ".{0,30}").prop_map(|(req, why)| AgentMsg::WarmReady {
+            req,
+            state: WarmState::Failed(why)
+        }),
         (any::<u32>(), applied(), applied(), any::<u32>()).prop_map(
             |(req, clock, entropy, dropped_execs)| AgentMsg::Resumed {
                 req,

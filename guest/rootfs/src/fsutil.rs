@@ -502,7 +502,34 @@ pub(crate) fn install_agent(root: &Path, agent: &Path) -> Result<()> {
     set_mode(&host, 0o755)?;
     let init = host_dir.join("init");
     remove_any(&init)?;
-    symlink(name, &init).map_err(|e| Error::io("creating the link", &init, e))
+    symlink(name, &init).map_err(|e| Error::io("creating the link", &init, e))?;
+    install_invoke_helpers(root)
+}
+
+/// The Python module of the invocation protocol (docs/WARM.md).
+const PYTHON_HELPER: &str = include_str!("../../agent/helpers/smolvm_invoke.py");
+
+/// Installs the invocation-protocol helpers (docs/WARM.md): `/usr/bin/smolvm-invoke` (a link
+/// to the agent, which serves it under that name) and the Python module `smolvm_invoke` in
+/// `/usr/lib/smolvm/python`, and in `/usr/lib/python3/dist-packages` when the image has
+/// that directory (Debian's Python, any version, finds it there).
+fn install_invoke_helpers(root: &Path) -> Result<()> {
+    let bin = mkdir_in_root(root, Path::new("/usr/bin"))?.join("smolvm-invoke");
+    remove_any(&bin)?;
+    symlink(AGENT_GUEST_PATH, &bin).map_err(|e| Error::io("creating the link", &bin, e))?;
+    let mut dirs = vec![mkdir_in_root(root, Path::new("/usr/lib/smolvm/python"))?];
+    let dist = resolve_in_root(root, Path::new("/usr/lib/python3/dist-packages"), true)?;
+    if dist.is_dir() {
+        dirs.push(dist);
+    }
+    for dir in dirs {
+        let file = dir.join("smolvm_invoke.py");
+        remove_any(&file)?;
+        fs::write(&file, PYTHON_HELPER).map_err(|e| Error::io("writing", &file, e))?;
+        lchown(&file, 0, 0)?;
+        set_mode(&file, 0o644)?;
+    }
+    Ok(())
 }
 
 /// Content accounting of a staged tree.
