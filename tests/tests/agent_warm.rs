@@ -397,6 +397,13 @@ fn invoke_mode_through_the_shell_helper() {
     )
     .unwrap();
     let s = script.to_str().unwrap();
+    // Started cold (no socket variable), the same script runs as it is.
+    let (_, out) = run(c, req(&["sh", s, "cold"]), b"l0\n");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "slow start-up: 1 args: cold| in /tmp mode=warm\n<l0>\n"
+    );
+    assert_eq!(out.status, ExitStatus::Code(5));
     let pid = ready_pid(warm(c, req(&["sh", s]), WarmMode::Invoke, 2));
     let (p, out) = run(c, req(&["sh", s, "x y", "z"]), b"l1\nl2\n");
     assert_eq!(p, pid);
@@ -406,6 +413,22 @@ fn invoke_mode_through_the_shell_helper() {
     );
     assert_eq!(out.stderr, b"oops\n");
     assert_eq!(out.status, ExitStatus::Code(5));
+
+    // The same with busybox's shell, the /bin/sh of busybox images.
+    if std::process::Command::new("busybox")
+        .arg("true")
+        .output()
+        .is_ok()
+    {
+        let pid = ready_pid(warm(c, req(&["busybox", "sh", s]), WarmMode::Invoke, 3));
+        let (p, out) = run(c, req(&["busybox", "sh", s, "x y", "z"]), b"l1\n");
+        assert_eq!(p, pid);
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "slow start-up: 2 args: x y|z in /tmp mode=warm\n<l1>\n"
+        );
+        assert_eq!(out.status, ExitStatus::Code(5));
+    }
     a.finish();
 }
 

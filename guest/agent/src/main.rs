@@ -103,7 +103,8 @@ fn main() -> ExitCode {
 const INVOKE_USAGE: &str = "\
 usage: smolvm-invoke --sh NARGS    (also: smol-agent invoke --sh NARGS)
 Waits for this warm program's run (docs/WARM.md) and prints shell commands that take it
-over: its stdin, stdout and stderr, working directory, environment and arguments.
+over: its stdin, stdout and stderr, working directory, environment and arguments. Without
+SMOLVM_INVOKE_SOCKET (the script was not started warm) it prints nothing.
 NARGS is the script's own argument count, so in a shell script:
 
     eval \"$(smolvm-invoke --sh $#)\"";
@@ -128,8 +129,11 @@ fn invoke_cli(args: Vec<String>) -> ExitCode {
         .map(|c| c.split(|&b| b == 0).count().saturating_sub(1))
         .unwrap_or(0);
     let skip = own.saturating_sub(nargs);
-    let socket = std::env::var(smolvm_agent::invoke::SOCKET_ENV)
-        .unwrap_or_else(|_| smolvm_agent::invoke::DEFAULT_SOCKET.into());
+    // Not started warm: nothing to take over, and nothing printed, so the script runs cold.
+    let Some(socket) = std::env::var_os(smolvm_agent::invoke::SOCKET_ENV) else {
+        return ExitCode::SUCCESS;
+    };
+    let socket = socket.to_string_lossy().into_owned();
     let (inv, fds) = match smolvm_agent::invoke::wait(&socket) {
         Ok(v) => v,
         Err(e) => {
