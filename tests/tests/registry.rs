@@ -699,6 +699,28 @@ fn smolvm_runs_a_reference_and_pull_pack_runs() {
         .cache()
         .join(format!("machines/sha256-{}", sha256_file(&m)));
     assert_eq!(fs::read(&cached).unwrap(), fs::read(&m).unwrap());
+    // With a trust key: the unsigned machine is refused after the pull, before it runs;
+    // the signed one (pushed under another tag) runs.
+    let key = sc.path("rel");
+    sc.ok(&["keygen", "-o", s(&key)]);
+    let pub_key = format!("{}.pub", s(&key));
+    let mut cmd = Command::new(&smolvm);
+    cmd.args(["run", "--trust", &pub_key, &r]);
+    sc.env(&mut cmd);
+    let o = run(cmd);
+    let (code, line) = failure(&o);
+    assert_eq!(code, 125, "{line}");
+    assert!(line.contains("not signed"), "{line}");
+    assert!(o.stdout.is_empty(), "nothing ran: {}", describe(&o));
+    sc.ok(&["sign", "--key", &format!("{}.key", s(&key)), s(&m)]);
+    let signed = reg.reference("guest:signed");
+    sc.ok(&["push", s(&m), &signed]);
+    let mut cmd = Command::new(&smolvm);
+    cmd.args(["run", "--trust", &pub_key, &signed]);
+    sc.env(&mut cmd);
+    let o = run(cmd);
+    assert_eq!(o.status.code(), Some(7), "{}", describe(&o));
+
     let app = sc.path("app");
     sc.ok(&["pull", &r, "--pack", "-o", s(&app)]);
     let mut cmd = Command::new(&app);
