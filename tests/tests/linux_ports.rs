@@ -88,8 +88,14 @@ fn hello(test: &str) -> Option<&'static Built> {
     }
 }
 
+/// Serialises the machines of this file: with two running at once on the loaded PVM host,
+/// forwarded connections of the echo test were seen reset (not understood yet; every test
+/// passes when they run one at a time).
+static ONE_MACHINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A running `smolvm run ARGS` whose command keeps the machine up until its stdin closes.
 struct Running {
+    _one: std::sync::MutexGuard<'static, ()>,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -98,6 +104,7 @@ struct Running {
 
 impl Running {
     fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
+        let one = ONE_MACHINE.lock().unwrap_or_else(|e| e.into_inner());
         let mut cmd = Command::new(bin("smolvm", "smolvm"));
         cmd.args(args)
             .envs(env.iter().copied())
@@ -108,6 +115,7 @@ impl Running {
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Running {
+            _one: one,
             child,
             stdin,
             stdout,
