@@ -781,6 +781,18 @@ mod tests {
             .unwrap()
             .opts;
         assert_eq!(o.volumes.len(), 2);
+        let p = parse_run(
+            &a(&["-p", "8080:80", "m", "--publish=0.0.0.0:9090:90/tcp"]),
+            false,
+        )
+        .unwrap()
+        .unwrap()
+        .opts;
+        let ports: Vec<String> = p.ports.iter().map(|x| x.to_string()).collect();
+        assert_eq!(ports, ["127.0.0.1:8080:80", "0.0.0.0:9090:90"]);
+        assert!(parse_run(&a(&["m", "-p"]), false).unwrap().is_none());
+        let err = parse_run(&a(&["-p", "80", "m"]), false).err().unwrap();
+        assert!(err.to_string().starts_with("bad port mapping '80'"));
         assert_eq!(o.volumes[0].guest, "/src");
         assert!(!o.volumes[0].read_only && o.volumes[1].read_only);
         for bad in [

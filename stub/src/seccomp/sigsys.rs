@@ -126,7 +126,6 @@ const OTHER_NAMES: &[(i64, &str)] = names![
     SYS_bind,
     SYS_listen,
     SYS_accept,
-    SYS_accept4,
     SYS_setsockopt,
     SYS_getsockopt,
     SYS_open,
