@@ -626,6 +626,20 @@ mod tests {
         (MmioTransport::new(dev), sink, count)
     }
 
+    /// The console restored from `state`, its output discarded.
+    fn restore_discarding_output(
+        m: &GuestMemoryMmap,
+        state: &crate::devices::virtio::mmio::MmioDeviceState<ConsoleState>,
+    ) -> MmioTransport<Console> {
+        let (irq, _count) = counting_interrupt();
+        let args = ConsoleArgs {
+            mem: m.clone(),
+            interrupt: irq,
+            sink: Box::new(std::io::sink()),
+        };
+        MmioTransport::<Console>::restore(args, state).unwrap()
+    }
+
     fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         m.read_slice(&mut v, GuestAddress(addr)).unwrap();
@@ -940,16 +954,7 @@ mod tests {
             postcard::from_bytes(&bytes).unwrap();
         assert!(state.device.port.port_ready && !state.device.port.guest_open);
         drop(t);
-        let (irq, _c) = counting_interrupt();
-        let mut t2 = MmioTransport::<Console>::restore(
-            ConsoleArgs {
-                mem: m.clone(),
-                interrupt: irq,
-                sink: Box::new(std::io::sink()),
-            },
-            &state,
-        )
-        .unwrap();
+        let mut t2 = restore_discarding_output(&m, &state);
         d.send(&mut t2, 0x30040, &ControlMsg::new(0, event::PORT_OPEN, 1));
         assert_eq!(d.rxq.used_elem(1), (1, 5));
         assert_eq!(read(&m, 0x13000, 5), b"later");
@@ -969,16 +974,7 @@ mod tests {
         d.send(&mut t, 0x30000, &ControlMsg::new(0, event::DEVICE_READY, 1));
         assert_eq!(t.device().port_state().pending_control.len(), 1);
         let state = t.save().unwrap();
-        let (irq, _c) = counting_interrupt();
-        let mut t2 = MmioTransport::<Console>::restore(
-            ConsoleArgs {
-                mem: m.clone(),
-                interrupt: irq,
-                sink: Box::new(std::io::sink()),
-            },
-            &state,
-        )
-        .unwrap();
+        let mut t2 = restore_discarding_output(&m, &state);
         d.crx.add(&[Desc::w(0x20000, 0x100)]);
         wr(&mut t2, regs::QUEUE_NOTIFY, CTRL_RX_QUEUE as u32);
         assert_eq!(d.received(), vec![ControlMsg::new(0, event::DEVICE_ADD, 0)]);
