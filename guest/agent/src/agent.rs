@@ -844,26 +844,14 @@ impl<'a, T: Transport> Session<'a, T> {
         let fd = st.sock.as_raw_fd();
         let mut failed: Option<String> = None;
         // Host to guest.
-        while !st.to_guest.is_empty() {
-            let (front, _) = st.to_guest.as_slices();
+        let (written, err) = write_queued(&mut st.to_guest, |front| {
             // SAFETY: `front` is a valid readable slice; MSG_NOSIGNAL turns a closed peer
             // into EPIPE instead of a signal.
-            let n =
-                unsafe { libc::send(fd, front.as_ptr().cast(), front.len(), libc::MSG_NOSIGNAL) };
-            if n > 0 {
-                st.to_guest.drain(..n as usize);
-                st.uncredited += n as u32;
-                continue;
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                ErrorKind::Interrupted => continue,
-                ErrorKind::WouldBlock => break,
-                _ => {
-                    failed = Some(format!("write to the guest socket failed: {err}"));
-                    break;
-                }
-            }
+            unsafe { libc::send(fd, front.as_ptr().cast(), front.len(), libc::MSG_NOSIGNAL) }
+        });
+        st.uncredited += written;
+        if let Some(err) = err {
+            failed = Some(format!("write to the guest socket failed: {err}"));
         }
         if failed.is_none() && st.to_guest.is_empty() && st.host_eof && !st.write_shut {
             // SAFETY: shutdown on a socket we own reads no memory.
@@ -1253,28 +1241,17 @@ impl<'a, T: Transport> Session<'a, T> {
         if self.quiesced || e.pending.is_some() {
             return;
         }
-        while let Some(fd) = e.stdin.as_ref().map(|f| f.as_raw_fd()) {
-            if e.stdin_buf.is_empty() {
-                break;
-            }
-            let (front, _) = e.stdin_buf.as_slices();
-            // SAFETY: `front` is a valid readable slice of the given length.
-            let n = unsafe { libc::write(fd, front.as_ptr().cast(), front.len()) };
-            if n > 0 {
-                e.stdin_buf.drain(..n as usize);
-                e.stdin_uncredited += n as u32;
-                continue;
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                ErrorKind::Interrupted => continue,
-                ErrorKind::WouldBlock => break,
-                _ => {
-                    // The command closed its stdin (EPIPE): discard what is left.
-                    e.stdin_uncredited += e.stdin_buf.len() as u32;
-                    e.stdin_buf.clear();
-                    e.stdin = None;
-                }
+        if let Some(fd) = e.stdin.as_ref().map(|f| f.as_raw_fd()) {
+            let (written, err) = write_queued(&mut e.stdin_buf, |front| {
+                // SAFETY: `front` is a valid readable slice of the given length.
+                unsafe { libc::write(fd, front.as_ptr().cast(), front.len()) }
+            });
+            e.stdin_uncredited += written;
+            if err.is_some() {
+                // The command closed its stdin (EPIPE): discard what is left.
+                e.stdin_uncredited += e.stdin_buf.len() as u32;
+                e.stdin_buf.clear();
+                e.stdin = None;
             }
         }
         if e.stdin_buf.is_empty() && e.stdin_eof && e.tty.is_none() {
@@ -1433,6 +1410,32 @@ struct Spawned {
 /// feature masks: on a host whose guest kernel cannot save AVX state, glibc in
 /// every process must leave AVX alone, not only in the agent.
 const INHERITED_VARS: &[&str] = &["GLIBC_TUNABLES"];
+
+/// Writes the front of `queue` with `write` (a `write(2)`-like call: bytes written or -1 with
+/// errno set) until the queue is empty or the descriptor would block, retrying on EINTR.
+/// Returns the bytes written and the error that stopped it, if any (not EAGAIN).
+fn write_queued(
+    queue: &mut VecDeque<u8>,
+    mut write: impl FnMut(&[u8]) -> isize,
+) -> (u32, Option<io::Error>) {
+    let mut written = 0u32;
+    while !queue.is_empty() {
+        let (front, _) = queue.as_slices();
+        let n = write(front);
+        if n > 0 {
+            queue.drain(..n as usize);
+            written += n as u32;
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            ErrorKind::Interrupted => continue,
+            ErrorKind::WouldBlock => break,
+            _ => return (written, Some(err)),
+        }
+    }
+    (written, None)
+}
 
 fn inherited_env() -> Vec<(String, String)> {
     INHERITED_VARS
