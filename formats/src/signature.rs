@@ -561,18 +561,18 @@ mod tests {
         let back = AttachedSignature::parse(&a.to_bytes()).unwrap();
         assert_eq!(back, a);
         assert_eq!(
-            verify_attached(&file, &[back.clone()], &[k.public()]).unwrap(),
+            verify_attached(&file, std::slice::from_ref(&back), &[k.public()]).unwrap(),
             k.public()
         );
         // Not a trusted key.
         assert!(matches!(
-            verify_attached(&file, &[back.clone()], &[other.public()]),
+            verify_attached(&file, std::slice::from_ref(&back), &[other.public()]),
             Err(Error::UntrustedKey(_))
         ));
         // Another file.
         let mut changed = file.clone();
         changed[0] ^= 1;
-        let e = verify_attached(&changed, &[back.clone()], &[k.public()]).unwrap_err();
+        let e = verify_attached(&changed, std::slice::from_ref(&back), &[k.public()]).unwrap_err();
         assert!(e.to_string().contains("another file"), "{e}");
         // A tampered signature, or a tampered digest or size under the same signature.
         let mut t = back.clone();
@@ -588,7 +588,7 @@ mod tests {
         ));
         // One good signature among bad ones is enough; none at all is "not signed".
         let bad = AttachedSignature::sign(&other, size, &digest);
-        assert!(verify_attached(&file, &[bad, a], &[k.public()]).is_ok());
+        assert!(verify_attached(&file, &[bad, a.clone()], &[k.public()]).is_ok());
         assert!(matches!(
             verify_attached(&file, &[], &[k.public()]),
             Err(Error::Unsigned)
