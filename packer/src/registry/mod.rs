@@ -345,9 +345,10 @@ impl Session {
 }
 
 /// Credentials for `registry` from the Docker config file (`$DOCKER_CONFIG/config.json`,
-/// else `~/.docker/config.json`): an `auths` entry's `auth` (base64 `user:password`) or
-/// `username`/`password`. Anonymous otherwise (credential helpers, `credsStore`, and OAuth
-/// `identitytoken`s are not used).
+/// else `~/.docker/config.json`): a credential helper named for the registry in
+/// `credHelpers`, else the `credsStore` helper, else an `auths` entry's `auth` (base64
+/// `user:password`) or `username`/`password`. Anonymous otherwise (OAuth `identitytoken`s
+/// are not used).
 pub fn docker_credentials(registry: &str) -> RegistryAuth {
     let path = match std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d).join("config.json"),
@@ -359,7 +360,96 @@ pub fn docker_credentials(registry: &str) -> RegistryAuth {
     let Ok(text) = fs::read_to_string(&path) else {
         return RegistryAuth::Anonymous;
     };
-    credentials_from_config(&text, registry).unwrap_or(RegistryAuth::Anonymous)
+    credentials_with(&text, registry, |helper| {
+        run_credential_helper(Path::new(&format!("docker-credential-{helper}")), registry)
+    })
+}
+
+/// The credentials a config's text gives for `registry`, `run` asking a helper by name.
+fn credentials_with(
+    text: &str,
+    registry: &str,
+    run: impl Fn(&str) -> Option<RegistryAuth>,
+) -> RegistryAuth {
+    if let Some(auth) = credential_helper(text, registry).and_then(|h| run(&h)) {
+        return auth;
+    }
+    credentials_from_config(text, registry).unwrap_or(RegistryAuth::Anonymous)
+}
+
+/// The credential helper a Docker config names for `registry`: its `credHelpers` entry
+/// (`host[:port]`, as for `auths`), else `credsStore`.
+pub fn credential_helper(text: &str, registry: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let hub = registry == "index.docker.io" || registry == "docker.io";
+    let per_registry = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| {
+            h.iter().find_map(|(k, name)| {
+                let host = config_host(k);
+                (host == registry || (hub && host.ends_with("docker.io")))
+                    .then(|| name.as_str().map(str::to_string))
+                    .flatten()
+            })
+        });
+    per_registry
+        .or_else(|| {
+            v.get("credsStore")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        })
+        .filter(|n| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+}
+
+fn config_host(k: &str) -> &str {
+    k.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("")
+}
+
+/// Runs `docker-credential-NAME get` with the registry on stdin (Docker's credential helper
+/// protocol) and reads `{"Username": ..., "Secret": ...}` from its stdout. `None` when the
+/// helper is missing, fails (it has no entry: "credentials not found") or answers otherwise.
+/// Docker Hub is asked for as `https://index.docker.io/v1/`, as `docker login` stores it.
+pub fn run_credential_helper(program: &Path, registry: &str) -> Option<RegistryAuth> {
+    use std::process::{Command, Stdio};
+    let server = if registry == "index.docker.io" || registry == "docker.io" {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        registry.to_string()
+    };
+    let mut child = Command::new(program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(server.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    helper_answer(&out.stdout)
+}
+
+/// A credential helper's answer: `Username` and `Secret`; a username `<token>` means the
+/// secret is an identity token, which is not used.
+pub fn helper_answer(stdout: &[u8]) -> Option<RegistryAuth> {
+    let v: serde_json::Value = serde_json::from_slice(stdout).ok()?;
+    let user = v.get("Username")?.as_str()?;
+    let secret = v.get("Secret")?.as_str()?;
+    if user.is_empty() || user == "<token>" {
+        return None;
+    }
+    Some(RegistryAuth::Basic(user.to_string(), secret.to_string()))
 }
 
 /// The credentials for `registry` in a Docker config file's text.
@@ -369,12 +459,7 @@ pub fn credentials_from_config(text: &str, registry: &str) -> Option<RegistryAut
     let auths = v.get("auths")?.as_object()?;
     let hub = registry == "index.docker.io" || registry == "docker.io";
     let entry = auths.iter().find_map(|(k, e)| {
-        let host = k
-            .trim_start_matches("https://")
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap_or("");
+        let host = config_host(k);
         let matches = host == registry || (hub && host.ends_with("docker.io"));
         matches.then_some(e)
     })?;
@@ -1588,6 +1673,74 @@ mod tests {
         );
         assert_eq!(credentials_from_config(text, "quay.io"), None);
         assert_eq!(credentials_from_config("not json", "ghcr.io"), None);
+    }
+
+    #[test]
+    fn credential_helpers_are_found_and_run() {
+        let text = r#"{"credsStore": "desktop",
+            "credHelpers": {"ghcr.io": "gh", "127.0.0.1:5000": "../evil"},
+            "auths": {"quay.io": {"auth": "dTpw"}}}"#;
+        assert_eq!(credential_helper(text, "ghcr.io").as_deref(), Some("gh"));
+        assert_eq!(
+            credential_helper(text, "quay.io").as_deref(),
+            Some("desktop")
+        );
+        // A name that is not a plain word is never run.
+        assert_eq!(credential_helper(text, "127.0.0.1:5000"), None);
+        assert_eq!(credential_helper(r#"{"auths": {}}"#, "ghcr.io"), None);
+        assert_eq!(
+            helper_answer(br#"{"ServerURL":"ghcr.io","Username":"me","Secret":"s3"}"#),
+            Some(RegistryAuth::Basic("me".into(), "s3".into()))
+        );
+        assert_eq!(
+            helper_answer(br#"{"Username":"<token>","Secret":"t"}"#),
+            None
+        );
+        assert_eq!(helper_answer(b"credentials not found"), None);
+
+        // A fake helper on PATH: it gets `get` and the registry on stdin.
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("docker-credential-fake");
+        fs::write(
+            &script,
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread host\n\
+             [ \"$host\" = reg.example:5000 ] || { echo 'credentials not found'; exit 1; }\n\
+             echo '{\"ServerURL\":\"reg.example:5000\",\"Username\":\"bob\",\"Secret\":\"pw\"}'\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            run_credential_helper(&script, "reg.example:5000"),
+            Some(RegistryAuth::Basic("bob".into(), "pw".into()))
+        );
+        assert_eq!(run_credential_helper(&script, "other.example"), None);
+        assert_eq!(
+            run_credential_helper(&dir.path().join("missing"), "reg.example:5000"),
+            None
+        );
+        // The helper first, the `auths` entry when it has nothing.
+        let cfg = r#"{"credHelpers": {"reg.example:5000": "fake", "other.example": "fake"},
+            "auths": {"other.example": {"auth": "dTpw"}, "plain.example": {"auth": "dTpw"}}}"#;
+        let with = |registry: &str| {
+            credentials_with(cfg, registry, |name| {
+                assert_eq!(name, "fake");
+                run_credential_helper(&script, registry)
+            })
+        };
+        assert_eq!(
+            with("reg.example:5000"),
+            RegistryAuth::Basic("bob".into(), "pw".into())
+        );
+        assert_eq!(
+            with("other.example"),
+            RegistryAuth::Basic("u".into(), "p".into())
+        );
+        assert_eq!(
+            with("plain.example"),
+            RegistryAuth::Basic("u".into(), "p".into())
+        );
+        assert_eq!(with("none.example"), RegistryAuth::Anonymous);
     }
 
     #[test]
