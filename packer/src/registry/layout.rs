@@ -554,4 +554,123 @@ mod tests {
             }
         }
     }
+
+    fn manifest_json(layers: &[(i64, u64)]) -> String {
+        let ls: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|&(size, off)| {
+                serde_json::json!({
+                    "mediaType": media_type("memory"),
+                    "digest": format!("sha256:{}", "ab".repeat(32)),
+                    "size": size,
+                    "annotations": { OFFSET_ANNOTATION: off.to_string() },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": ARTIFACT_TYPE,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": format!("sha256:{}", "cd".repeat(32)), "size": 10},
+            "layers": ls,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn registry_answers_are_sorted_and_checked() {
+        let m = manifest_json(&[(64, 0), (10, 128)]);
+        assert_eq!(classify(m.as_bytes()), Ok(Named::Manifest));
+        let mm = machine_manifest(m.as_bytes()).unwrap();
+        assert_eq!(plan_assembly(&mm.layers, 200).unwrap().len(), 2);
+        let other = m.replace(ARTIFACT_TYPE, "application/vnd.other");
+        assert!(machine_manifest(other.as_bytes())
+            .unwrap_err()
+            .contains("not a smolvm machine"));
+        let d = format!("sha256:{}", "ef".repeat(32));
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "artifactType": ARTIFACT_TYPE,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": d, "size": 5,
+                 "platform": {"os": "linux", "architecture": "arm64"}},
+                {"mediaType": OCI_MANIFEST, "digest": "sha256:bad", "size": 5,
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+                {"junk": true},
+            ]
+        })
+        .to_string();
+        let Ok(Named::Index {
+            ours: true,
+            entries,
+        }) = classify(index.as_bytes())
+        else {
+            panic!("an index of ours");
+        };
+        assert_eq!(entries.len(), 2, "the junk entry is dropped");
+        assert_eq!(platforms(&entries), ["linux/arm64", "linux/amd64"]);
+        assert_eq!(
+            pick_platform(&entries, "linux", "arm64")
+                .unwrap()
+                .unwrap()
+                .digest,
+            d
+        );
+        assert!(
+            pick_platform(&entries, "linux", "amd64").is_err(),
+            "a bad digest"
+        );
+        assert_eq!(pick_platform(&entries, "linux", "riscv64"), Ok(None));
+        assert_eq!(
+            referrers_tag(&d).unwrap(),
+            format!("sha256-{}", "ef".repeat(32))
+        );
+        assert_eq!(referrers_tag("sha256:../x"), None);
+        let sig = serde_json::json!({
+            "schemaVersion": 2, "artifactType": SIGNATURE_ARTIFACT_TYPE,
+            "config": {"mediaType": OCI_EMPTY, "digest": OCI_EMPTY_DIGEST, "size": 2},
+            "layers": [{"mediaType": SIGNATURE_LAYER_MEDIA_TYPE, "digest": d, "size": 400}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": d, "size": 5},
+        })
+        .to_string();
+        assert!(signature_manifest(sig.as_bytes(), &d).is_ok());
+        assert!(signature_manifest(sig.as_bytes(), OCI_EMPTY_DIGEST)
+            .unwrap_err()
+            .contains("subject"));
+    }
+
+    proptest! {
+        /// Any bytes, and any single-byte change of a good manifest or index: the parsers
+        /// never panic, and whatever they accept keeps its promises.
+        #[test]
+        fn registry_parsers_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+            layers in proptest::collection::vec((-2i64..300, 0u64..600), 0..6),
+            at in any::<usize>(),
+            to in any::<u8>(),
+            file_len in 0u64..1000,
+        ) {
+            let mut mutated = manifest_json(&layers).into_bytes();
+            let i = at % mutated.len();
+            mutated[i] = to;
+            for body in [&bytes[..], &mutated[..]] {
+                if let Ok(Named::Index { entries, .. }) = classify(body) {
+                    if let Ok(Some(e)) = pick_platform(&entries, "linux", "amd64") {
+                        prop_assert!(is_sha256_digest(&e.digest));
+                    }
+                }
+                if let Ok(m) = machine_manifest(body) {
+                    prop_assert!(is_sha256_digest(&m.config.digest));
+                    if let Ok(plan) = plan_assembly(&m.layers, file_len) {
+                        let mut end = 0;
+                        for p in &plan {
+                            prop_assert!(p.offset >= end && p.len > 0);
+                            end = p.offset + p.len;
+                            prop_assert!(end <= file_len);
+                        }
+                    }
+                }
+                let _ = signature_manifest(body, OCI_EMPTY_DIGEST);
+            }
+        }
+    }
 }
