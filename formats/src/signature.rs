@@ -330,6 +330,188 @@ pub fn verify_signature<S: ReadAt>(
     })
 }
 
+// ---------------------------------------------------------------------------------------
+// Attached signatures (docs/DISTRIBUTION.md, "Attached signatures")
+
+/// Domain of an attached signature's message, distinct from the in-file signature's.
+const ATTACHED_DOMAIN: &[u8] = b"smolvm attached signature v1\0";
+/// Version of the attached signature document this build reads and writes.
+pub const ATTACHED_VERSION: u32 = 1;
+/// Largest attached signature document accepted (it is about 400 bytes).
+pub const ATTACHED_MAX_LEN: usize = 64 * 1024;
+
+/// A signature kept beside a file rather than inside it (pushed to a registry as an OCI
+/// artifact whose `subject` is the machine's manifest): Ed25519 by `key` over
+/// `"smolvm attached signature v1\0" || size (u64 LE) || SHA-512 of the whole file`.
+/// It binds the exact bytes of the file (a machine or a packed executable), whatever its
+/// in-file signature says. Serialized as one JSON object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachedSignature {
+    /// [`ATTACHED_VERSION`].
+    pub version: u32,
+    /// The signing key's one-line text form (`smolvm-ed25519-public:<hex>`, no newline).
+    pub key: String,
+    /// The whole file's length in bytes.
+    pub size: u64,
+    /// SHA-512 of the whole file, 128 lowercase hex digits.
+    pub sha512: String,
+    /// The Ed25519 signature, 128 lowercase hex digits.
+    pub signature: String,
+}
+
+/// Length and SHA-512 of everything `src` holds (a whole file), streamed.
+pub fn whole_digest<S: ReadAt + ?Sized>(src: &S) -> Result<(u64, [u8; 64])> {
+    let len = src.size().map_err(|e| Error::Io {
+        context: "file length".into(),
+        source: e,
+    })?;
+    Ok((len, digest_range(src, 0, len, "the file")?))
+}
+
+fn attached_message(size: u64, sha512: &[u8; 64]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(ATTACHED_DOMAIN.len() + 8 + 64);
+    m.extend_from_slice(ATTACHED_DOMAIN);
+    m.extend_from_slice(&size.to_le_bytes());
+    m.extend_from_slice(sha512);
+    m
+}
+
+fn unhex64(s: &str) -> Option<[u8; 64]> {
+    let a = unhex32(s.get(..64)?)?;
+    let b = unhex32(s.get(64..)?)?;
+    let mut out = [0u8; 64];
+    out[..32].copy_from_slice(&a);
+    out[32..].copy_from_slice(&b);
+    Some(out)
+}
+
+impl AttachedSignature {
+    /// Signs a file of `size` bytes whose SHA-512 is `sha512`.
+    pub fn sign(key: &SecretKey, size: u64, sha512: &[u8; 64]) -> AttachedSignature {
+        let sig = key.pair().sk.sign(attached_message(size, sha512), None);
+        AttachedSignature {
+            version: ATTACHED_VERSION,
+            key: key.public().to_text().trim_end().to_string(),
+            size,
+            sha512: hex(sha512),
+            signature: hex(&*sig),
+        }
+    }
+
+    /// The JSON document.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an attached signature serializes")
+    }
+
+    /// Parses a JSON document: bounded, every field well-formed (lowercase hex of the right
+    /// length, a valid public key), the version known. Nothing is verified yet.
+    pub fn parse(bytes: &[u8]) -> Result<AttachedSignature> {
+        let bad = |m: String| Error::BadSignature(format!("attached signature: {m}"));
+        if bytes.len() > ATTACHED_MAX_LEN {
+            return Err(bad(format!("{} bytes", bytes.len())));
+        }
+        let a: AttachedSignature = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        a.check()?;
+        Ok(a)
+    }
+
+    /// Parses a JSON array of documents (the file `smolpack pull --cache --signatures`
+    /// writes), each checked as by [`AttachedSignature::parse`]; malformed ones are dropped.
+    pub fn parse_list(bytes: &[u8]) -> Result<Vec<AttachedSignature>> {
+        if bytes.len() > ATTACHED_MAX_LEN * 16 {
+            return Err(Error::BadSignature(format!(
+                "attached signatures: {} bytes",
+                bytes.len()
+            )));
+        }
+        let v: Vec<AttachedSignature> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::BadSignature(format!("attached signatures: {e}")))?;
+        Ok(v.into_iter().filter(|a| a.check().is_ok()).collect())
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Error::BadSignature(format!("attached signature: {m}"));
+        if self.version != ATTACHED_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "attached signature",
+                found: self.version,
+                supported: ATTACHED_VERSION,
+            });
+        }
+        let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        for (name, v) in [("sha512", &self.sha512), ("signature", &self.signature)] {
+            if v.len() != 128 || !lower_hex(v) {
+                return Err(bad(format!("{name} is not 128 lowercase hex digits")));
+            }
+        }
+        self.public_key()?;
+        Ok(())
+    }
+
+    /// The signing key.
+    pub fn public_key(&self) -> Result<PublicKey> {
+        PublicKey::parse(&self.key)
+    }
+
+    /// Checks that this signature is by one of `trusted` and covers exactly a file of `size`
+    /// bytes whose SHA-512 is `sha512`; returns the key.
+    pub fn verify(&self, size: u64, sha512: &[u8; 64], trusted: &[PublicKey]) -> Result<PublicKey> {
+        let key = self.public_key()?;
+        if !trusted.contains(&key) {
+            return Err(Error::UntrustedKey(key.id()));
+        }
+        let (Some(want), Some(sig)) = (unhex64(&self.sha512), unhex64(&self.signature)) else {
+            return Err(Error::BadSignature(
+                "attached signature: malformed hex".into(),
+            ));
+        };
+        let pk = ed25519_compact::PublicKey::new(key.0);
+        let signed = attached_message(self.size, &want);
+        if pk
+            .verify(&signed, &ed25519_compact::Signature::new(sig))
+            .is_err()
+        {
+            return Err(Error::BadSignature(format!(
+                "the attached signature by key {} does not match what it says it signs",
+                key.id()
+            )));
+        }
+        if self.size != size || &want != sha512 {
+            return Err(Error::BadSignature(format!(
+                "the attached signature by key {} is for another file ({} bytes, SHA-512 {}…)",
+                key.id(),
+                self.size,
+                &self.sha512[..16]
+            )));
+        }
+        Ok(key)
+    }
+}
+
+/// Verifies `file` against attached signatures (JSON documents): the first by a trusted key
+/// that covers the file's exact bytes wins. With none, the error says why the last one failed
+/// (untrusted keys come before mismatches in that order of preference).
+pub fn verify_attached<S: ReadAt + ?Sized>(
+    src: &S,
+    signatures: &[AttachedSignature],
+    trusted: &[PublicKey],
+) -> Result<PublicKey> {
+    if signatures.is_empty() {
+        return Err(Error::Unsigned);
+    }
+    let (size, sha512) = whole_digest(src)?;
+    let mut last = None;
+    for s in signatures {
+        match s.verify(size, &sha512, trusted) {
+            Ok(k) => return Ok(k),
+            Err(Error::UntrustedKey(_)) if last.is_some() => {}
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(Error::Unsigned))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,6 +548,72 @@ mod tests {
             }
             let _ = parse(&b, 1);
             let _ = parse(&b, 0);
+        }
+    }
+
+    #[test]
+    fn attached_signatures_bind_the_whole_file() {
+        let k = SecretKey::from_seed([3; 32]);
+        let other = SecretKey::from_seed([4; 32]);
+        let file = b"some machine bytes".to_vec();
+        let (size, digest) = whole_digest(&file).unwrap();
+        let a = AttachedSignature::sign(&k, size, &digest);
+        let back = AttachedSignature::parse(&a.to_bytes()).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(
+            verify_attached(&file, std::slice::from_ref(&back), &[k.public()]).unwrap(),
+            k.public()
+        );
+        // Not a trusted key.
+        assert!(matches!(
+            verify_attached(&file, std::slice::from_ref(&back), &[other.public()]),
+            Err(Error::UntrustedKey(_))
+        ));
+        // Another file.
+        let mut changed = file.clone();
+        changed[0] ^= 1;
+        let e = verify_attached(&changed, std::slice::from_ref(&back), &[k.public()]).unwrap_err();
+        assert!(e.to_string().contains("another file"), "{e}");
+        // A tampered signature, or a tampered digest or size under the same signature.
+        let mut t = back.clone();
+        t.signature
+            .replace_range(0..1, if &t.signature[..1] == "0" { "1" } else { "0" });
+        let e = verify_attached(&file, &[t], &[k.public()]).unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
+        let mut t = back.clone();
+        t.size += 1;
+        assert!(matches!(
+            verify_attached(&file, &[t], &[k.public()]),
+            Err(Error::BadSignature(_))
+        ));
+        // One good signature among bad ones is enough; none at all is "not signed".
+        let bad = AttachedSignature::sign(&other, size, &digest);
+        assert!(verify_attached(&file, &[bad, a.clone()], &[k.public()]).is_ok());
+        assert!(matches!(
+            verify_attached(&file, &[], &[k.public()]),
+            Err(Error::Unsigned)
+        ));
+        // Malformed documents.
+        for text in [
+            "",
+            "{}",
+            r#"{"version":2,"key":"","size":1,"sha512":"","signature":""}"#,
+        ] {
+            assert!(AttachedSignature::parse(text.as_bytes()).is_err(), "{text}");
+        }
+        let mut upper = a.clone();
+        upper.sha512 = upper.sha512.to_uppercase();
+        assert!(AttachedSignature::parse(&upper.to_bytes()).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any bytes: parsing never panics, and what parses serializes back to a document
+        /// that parses the same.
+        #[test]
+        fn attached_parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            if let Ok(a) = AttachedSignature::parse(&bytes) {
+                proptest::prop_assert_eq!(AttachedSignature::parse(&a.to_bytes()).unwrap(), a);
+            }
         }
     }
 }

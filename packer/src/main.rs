@@ -102,6 +102,10 @@ enum Command {
         /// Plain HTTP instead of TLS (loopback registries always use plain HTTP).
         #[arg(long)]
         insecure: bool,
+        /// Also attach a signature of the whole file by this secret key (an OCI referrer of
+        /// the pushed manifest, listed under the tag sha256-HEX; docs/DISTRIBUTION.md).
+        #[arg(long, value_name = "KEY")]
+        key: Option<PathBuf>,
     },
     /// Pull a machine from an OCI registry: the file comes back byte for byte as pushed.
     ///
@@ -132,6 +136,10 @@ enum Command {
         /// Errors as `smolvm: ...` lines (used by `smolvm run REF`).
         #[arg(long, hide = true)]
         for_smolvm: bool,
+        /// With --cache: also fetch the attached signatures into the cache and print that
+        /// file's path on a second line (used by `smolvm run --trust PUB REF`).
+        #[arg(long, hide = true, requires = "cache")]
+        signatures: bool,
     },
     /// Write a new Ed25519 signing key pair: NAME.key (secret, mode 0600) and NAME.pub.
     #[command(
@@ -147,12 +155,21 @@ enum Command {
     /// every section. An existing signature is replaced. Runs with a trust key configured
     /// (`smolvm run --trust PUB`, SMOLVM_TRUST, /etc/smolvm/trust.d) refuse unsigned or
     /// wrongly signed machines.
+    ///
+    /// FILE may be a registry reference (REGISTRY/NAME:TAG or @sha256:...) that is not an
+    /// existing path: the machine is pulled (into the cache), and a signature of its whole
+    /// file is attached to its manifest in the registry (an OCI referrer; the pushed machine
+    /// is not changed). `smolpack verify --key PUB REF` and `smolvm run --trust PUB REF`
+    /// accept it.
     Sign {
         /// The secret key file (from `smolpack keygen`).
         #[arg(long, value_name = "KEY")]
         key: PathBuf,
-        /// The .smolmachine or packed executable to sign.
+        /// The .smolmachine or packed executable to sign, or a registry reference.
         file: PathBuf,
+        /// For a reference: speak plain HTTP to its registry (loopback registries always are).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Pack a machine into one self-resuming executable: `./OUT ARGS...` resumes the machine
     /// and runs its command with ARGS.
@@ -267,13 +284,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure,
         } => {
             quiet_on_broken_pipe();
-            let file = match file.to_str() {
+            let conn = registry::Connection { insecure };
+            let (file, pulled) = match file.to_str() {
                 Some(r) if !file.exists() && smolvm_formats::reference::looks_like_reference(r) => {
-                    let conn = registry::Connection { insecure };
-                    registry::pull_for_verify(r, &conn)
-                        .map_err(|e| anyhow::Error::new(e).context(format!("cannot pull {r}")))?
+                    let report = registry::pull_for_verify(r, &conn)
+                        .map_err(|e| anyhow::Error::new(e).context(format!("cannot pull {r}")))?;
+                    (report.path.clone(), Some(report))
                 }
-                _ => file,
+                _ => (file, None),
             };
             if keys.is_empty() {
                 return inspect::verify(&file);
@@ -282,14 +300,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|k| signing::read_public(k))
                 .collect::<Result<Vec<_>, _>>()?;
-            let info = signing::verify(&file, &keys)?;
-            println!(
-                "ok: {} (signed by key {}, {} sections covered)",
-                file.display(),
-                info.key.id(),
-                info.covered
-            );
-            Ok(())
+            match (signing::verify(&file, &keys), pulled) {
+                (Ok(info), _) => {
+                    println!(
+                        "ok: {} (signed by key {}, {} sections covered)",
+                        file.display(),
+                        info.key.id(),
+                        info.covered
+                    );
+                    Ok(())
+                }
+                // Not signed inside by a trusted key: a signature attached in the registry
+                // may vouch for the file's bytes instead.
+                (Err(e), Some(report)) if signing::is_unsigned_or_untrusted(&e) => {
+                    let r = &report.reference;
+                    let found = registry::attached_signatures(r, &report.manifest_digest, &conn)
+                        .map_err(|e| anyhow::Error::new(e).context(format!("cannot pull {r}")))?;
+                    let (key, by) = signing::verify_attached(&file, &keys, &found)
+                        .map_err(|why| anyhow::anyhow!("{e}, and {why}"))?;
+                    println!(
+                        "ok: {} (attached signature {by} by key {}, over the whole file)",
+                        file.display(),
+                        key.id()
+                    );
+                    Ok(())
+                }
+                (Err(e), _) => Err(e.into()),
+            }
         }
         Command::Keygen { output } => {
             let public = signing::keygen(&output)?;
@@ -300,8 +337,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Sign { key, file } => {
+        Command::Sign {
+            key,
+            file,
+            insecure,
+        } => {
             let key = signing::read_secret(&key)?;
+            if let Some(r) = file
+                .to_str()
+                .filter(|r| !file.exists() && smolvm_formats::reference::looks_like_reference(r))
+            {
+                let conn = registry::Connection { insecure };
+                let report = registry::sign_reference(r, &key, &conn)
+                    .map_err(|e| anyhow::Error::new(e).context(format!("cannot sign {r}")))?;
+                println!("{}", report.summary());
+                return Ok(());
+            }
             let id = signing::sign(&file, &key)?;
             println!("signed {} with key {id}", file.display());
             Ok(())
@@ -339,9 +390,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             reference,
             insecure,
+            key,
         } => {
             let conn = registry::Connection { insecure };
-            let report = registry::push(&file, &reference, &conn).map_err(|e| {
+            let key = key.map(|k| signing::read_secret(&k)).transpose()?;
+            let report = registry::push(&file, &reference, &conn, key.as_ref()).map_err(|e| {
                 anyhow::Error::new(e)
                     .context(format!("cannot push {} to {reference}", file.display()))
             })?;
@@ -355,6 +408,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cache,
             insecure,
             for_smolvm: _,
+            signatures,
         } => {
             let conn = registry::Connection { insecure };
             let dest = match (&output, cache || repack) {
@@ -365,6 +419,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::Error::new(e).context(format!("cannot pull {reference}")))?;
             if cache {
                 println!("{}", report.path.display());
+                if signatures {
+                    let sigs = registry::cache_signatures(&report, &conn).map_err(|e| {
+                        anyhow::Error::new(e).context(format!("cannot pull {reference}"))
+                    })?;
+                    if let Some(p) = sigs {
+                        println!("{}", p.display());
+                    }
+                }
                 return Ok(());
             }
             println!("{}", report.summary());

@@ -146,6 +146,50 @@ pub fn verify(path: &Path, keys: &[PublicKey]) -> Result<SignatureInfo, SignErro
     verify_signature(&r, keys).map_err(file_err(path))
 }
 
+/// Whether `verify` failed only because the machine carries no signature by a trusted key
+/// (unsigned, or signed by another key): the case an attached signature may settle.
+pub fn is_unsigned_or_untrusted(e: &SignError) -> bool {
+    matches!(
+        e,
+        SignError::File {
+            error: smolvm_formats::Error::Unsigned | smolvm_formats::Error::UntrustedKey(_),
+            ..
+        }
+    )
+}
+
+/// `smolpack verify --key PUB REF` for a machine not signed inside by a trusted key: its
+/// checksums, then the attached signatures fetched from the registry, until one by a trusted
+/// key covers the file's exact bytes. Returns that key and the signature manifest's digest,
+/// or why none does (one clause, to follow the in-file refusal).
+pub fn verify_attached(
+    path: &Path,
+    keys: &[PublicKey],
+    found: &[crate::registry::Attached],
+) -> Result<(PublicKey, String), String> {
+    if found.is_empty() {
+        return Err("no signature is attached to it in the registry".into());
+    }
+    let r = MachineReader::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    r.verify().map_err(|e| format!("{}: {e}", path.display()))?;
+    let (size, sha512) = smolvm_formats::signature::whole_digest(r.file())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut why = Vec::new();
+    for a in found {
+        match &a.signature {
+            Ok(sig) => match sig.verify(size, &sha512, keys) {
+                Ok(k) => return Ok((k, a.manifest_digest.clone())),
+                Err(e) => why.push(format!("{}: {e}", a.manifest_digest)),
+            },
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    Err(format!(
+        "no signature attached to it in the registry verifies ({})",
+        why.join("; ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,12 +325,31 @@ fn trusted_keys(cli: &[PathBuf]) -> Result<Vec<PublicKey>> {
 
 /// With trusted keys configured, refuse a machine that is not signed by one of them, before
 /// any of its memory is mapped (this reads and hashes the whole stored machine once).
-fn check_trust(reader: &MachineReader, trust: &[PathBuf]) -> Result<()> {
+///
+/// `attached`: for `smolvm run REF`, the signatures attached to the machine in the registry
+/// (a JSON array written by `smolpack pull --cache --signatures`). A machine that carries no
+/// signature by a trusted key inside runs when one of them, by a trusted key, covers the
+/// file's exact bytes (this hashes the whole file once more; docs/DISTRIBUTION.md).
+fn check_trust(reader: &MachineReader, trust: &[PathBuf], attached: Option<&Path>) -> Result<()> {
+    use smolvm_formats::signature::{verify_attached, AttachedSignature};
+    use smolvm_formats::Error as E;
     let keys = trusted_keys(trust)?;
     if keys.is_empty() {
         return Ok(());
     }
-    smolvm_formats::signature::verify_signature(reader, &keys).context("refusing to run it")?;
+    let inside = smolvm_formats::signature::verify_signature(reader, &keys);
+    match (inside, attached) {
+        (Ok(_), _) => {}
+        (Err(e @ (E::Unsigned | E::UntrustedKey(_))), Some(path)) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("cannot read attached signatures {}", path.display()))?;
+            let sigs = AttachedSignature::parse_list(&text).unwrap_or_default();
+            verify_attached(reader.file(), &sigs, &keys).map_err(|why| {
+                anyhow!("refusing to run it: {e}; and its attached signatures: {why}")
+            })?;
+        }
+        (Err(e), _) => return Err(anyhow::Error::new(e).context("refusing to run it")),
+    }
     timing::mark("signature-verified");
     Ok(())
 }
@@ -427,7 +446,7 @@ fn run_packed(target: Target) -> Result<Ended> {
         return Ok(Ended::Nothing);
     }
     let save = save_target(target.reader.file())?;
-    check_trust(&target.reader, &[])
+    check_trust(&target.reader, &[], None)
         .with_context(|| format!("cannot run {}", target.name.display()))?;
     let volumes = match std::env::var("SMOLVM_VOLUME") {
         Ok(list) => parse_volume_list(&list).map_err(anyhow::Error::msg)?,
@@ -458,12 +477,19 @@ fn run_packed(target: Target) -> Result<Ended> {
 
 /// `smolvm run` / `smolvm shell`; `packed` is set when FILE turns out to be
 /// a packed executable.
-fn run_file(file: &Path, opts: &RunOptions, trust: &[PathBuf], packed: &mut bool) -> Result<Ended> {
+fn run_file(
+    file: &Path,
+    opts: &RunOptions,
+    trust: &[PathBuf],
+    attached: Option<&Path>,
+    packed: &mut bool,
+) -> Result<Ended> {
     let reader =
         MachineReader::open(file).with_context(|| format!("cannot run {}", file.display()))?;
     timing::mark("machine-opened");
     *packed = reader.trailer().is_some();
-    check_trust(&reader, trust).with_context(|| format!("cannot run {}", file.display()))?;
+    check_trust(&reader, trust, attached)
+        .with_context(|| format!("cannot run {}", file.display()))?;
     let plan = SnapshotPlan::from_reader(reader)
         .with_context(|| format!("cannot resume {}", file.display()))?;
     run(plan, file, opts).with_context(|| format!("cannot run {}", file.display()))
@@ -497,8 +523,10 @@ fn smolpack_path() -> PathBuf {
 /// reference (`smolvm_formats::reference`) is pulled into the content-addressed machine cache
 /// by `smolpack pull --cache REF`, which prints the cached file's path; that file is then run
 /// as any other. The stub has no HTTP or TLS client of its own (docs/DISTRIBUTION.md).
-/// `Ok(None)`: FILE is a path, run it as it is.
-fn pull_reference(file: &Path) -> Result<Option<PathBuf>, PullError> {
+/// `Ok(None)`: FILE is a path, run it as it is. With `signatures` (trusted keys are
+/// configured), smolpack also fetches the machine's attached signatures and prints the file
+/// it wrote them to on a second line, returned beside the machine's path.
+fn pull_reference(file: &Path, signatures: bool) -> Result<Option<Pulled>, PullError> {
     if file.symlink_metadata().is_ok() {
         return Ok(None);
     }
@@ -509,8 +537,13 @@ fn pull_reference(file: &Path) -> Result<Option<PathBuf>, PullError> {
         return Ok(None);
     };
     let smolpack = smolpack_path();
-    let out = std::process::Command::new(&smolpack)
-        .args(["pull", "--cache", "--for-smolvm", reference])
+    let mut cmd = std::process::Command::new(&smolpack);
+    cmd.args(["pull", "--cache", "--for-smolvm"]);
+    if signatures {
+        cmd.arg("--signatures");
+    }
+    let out = cmd
+        .arg(reference)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -525,15 +558,29 @@ fn pull_reference(file: &Path) -> Result<Option<PathBuf>, PullError> {
         return Err(PullError::Reported);
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let path = PathBuf::from(text.trim_end_matches('\n'));
-    if text.lines().count() != 1 || !path.is_file() {
+    let mut lines = text.lines().map(PathBuf::from);
+    let path = lines.next();
+    let attached = lines.next();
+    let Some(path) = path.filter(|p| p.is_file() && lines.next().is_none()) else {
         return Err(PullError::Other(anyhow!(
             "cannot pull {reference}: {} printed no cached file",
             smolpack.display()
         )));
+    };
+    if attached.is_some() && !signatures {
+        return Err(PullError::Other(anyhow!(
+            "cannot pull {reference}: {} printed more than the cached file",
+            smolpack.display()
+        )));
     }
     timing::mark("reference-pulled");
-    Ok(Some(path))
+    Ok(Some(Pulled { path, attached }))
+}
+
+/// A machine `smolpack pull --cache` put in the cache, and its attached signatures' file.
+struct Pulled {
+    path: PathBuf,
+    attached: Option<PathBuf>,
 }
 
 /// Which file an error is about, for [`describe`].
@@ -633,8 +680,14 @@ fn main() -> ExitCode {
             match args.first().and_then(|a| a.to_str()) {
                 Some(cmd @ ("run" | "shell")) => match parse_run(&args[1..], cmd == "shell") {
                     Ok(Some(a)) => {
-                        file = match pull_reference(&a.file) {
-                            Ok(Some(cached)) => cached,
+                        // Attached signatures are fetched only when they can matter.
+                        let want_sigs = trusted_keys(&a.trust).map_or(true, |k| !k.is_empty());
+                        let mut attached = None;
+                        file = match pull_reference(&a.file, want_sigs) {
+                            Ok(Some(pulled)) => {
+                                attached = pulled.attached;
+                                pulled.path
+                            }
                             Ok(None) => a.file,
                             // smolpack has said why, in one `smolvm:` line.
                             Err(PullError::Reported) => return ExitCode::from(VMM_ERROR),
@@ -643,7 +696,13 @@ fn main() -> ExitCode {
                                 return ExitCode::from(VMM_ERROR);
                             }
                         };
-                        let r = run_file(&file, &a.opts, &a.trust, &mut file_packed);
+                        let r = run_file(
+                            &file,
+                            &a.opts,
+                            &a.trust,
+                            attached.as_deref(),
+                            &mut file_packed,
+                        );
                         (
                             r,
                             Subject::File {

@@ -157,6 +157,17 @@ impl Registry {
         serde_json::from_slice(&body).unwrap()
     }
 
+    /// The JSON a tag or digest names (index accepted), or `None` when it does not exist.
+    fn json(&self, repo: &str, reference: &str) -> Option<serde_json::Value> {
+        let (s, body) = self
+            .get(
+                &format!("/v2/{repo}/manifests/{reference}"),
+                "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
+            )
+            .expect("GET manifest");
+        (s == 200).then(|| serde_json::from_slice(&body).unwrap())
+    }
+
     /// Every blob file of the storage (layers, configs, manifests, indexes).
     fn blob_files(&self) -> Vec<PathBuf> {
         let root = self
@@ -284,13 +295,18 @@ fn count(summary: &str, key: &str) -> usize {
 
 /// A machine whose memory holds `fill` in a few pages and which has a disk; never resumed.
 fn machine(path: &Path, fill: u8, disk_fill: u8) {
-    use smolvm_formats::{Arch, GuestRegion, MachineWriter};
+    machine_for(path, fill, disk_fill, smolvm_formats::Arch::X86_64)
+}
+
+/// The same for a guest architecture (the header says which; never resumed).
+fn machine_for(path: &Path, fill: u8, disk_fill: u8, arch: smolvm_formats::Arch) {
+    use smolvm_formats::{GuestRegion, MachineWriter};
     let mut mem = vec![0u8; 256 * 4096];
     mem[4096..3 * 4096].fill(fill);
     mem[100 * 4096..110 * 4096].fill(fill ^ 0x55);
     let mut disk = tempfile::tempfile().unwrap();
     disk.write_all(&vec![disk_fill; 300 * 1024]).unwrap();
-    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
+    let mut w = MachineWriter::create(path, arch).unwrap();
     w.add_manifest(&Manifest {
         name: "regtest".into(),
         producer: "smolvm-tests".into(),
@@ -727,4 +743,181 @@ fn smolvm_runs_a_reference_and_pull_pack_runs() {
     sc.env(&mut cmd);
     let o = run(cmd);
     assert_eq!(o.status.code(), Some(7), "{}", describe(&o));
+}
+
+/// The platform manifest digest a pushed tag's index names for `architecture`.
+fn entry_digest(index: &serde_json::Value, architecture: &str) -> String {
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["platform"]["architecture"] == architecture)
+        .unwrap_or_else(|| panic!("no {architecture} entry in {index}"))["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `push --key` and `sign --key K REF` attach signatures through the referrers tag schema
+/// (`sha256-HEX` names an index of signature manifests whose subject is the machine's);
+/// `verify --key PUB REF` and `smolvm run --trust PUB REF` accept an unsigned machine
+/// through them, and refuse a wrong key or a tampered signature.
+#[test]
+fn attached_signatures_are_found_verified_and_refused() {
+    let Some(reg) = Registry::start("attached_signatures") else {
+        return;
+    };
+    let sc = Scratch::new();
+    let m = sc.path("m.smolmachine");
+    machine(&m, 0x21, 0x22);
+    for k in ["rel", "other", "third"] {
+        sc.ok(&["keygen", "-o", s(&sc.path(k))]);
+    }
+    let key = |k: &str, ext: &str| format!("{}.{ext}", s(&sc.path(k)));
+    let r = reg.reference("att:1");
+    let out = sc.ok(&["push", "--key", &key("rel", "key"), s(&m), &r]);
+    assert!(out.contains("attached signature sha256:"), "{out}");
+
+    // The fallback tag: an index listing one signature manifest, whose subject is the
+    // machine's manifest and whose one layer is the signature document.
+    let subject = entry_digest(&reg.json("att", "1").unwrap(), "amd64");
+    let tag = subject.replace(':', "-");
+    let index = reg.json("att", &tag).expect("the referrers tag exists");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{index}");
+    assert_eq!(
+        entries[0]["artifactType"],
+        "application/vnd.smolvm.signature.v1"
+    );
+    let sig_manifest = reg
+        .json("att", entries[0]["digest"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(sig_manifest["subject"]["digest"], subject.as_str());
+    assert_eq!(
+        sig_manifest["layers"][0]["mediaType"],
+        "application/vnd.smolvm.signature.v1+json"
+    );
+    let doc_digest = sig_manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Found and verified; the machine itself is unsigned.
+    let out = sc.ok(&["verify", "--key", &key("rel", "pub"), &r]);
+    assert!(out.contains("attached signature sha256:"), "{out}");
+    // Another key: refused, one line, status 1.
+    let (code, line) = failure(&sc.smolpack(&["verify", "--key", &key("other", "pub"), &r]));
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("not a trusted key"), "{line}");
+    // An unsigned push with nothing attached.
+    let bare = reg.reference("att:bare");
+    let m2 = sc.path("m2.smolmachine");
+    machine(&m2, 0x23, 0x24);
+    sc.ok(&["push", s(&m2), &bare]);
+    let (code, line) = failure(&sc.smolpack(&["verify", "--key", &key("rel", "pub"), &bare]));
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("no signature is attached"), "{line}");
+
+    // `sign --key K REF` attaches a second signature; the index keeps both.
+    let out = sc.ok(&["sign", "--key", &key("other", "key"), &r]);
+    assert!(out.contains("2 signatures"), "{out}");
+    assert_eq!(
+        reg.json("att", &tag).unwrap()["manifests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    sc.ok(&["verify", "--key", &key("other", "pub"), &r]);
+
+    // smolvm run --trust: the wrong key is refused before anything runs; the right one gets
+    // past the trust check (this test machine then fails to resume, for another reason).
+    let smolvm = |trust: &str| {
+        let mut cmd = Command::new(build_util::bin("smolvm", "smolvm"));
+        cmd.args(["run", "--trust", trust, &r]);
+        sc.env(&mut cmd);
+        run(cmd)
+    };
+    let (code, line) = failure(&smolvm(&key("third", "pub")));
+    assert_eq!(code, 125, "{line}");
+    assert!(line.contains("refusing to run it"), "{line}");
+    let o = smolvm(&key("rel", "pub"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("refusing") && !err.contains("signed") && !err.contains("cannot pull"),
+        "past the trust check: {}",
+        describe(&o)
+    );
+    // Past it: the test machine's fake state (or host profile) stops the resume.
+    assert!(err.contains("cannot resume"), "{}", describe(&o));
+
+    // Tampered: the signature document in the registry's storage changed. Refused with
+    // that key; the other signature still verifies for its key.
+    let blob = reg.blob_file(&doc_digest);
+    let mut bytes = fs::read(&blob).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    fs::write(&blob, &bytes).unwrap();
+    let (code, line) = failure(&sc.smolpack(&["verify", "--key", &key("rel", "pub"), &r]));
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("verifies"), "{line}");
+    sc.ok(&["verify", "--key", &key("other", "pub"), &r]);
+    let (code, line) = failure(&smolvm(&key("rel", "pub")));
+    assert_eq!(code, 125, "{line}");
+    assert!(line.contains("refusing to run it"), "{line}");
+}
+
+/// One tag, two platforms: an aarch64 push keeps the x86_64 entry and the other way round;
+/// a re-push replaces only its platform's entry; a tag without this host's platform is one
+/// line and status 4.
+#[test]
+fn one_reference_serves_several_platforms() {
+    let Some(reg) = Registry::start("one_reference_serves_several_platforms") else {
+        return;
+    };
+    let sc = Scratch::new();
+    let x86 = sc.path("x86.smolmachine");
+    let arm = sc.path("arm.smolmachine");
+    let x86b = sc.path("x86b.smolmachine");
+    machine(&x86, 0x31, 0x32);
+    machine_for(&arm, 0x33, 0x34, smolvm_formats::Arch::Aarch64);
+    machine(&x86b, 0x35, 0x36);
+    let r = reg.reference("multi:1");
+    sc.ok(&["push", s(&x86), &r]);
+    sc.ok(&["push", s(&arm), &r]);
+    let index = reg.json("multi", "1").unwrap();
+    let arches: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(arches, ["amd64", "arm64"], "{index}");
+    let arm_digest = entry_digest(&index, "arm64");
+    let x86_digest = entry_digest(&index, "amd64");
+    // Pull picks the host's platform.
+    let back = sc.path("back");
+    sc.ok(&["pull", &r, "-o", s(&back)]);
+    assert_eq!(fs::read(&back).unwrap(), fs::read(&x86).unwrap());
+    // Re-push x86_64: its entry changes, the arm64 one stays.
+    sc.ok(&["push", s(&x86b), &r]);
+    let index = reg.json("multi", "1").unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+    assert_eq!(entry_digest(&index, "arm64"), arm_digest);
+    assert_ne!(entry_digest(&index, "amd64"), x86_digest);
+    sc.ok(&["pull", &r, "-o", s(&back)]);
+    assert_eq!(fs::read(&back).unwrap(), fs::read(&x86b).unwrap());
+    // Only arm64 at a tag: not found for this host, one line, status 4.
+    let only_arm = reg.reference("multi:arm");
+    sc.ok(&["push", s(&arm), &only_arm]);
+    let (code, line) = failure(&sc.smolpack(&["pull", &only_arm, "-o", s(&sc.path("x"))]));
+    assert_eq!(code, 4, "{line}");
+    assert!(
+        line.contains("has no machine for this host's platform linux/amd64 (it has: linux/arm64)"),
+        "{line}"
+    );
 }

@@ -221,6 +221,248 @@ pub fn is_sha256_digest(d: &str) -> bool {
     })
 }
 
+// ---------------------------------------------------------------------------------------
+// Manifests and indexes from the registry: parsed and checked here, as bytes, so that the
+// whole path from a registry's answer to a download plan is property-tested and fuzzed
+// (`packer/fuzz`, target `registry_layout`).
+
+/// OCI media types.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// The OCI empty config (`{}`), used by signature artifacts.
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const OCI_EMPTY_DIGEST: &str =
+    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+/// `artifactType` of an attached signature's manifest.
+pub const SIGNATURE_ARTIFACT_TYPE: &str = "application/vnd.smolvm.signature.v1";
+/// Media type of its one layer (`smolvm_formats::signature::AttachedSignature`, JSON).
+pub const SIGNATURE_LAYER_MEDIA_TYPE: &str = "application/vnd.smolvm.signature.v1+json";
+/// Most entries read from an index (platforms, or referrers of one manifest).
+pub const MAX_INDEX_ENTRIES: usize = 4096;
+
+/// A descriptor as the registry's JSON has it (only the fields we read).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// `platform` of an index entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct PlatformJson {
+    pub architecture: String,
+    pub os: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexJson {
+    schema_version: u32,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    artifact_type: Option<String>,
+    manifests: Vec<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestJson {
+    schema_version: u32,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    artifact_type: Option<String>,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    subject: Option<Descriptor>,
+}
+
+/// What a tag or digest named: an image index (its entries) or an image manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named {
+    /// An index; `ours` when its `artifactType` is [`ARTIFACT_TYPE`]. Entries that are not
+    /// well-formed descriptors are dropped.
+    Index {
+        ours: bool,
+        entries: Vec<Descriptor>,
+    },
+    /// An image manifest (the body, parsed again by [`machine_manifest`]).
+    Manifest,
+}
+
+/// Sorts a manifest body fetched by tag or digest into index or manifest.
+pub fn classify(body: &[u8]) -> Result<Named, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    if v.get("manifests").is_some() {
+        let i: IndexJson =
+            serde_json::from_value(v).map_err(|e| format!("not an image index: {e}"))?;
+        if i.schema_version != 2 || i.media_type.as_deref().is_some_and(|m| m != OCI_INDEX) {
+            return Err("not an OCI image index (schemaVersion 2)".into());
+        }
+        if i.manifests.len() > MAX_INDEX_ENTRIES {
+            return Err(format!("an index of {} entries", i.manifests.len()));
+        }
+        let entries = i
+            .manifests
+            .into_iter()
+            .filter_map(|e| serde_json::from_value::<Descriptor>(e).ok())
+            .collect();
+        Ok(Named::Index {
+            ours: i.artifact_type.as_deref() == Some(ARTIFACT_TYPE),
+            entries,
+        })
+    } else if v.get("layers").is_some() {
+        Ok(Named::Manifest)
+    } else {
+        Err("neither an image index nor an image manifest".into())
+    }
+}
+
+/// The entry of an index for `os`/`architecture`: `Ok(None)` when there is none; an error
+/// when the entry there is not an image manifest with a well-formed digest.
+pub fn pick_platform<'a>(
+    entries: &'a [Descriptor],
+    os: &str,
+    architecture: &str,
+) -> Result<Option<&'a Descriptor>, String> {
+    let Some(e) = entries.iter().find(|e| {
+        e.platform
+            .as_ref()
+            .is_some_and(|p| p.os == os && p.architecture == architecture)
+    }) else {
+        return Ok(None);
+    };
+    if !is_sha256_digest(&e.digest) || e.media_type != OCI_MANIFEST || e.size <= 0 {
+        return Err(format!(
+            "index entry for {os}/{architecture}: {:?} {:?}",
+            e.media_type, e.digest
+        ));
+    }
+    Ok(Some(e))
+}
+
+/// The platforms an index serves, `os/architecture`, for messages.
+pub fn platforms(entries: &[Descriptor]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|e| e.platform.as_ref())
+        .map(|p| format!("{}/{}", p.os, p.architecture))
+        .collect()
+}
+
+/// A machine's image manifest, checked: ours (artifact type and config media type), its
+/// config descriptor well-formed; the layers are checked by [`plan_assembly`] against the
+/// file length the config gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineManifest {
+    pub config: Descriptor,
+    pub layers: Vec<LayerRef>,
+}
+
+/// Parses and checks a machine's image manifest.
+pub fn machine_manifest(body: &[u8]) -> Result<MachineManifest, String> {
+    let m: ManifestJson =
+        serde_json::from_slice(body).map_err(|e| format!("not an image manifest: {e}"))?;
+    if m.schema_version != 2 || m.media_type.as_deref().is_some_and(|t| t != OCI_MANIFEST) {
+        return Err("not an OCI image manifest (schemaVersion 2)".into());
+    }
+    if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE) || m.config.media_type != CONFIG_MEDIA_TYPE
+    {
+        return Err(format!(
+            "it is not a smolvm machine (artifact type {:?})",
+            m.artifact_type.as_deref().unwrap_or("none")
+        ));
+    }
+    if !is_sha256_digest(&m.config.digest) || !(1..4 << 20).contains(&m.config.size) {
+        return Err(format!(
+            "config descriptor {:?} of {} bytes",
+            m.config.digest, m.config.size
+        ));
+    }
+    if m.layers.is_empty() || m.layers.len() > MAX_LAYERS {
+        return Err(format!(
+            "{} layers (1 to {MAX_LAYERS} expected)",
+            m.layers.len()
+        ));
+    }
+    let layers = m
+        .layers
+        .into_iter()
+        .map(|l| LayerRef {
+            media_type: l.media_type,
+            digest: l.digest,
+            size: l.size,
+            annotations: l.annotations,
+        })
+        .collect();
+    Ok(MachineManifest {
+        config: m.config,
+        layers,
+    })
+}
+
+/// The referrers tag of the OCI 1.1 "referrers tag schema": `sha256-<hex>` for a subject
+/// `sha256:<hex>`.
+pub fn referrers_tag(subject: &str) -> Option<String> {
+    is_sha256_digest(subject).then(|| subject.replacen(':', "-", 1))
+}
+
+/// The attached signatures listed in a referrers index (by `artifactType`): their manifest
+/// descriptors, well-formed, at most [`MAX_INDEX_ENTRIES`].
+pub fn signature_entries(entries: &[Descriptor]) -> Vec<Descriptor> {
+    entries
+        .iter()
+        .filter(|e| {
+            e.artifact_type.as_deref() == Some(SIGNATURE_ARTIFACT_TYPE)
+                && e.media_type == OCI_MANIFEST
+                && is_sha256_digest(&e.digest)
+                && (1..4 << 20).contains(&e.size)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Checks an attached signature's manifest: our artifact type, `subject` the machine's
+/// manifest `subject`, exactly one layer of [`SIGNATURE_LAYER_MEDIA_TYPE`], small and with a
+/// well-formed digest. Returns that layer.
+pub fn signature_manifest(body: &[u8], subject: &str) -> Result<Descriptor, String> {
+    let m: ManifestJson =
+        serde_json::from_slice(body).map_err(|e| format!("not an image manifest: {e}"))?;
+    if m.schema_version != 2 || m.artifact_type.as_deref() != Some(SIGNATURE_ARTIFACT_TYPE) {
+        return Err(format!(
+            "not a smolvm signature (artifact type {:?})",
+            m.artifact_type.as_deref().unwrap_or("none")
+        ));
+    }
+    if m.subject.as_ref().map(|s| s.digest.as_str()) != Some(subject) {
+        return Err(format!("its subject is not {subject}"));
+    }
+    let [layer] = m.layers.as_slice() else {
+        return Err(format!("{} layers (1 expected)", m.layers.len()));
+    };
+    if layer.media_type != SIGNATURE_LAYER_MEDIA_TYPE
+        || !is_sha256_digest(&layer.digest)
+        || !(1..=smolvm_formats::signature::ATTACHED_MAX_LEN as i64).contains(&layer.size)
+    {
+        return Err(format!(
+            "signature layer {:?} {:?} of {} bytes",
+            layer.media_type, layer.digest, layer.size
+        ));
+    }
+    Ok(layer.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +551,125 @@ mod tests {
                     end = p.offset + p.len;
                     prop_assert!(end <= file_len);
                 }
+            }
+        }
+    }
+
+    fn manifest_json(layers: &[(i64, u64)]) -> String {
+        let ls: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|&(size, off)| {
+                serde_json::json!({
+                    "mediaType": media_type("memory"),
+                    "digest": format!("sha256:{}", "ab".repeat(32)),
+                    "size": size,
+                    "annotations": { OFFSET_ANNOTATION: off.to_string() },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": ARTIFACT_TYPE,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": format!("sha256:{}", "cd".repeat(32)), "size": 10},
+            "layers": ls,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn registry_answers_are_sorted_and_checked() {
+        let m = manifest_json(&[(64, 0), (10, 128)]);
+        assert_eq!(classify(m.as_bytes()), Ok(Named::Manifest));
+        let mm = machine_manifest(m.as_bytes()).unwrap();
+        assert_eq!(plan_assembly(&mm.layers, 200).unwrap().len(), 2);
+        let other = m.replace(ARTIFACT_TYPE, "application/vnd.other");
+        assert!(machine_manifest(other.as_bytes())
+            .unwrap_err()
+            .contains("not a smolvm machine"));
+        let d = format!("sha256:{}", "ef".repeat(32));
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "artifactType": ARTIFACT_TYPE,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": d, "size": 5,
+                 "platform": {"os": "linux", "architecture": "arm64"}},
+                {"mediaType": OCI_MANIFEST, "digest": "sha256:bad", "size": 5,
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+                {"junk": true},
+            ]
+        })
+        .to_string();
+        let Ok(Named::Index {
+            ours: true,
+            entries,
+        }) = classify(index.as_bytes())
+        else {
+            panic!("an index of ours");
+        };
+        assert_eq!(entries.len(), 2, "the junk entry is dropped");
+        assert_eq!(platforms(&entries), ["linux/arm64", "linux/amd64"]);
+        assert_eq!(
+            pick_platform(&entries, "linux", "arm64")
+                .unwrap()
+                .unwrap()
+                .digest,
+            d
+        );
+        assert!(
+            pick_platform(&entries, "linux", "amd64").is_err(),
+            "a bad digest"
+        );
+        assert_eq!(pick_platform(&entries, "linux", "riscv64"), Ok(None));
+        assert_eq!(
+            referrers_tag(&d).unwrap(),
+            format!("sha256-{}", "ef".repeat(32))
+        );
+        assert_eq!(referrers_tag("sha256:../x"), None);
+        let sig = serde_json::json!({
+            "schemaVersion": 2, "artifactType": SIGNATURE_ARTIFACT_TYPE,
+            "config": {"mediaType": OCI_EMPTY, "digest": OCI_EMPTY_DIGEST, "size": 2},
+            "layers": [{"mediaType": SIGNATURE_LAYER_MEDIA_TYPE, "digest": d, "size": 400}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": d, "size": 5},
+        })
+        .to_string();
+        assert!(signature_manifest(sig.as_bytes(), &d).is_ok());
+        assert!(signature_manifest(sig.as_bytes(), OCI_EMPTY_DIGEST)
+            .unwrap_err()
+            .contains("subject"));
+    }
+
+    proptest! {
+        /// Any bytes, and any single-byte change of a good manifest or index: the parsers
+        /// never panic, and whatever they accept keeps its promises.
+        #[test]
+        fn registry_parsers_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+            layers in proptest::collection::vec((-2i64..300, 0u64..600), 0..6),
+            at in any::<usize>(),
+            to in any::<u8>(),
+            file_len in 0u64..1000,
+        ) {
+            let mut mutated = manifest_json(&layers).into_bytes();
+            let i = at % mutated.len();
+            mutated[i] = to;
+            for body in [&bytes[..], &mutated[..]] {
+                if let Ok(Named::Index { entries, .. }) = classify(body) {
+                    if let Ok(Some(e)) = pick_platform(&entries, "linux", "amd64") {
+                        prop_assert!(is_sha256_digest(&e.digest));
+                    }
+                }
+                if let Ok(m) = machine_manifest(body) {
+                    prop_assert!(is_sha256_digest(&m.config.digest));
+                    if let Ok(plan) = plan_assembly(&m.layers, file_len) {
+                        let mut end = 0;
+                        for p in &plan {
+                            prop_assert!(p.offset >= end && p.len > 0);
+                            end = p.offset + p.len;
+                            prop_assert!(end <= file_len);
+                        }
+                    }
+                }
+                let _ = signature_manifest(body, OCI_EMPTY_DIGEST);
             }
         }
     }

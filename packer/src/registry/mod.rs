@@ -35,9 +35,10 @@ use oci_client::{Client, Reference, RegistryOperation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use smolvm_formats::atomic::AtomicFile;
+use smolvm_formats::signature::{AttachedSignature, SecretKey};
 use smolvm_formats::MachineReader;
 
-use layout::{Component, LayerRef, Placement};
+use layout::{Component, Placement};
 
 /// Exit status of `smolpack` when the registry cannot be reached.
 pub const EXIT_UNREACHABLE: u8 = 3;
@@ -61,6 +62,12 @@ pub enum RegistryError {
     Unreachable { registry: String, detail: String },
     #[error("{what} not found in {registry}")]
     NotFound { registry: String, what: String },
+    #[error("{reference} has no machine for this host's platform {want} (it has: {have})")]
+    NoPlatform {
+        reference: String,
+        want: String,
+        have: String,
+    },
     #[error("refused {what}: {detail}")]
     Corrupt { what: String, detail: String },
     #[error("registry {registry} denied access: {detail}")]
@@ -84,7 +91,7 @@ impl RegistryError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RegistryError::Unreachable { .. } => EXIT_UNREACHABLE,
-            RegistryError::NotFound { .. } => EXIT_NOT_FOUND,
+            RegistryError::NotFound { .. } | RegistryError::NoPlatform { .. } => EXIT_NOT_FOUND,
             RegistryError::Corrupt { .. } => EXIT_CORRUPT,
             RegistryError::Denied { .. } => EXIT_DENIED,
             _ => 1,
@@ -338,9 +345,10 @@ impl Session {
 }
 
 /// Credentials for `registry` from the Docker config file (`$DOCKER_CONFIG/config.json`,
-/// else `~/.docker/config.json`): an `auths` entry's `auth` (base64 `user:password`) or
-/// `username`/`password`. Anonymous otherwise (credential helpers, `credsStore`, and OAuth
-/// `identitytoken`s are not used).
+/// else `~/.docker/config.json`): a credential helper named for the registry in
+/// `credHelpers`, else the `credsStore` helper, else an `auths` entry's `auth` (base64
+/// `user:password`) or `username`/`password`. Anonymous otherwise (OAuth `identitytoken`s
+/// are not used).
 pub fn docker_credentials(registry: &str) -> RegistryAuth {
     let path = match std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d).join("config.json"),
@@ -352,7 +360,96 @@ pub fn docker_credentials(registry: &str) -> RegistryAuth {
     let Ok(text) = fs::read_to_string(&path) else {
         return RegistryAuth::Anonymous;
     };
-    credentials_from_config(&text, registry).unwrap_or(RegistryAuth::Anonymous)
+    credentials_with(&text, registry, |helper| {
+        run_credential_helper(Path::new(&format!("docker-credential-{helper}")), registry)
+    })
+}
+
+/// The credentials a config's text gives for `registry`, `run` asking a helper by name.
+fn credentials_with(
+    text: &str,
+    registry: &str,
+    run: impl Fn(&str) -> Option<RegistryAuth>,
+) -> RegistryAuth {
+    if let Some(auth) = credential_helper(text, registry).and_then(|h| run(&h)) {
+        return auth;
+    }
+    credentials_from_config(text, registry).unwrap_or(RegistryAuth::Anonymous)
+}
+
+/// The credential helper a Docker config names for `registry`: its `credHelpers` entry
+/// (`host[:port]`, as for `auths`), else `credsStore`.
+pub fn credential_helper(text: &str, registry: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let hub = registry == "index.docker.io" || registry == "docker.io";
+    let per_registry = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| {
+            h.iter().find_map(|(k, name)| {
+                let host = config_host(k);
+                (host == registry || (hub && host.ends_with("docker.io")))
+                    .then(|| name.as_str().map(str::to_string))
+                    .flatten()
+            })
+        });
+    per_registry
+        .or_else(|| {
+            v.get("credsStore")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        })
+        .filter(|n| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+}
+
+fn config_host(k: &str) -> &str {
+    k.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("")
+}
+
+/// Runs `docker-credential-NAME get` with the registry on stdin (Docker's credential helper
+/// protocol) and reads `{"Username": ..., "Secret": ...}` from its stdout. `None` when the
+/// helper is missing, fails (it has no entry: "credentials not found") or answers otherwise.
+/// Docker Hub is asked for as `https://index.docker.io/v1/`, as `docker login` stores it.
+pub fn run_credential_helper(program: &Path, registry: &str) -> Option<RegistryAuth> {
+    use std::process::{Command, Stdio};
+    let server = if registry == "index.docker.io" || registry == "docker.io" {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        registry.to_string()
+    };
+    let mut child = Command::new(program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(server.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    helper_answer(&out.stdout)
+}
+
+/// A credential helper's answer: `Username` and `Secret`; a username `<token>` means the
+/// secret is an identity token, which is not used.
+pub fn helper_answer(stdout: &[u8]) -> Option<RegistryAuth> {
+    let v: serde_json::Value = serde_json::from_slice(stdout).ok()?;
+    let user = v.get("Username")?.as_str()?;
+    let secret = v.get("Secret")?.as_str()?;
+    if user.is_empty() || user == "<token>" {
+        return None;
+    }
+    Some(RegistryAuth::Basic(user.to_string(), secret.to_string()))
 }
 
 /// The credentials for `registry` in a Docker config file's text.
@@ -362,12 +459,7 @@ pub fn credentials_from_config(text: &str, registry: &str) -> Option<RegistryAut
     let auths = v.get("auths")?.as_object()?;
     let hub = registry == "index.docker.io" || registry == "docker.io";
     let entry = auths.iter().find_map(|(k, e)| {
-        let host = k
-            .trim_start_matches("https://")
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap_or("");
+        let host = config_host(k);
         let matches = host == registry || (hub && host.ends_with("docker.io"));
         matches.then_some(e)
     })?;
@@ -436,12 +528,19 @@ pub struct PushReport {
     pub reused: usize,
     pub file_len: u64,
     pub took: Duration,
+    /// The signature attached by `push --key`.
+    pub attached: Option<AttachReport>,
 }
 
 impl PushReport {
     pub fn summary(&self) -> String {
+        let attached = self
+            .attached
+            .as_ref()
+            .map(|a| format!("\n{}", a.summary()))
+            .unwrap_or_default();
         format!(
-            "pushed {} ({}): {} layers, {} blobs uploaded ({}), {} already there, {} in {}; index {}",
+            "pushed {} ({}): {} layers, {} blobs uploaded ({}), {} already there, {} in {}; index {}{attached}",
             self.reference,
             self.manifest_digest,
             self.layers,
@@ -462,7 +561,14 @@ fn read_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>
 }
 
 /// Pushes `file` (a `.smolmachine` or packed executable) to `reference` (which needs a tag).
-pub fn push(file: &Path, reference: &str, conn: &Connection) -> Result<PushReport, RegistryError> {
+/// With `key`, a signature of the whole file by that key is attached to the pushed manifest
+/// (an OCI referrer: see [`AttachReport`]).
+pub fn push(
+    file: &Path,
+    reference: &str,
+    conn: &Connection,
+    key: Option<&SecretKey>,
+) -> Result<PushReport, RegistryError> {
     let started = Instant::now();
     let reader = MachineReader::open(file).map_err(file_err(file))?;
     if let Some(t) = reader.trailer() {
@@ -506,6 +612,14 @@ pub fn push(file: &Path, reference: &str, conn: &Connection) -> Result<PushRepor
         pos += n as u64;
     }
     let file_sha = format!("sha256:{}", hex(&whole.finalize()));
+    let attached_sig = match key {
+        Some(k) => {
+            let (size, sha512) =
+                smolvm_formats::signature::whole_digest(f).map_err(file_err(file))?;
+            Some(AttachedSignature::sign(k, size, &sha512))
+        }
+        None => None,
+    };
 
     let signed_by = reader.signature_info().ok().flatten().map(|s| s.key.id());
     let machine = reader
@@ -637,7 +751,16 @@ pub fn push(file: &Path, reference: &str, conn: &Connection) -> Result<PushRepor
             )
             .await
             .map_err(session.err("the index"))?;
+        let attached = match &attached_sig {
+            Some(sig) => Some(
+                session
+                    .attach(&manifest_digest, manifest_bytes.len() as i64, sig)
+                    .await?,
+            ),
+            None => None,
+        };
         Ok(PushReport {
+            attached,
             reference: reference.to_string(),
             index_digest,
             manifest_digest,
@@ -738,6 +861,8 @@ pub struct PullReport {
     /// The file written (the output, or the cache entry).
     pub path: PathBuf,
     pub manifest_digest: String,
+    /// Length of the manifest, for descriptors that name it (an attached signature's subject).
+    pub manifest_size: i64,
     pub config: ArtifactConfig,
     pub layers: usize,
     /// Blobs downloaded (wholly or the rest of a cut one), and their bytes.
@@ -798,8 +923,10 @@ pub fn cache_path(digest: &str) -> PathBuf {
     machines_dir().join(digest.replace(':', "-"))
 }
 
-/// Resolves `reference` to this platform's manifest: its digest and parsed body.
-async fn resolve(session: &Session) -> Result<(String, OciImageManifest), RegistryError> {
+/// Resolves `reference` to this platform's manifest: its digest and checked content.
+async fn resolve(
+    session: &Session,
+) -> Result<(String, i64, layout::MachineManifest), RegistryError> {
     let what = format!("{}", session.reference);
     let (body, digest) = session
         .client
@@ -811,66 +938,33 @@ async fn resolve(session: &Session) -> Result<(String, OciImageManifest), Regist
         .await
         .map_err(session.err(&what))?;
     check_json_digest(&body, &digest, &what)?;
-    let versioned: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| RegistryError::Corrupt {
-            what: what.clone(),
-            detail: format!("not JSON: {e}"),
-        })?;
-    let is_index = versioned.get("manifests").is_some();
-    let (body, digest) = if is_index {
-        let index: OciImageIndex =
-            serde_json::from_slice(&body).map_err(|e| RegistryError::Corrupt {
-                what: what.clone(),
-                detail: format!("not an image index: {e}"),
-            })?;
-        let want = host_platform();
-        let entry = index
-            .manifests
-            .iter()
-            .find(|e| {
-                e.platform
-                    .as_ref()
-                    .is_some_and(|p| p.architecture == want.architecture && p.os == want.os)
-            })
-            .ok_or_else(|| RegistryError::NotFound {
-                registry: session.registry.clone(),
-                what: format!("{what} for {}/{}", want.os, want.architecture),
-            })?;
-        if !layout::is_sha256_digest(&entry.digest) {
-            return Err(RegistryError::Corrupt {
-                what,
-                detail: format!("index entry digest {:?}", entry.digest),
-            });
-        }
-        let by_digest = session.with_digest(&entry.digest);
-        let (body, got) = session
-            .client
-            .pull_manifest_raw(&by_digest, &session.auth, &[OCI_IMAGE_MEDIA_TYPE])
-            .await
-            .map_err(session.err(&format!("manifest {}", entry.digest)))?;
-        check_json_digest(&body, &entry.digest, &what)?;
-        let _ = got;
-        (body, entry.digest.clone())
-    } else {
-        (body, digest)
+    let corrupt = |detail: String| RegistryError::Corrupt {
+        what: what.clone(),
+        detail,
     };
-    let manifest: OciImageManifest =
-        serde_json::from_slice(&body).map_err(|e| RegistryError::Corrupt {
-            what: what.clone(),
-            detail: format!("not an image manifest: {e}"),
-        })?;
-    if manifest.artifact_type.as_deref() != Some(layout::ARTIFACT_TYPE)
-        || manifest.config.media_type != layout::CONFIG_MEDIA_TYPE
-    {
-        return Err(RegistryError::Corrupt {
-            what,
-            detail: format!(
-                "it is not a smolvm machine (artifact type {:?})",
-                manifest.artifact_type.as_deref().unwrap_or("none")
-            ),
-        });
-    }
-    Ok((digest, manifest))
+    let (body, digest) = match layout::classify(&body).map_err(corrupt)? {
+        layout::Named::Index { entries, .. } => {
+            let want = host_platform();
+            let entry = layout::pick_platform(&entries, &want.os, &want.architecture)
+                .map_err(corrupt)?
+                .ok_or_else(|| RegistryError::NoPlatform {
+                    reference: what.clone(),
+                    want: format!("{}/{}", want.os, want.architecture),
+                    have: layout::platforms(&entries).join(", "),
+                })?;
+            let by_digest = session.with_digest(&entry.digest);
+            let (body, _) = session
+                .client
+                .pull_manifest_raw(&by_digest, &session.auth, &[OCI_IMAGE_MEDIA_TYPE])
+                .await
+                .map_err(session.err(&format!("manifest {}", entry.digest)))?;
+            check_json_digest(&body, &entry.digest, &what)?;
+            (body, entry.digest.clone())
+        }
+        layout::Named::Manifest => (body, digest),
+    };
+    let manifest = layout::machine_manifest(&body).map_err(corrupt)?;
+    Ok((digest, body.len() as i64, manifest))
 }
 
 /// A manifest or index body: bounded, and hashing to the digest it was fetched under.
@@ -902,21 +996,19 @@ pub fn pull(
     let rt = runtime()?;
     rt.block_on(async {
         session.login(RegistryOperation::Pull).await?;
-        let (manifest_digest, manifest) = resolve(&session).await?;
+        let (manifest_digest, manifest_size, manifest) = resolve(&session).await?;
 
         // The config: small, verified, and it gives the file's length and hash.
         let mut config_bytes = Vec::new();
-        if !layout::is_sha256_digest(&manifest.config.digest)
-            || !(0..MAX_JSON_LEN as i64).contains(&manifest.config.size)
-        {
-            return Err(RegistryError::Corrupt {
-                what: "the config blob".into(),
-                detail: format!("descriptor {:?}", manifest.config.digest),
-            });
-        }
+        let config_desc = OciDescriptor {
+            media_type: manifest.config.media_type.clone(),
+            digest: manifest.config.digest.clone(),
+            size: manifest.config.size,
+            ..Default::default()
+        };
         session
             .client
-            .pull_blob(&session.reference, &manifest.config, &mut config_bytes)
+            .pull_blob(&session.reference, &config_desc, &mut config_bytes)
             .await
             .map_err(session.err("the config blob"))?;
         let config: ArtifactConfig =
@@ -930,17 +1022,7 @@ pub fn pull(
                 detail: format!("file digest {:?}", config.sha256),
             });
         }
-        let layers: Vec<LayerRef> = manifest
-            .layers
-            .iter()
-            .map(|l| LayerRef {
-                media_type: l.media_type.clone(),
-                digest: l.digest.clone(),
-                size: l.size,
-                annotations: l.annotations.clone(),
-            })
-            .collect();
-        let plan = layout::plan_assembly(&layers, config.size).map_err(|detail| {
+        let plan = layout::plan_assembly(&manifest.layers, config.size).map_err(|detail| {
             RegistryError::Corrupt {
                 what: format!("manifest {manifest_digest}"),
                 detail,
@@ -956,6 +1038,7 @@ pub fn pull(
             reference: reference.to_string(),
             path: path.clone(),
             manifest_digest: manifest_digest.clone(),
+            manifest_size,
             config: config.clone(),
             layers: plan.len(),
             downloaded: 0,
@@ -1220,9 +1303,326 @@ fn finish_assembly(
 }
 
 /// `smolpack verify --key PUB REF`: pulls the reference into the cache (or finds it there)
-/// and returns the cached path, to be verified like a file.
-pub fn pull_for_verify(reference: &str, conn: &Connection) -> Result<PathBuf, RegistryError> {
-    pull(reference, &Destination::Cache, conn).map(|r| r.path)
+/// and returns what the pull found (the cached path, the manifest digest), to be verified
+/// like a file.
+pub fn pull_for_verify(reference: &str, conn: &Connection) -> Result<PullReport, RegistryError> {
+    pull(reference, &Destination::Cache, conn)
+}
+
+// ---------------------------------------------------------------------------------------
+// attached signatures (OCI 1.1 referrers, through the referrers tag schema)
+
+/// One attached signature found for a manifest: its signature manifest's digest and the
+/// document, or why it was refused (a blob that does not hash to its digest, a manifest or
+/// document that does not parse).
+#[derive(Debug)]
+pub struct Attached {
+    pub manifest_digest: String,
+    pub signature: Result<AttachedSignature, RegistryError>,
+}
+
+/// What attaching a signature did.
+#[derive(Debug, Clone)]
+pub struct AttachReport {
+    /// The signed machine's manifest.
+    pub subject: String,
+    /// The signature's manifest.
+    pub signature_manifest: String,
+    /// The referrers tag (`sha256-<hex of subject>`) and how many signatures it lists now.
+    pub tag: String,
+    pub listed: usize,
+    pub key_id: String,
+}
+
+impl AttachReport {
+    pub fn summary(&self) -> String {
+        format!(
+            "attached signature {} by key {} to {} (listed under tag {}, {} signature{})",
+            self.signature_manifest,
+            self.key_id,
+            self.subject,
+            self.tag,
+            self.listed,
+            if self.listed == 1 { "" } else { "s" }
+        )
+    }
+}
+
+impl Session {
+    /// Uploads `data` as the blob `digest` unless the repository has it.
+    async fn ensure_blob(
+        &self,
+        data: &[u8],
+        digest: &str,
+        what: &str,
+    ) -> Result<(), RegistryError> {
+        if !self.has_blob(digest, data.len() as u64).await? {
+            self.client
+                .push_blob(&self.reference, data, digest)
+                .await
+                .map_err(self.err(what))?;
+        }
+        Ok(())
+    }
+
+    fn with_tag(&self, tag: &str) -> Reference {
+        Reference::with_tag(
+            self.reference.registry().to_string(),
+            self.reference.repository().to_string(),
+            tag.to_string(),
+        )
+    }
+
+    /// The manifest or index a tag names, or `None` when the tag does not exist.
+    async fn get_tag(&self, tag: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        match self
+            .client
+            .pull_manifest_raw(
+                &self.with_tag(tag),
+                &self.auth,
+                &[OCI_IMAGE_INDEX_MEDIA_TYPE],
+            )
+            .await
+        {
+            Ok((body, digest)) => {
+                check_json_digest(&body, &digest, &format!("tag {tag}"))?;
+                Ok(Some(body))
+            }
+            Err(e) => match classify(&self.registry, &format!("tag {tag}"), e) {
+                RegistryError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Pushes `sig` as an artifact whose subject is the manifest `subject` (`subject_size`
+    /// bytes), then adds it to the referrers index at the tag `sha256-<hex>` (read, changed,
+    /// written back: entries of other tools and other signatures are kept).
+    async fn attach(
+        &self,
+        subject: &str,
+        subject_size: i64,
+        sig: &AttachedSignature,
+    ) -> Result<AttachReport, RegistryError> {
+        let key_id = sig
+            .public_key()
+            .map(|k| k.id())
+            .unwrap_or_else(|_| "?".into());
+        let doc = sig.to_bytes();
+        let doc_digest = format!("sha256:{}", sha256_hex(&doc));
+        self.ensure_blob(b"{}", layout::OCI_EMPTY_DIGEST, "the empty config")
+            .await?;
+        self.ensure_blob(&doc, &doc_digest, "the signature blob")
+            .await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": layout::OCI_MANIFEST,
+            "artifactType": layout::SIGNATURE_ARTIFACT_TYPE,
+            "config": {
+                "mediaType": layout::OCI_EMPTY,
+                "digest": layout::OCI_EMPTY_DIGEST,
+                "size": 2,
+            },
+            "layers": [{
+                "mediaType": layout::SIGNATURE_LAYER_MEDIA_TYPE,
+                "digest": doc_digest,
+                "size": doc.len(),
+                "annotations": { "dev.smolvm.signed-by": key_id },
+            }],
+            "subject": {
+                "mediaType": layout::OCI_MANIFEST,
+                "digest": subject,
+                "size": subject_size,
+            },
+            "annotations": { "dev.smolvm.signed-by": key_id },
+        });
+        let body = serde_json::to_vec(&manifest).expect("a manifest serializes");
+        let digest = format!("sha256:{}", sha256_hex(&body));
+        let size = body.len();
+        self.client
+            .push_manifest_raw(
+                &self.with_digest(&digest),
+                body,
+                OCI_IMAGE_MEDIA_TYPE.parse().expect("a header value"),
+            )
+            .await
+            .map_err(self.err("the signature manifest"))?;
+
+        let tag = layout::referrers_tag(subject).ok_or_else(|| RegistryError::Corrupt {
+            what: "the manifest digest".into(),
+            detail: subject.to_string(),
+        })?;
+        // Keep whatever the index lists (other signatures, other tools' referrers), less an
+        // entry for this very manifest.
+        let mut entries: Vec<serde_json::Value> = match self.get_tag(&tag).await? {
+            Some(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("manifests").and_then(|m| m.as_array()).cloned())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        entries.retain(|e| e.get("digest").and_then(|d| d.as_str()) != Some(digest.as_str()));
+        entries.push(serde_json::json!({
+            "mediaType": layout::OCI_MANIFEST,
+            "digest": digest,
+            "size": size,
+            "artifactType": layout::SIGNATURE_ARTIFACT_TYPE,
+            "annotations": { "dev.smolvm.signed-by": key_id },
+        }));
+        let listed = entries.len();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": layout::OCI_INDEX,
+            "manifests": entries,
+        });
+        self.client
+            .push_manifest_raw(
+                &self.with_tag(&tag),
+                serde_json::to_vec(&index).expect("an index serializes"),
+                OCI_IMAGE_INDEX_MEDIA_TYPE.parse().expect("a header value"),
+            )
+            .await
+            .map_err(self.err("the referrers index"))?;
+        Ok(AttachReport {
+            subject: subject.to_string(),
+            signature_manifest: digest,
+            tag,
+            listed,
+            key_id,
+        })
+    }
+
+    /// The attached signatures of the manifest `subject`, from its referrers tag.
+    async fn attached(&self, subject: &str) -> Result<Vec<Attached>, RegistryError> {
+        let Some(tag) = layout::referrers_tag(subject) else {
+            return Ok(Vec::new());
+        };
+        let Some(body) = self.get_tag(&tag).await? else {
+            return Ok(Vec::new());
+        };
+        let entries = match layout::classify(&body) {
+            Ok(layout::Named::Index { entries, .. }) => layout::signature_entries(&entries),
+            _ => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let signature = self.fetch_signature(&e.digest, subject).await;
+            out.push(Attached {
+                manifest_digest: e.digest,
+                signature,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn fetch_signature(
+        &self,
+        digest: &str,
+        subject: &str,
+    ) -> Result<AttachedSignature, RegistryError> {
+        let what = format!("attached signature {digest}");
+        let (body, _) = self
+            .client
+            .pull_manifest_raw(
+                &self.with_digest(digest),
+                &self.auth,
+                &[OCI_IMAGE_MEDIA_TYPE],
+            )
+            .await
+            .map_err(self.err(&what))?;
+        check_json_digest(&body, digest, &what)?;
+        let layer = layout::signature_manifest(&body, subject).map_err(|detail| {
+            RegistryError::Corrupt {
+                what: what.clone(),
+                detail,
+            }
+        })?;
+        let desc = OciDescriptor {
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+            ..Default::default()
+        };
+        let mut doc = Vec::new();
+        self.client
+            .pull_blob(&self.reference, &desc, &mut doc)
+            .await
+            .map_err(self.err(&what))?;
+        // The client checks the digest when the registry sends one; check it always.
+        let got = format!("sha256:{}", sha256_hex(&doc));
+        if got != layer.digest {
+            return Err(RegistryError::Corrupt {
+                what,
+                detail: format!("its content hashes to {got}, not {}", layer.digest),
+            });
+        }
+        AttachedSignature::parse(&doc).map_err(|e| RegistryError::Corrupt {
+            what,
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// The attached signatures of the machine manifest `subject` in the repository of
+/// `reference`.
+pub fn attached_signatures(
+    reference: &str,
+    subject: &str,
+    conn: &Connection,
+) -> Result<Vec<Attached>, RegistryError> {
+    let session = Session::new(reference, conn)?;
+    runtime()?.block_on(async {
+        session.login(RegistryOperation::Pull).await?;
+        session.attached(subject).await
+    })
+}
+
+/// `smolpack sign --key KEY REF`: pulls the machine REF names for this platform (into the
+/// cache, checked as every pull), signs the whole file's bytes and attaches the signature.
+pub fn sign_reference(
+    reference: &str,
+    key: &SecretKey,
+    conn: &Connection,
+) -> Result<AttachReport, RegistryError> {
+    let report = pull(reference, &Destination::Cache, conn)?;
+    let file = File::open(&report.path).map_err(io_err(&report.path))?;
+    let (size, sha512) =
+        smolvm_formats::signature::whole_digest(&file).map_err(file_err(&report.path))?;
+    let sig = AttachedSignature::sign(key, size, &sha512);
+    let session = Session::new(reference, conn)?;
+    runtime()?.block_on(async {
+        session.login(RegistryOperation::Push).await?;
+        session
+            .attach(&report.manifest_digest, report.manifest_size, &sig)
+            .await
+    })
+}
+
+/// `smolpack pull --cache --signatures`: writes the attached signatures of the pulled file
+/// that were fetched intact (the documents, as a JSON array) beside the cached file, as
+/// `sha256-HEX.signatures`; `None` when there are none. `smolvm run REF` with a trust key
+/// checks them itself when the file carries no trusted signature inside.
+pub fn cache_signatures(
+    report: &PullReport,
+    conn: &Connection,
+) -> Result<Option<PathBuf>, RegistryError> {
+    let found = attached_signatures(&report.reference, &report.manifest_digest, conn)?;
+    let docs: Vec<AttachedSignature> = found.into_iter().filter_map(|a| a.signature.ok()).collect();
+    if docs.is_empty() {
+        return Ok(None);
+    }
+    let path = signatures_path(&report.config.sha256);
+    let out = AtomicFile::create(&path).map_err(file_err(&path))?;
+    let mut w = out.file();
+    w.write_all(&serde_json::to_vec(&docs).expect("signatures serialize"))
+        .map_err(io_err(out.tmp_path()))?;
+    out.commit(Some(0o644)).map_err(file_err(&path))?;
+    Ok(Some(path))
+}
+
+/// The attached signatures file beside a cached file whose SHA-256 is `digest`.
+pub fn signatures_path(digest: &str) -> PathBuf {
+    machines_dir().join(format!("{}.signatures", digest.replace(':', "-")))
 }
 
 #[cfg(test)]
@@ -1273,6 +1673,74 @@ mod tests {
         );
         assert_eq!(credentials_from_config(text, "quay.io"), None);
         assert_eq!(credentials_from_config("not json", "ghcr.io"), None);
+    }
+
+    #[test]
+    fn credential_helpers_are_found_and_run() {
+        let text = r#"{"credsStore": "desktop",
+            "credHelpers": {"ghcr.io": "gh", "127.0.0.1:5000": "../evil"},
+            "auths": {"quay.io": {"auth": "dTpw"}}}"#;
+        assert_eq!(credential_helper(text, "ghcr.io").as_deref(), Some("gh"));
+        assert_eq!(
+            credential_helper(text, "quay.io").as_deref(),
+            Some("desktop")
+        );
+        // A name that is not a plain word is never run.
+        assert_eq!(credential_helper(text, "127.0.0.1:5000"), None);
+        assert_eq!(credential_helper(r#"{"auths": {}}"#, "ghcr.io"), None);
+        assert_eq!(
+            helper_answer(br#"{"ServerURL":"ghcr.io","Username":"me","Secret":"s3"}"#),
+            Some(RegistryAuth::Basic("me".into(), "s3".into()))
+        );
+        assert_eq!(
+            helper_answer(br#"{"Username":"<token>","Secret":"t"}"#),
+            None
+        );
+        assert_eq!(helper_answer(b"credentials not found"), None);
+
+        // A fake helper on PATH: it gets `get` and the registry on stdin.
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("docker-credential-fake");
+        fs::write(
+            &script,
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread host\n\
+             [ \"$host\" = reg.example:5000 ] || { echo 'credentials not found'; exit 1; }\n\
+             echo '{\"ServerURL\":\"reg.example:5000\",\"Username\":\"bob\",\"Secret\":\"pw\"}'\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            run_credential_helper(&script, "reg.example:5000"),
+            Some(RegistryAuth::Basic("bob".into(), "pw".into()))
+        );
+        assert_eq!(run_credential_helper(&script, "other.example"), None);
+        assert_eq!(
+            run_credential_helper(&dir.path().join("missing"), "reg.example:5000"),
+            None
+        );
+        // The helper first, the `auths` entry when it has nothing.
+        let cfg = r#"{"credHelpers": {"reg.example:5000": "fake", "other.example": "fake"},
+            "auths": {"other.example": {"auth": "dTpw"}, "plain.example": {"auth": "dTpw"}}}"#;
+        let with = |registry: &str| {
+            credentials_with(cfg, registry, |name| {
+                assert_eq!(name, "fake");
+                run_credential_helper(&script, registry)
+            })
+        };
+        assert_eq!(
+            with("reg.example:5000"),
+            RegistryAuth::Basic("bob".into(), "pw".into())
+        );
+        assert_eq!(
+            with("other.example"),
+            RegistryAuth::Basic("u".into(), "p".into())
+        );
+        assert_eq!(
+            with("plain.example"),
+            RegistryAuth::Basic("u".into(), "p".into())
+        );
+        assert_eq!(with("none.example"), RegistryAuth::Anonymous);
     }
 
     #[test]
