@@ -1,6 +1,5 @@
 //! A running (or paused) machine: start, pause, wait, save.
 
-use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -206,7 +205,6 @@ impl Machine {
             memory: self.memory.clone(),
             control: self.control.clone(),
         };
-        let mut pthreads = Vec::new();
         for mut vcpu in std::mem::take(&mut self.parked) {
             let ctx = ctx.clone();
             let id = vcpu.id();
@@ -222,10 +220,11 @@ impl Machine {
                     vcpu
                 })
                 .map_err(|e| MachineError::Thread(e.to_string()))?;
-            pthreads.push(handle.as_pthread_t());
+            // Each thread puts itself on the kick list (run_loop) before it
+            // first looks at the request: listing them here, after spawning,
+            // would miss a stop requested in between.
             self.threads.push(handle);
         }
-        self.control.set_threads(pthreads);
         Ok(())
     }
 
@@ -247,9 +246,8 @@ impl Machine {
     }
 
     fn join(&mut self) -> Result<RunEvent, MachineError> {
-        // Forget the pthreads under the control's lock before joining, so no
-        // kick can target a joined thread.
-        self.control.take_threads();
+        // Each vCPU thread took itself off the kick list before ending, so no
+        // kick targets a joined thread.
         let mut failed = None;
         for h in std::mem::take(&mut self.threads) {
             match h.join() {
@@ -257,6 +255,11 @@ impl Machine {
                 Err(_) => failed = Some(MachineError::Thread("a vCPU thread panicked".into())),
             }
         }
+        debug_assert_eq!(
+            self.control.listed_threads(),
+            0,
+            "a joined vCPU thread is listed"
+        );
         self.parked.sort_by_key(|v| v.id());
         // vCPUs first, then devices: a device paused while a vCPU still ran
         // could miss that vCPU's notification.

@@ -22,8 +22,56 @@ cd /work
 # because smolvm forwards a first TERM to the guest's command), so a hang fails its check
 # instead of the whole QEMU run.
 LIMIT=${NESTED_CHECK_TIMEOUT:-300}
-smolvm() { timeout -s KILL "$LIMIT" /work/smolvm "$@"; }
-smolpack() { timeout -s KILL "$LIMIT" /work/smolpack "$@"; }
+# The console, for hang dumps from inside redirected checks.
+exec 3>&1
+# dump_threads WHY: every thread of every process but the kernel's, with its state, last CPU,
+# kernel wait channel, system call and kernel stack, then the CPUs' interrupt counts and the
+# kernel log's tail; to the console. What a hang looks like from kvm_amd's host.
+dump_threads() {
+    {
+        echo "NESTED-HANG-DUMP: $1"
+        cat /proc/loadavg
+        for p in /proc/[0-9]*; do
+            [ -s "$p/cmdline" ] || continue
+            echo "-- pid ${p#/proc/}: $(tr '\0' ' ' <"$p/cmdline" | cut -c1-160)"
+            for t in "$p"/task/*; do
+                set -- $(sed 's/^.*) //' "$t/stat" 2>/dev/null)
+                # After the comm: state is field 1, processor field 37.
+                echo "   tid ${t##*/} $(cat "$t/comm" 2>/dev/null) state $1 cpu ${37:-?} wchan $(cat "$t/wchan" 2>/dev/null) syscall $(cut -d' ' -f1-3 "$t/syscall" 2>/dev/null)"
+                sed 's/^/      /' "$t/stack" 2>/dev/null
+            done
+        done
+        echo "-- /proc/interrupts"
+        cat /proc/interrupts
+        echo "-- dmesg"
+        dmesg | tail -20
+        echo "NESTED-HANG-DUMP end"
+    } >&3 2>&1
+}
+# limited SECS CMD...: CMD in its own process group, killed (the whole group, SIGKILL) after
+# SECS seconds, with the thread dump first; its status (137 when killed).
+limited() {
+    secs=$1
+    shift
+    # A background job's stdin would be /dev/null: hand it the caller's explicitly.
+    exec 5<&0
+    setsid "$@" <&5 5<&- &
+    pid=$!
+    exec 5<&-
+    waited=0
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$waited" -ge "$secs" ]; then
+            dump_threads "$* still running after $secs s"
+            kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid"
+            break
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    wait "$pid"
+}
+smolvm() { limited "$LIMIT" /work/smolvm "$@"; }
+smolpack() { limited "$LIMIT" /work/smolpack "$@"; }
 export SMOLVM_KERNEL=/work/vmlinux SMOLVM_AGENT=/work/smol-agent
 T=/tmp/nested-checks
 mkdir -p "$T"
@@ -78,7 +126,7 @@ part_vmm() {
     for t in vmm_boot vmm_snapshot vmm_corrupt packed_runtime; do
         start=$(now)
         # A hang fails the check instead of the whole QEMU run.
-        CI=true timeout -s KILL "${NESTED_CHECK_TIMEOUT:-300}" "./$t" --test-threads=2 >"$T/$t.log" 2>&1
+        limited "$LIMIT" env CI=true "./$t" --test-threads=2 >"$T/$t.log" 2>&1
         rc=$?
         summary=$(grep '^test result:' "$T/$t.log" | tail -1)
         if [ "$rc" = 0 ]; then
@@ -409,6 +457,36 @@ part_bench() {
         :: smolvm-run ./smolvm run "$m" -- true :: hello-echo "$T/hello" echo x
 }
 
+# Repeats, to reproduce intermittent hangs: NESTED_LOOP runs (default 20) of one resume, each
+# limited to NESTED_LOOP_LIMIT s (default 120) with the thread dump on a hang; prints a tally.
+# loop-host: the host-built (1-vCPU) machine runs greet, with the guest kernel's log kept.
+# loop-vmm: the packed_runtime test executable. loop-hello2: a 2-vCPU machine built here.
+part_loop() {
+    what=$1 n=${NESTED_LOOP:-20} lim=${NESTED_LOOP_LIMIT:-120} i=0 good=0
+    case "$what" in
+        hello2) [ -f "$T/hello2.smolmachine" ] || build_hello hello2 2 "$T/hello2.smolmachine" || return ;;
+    esac
+    while [ "$i" -lt "$n" ]; do
+        i=$((i + 1))
+        start=$(now)
+        case "$what" in
+            host) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run /work/hello-host.smolmachine -- greet r >"$T/out" 2>"$T/err" ;;
+            hello2) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run "$T/hello2.smolmachine" -- greet r >"$T/out" 2>"$T/err" ;;
+            vmm) limited "$lim" env CI=true ./packed_runtime --test-threads=2 >"$T/out" 2>"$T/err" ;;
+        esac
+        rc=$?
+        if [ "$rc" = 0 ]; then
+            good=$((good + 1))
+            echo "loop-$what $i: ok ($(since "$start") s)"
+        else
+            fail "loop-$what $i" "exit status $rc after $(since "$start") s; stdout and stderr tails:"
+            tail -30 "$T/out" | sed 's/^/    | /'
+            tail -60 "$T/err" | sed 's/^/    | /'
+        fi
+    done
+    echo "NESTED-LOOP $what: $good of $n passed"
+}
+
 echo "kvm: $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null | sed 's/^/nested=/') npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null), $(nproc) CPUs, CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for p in "$@"; do
     part_start=$(now)
@@ -425,6 +503,9 @@ for p in "$@"; do
         spin2) part_spin 2 ;;
         spin4) part_spin 4 ;;
         bench) part_bench ;;
+        loop-host) part_loop host ;;
+        loop-vmm) part_loop vmm ;;
+        loop-hello2) part_loop hello2 ;;
         *) fail "part $p" "unknown part" ;;
     esac
     echo "== $p: $(since "$part_start") s"

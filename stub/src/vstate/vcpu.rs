@@ -7,6 +7,15 @@
 //! pending I/O, so the saved state is consistent. A request seen before a
 //! run sets `immediate_exit` itself, so a kick that came before the thread
 //! armed it is never lost.
+//!
+//! Each vCPU thread adds itself to the kick list before its first look at the
+//! request and takes itself off after its last run, both under the list's
+//! lock that kicks are sent under: a request made before the thread was
+//! listed is seen by that first look, one made after reaches it as a kick.
+//! (The list used to be filled by the starting thread after spawning every
+//! vCPU thread; a stop requested in between, e.g. by vCPU 0 finishing while
+//! vCPU 1 had already entered an idle guest, kicked nobody and vCPU 1 stayed
+//! in KVM_RUN forever.)
 
 use std::os::unix::thread::RawPthread;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -135,12 +144,25 @@ impl RunControl {
         }
     }
 
-    pub(crate) fn set_threads(&self, threads: Vec<RawPthread>) {
-        *lock(&self.threads) = threads;
+    /// Add the calling thread to the kick list (a vCPU thread, before its
+    /// first look at the request).
+    fn list_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as RawPthread;
+        lock(&self.threads).push(me);
     }
 
-    pub(crate) fn take_threads(&self) -> Vec<RawPthread> {
-        std::mem::take(&mut *lock(&self.threads))
+    /// Take the calling thread off the kick list (after its last run, before
+    /// it ends: no kick may target a thread that is gone).
+    fn unlist_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as RawPthread;
+        lock(&self.threads).retain(|&t| t != me);
+    }
+
+    /// How many vCPU threads are on the kick list.
+    pub(crate) fn listed_threads(&self) -> usize {
+        lock(&self.threads).len()
     }
 
     /// Back to running after a pause. Has no effect once the machine stopped.
@@ -242,6 +264,8 @@ fn internal_error_name(suberror: u32) -> &'static str {
 /// completed (the vCPU can be saved).
 pub fn run_loop<V: Vcpu>(vcpu: &mut V, id: u32, ctx: &VcpuContext) {
     vcpu.arm_kick();
+    // Listed before the first look at the request below (see the module docs).
+    ctx.control.list_current_thread();
     loop {
         if !ctx.control.running() {
             vcpu.set_immediate_exit(true);
@@ -290,6 +314,7 @@ pub fn run_loop<V: Vcpu>(vcpu: &mut V, id: u32, ctx: &VcpuContext) {
             ctx.control.finish(reason);
         }
     }
+    ctx.control.unlist_current_thread();
     vcpu.disarm_kick();
 }
 
@@ -388,6 +413,125 @@ mod tests {
                 ('w', 0x10, data[..8].to_vec())
             ]
         );
+    }
+
+    /// Kicks sent to threads, for [`IdleVcpu`] (kick_thread has no `self`).
+    static KICKED: Mutex<Vec<RawPthread>> = Mutex::new(Vec::new());
+    static KICKED_COND: Condvar = Condvar::new();
+
+    fn record_kick(thread: RawPthread) {
+        lock(&KICKED).push(thread);
+        KICKED_COND.notify_all();
+    }
+
+    fn current() -> RawPthread {
+        // SAFETY: pthread_self has no preconditions.
+        unsafe { libc::pthread_self() as RawPthread }
+    }
+
+    /// A vCPU whose guest sits idle (HLT with the interrupt controller in the
+    /// kernel): a run returns only when the thread is kicked, like KVM_RUN.
+    /// Its first run first calls `on_first_run`: a request that arrives after
+    /// the loop's look at it, just before the guest is entered.
+    struct IdleVcpu {
+        immediate_exit: bool,
+        runs: u32,
+        on_first_run: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl Vcpu for IdleVcpu {
+        fn id(&self) -> u32 {
+            1
+        }
+        fn run(&mut self) -> Result<VcpuExit<'_>, crate::hypervisor::HypervisorError> {
+            self.runs += 1;
+            if let Some(f) = self.on_first_run.take() {
+                f();
+            }
+            if self.immediate_exit {
+                return Ok(VcpuExit::Interrupted);
+            }
+            let me = current();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut kicked = lock(&KICKED);
+            while !kicked.contains(&me) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "the idle vCPU was never kicked");
+                kicked = KICKED_COND.wait_timeout(kicked, left).unwrap().0;
+            }
+            kicked.retain(|&t| t != me);
+            Ok(VcpuExit::Interrupted)
+        }
+        fn set_immediate_exit(&mut self, on: bool) {
+            self.immediate_exit = on;
+        }
+        fn arm_kick(&mut self) {}
+        fn disarm_kick(&mut self) {}
+        fn kick_thread(thread: RawPthread) {
+            record_kick(thread)
+        }
+        fn describe_position(&self, _: &GuestMemory) -> String {
+            String::new()
+        }
+    }
+
+    fn context(control: &Arc<RunControl>) -> VcpuContext {
+        VcpuContext {
+            io_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            memory: GuestMemory::anonymous(&[(0, 0x1000)]).unwrap(),
+            control: control.clone(),
+        }
+    }
+
+    /// The hang seen on kvm_amd with 2 vCPUs: a stop requested while a vCPU
+    /// thread had started but nobody had put it on the kick list yet, with its
+    /// guest idle, left that thread in KVM_RUN for good. Here nobody lists the
+    /// thread but run_loop itself, and the stop comes after its look at the
+    /// request: the kick must still reach it.
+    #[test]
+    fn a_stop_between_a_vcpu_threads_start_and_its_first_run_reaches_it() {
+        for request in ["pause", "finish"] {
+            let control = RunControl::new(<IdleVcpu as Vcpu>::kick_thread);
+            let ctx = context(&control);
+            let c = control.clone();
+            let mut vcpu = IdleVcpu {
+                immediate_exit: false,
+                runs: 0,
+                on_first_run: Some(Box::new(move || match request {
+                    "pause" => c.request_pause(),
+                    _ => c.finish(ExitReason::Exited(0)),
+                })),
+            };
+            let t = std::thread::spawn(move || {
+                run_loop(&mut vcpu, 1, &ctx);
+                vcpu.runs
+            });
+            assert_eq!(t.join().expect("run_loop returned"), 1, "{request}");
+            assert_eq!(
+                control.listed_threads(),
+                0,
+                "{request}: the ended thread is unlisted"
+            );
+        }
+    }
+
+    /// A request made before a vCPU thread looks at it needs no kick.
+    #[test]
+    fn a_stop_before_a_vcpu_thread_starts_is_seen_without_a_kick() {
+        let control = RunControl::new(<IdleVcpu as Vcpu>::kick_thread);
+        control.request_pause();
+        let ctx = context(&control);
+        let mut vcpu = IdleVcpu {
+            immediate_exit: false,
+            runs: 0,
+            on_first_run: None,
+        };
+        let t = std::thread::spawn(move || {
+            run_loop(&mut vcpu, 1, &ctx);
+            (vcpu.runs, vcpu.immediate_exit)
+        });
+        assert_eq!(t.join().unwrap(), (1, false));
     }
 
     #[test]
