@@ -18,8 +18,9 @@ use crate::agent_log;
 use crate::invoke::{self, Invocation};
 use crate::protocol::{
     encode_frame, AgentMsg, Applied, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    NetConfig, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WarmMode, WarmRequest,
-    WarmState, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
+    NetConfig, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WarmMode,
+    WarmRequest, WarmState, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
+    STREAM_WINDOW,
 };
 use crate::sys::{self, Creds};
 

@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    NetConfig, ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock,
+    frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg, NetConfig,
+    ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock,
     WarmRequest, WarmState, WinSize, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
     STREAM_WINDOW,
 };

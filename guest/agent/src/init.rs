@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::agent::System;
 use crate::agent_log;
 use crate::protocol::{
-    Applied, NetConfig, ShareMount, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY, DEFAULT_AGENT_PORT,
-    DEFAULT_HOSTNAME, MAX_ENTROPY,
+    Applied, NetConfig, ShareMount, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY,
+    DEFAULT_AGENT_PORT, DEFAULT_HOSTNAME, MAX_ENTROPY,
 };
 use crate::sys::{self, cvt};
 

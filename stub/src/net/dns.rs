@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(a.len(), 12 + q.question.len() + 16);
         // AAAA: no records.
         let q6 = parse_query(&query(1, "localhost", 28)).unwrap();
-        assert_eq!(&answer(&q6, Rcode::NoError, &[Ipv4Addr::LOCALHOST])[6..8], &[0, 0]);
+        assert_eq!(
+            &answer(&q6, Rcode::NoError, &[Ipv4Addr::LOCALHOST])[6..8],
+            &[0, 0]
+        );
         let nx = answer(&q, Rcode::NxDomain, &[]);
         assert_eq!(nx[3] & 0xf, 3);
     }
@@ -218,7 +221,8 @@ mod tests {
 
     #[test]
     fn hosts_and_resolv_conf() {
-        let h = parse_hosts("127.0.0.1 localhost Loop.\n# c\n::1 localhost\n10.1.1.1 a b # x\nbad\n");
+        let h =
+            parse_hosts("127.0.0.1 localhost Loop.\n# c\n::1 localhost\n10.1.1.1 a b # x\nbad\n");
         assert_eq!(lookup_hosts(&h, "localhost"), vec![Ipv4Addr::LOCALHOST]);
         assert_eq!(lookup_hosts(&h, "loop"), vec![Ipv4Addr::LOCALHOST]);
         assert_eq!(lookup_hosts(&h, "b"), vec![Ipv4Addr::new(10, 1, 1, 1)]);

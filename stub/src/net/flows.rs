@@ -307,7 +307,10 @@ mod tests {
         assert!(t.insert(1, "a", t0).is_none());
         assert!(t.insert(2, "b", t0 + Duration::from_secs(1)).is_none());
         assert_eq!(t.get_mut(&1, t0 + Duration::from_secs(2)), Some(&mut "a"));
-        assert_eq!(t.insert(3, "c", t0 + Duration::from_secs(3)), Some((2, "b")));
+        assert_eq!(
+            t.insert(3, "c", t0 + Duration::from_secs(3)),
+            Some((2, "b"))
+        );
         assert_eq!(t.len(), 2);
         let gone = t.expire(t0 + Duration::from_secs(12) + Duration::from_millis(500));
         assert_eq!(gone, vec![(1, "a")]);

@@ -207,8 +207,13 @@ mod tests {
         assert!(r.matches(Ipv4Addr::new(10, 9, 9, 9), 1));
         assert!(!r.matches(Ipv4Addr::new(11, 0, 0, 0), 1));
         assert_eq!(parse_allow("localhost").unwrap().net, Ipv4Addr::LOCALHOST);
-        assert!(parse_allow("0.0.0.0/0:53").unwrap().matches(Ipv4Addr::new(8, 8, 8, 8), 53));
-        assert_eq!(parse_allow("1.2.3.4/24:443").unwrap().to_string(), "1.2.3.0/24:443");
+        assert!(parse_allow("0.0.0.0/0:53")
+            .unwrap()
+            .matches(Ipv4Addr::new(8, 8, 8, 8), 53));
+        assert_eq!(
+            parse_allow("1.2.3.4/24:443").unwrap().to_string(),
+            "1.2.3.0/24:443"
+        );
     }
 
     #[test]
@@ -247,11 +252,20 @@ mod tests {
 
     #[test]
     fn destinations_map_the_gateway_to_loopback() {
-        assert_eq!(destination(GATEWAY_IP), Destination::Host(Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            destination(GATEWAY_IP),
+            Destination::Host(Ipv4Addr::LOCALHOST)
+        );
         assert_eq!(destination(DNS_IP), Destination::Dns);
-        assert_eq!(destination(Ipv4Addr::new(10, 0, 2, 9)), Destination::Nowhere);
+        assert_eq!(
+            destination(Ipv4Addr::new(10, 0, 2, 9)),
+            Destination::Nowhere
+        );
         assert_eq!(destination(Ipv4Addr::BROADCAST), Destination::Nowhere);
-        assert_eq!(destination(Ipv4Addr::new(224, 0, 0, 1)), Destination::Nowhere);
+        assert_eq!(
+            destination(Ipv4Addr::new(224, 0, 0, 1)),
+            Destination::Nowhere
+        );
         let ip = Ipv4Addr::new(93, 184, 216, 34);
         assert_eq!(destination(ip), Destination::Host(ip));
     }

@@ -262,7 +262,13 @@ impl Network {
         crate::devices::virtio::rng::host_random(&mut seed)?;
         let stop = Arc::new(AtomicBool::new(false));
         let wake = parts.wake.clone();
-        let mut stack = Stack::new(parts, opts.allow, hosts, nameserver, u64::from_ne_bytes(seed));
+        let mut stack = Stack::new(
+            parts,
+            opts.allow,
+            hosts,
+            nameserver,
+            u64::from_ne_bytes(seed),
+        );
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("net".into())
@@ -520,7 +526,11 @@ impl Stack {
                     }
                 }
             }
-            if !s.may_recv() && !s.can_recv() && !flow.host_write_shut && s.state() != tcp::State::SynReceived {
+            if !s.may_recv()
+                && !s.can_recv()
+                && !flow.host_write_shut
+                && s.state() != tcp::State::SynReceived
+            {
                 let _ = flow.host.shutdown(Shutdown::Write);
                 flow.host_write_shut = true;
             }
@@ -608,7 +618,13 @@ impl Stack {
     }
 
     fn udp_to_guest(&mut self, from: (Ipv4Addr, u16), guest_port: u16, payload: &[u8]) {
-        if let Some(f) = udp_frame(from, (GUEST_IP, guest_port), GATEWAY_MAC, GUEST_MAC, payload) {
+        if let Some(f) = udp_frame(
+            from,
+            (GUEST_IP, guest_port),
+            GATEWAY_MAC,
+            GUEST_MAC,
+            payload,
+        ) {
             self.out.push(f);
         }
     }

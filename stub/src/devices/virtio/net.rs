@@ -370,7 +370,10 @@ mod tests {
         let mut p = vec![0u8; 12];
         p.extend_from_slice(b"abc");
         assert_eq!(frame_of(&p), Some(&b"abc"[..]));
-        assert_eq!(frame_of(&vec![0u8; 12 + MAX_FRAME]).map(|f| f.len()), Some(MAX_FRAME));
+        assert_eq!(
+            frame_of(&vec![0u8; 12 + MAX_FRAME]).map(|f| f.len()),
+            Some(MAX_FRAME)
+        );
         assert_eq!(frame_of(&vec![0u8; 13 + MAX_FRAME]), None);
     }
 
@@ -444,13 +447,8 @@ mod tests {
     #[test]
     fn rx_backlog_is_bounded() {
         let (irq, _count) = counting_interrupt();
-        let mut net = Net::new(
-            mem(0x40000),
-            irq,
-            [0; 6],
-            Box::new(Collect(Arc::default())),
-        )
-        .unwrap();
+        let mut net =
+            Net::new(mem(0x40000), irq, [0; 6], Box::new(Collect(Arc::default()))).unwrap();
         net.deliver((0..MAX_PENDING_RX + 10).map(|_| vec![0u8; 60]));
         assert_eq!(net.pending_rx(), MAX_PENDING_RX);
         assert_eq!(net.dropped, 10);
