@@ -262,9 +262,14 @@ impl NetSlot {
         self.net.is_some()
     }
 
-    /// Whether the guest driver has the device running (status beyond reset).
+    /// Whether a guest driver has the device (status `DRIVER` or beyond). After Linux
+    /// unbinds `virtio_net` the status is `ACKNOWLEDGE` alone: the core acknowledges the
+    /// device again once the driver reset it.
     pub fn driver_active(&self) -> bool {
-        self.net.as_ref().is_some_and(|t| t.status() != 0)
+        use super::status::{DRIVER, DRIVER_OK, FEATURES_OK};
+        self.net
+            .as_ref()
+            .is_some_and(|t| t.status() & (DRIVER | FEATURES_OK | DRIVER_OK) != 0)
     }
 
     /// Remove the device: the slot reads as empty from now on.
@@ -442,6 +447,13 @@ mod tests {
         slot.resume();
         assert_eq!(slot.net().unwrap().pending_rx(), 0);
         assert_eq!(rxq.used_idx(), 2);
+        // Unbound as Linux does it: reset, then acknowledged again.
+        assert!(slot.driver_active());
+        wr(&mut slot, regs::STATUS, 0);
+        wr(&mut slot, regs::STATUS, ACKNOWLEDGE);
+        assert!(!slot.driver_active());
+        slot.clear();
+        assert_eq!(rd(&mut slot, regs::DEVICE_ID), 0);
     }
 
     #[test]
