@@ -154,7 +154,11 @@ fn net_allow_refuses_other_destinations() {
     assert!(out.status.success(), "{}", describe(&out));
     assert!(stdout.contains("ALLOWED-OK"), "{}", describe(&out));
     assert!(stdout.contains("other=1"), "{}", describe(&out));
-    assert!(!stdout.contains("must not be reached"), "{}", describe(&out));
+    assert!(
+        !stdout.contains("must not be reached"),
+        "{}",
+        describe(&out)
+    );
     assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
     assert_eq!(other_hits.load(Ordering::SeqCst), 0);
 }
