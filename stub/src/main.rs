@@ -508,9 +508,11 @@ fn packed_net() -> Result<Option<smolvm::net::NetOptions>> {
         Err(std::env::VarError::NotPresent) => Vec::new(),
         Err(_) => anyhow::bail!("SMOLVM_NET_ALLOW is not valid UTF-8"),
     };
-    Ok((on || !rules.is_empty()).then(|| smolvm::net::NetOptions {
-        allow: smolvm::net::AllowList(rules),
-    }))
+    Ok(
+        (on || !rules.is_empty()).then_some(smolvm::net::NetOptions {
+            allow: smolvm::net::AllowList(rules),
+        }),
+    )
 }
 
 /// `smolvm run` / `smolvm shell`; `packed` is set when FILE turns out to be

@@ -3,7 +3,7 @@
 //! gateway 10.0.2.2 (HTTP with exact bytes, a UDP exchange), DNS of `localhost` from the
 //! host's /etc/hosts at 10.0.2.3, `--net-allow` refusing another port, and no network at
 //! all without `--net`, also after a machine was saved with it. All traffic stays on this
-//! machine's loopback.
+//! machine's loopback. A packed executable takes `SMOLVM_NET=1`.
 //!
 //! Needs /dev/kvm and the guest artifacts (`scripts/setup`); skips loudly without them,
 //! except under `CI=true`, where it fails. Every run has a deadline (`timeout`).
@@ -206,4 +206,44 @@ fn no_network_without_net_even_after_a_save_with_it() {
     );
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(out.stdout, BODY);
+}
+
+#[test]
+fn packed_executable_takes_smolvm_net() {
+    let Some(m) = hello("packed_executable_takes_smolvm_net") else {
+        return;
+    };
+    let (port, hits) = http_server(BODY);
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("hello");
+    let out = Command::new(bin("smolpack", "smolpack"))
+        .arg("pack")
+        .arg(m)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("running smolpack pack");
+    assert!(out.status.success(), "{}", describe(&out));
+    let _one = ONE_MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let url = format!("http://10.0.2.2:{port}/");
+    let out = Command::new("timeout")
+        .arg("600")
+        .arg(&exe)
+        .args(["wget", "-qO-", &url])
+        .env("SMOLVM_NET", "1")
+        .output()
+        .expect("running the packed executable");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(out.stdout, BODY);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let out = Command::new(&exe)
+        .arg("true")
+        .env("SMOLVM_NET", "yes")
+        .output()
+        .expect("running the packed executable");
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "smolvm: bad SMOLVM_NET 'yes': expected 1 or 0\n"
+    );
 }
