@@ -816,6 +816,39 @@ mod tests {
     }
 
     #[test]
+    fn net_flags_parse() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let o = parse_run(&a(&["m"]), false).unwrap().unwrap().opts;
+        assert!(o.net.is_none());
+        let o = parse_run(&a(&["--net", "m"]), false).unwrap().unwrap().opts;
+        assert_eq!(o.net.unwrap().allow.0.len(), 0);
+        let o = parse_run(
+            &a(&["--net-allow", "127.0.0.1:80", "m", "--net-allow=10.0.0.0/8"]),
+            false,
+        )
+        .unwrap()
+        .unwrap()
+        .opts;
+        let rules: Vec<String> = o
+            .net
+            .unwrap()
+            .allow
+            .0
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(rules, ["127.0.0.1/32:80", "10.0.0.0/8"]);
+        assert!(parse_run(&a(&["m", "--net-allow"]), false)
+            .unwrap()
+            .is_none());
+        let err = parse_run(&a(&["--net-allow", "x", "m"]), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with("bad --net-allow 'x'") && !err.contains('\n'));
+    }
+
+    #[test]
     fn run_arguments_parse() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
         let r = parse_run(
