@@ -18,6 +18,8 @@ pub mod linux;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod machine;
 pub mod memory;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod net;
 pub mod persist;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod seccomp;

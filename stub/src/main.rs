@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use smolvm::builder::SnapshotPlan;
 use smolvm::linux::publish::{parse_publish, parse_publish_list};
 use smolvm::linux::run::{parse_volume, parse_volume_list, RunOptions};
+use smolvm::net::{parse_allow, parse_allow_list};
 use smolvm::snapshot::Guest;
 use smolvm::timing;
 use smolvm_agent::protocol::ExitStatus;
@@ -27,7 +28,8 @@ use smolvm_formats::MachineReader;
 const VMM_ERROR: u8 = 125;
 
 const USAGE: &str = concat!(
-    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE|REF [-- ARGS...]\n",
+    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [-p SPEC]... [--net]\n",
+    "                  [--net-allow HOST|CIDR[:PORT]]... [--trust PUB]... FILE|REF [-- ARGS...]\n",
     "       smolvm shell [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE\n",
     "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
     "         entrypoint with its cmd (or with ARGS after `--`) on this terminal's stdio;\n",
@@ -37,6 +39,9 @@ const USAGE: &str = concat!(
     "         (read-only unless :rw; repeatable);\n",
     "         -p [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] forwards connections to the host port\n",
     "         (127.0.0.1 unless HOST_IP) to the guest's 127.0.0.1:GUEST_PORT (repeatable);\n",
+    "         --net gives the guest outbound TCP/UDP and DNS through the VMM (gateway\n",
+    "         10.0.2.2 = host 127.0.0.1); --net-allow HOST|CIDR[:PORT] (repeatable, implies\n",
+    "         --net) allows only those destinations;\n",
     "         --trust PUB runs FILE only when it is signed by that key (`smolpack sign`).\n",
     "         REF (REGISTRY/NAME:TAG or @sha256:..., not an existing path) is pulled by\n",
     "         `smolpack pull --cache` into ~/.cache/smolvm/machines and run from there.\n",
@@ -52,6 +57,8 @@ const USAGE: &str = concat!(
     "                          (like `run -v`; `run` ignores it)\n",
     "  SMOLVM_PUBLISH=8080:80,...  packed executables only: publish ports (like `run -p`;\n",
     "                          `run` ignores it)\n",
+    "  SMOLVM_NET=1            packed executables only: the network (like `run --net`)\n",
+    "  SMOLVM_NET_ALLOW=SPEC,...  packed executables only: like `run --net-allow`\n",
     "  SMOLVM_TIMINGS=1        print resume phase times to stderr\n",
     "  SMOLVM_LOG=LEVEL        error, warn (default), info, debug or off\n",
     "  SMOLVM_CONSOLE=1        copy the guest kernel log to stderr\n",
@@ -133,6 +140,9 @@ impl Ended {
 /// runs a command through its agent, the VMM test guest runs to its exit port.
 fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
     // The filters compile while the machine is built; they go on just before it runs.
+    if opts.net.is_some() {
+        smolvm::seccomp::enable_network();
+    }
     smolvm::seccomp::prepare();
     match plan.state.guest {
         Guest::Linux { .. } => {
@@ -250,6 +260,31 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
                 opts.ports
                     .push(parse_publish(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?);
                 i += 2;
+            }
+            "--net" => {
+                opts.net.get_or_insert_with(Default::default);
+                i += 1;
+            }
+            "--net-allow" => {
+                let Some(spec) = args.get(i + 1) else {
+                    return Ok(None);
+                };
+                let rule = parse_allow(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?;
+                opts.net
+                    .get_or_insert_with(Default::default)
+                    .allow
+                    .0
+                    .push(rule);
+                i += 2;
+            }
+            s if s.starts_with("--net-allow=") => {
+                let rule = parse_allow(&s["--net-allow=".len()..]).map_err(anyhow::Error::msg)?;
+                opts.net
+                    .get_or_insert_with(Default::default)
+                    .allow
+                    .0
+                    .push(rule);
+                i += 1;
             }
             s if s.starts_with("--publish=") => {
                 opts.ports
@@ -458,6 +493,7 @@ fn run_packed(target: Target) -> Result<Ended> {
         Err(std::env::VarError::NotPresent) => Vec::new(),
         Err(_) => anyhow::bail!("SMOLVM_PUBLISH is not valid UTF-8"),
     };
+    let net = packed_net()?;
     let name = target.name;
     let plan = SnapshotPlan::from_reader(target.reader)
         .with_context(|| format!("cannot resume {}", name.display()))?;
@@ -470,9 +506,32 @@ fn run_packed(target: Target) -> Result<Ended> {
         save,
         volumes,
         ports,
+        net,
         ..Default::default()
     };
     run(plan, &name, &opts)
+}
+
+/// `SMOLVM_NET=1` and `SMOLVM_NET_ALLOW=SPEC,...` of a packed executable (the second
+/// implies the first).
+fn packed_net() -> Result<Option<smolvm::net::NetOptions>> {
+    let on = match std::env::var("SMOLVM_NET") {
+        Ok(v) if v.is_empty() || v == "0" => false,
+        Ok(v) if v == "1" => true,
+        Ok(v) => anyhow::bail!("bad SMOLVM_NET '{v}': expected 1 or 0"),
+        Err(std::env::VarError::NotPresent) => false,
+        Err(_) => anyhow::bail!("SMOLVM_NET is not valid UTF-8"),
+    };
+    let rules = match std::env::var("SMOLVM_NET_ALLOW") {
+        Ok(list) => parse_allow_list(&list).map_err(anyhow::Error::msg)?,
+        Err(std::env::VarError::NotPresent) => Vec::new(),
+        Err(_) => anyhow::bail!("SMOLVM_NET_ALLOW is not valid UTF-8"),
+    };
+    Ok(
+        (on || !rules.is_empty()).then_some(smolvm::net::NetOptions {
+            allow: smolvm::net::AllowList(rules),
+        }),
+    )
 }
 
 /// `smolvm run` / `smolvm shell`; `packed` is set when FILE turns out to be
@@ -813,6 +872,39 @@ mod tests {
         assert_eq!(packed_args(a(&["ls", "--", "x"])), a(&["ls", "--", "x"]));
         assert_eq!(packed_args(a(&["--help"])), a(&["--help"]));
         assert_eq!(packed_args(a(&[])), a(&[]));
+    }
+
+    #[test]
+    fn net_flags_parse() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let o = parse_run(&a(&["m"]), false).unwrap().unwrap().opts;
+        assert!(o.net.is_none());
+        let o = parse_run(&a(&["--net", "m"]), false).unwrap().unwrap().opts;
+        assert_eq!(o.net.unwrap().allow.0.len(), 0);
+        let o = parse_run(
+            &a(&["--net-allow", "127.0.0.1:80", "m", "--net-allow=10.0.0.0/8"]),
+            false,
+        )
+        .unwrap()
+        .unwrap()
+        .opts;
+        let rules: Vec<String> = o
+            .net
+            .unwrap()
+            .allow
+            .0
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(rules, ["127.0.0.1/32:80", "10.0.0.0/8"]);
+        assert!(parse_run(&a(&["m", "--net-allow"]), false)
+            .unwrap()
+            .is_none());
+        let err = parse_run(&a(&["--net-allow", "x", "m"]), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with("bad --net-allow 'x'") && !err.contains('\n'));
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::agent_log;
 use crate::invoke::{self, Invocation};
 use crate::protocol::{
     encode_frame, AgentMsg, Applied, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
-    QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WarmMode, WarmRequest,
-    WarmState, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION, STREAM_WINDOW,
+    NetConfig, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock, WarmMode,
+    WarmRequest, WarmState, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
+    STREAM_WINDOW,
 };
 use crate::sys::{self, Creds};
 
@@ -42,6 +43,14 @@ pub trait System {
     }
     /// Unmounts every share mounted by `mount_shares`; fails if one is busy.
     fn unmount_shares(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Brings the network card up (see `HostMsg::NetUp`).
+    fn net_up(&mut self, _config: &NetConfig) -> Result<(), String> {
+        Err("the network can only be configured inside a machine".into())
+    }
+    /// Unbinds the network card's driver (see `HostMsg::NetDown`).
+    fn net_down(&mut self) -> Result<(), String> {
         Ok(())
     }
 }
@@ -745,6 +754,14 @@ impl<'a, T: Transport> Session<'a, T> {
                 self.send(&AgentMsg::Unmounted { req, error });
             }
             HostMsg::Warm { req, warm } => self.on_warm(req, warm),
+            HostMsg::NetUp { req, config } => {
+                let error = self.system.net_up(&config).err();
+                self.send(&AgentMsg::NetReady { req, error });
+            }
+            HostMsg::NetDown { req } => {
+                let error = self.system.net_down().err();
+                self.send(&AgentMsg::NetDown { req, error });
+            }
             HostMsg::Connect { id, port } => self.on_connect(id, port),
             HostMsg::StreamData { id, data } => {
                 let Some(st) = self.streams.get_mut(&id) else {

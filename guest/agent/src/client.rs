@@ -25,7 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg,
+    frame, read_frame, AgentMsg, ExecId, ExecRequest, ExitStatus, FrameDecoder, HostMsg, NetConfig,
     ProtocolError, QuiesceReport, ResumeReport, ShareMount, Stream, StreamId, WallClock,
     WarmRequest, WarmState, WinSize, INITIAL_WINDOW, MAX_CHUNK, MAX_ENTROPY, PROTOCOL_VERSION,
     STREAM_WINDOW,
@@ -623,6 +623,25 @@ impl Client {
         }
     }
 
+    /// Has the agent bring the network card up; the agent's error is [`ClientError::Agent`].
+    pub fn net_up(&self, config: NetConfig) -> Result<()> {
+        match self.request(|req| HostMsg::NetUp { req, config }, "bring the network up")? {
+            AgentMsg::NetReady { error: None, .. } => Ok(()),
+            AgentMsg::NetReady { error: Some(e), .. } => Err(ClientError::Agent(e)),
+            other => Err(ClientError::Agent(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Has the agent unbind the network card's driver; the agent's error is
+    /// [`ClientError::Agent`].
+    pub fn net_down(&self) -> Result<()> {
+        match self.request(|req| HostMsg::NetDown { req }, "take the network down")? {
+            AgentMsg::NetDown { error: None, .. } => Ok(()),
+            AgentMsg::NetDown { error: Some(e), .. } => Err(ClientError::Agent(e)),
+            other => Err(ClientError::Agent(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     /// Starts a warm entrypoint and waits, at most `timeout`, until it waits for its run
     /// (blocked on its stdin, or connected to the invocation socket) or has ended. A timeout
     /// is [`ClientError::Timeout`]; the process is then left as it is (the build fails).
@@ -1040,6 +1059,8 @@ fn apply(st: &mut State, msg: AgentMsg, credits: &mut Vec<HostMsg>) {
         | AgentMsg::Resumed { req, .. }
         | AgentMsg::Mounted { req, .. }
         | AgentMsg::Unmounted { req, .. }
+        | AgentMsg::NetReady { req, .. }
+        | AgentMsg::NetDown { req, .. }
         | AgentMsg::WarmReady { req, .. } => {
             if st.awaiting.remove(&req) {
                 st.replies.insert(req, msg);

@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::agent::System;
 use crate::agent_log;
 use crate::protocol::{
-    Applied, ShareMount, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY, DEFAULT_AGENT_PORT,
-    DEFAULT_HOSTNAME, MAX_ENTROPY,
+    Applied, NetConfig, ShareMount, WallClock, CMDLINE_AGENT_KEY, CMDLINE_HOSTNAME_KEY,
+    DEFAULT_AGENT_PORT, DEFAULT_HOSTNAME, MAX_ENTROPY,
 };
 use crate::sys::{self, cvt};
 
@@ -33,6 +33,8 @@ pub const SHARES_TAG: &str = "smolvm";
 pub struct GuestSystem {
     /// Guest paths of the mounted shares, in mount order.
     shares: Vec<String>,
+    /// The virtio-mmio platform device `net_up` bound (unbound by `net_down`).
+    net_device: Option<String>,
 }
 
 impl System for GuestSystem {
@@ -63,6 +65,32 @@ impl System for GuestSystem {
             Ok(()) => Applied::Applied,
             Err(e) => Applied::Failed(e.to_string()),
         }
+    }
+
+    fn net_up(&mut self, config: &NetConfig) -> Result<(), String> {
+        let dev = match &self.net_device {
+            Some(d) => d.clone(),
+            None => {
+                let d = bind_unbound_virtio_mmio()?;
+                self.net_device = Some(d.clone());
+                d
+            }
+        };
+        let ifname = wait_for_interface(&dev, Duration::from_secs(30))?;
+        configure_interface(&ifname, config).map_err(|e| format!("configure {ifname}: {e}"))?;
+        let dns = std::net::Ipv4Addr::from(config.dns);
+        fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"))
+            .map_err(|e| format!("write /etc/resolv.conf: {e}"))?;
+        Ok(())
+    }
+
+    fn net_down(&mut self) -> Result<(), String> {
+        if let Some(dev) = &self.net_device {
+            fs::write(format!("{VIRTIO_MMIO_DRIVER}/unbind"), dev)
+                .map_err(|e| format!("unbind {dev}: {e}"))?;
+            self.net_device = None;
+        }
+        Ok(())
     }
 
     fn mount_shares(&mut self, shares: &[ShareMount]) -> Result<(), String> {
@@ -289,6 +317,119 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes.
     cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
     Ok(())
+}
+
+/// The guest kernel's virtio-mmio platform driver in sysfs.
+const VIRTIO_MMIO_DRIVER: &str = "/sys/bus/platform/drivers/virtio-mmio";
+
+/// Bind the virtio-mmio driver to the platform devices that have none (the network slot,
+/// which read as "no device" when the kernel probed it): returns the one that bound.
+fn bind_unbound_virtio_mmio() -> Result<String, String> {
+    let dir = "/sys/bus/platform/devices";
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(|e| format!("read {dir}: {e}"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("virtio-mmio."))
+        .filter(|n| !Path::new(dir).join(n).join("driver").exists())
+        .collect();
+    names.sort();
+    let mut last = String::from("no unbound virtio-mmio device: the machine has no network slot");
+    for n in names {
+        match fs::write(format!("{VIRTIO_MMIO_DRIVER}/bind"), &n) {
+            Ok(()) => return Ok(n),
+            Err(e) => last = format!("bind {n}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// The network interface of platform device `dev` once the driver made it.
+fn wait_for_interface(dev: &str, timeout: Duration) -> Result<String, String> {
+    let start = std::time::Instant::now();
+    let base = Path::new("/sys/bus/platform/devices").join(dev);
+    loop {
+        if let Ok(entries) = fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("virtio") {
+                    if let Ok(mut ifs) = fs::read_dir(e.path().join("net")) {
+                        if let Some(Ok(i)) = ifs.next() {
+                            return Ok(i.file_name().to_string_lossy().into_owned());
+                        }
+                    }
+                }
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("no network interface appeared on {dev}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sockaddr_in(ip: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; any bytes are a valid sockaddr.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Address, netmask, up, default route.
+fn configure_interface(ifname: &str, c: &NetConfig) -> io::Result<()> {
+    // SAFETY: socket takes plain integers; the result is checked.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `s` is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(s) };
+    let fd = sock.as_raw_fd();
+    let named = || {
+        // SAFETY: ifreq is plain old data; zeroed is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, b) in req.ifr_name.iter_mut().zip(ifname.bytes().take(15)) {
+            *d = b as libc::c_char;
+        }
+        req
+    };
+    let mut req = named();
+    req.ifr_ifru.ifru_addr = sockaddr_in(c.address);
+    // SAFETY: SIOCSIFADDR reads a valid ifreq.
+    cvt(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &req) })?;
+    let mask = if c.prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(c.prefix.min(32)))
+    };
+    let mut req = named();
+    req.ifr_ifru.ifru_netmask = sockaddr_in(mask.to_be_bytes());
+    // SAFETY: SIOCSIFNETMASK reads a valid ifreq.
+    cvt(unsafe { libc::ioctl(fd, libc::SIOCSIFNETMASK, &req) })?;
+    let mut req = named();
+    // SAFETY: SIOCGIFFLAGS fills the flags of a valid ifreq.
+    cvt(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the kernel just wrote the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads a valid ifreq.
+    cvt(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) })?;
+    // SAFETY: rtentry is plain old data; zeroed is valid.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in([0; 4]);
+    rt.rt_genmask = sockaddr_in([0; 4]);
+    rt.rt_gateway = sockaddr_in(c.gateway);
+    rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    // SAFETY: SIOCADDRT reads a valid rtentry.
+    match cvt(unsafe { libc::ioctl(fd, libc::SIOCADDRT, &rt) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Brings up `lo` (the kernel then assigns 127.0.0.1/8 and ::1 itself).

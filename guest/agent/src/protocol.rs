@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides announce (`Ready` / `Hello`); bumped on any wire change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First two bytes of every frame; catches a wrong port or a desynchronised stream at once.
 pub const MAGIC: [u8; 2] = *b"SM";
 /// Magic plus little-endian `u32` payload length.
@@ -239,6 +239,20 @@ pub struct ShareMount {
     pub read_only: bool,
 }
 
+/// The guest side of the user-mode network (`NetUp`): fixed by the VMM, the same on every
+/// run, so a resumed machine's settings never depend on the host.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The guest's IPv4 address.
+    pub address: [u8; 4],
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: [u8; 4],
+    /// The DNS server written to `/etc/resolv.conf`.
+    pub dns: [u8; 4],
+}
+
 /// How a warm entrypoint (see [`WarmRequest`]) waits for its run.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WarmMode {
@@ -336,6 +350,12 @@ pub enum HostMsg {
     /// Start a warm entrypoint and answer `WarmReady` once it waits for its run (or ended).
     /// The host enforces the timeout; one warm entrypoint at a time (a new one replaces it).
     Warm { req: u32, warm: WarmRequest },
+    /// Bring the network card up: bind the driver to the (until now empty) virtio-mmio
+    /// network slot, configure the interface and `/etc/resolv.conf`; answered by `NetReady`.
+    NetUp { req: u32, config: NetConfig },
+    /// Unbind the network card's driver (before a save: the saved machine has no card);
+    /// answered by `NetDown`.
+    NetDown { req: u32 },
 }
 
 /// Messages from the agent to the host.
@@ -395,6 +415,10 @@ pub enum AgentMsg {
     StreamClosed { id: StreamId, error: Option<String> },
     /// Answer to `Warm`.
     WarmReady { req: u32, state: WarmState },
+    /// Answer to `NetUp`: `error` says what failed.
+    NetReady { req: u32, error: Option<String> },
+    /// Answer to `NetDown`.
+    NetDown { req: u32, error: Option<String> },
 }
 
 /// Encodes `msg` as one frame appended to `out`.

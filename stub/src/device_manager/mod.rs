@@ -21,6 +21,7 @@ use crate::devices::virtio::block::{Block, BlockArgs, CowDisk};
 use crate::devices::virtio::console::{Console, ConsoleArgs, ConsoleSink};
 use crate::devices::virtio::fs::{Fs, FsArgs, Server};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::NetSlot;
 use crate::devices::virtio::rng::{Rng, RngArgs};
 use crate::devices::virtio::{mmio_slot, InterruptTrigger, VirtioInterrupt, MMIO_IRQS, MMIO_SIZE};
 use crate::devices::Pausable;
@@ -166,6 +167,9 @@ pub struct DeviceManager {
     devices: Vec<Attached>,
     control: Arc<RunControl>,
     paused: bool,
+    /// The reserved network slot (Linux machines): on the bus and paused with the rest,
+    /// never saved (see `devices::virtio::net`).
+    net_slot: Option<Arc<Mutex<NetSlot>>>,
 }
 
 impl DeviceManager {
@@ -180,7 +184,41 @@ impl DeviceManager {
             devices: Vec::new(),
             control,
             paused: true,
+            net_slot: None,
         }
+    }
+
+    /// Put the network slot at virtio-mmio `(base, irq)` (one of [`mmio_slot`]'s). It is
+    /// paused and resumed with the other devices but is no part of the saved state: a
+    /// resume attaches it again, empty or with a device.
+    pub fn attach_net_slot(
+        &mut self,
+        base: u64,
+        irq: u32,
+        slot: Arc<Mutex<NetSlot>>,
+    ) -> Result<(), DeviceError> {
+        if !(0..MMIO_IRQS.len()).any(|i| mmio_slot(i) == Some((base, irq))) {
+            return Err(DeviceError::BadPlace {
+                what: "network slot",
+                at: format!("{base:#x} IRQ {irq}"),
+            });
+        }
+        self.mmio_bus.insert(slot.clone(), base, MMIO_SIZE)?;
+        {
+            let mut s = lock(&slot);
+            if self.paused {
+                s.pause();
+            } else {
+                s.resume();
+            }
+        }
+        self.net_slot = Some(slot);
+        Ok(())
+    }
+
+    /// The network slot, if attached.
+    pub fn net_slot(&self) -> Option<Arc<Mutex<NetSlot>>> {
+        self.net_slot.clone()
     }
 
     fn push(&mut self, d: Attached) {
@@ -305,6 +343,9 @@ impl DeviceManager {
     fn each(&self, f: &mut dyn FnMut(&mut dyn Pausable)) {
         for d in &self.devices {
             with_pausable(d, &mut *f);
+        }
+        if let Some(s) = &self.net_slot {
+            f(&mut *lock(s));
         }
     }
 

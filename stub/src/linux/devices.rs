@@ -30,8 +30,10 @@ pub const ROOT_DISK: &str = "root";
 const BLOCK_SLOT: usize = 0;
 const CONSOLE_SLOT: usize = 1;
 const RNG_SLOT: usize = 2;
-/// Slot 3 is the vsock device's, 4 the network device's.
+/// Slot 3 is the vsock device's.
 const FS_SLOT: usize = 5;
+/// The network slot: empty unless a run asks for the network (`devices::virtio::net`).
+pub const NET_SLOT: usize = 4;
 
 fn slot(i: usize) -> (u64, u32) {
     // The slots used here exist (mmio_slot has six).
@@ -117,6 +119,8 @@ impl LinuxDevices {
             let (base, irq) = slot(i);
             dev_mgr.attach_virtio(base, irq, dev).map_err(attach_err)?;
         }
+        // The network slot, empty: a machine is built without a network.
+        Self::attach_net_slot(machine, false)?;
         Self::of(machine)
     }
 
@@ -150,9 +154,61 @@ impl LinuxDevices {
         })
     }
 
+    /// The command-line option declaring the network slot (last, so that it is platform
+    /// device `virtio-mmio.4` and the others keep their numbers).
+    pub fn net_fragment() -> String {
+        let (base, irq) = slot(NET_SLOT);
+        cmdline_fragment(base, irq)
+    }
+
+    /// Whether a machine booted with `cmdline` has the network slot.
+    pub fn has_net_slot(cmdline: &str) -> bool {
+        let f = Self::net_fragment();
+        cmdline.split_whitespace().any(|w| w == f)
+    }
+
+    /// Attach the network slot of a machine that has one: with a virtio-net device whose
+    /// frames go to the returned network parts, or empty.
+    pub fn attach_net_slot(
+        machine: &mut Machine,
+        with_device: bool,
+    ) -> Result<Option<crate::net::stack::NetworkParts>, LinuxError> {
+        use crate::devices::virtio::net::{Net, NetSlot, QueueSink};
+        let (base, gsi) = slot(NET_SLOT);
+        let attach_err = |e: crate::device_manager::DeviceError| LinuxError::Device(e.to_string());
+        if !with_device {
+            machine
+                .devices_mut()
+                .attach_net_slot(base, gsi, Arc::new(Mutex::new(NetSlot::empty())))
+                .map_err(attach_err)?;
+            return Ok(None);
+        }
+        let slot_dev = Arc::new(Mutex::new(NetSlot::empty()));
+        let parts = crate::net::stack::NetworkParts::new(slot_dev.clone())?;
+        let wake = parts.wake.clone();
+        let net = Net::new(
+            machine.memory().mmap().clone(),
+            irq(machine, gsi)?,
+            crate::net::GUEST_MAC,
+            Box::new(QueueSink {
+                queue: parts.tx.clone(),
+                wake: Box::new(move || {
+                    let _ = wake.write(1);
+                }),
+            }),
+        )
+        .map_err(|e| dev_err("virtio-net")(e.to_string()))?;
+        *lock(&slot_dev) = NetSlot::with(net);
+        machine
+            .devices_mut()
+            .attach_net_slot(base, gsi, slot_dev)
+            .map_err(attach_err)?;
+        Ok(Some(parts))
+    }
+
     /// `virtio_mmio.device=` options declaring the devices to the kernel.
     pub fn cmdline_fragments() -> Vec<String> {
-        [BLOCK_SLOT, CONSOLE_SLOT, RNG_SLOT, FS_SLOT]
+        [BLOCK_SLOT, CONSOLE_SLOT, RNG_SLOT, FS_SLOT, NET_SLOT]
             .iter()
             .map(|&i| {
                 let (base, irq) = slot(i);

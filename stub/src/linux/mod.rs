@@ -199,6 +199,9 @@ pub struct ResumeOptions {
     /// the device's root is share N; the agent mounts them, see
     /// [`LinuxMachine::mount_shares`]).
     pub shares: Vec<ShareConfig>,
+    /// Give the guest the user-mode network (`--net`); the agent brings it up in
+    /// [`LinuxMachine::net_up`]. `None`: the network slot stays empty.
+    pub net: Option<crate::net::NetOptions>,
 }
 
 impl Default for ResumeOptions {
@@ -209,6 +212,7 @@ impl Default for ResumeOptions {
             verify: true,
             seccomp: false,
             shares: Vec::new(),
+            net: None,
         }
     }
 }
@@ -239,6 +243,10 @@ pub struct LinuxMachine {
     quiesced: bool,
     /// The agent mounted host directory shares (unmounted before a save).
     shares_mounted: bool,
+    /// The user-mode network's thread, when the run has one.
+    network: Option<crate::net::stack::Network>,
+    /// The agent brought the network card up (taken down before a save).
+    net_up: bool,
 }
 
 impl LinuxMachine {
@@ -268,6 +276,8 @@ impl LinuxMachine {
             cmdline,
             quiesced: false,
             shares_mounted: false,
+            network: None,
+            net_up: false,
         })
     }
 }
@@ -456,7 +466,22 @@ pub fn resume_linux_start(
     let (vmm_end, client_end) = UnixStream::pair()?;
     let server = Server::new(&opts.shares).map_err(|e| LinuxError::Config(e.to_string()))?;
     let ends = LinuxDevices::host_ends(disk, log.clone(), SocketSink(vmm_end.try_clone()?), server);
-    let machine = build_from_snapshot_with(plan, ends)?;
+    let mut machine = build_from_snapshot_with(plan, ends)?;
+    let net_parts = if LinuxDevices::has_net_slot(&cmdline) {
+        LinuxDevices::attach_net_slot(&mut machine, opts.net.is_some())?
+    } else if opts.net.is_some() {
+        return Err(LinuxError::Config(
+            "this machine was built without a network slot: rebuild it with the current \
+             smolpack to use --net"
+                .into(),
+        ));
+    } else {
+        None
+    };
+    let network = match (net_parts, opts.net) {
+        (Some(parts), Some(net)) => Some(crate::net::stack::Network::start(parts, net)?),
+        _ => None,
+    };
     end_on_halt(&log, &machine);
     let devices = LinuxDevices::of(&machine)?;
     let mut m = LinuxMachine::connect(
@@ -467,6 +492,7 @@ pub fn resume_linux_start(
         (vmm_end, client_end),
         opts.agent_timeout,
     )?;
+    m.network = network;
     timing::mark("devices-restored");
     if let Some(v) = verifier {
         match v.join() {
@@ -608,6 +634,55 @@ impl LinuxMachine {
         })
     }
 
+    /// Have the agent bring the network card up (bind its driver, address, route, DNS),
+    /// when the machine was resumed with a network.
+    pub fn net_up(&mut self) -> Result<(), LinuxError> {
+        if self.network.is_none() {
+            return Ok(());
+        }
+        let config = smolvm_agent::protocol::NetConfig {
+            address: crate::net::GUEST_IP.octets(),
+            prefix: crate::net::PREFIX_LEN,
+            gateway: crate::net::GATEWAY_IP.octets(),
+            dns: crate::net::DNS_IP.octets(),
+        };
+        self.net_up = true;
+        self.client.net_up(config).map_err(|e| match e {
+            ClientError::Agent(why) => {
+                LinuxError::Config(format!("cannot bring the network up: {why}"))
+            }
+            e => e.into(),
+        })
+    }
+
+    /// Take the network away before a save: the agent unbinds the card's driver, the
+    /// network thread stops (its connections are closed) and the slot is emptied, so the
+    /// saved machine has no network card, whatever this run had.
+    pub fn net_down(&mut self) -> Result<(), LinuxError> {
+        if self.net_up {
+            self.client.net_down().map_err(|e| match e {
+                ClientError::Agent(why) => LinuxError::Config(format!(
+                    "cannot save the machine: cannot take the network down: {why}"
+                )),
+                e => e.into(),
+            })?;
+            self.net_up = false;
+        }
+        if let Some(mut n) = self.network.take() {
+            n.stop();
+        }
+        if let Some(slot) = self.machine.devices().net_slot() {
+            let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if s.driver_active() {
+                return Err(LinuxError::Config(
+                    "cannot save the machine: the guest still drives the network card".into(),
+                ));
+            }
+            s.clear();
+        }
+        Ok(())
+    }
+
     /// Have the agent unmount the shares (a save does this first); refuses
     /// while files on a share are open.
     pub fn unmount_shares(&mut self) -> Result<(), LinuxError> {
@@ -650,6 +725,7 @@ impl LinuxMachine {
         compression: Compression,
     ) -> Result<(), LinuxError> {
         self.unmount_shares()?;
+        self.net_down()?;
         if !self.quiesced {
             self.quiesce()?;
         }

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub volumes: Vec<Volume>,
     /// Ports to publish (`-p`, `SMOLVM_PUBLISH`), before the manifest's own.
     pub ports: Vec<super::publish::Publish>,
+    /// The user-mode network (`--net`, `--net-allow`, `SMOLVM_NET`); none when `None`.
+    pub net: Option<crate::net::NetOptions>,
 }
 
 /// One host directory shared into the machine.
@@ -516,6 +518,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
                     read_only: v.read_only,
                 })
                 .collect(),
+            net: opts.net.clone(),
             ..Default::default()
         },
     )?;
@@ -525,6 +528,10 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
         .collect();
     m.mount_shares(&mounts)?;
     timing::mark("shares-mounted");
+    m.net_up()?;
+    if opts.net.is_some() {
+        timing::mark("network-up");
+    }
     if !verified_before {
         if let Some(s) = &stamp {
             s.record();

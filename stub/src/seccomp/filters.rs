@@ -24,6 +24,9 @@ pub enum Role {
     Vmm,
     /// A vCPU thread: `KVM_RUN` and the device emulation done on exits.
     Vcpu,
+    /// Every thread of a run with the user-mode network (`--net`): the VMM list plus
+    /// [`NET`].
+    VmmNet,
 }
 
 impl Allow {
@@ -56,6 +59,8 @@ pub(crate) enum Args {
     AddFilter,
     /// `tgkill` to a thread of this process (vCPU kicks, the SIGSYS re-raise).
     OwnProcess,
+    /// `socket(AF_INET, ...)` only: IPv4 sockets of the user-mode network.
+    Inet,
 }
 
 /// One allowed system call: number, name, argument check, and why it is there.
@@ -159,6 +164,16 @@ pub(crate) const VMM: &[Allow] = allow![
     SYS_fallocate Any: "virtio-fs: fallocate on an open share file",
 ];
 
+/// What the VMM threads may call on top of [`VMM`] when the run has the user-mode network
+/// (`--net`): its thread opens host TCP and UDP sockets and connects them.
+pub(crate) const NET: &[Allow] = allow![
+    SYS_socket Inet: "the user-mode network: IPv4 TCP and UDP sockets for guest connections",
+    SYS_connect Any: "the user-mode network: connecting them (non-blocking)",
+    SYS_getsockopt Any: "the user-mode network: the result of a non-blocking connect (SO_ERROR)",
+    SYS_poll Any: "the user-mode network waits on the guest's eventfd and its host sockets",
+    SYS_ppoll Any: "the same, newer libc",
+];
+
 /// What a vCPU thread may call in addition to being under the VMM filter.
 pub(crate) const VCPU: &[Allow] = allow![
     SYS_ioctl KvmIoctl: "KVM_RUN, and KVM state on errors; only KVM descriptors",
@@ -218,10 +233,11 @@ pub(crate) const VCPU: &[Allow] = allow![
 ];
 
 /// The allow-list of `role`.
-pub(crate) fn allowed(role: Role) -> &'static [Allow] {
+pub(crate) fn allowed(role: Role) -> Vec<&'static Allow> {
     match role {
-        Role::Vmm => VMM,
-        Role::Vcpu => VCPU,
+        Role::Vmm => VMM.iter().collect(),
+        Role::Vcpu => VCPU.iter().collect(),
+        Role::VmmNet => VMM.iter().chain(NET).collect(),
     }
 }
 
@@ -273,6 +289,7 @@ fn rules_for(args: Args, pid: u32) -> Result<Vec<SeccompRule>, SeccompError> {
         ],
         Args::AddFilter => vec![eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)?],
         Args::OwnProcess => vec![eq(0, pid as u64)?],
+        Args::Inet => vec![eq(0, libc::AF_INET as u64)?],
     })
 }
 
@@ -440,6 +457,7 @@ fn rule_specs(args: Args, pid: u32) -> Vec<SeccompRuleSpec> {
         ],
         Args::AddFilter => vec![eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)],
         Args::OwnProcess => vec![eq(0, pid as u64)],
+        Args::Inet => vec![eq(0, libc::AF_INET as u64)],
     }
 }
 
@@ -471,7 +489,7 @@ mod tests {
 
     #[test]
     fn both_filters_compile() {
-        for role in [Role::Vmm, Role::Vcpu] {
+        for role in [Role::Vmm, Role::Vcpu, Role::VmmNet] {
             let prog = compile(role, std::process::id()).unwrap();
             // The kernel's limit is 4096 instructions per filter.
             assert!(
@@ -548,7 +566,7 @@ mod tests {
             libc::SECCOMP_SET_MODE_STRICT as u64,
         ];
         values.dedup();
-        for role in [Role::Vmm, Role::Vcpu] {
+        for role in [Role::Vmm, Role::Vcpu, Role::VmmNet] {
             let tree = compile(role, pid).unwrap();
             let linear = compile_linear(role, pid).unwrap();
             assert!(tree.len() < 4096);

@@ -59,10 +59,24 @@ type Programs = (BpfProgram, BpfProgram);
 /// Programs being compiled on a helper thread by [`prepare`], for [`install`] to take.
 static PREPARED: Mutex<Option<JoinHandle<Result<Programs, SeccompError>>>> = Mutex::new(None);
 
+/// Set by [`enable_network`]: the VMM list gains the user-mode network's calls.
+static NETWORK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The run has the user-mode network (`--net`): its thread may open, connect and poll
+/// IPv4 sockets (`filters::NET`). Call it before [`prepare`] and [`install`].
+pub fn enable_network() {
+    NETWORK.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn compile_both() -> Result<Programs, SeccompError> {
     let pid = std::process::id();
+    let vmm = if NETWORK.load(std::sync::atomic::Ordering::SeqCst) {
+        Role::VmmNet
+    } else {
+        Role::Vmm
+    };
     Ok((
-        filters::compile(Role::Vmm, pid)?,
+        filters::compile(vmm, pid)?,
         filters::compile(Role::Vcpu, pid)?,
     ))
 }

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod console;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 #[cfg(test)]
