@@ -269,21 +269,11 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
                 let Some(spec) = args.get(i + 1) else {
                     return Ok(None);
                 };
-                let rule = parse_allow(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?;
-                opts.net
-                    .get_or_insert_with(Default::default)
-                    .allow
-                    .0
-                    .push(rule);
+                add_allow(&mut opts, &spec.to_string_lossy())?;
                 i += 2;
             }
             s if s.starts_with("--net-allow=") => {
-                let rule = parse_allow(&s["--net-allow=".len()..]).map_err(anyhow::Error::msg)?;
-                opts.net
-                    .get_or_insert_with(Default::default)
-                    .allow
-                    .0
-                    .push(rule);
+                add_allow(&mut opts, &s["--net-allow=".len()..])?;
                 i += 1;
             }
             s if s.starts_with("--publish=") => {
@@ -322,6 +312,18 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
 
 /// Directory of trusted public keys when `SMOLVM_TRUST_DIR` is not set.
 const SYSTEM_TRUST_DIR: &str = "/etc/smolvm/trust.d";
+
+/// One `--net-allow SPEC` (either spelling): a rule added to the run's allow-list, and
+/// the network turned on.
+fn add_allow(opts: &mut RunOptions, spec: &str) -> Result<()> {
+    let rule = parse_allow(spec).map_err(anyhow::Error::msg)?;
+    opts.net
+        .get_or_insert_with(Default::default)
+        .allow
+        .0
+        .push(rule);
+    Ok(())
+}
 
 /// The trusted public keys: `--trust` files, `SMOLVM_TRUST` (paths separated by `:`) and
 /// every `*.pub` file in `SMOLVM_TRUST_DIR` (default /etc/smolvm/trust.d; absent means

@@ -138,13 +138,14 @@ struct UdpFlow {
     reply_from: (Ipv4Addr, u16),
 }
 
-/// Start a non-blocking TCP connect to `to`.
-fn start_connect(to: SocketAddrV4) -> io::Result<TcpStream> {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
+/// A new non-blocking, close-on-exec IPv4 socket of `kind` (`SOCK_STREAM` or `SOCK_DGRAM`):
+/// the network's seccomp list allows socket(2) with `AF_INET` only.
+fn ipv4_socket(kind: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with plain integer arguments; the result is checked.
     let fd = unsafe {
         libc::socket(
             libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             0,
         )
     };
@@ -152,7 +153,13 @@ fn start_connect(to: SocketAddrV4) -> io::Result<TcpStream> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a new descriptor nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Start a non-blocking TCP connect to `to`.
+fn start_connect(to: SocketAddrV4) -> io::Result<TcpStream> {
+    let owned = ipv4_socket(libc::SOCK_STREAM)?;
+    let fd = owned.as_raw_fd();
     let sa = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: to.port().to_be(),
@@ -203,19 +210,7 @@ fn socket_error(fd: RawFd) -> io::Result<()> {
 
 /// A connected, non-blocking UDP socket to `to` (bound implicitly by the connect).
 fn udp_connect(to: SocketAddrV4) -> io::Result<UdpSocket> {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let sock = UdpSocket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let sock = UdpSocket::from(ipv4_socket(libc::SOCK_DGRAM)?);
     sock.connect(to)?;
     Ok(sock)
 }
