@@ -10,7 +10,8 @@
 # vCPU of a 2- and 4-vCPU machine, saved and resumed mid-work), resume-only (just the host
 # machine, for other CPU models), resume-sregs (the host machine on a CPU with fewer
 # features), cpu-build and cpu-run (CPU models: a default-model and a --cpu host machine built
-# on one CPU, resumed or refused on another; see part_cpu_build), bench (timings).
+# on one CPU, resumed or refused on another; see part_cpu_build), bench (timings), chan (channel
+# throughput, scripts/bench-channel.sh).
 #
 # Each check prints one line: `ok - NAME`, `FAIL - NAME: why` or, for a failure that is
 # known today, `xfail - NAME: what happens` (exactly, so a change shows); a known failure
@@ -457,6 +458,19 @@ part_bench() {
         :: smolvm-run ./smolvm run "$m" -- true :: hello-echo "$T/hello" echo x
 }
 
+# The agent channel's throughput here, beside the guest's own pipe (scripts/bench-channel.sh):
+# CHAN_MIB MiB (default 16), CHAN_RUNS runs (default 3).
+part_chan() {
+    m="$T/hello1.smolmachine"
+    [ -f "$m" ] || build_hello hello1 1 "$m" || return
+    echo "NESTED-BENCH channel"
+    if sh /work/bench-channel.sh /work/smolvm "$m" "${CHAN_MIB:-16}" "${CHAN_RUNS:-3}"; then
+        ok "chan: channel benchmark"
+    else
+        fail "chan: channel benchmark" "scripts/bench-channel.sh failed"
+    fi
+}
+
 # Repeats, to reproduce intermittent hangs: NESTED_LOOP runs (default 20) of one resume, each
 # limited to NESTED_LOOP_LIMIT s (default 120) with the thread dump on a hang; prints a tally.
 # loop-host: the host-built (1-vCPU) machine runs greet, with the guest kernel's log kept.
@@ -503,6 +517,7 @@ for p in "$@"; do
         spin2) part_spin 2 ;;
         spin4) part_spin 4 ;;
         bench) part_bench ;;
+        chan) part_chan ;;
         loop-host) part_loop host ;;
         loop-vmm) part_loop vmm ;;
         loop-hello2) part_loop hello2 ;;
