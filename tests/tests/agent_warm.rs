@@ -414,6 +414,28 @@ fn invoke_mode_through_the_shell_helper() {
     assert_eq!(out.stderr, b"oops\n");
     assert_eq!(out.status, ExitStatus::Code(5));
 
+    // Started by its own path, as a `#!` script (examples/hello's greet): the kernel runs
+    // `/bin/sh PATH ARGS`, so the shell's command line has one word more than the run's
+    // argv; the run's arguments must still arrive whole, the first one included.
+    let direct = dir.path().join("direct.sh");
+    std::fs::write(
+        &direct,
+        format!(
+            "#!/bin/sh\n\
+             eval \"$({} invoke --sh $#)\"\n\
+             echo \"$# args: $1|$2|$3\"\n",
+            agent_bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&direct, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = direct.to_str().unwrap();
+    let pid = ready_pid(warm(c, req(&[d]), WarmMode::Invoke, 1));
+    let (p, out) = run(c, req(&[d, "x y", "", "z"]), b"");
+    assert_eq!(p, pid);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "3 args: x y||z\n");
+    assert_eq!(out.status, ExitStatus::Code(0));
+
     // The same with busybox's shell, the /bin/sh of busybox images.
     if std::process::Command::new("busybox")
         .arg("true")

@@ -1052,6 +1052,8 @@ impl<'a, T: Transport> Session<'a, T> {
                 invoke::SOCKET_ENV.into(),
                 path.to_string_lossy().into_owned(),
             ));
+            exec.env
+                .push((invoke::ARGC_ENV.into(), exec.argv.len().to_string()));
         }
         match spawn(&exec, self.config) {
             Ok(sp) => {

@@ -21,6 +21,11 @@ use std::os::unix::net::UnixStream;
 pub const DEFAULT_SOCKET: &str = "/run/smolvm/invoke.sock";
 /// The variable the agent sets in a warm program's environment naming the socket.
 pub const SOCKET_ENV: &str = "SMOLVM_INVOKE_SOCKET";
+/// The variable the agent sets beside [`SOCKET_ENV`]: how many words the warm command line
+/// had when the agent started it. A script's interpreter sees another count (a `#!` line
+/// adds the interpreter and replaces `argv[0]` with the script's path), so the shell helper
+/// takes the program's words of a run from this, less the script's own argument count.
+pub const ARGC_ENV: &str = "SMOLVM_INVOKE_ARGC";
 /// What a program writes after connecting.
 pub const REQUEST: &[u8; 16] = b"smolvm-invoke 1\n";
 /// Largest payload either side accepts.

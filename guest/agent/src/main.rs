@@ -121,13 +121,21 @@ fn invoke_cli(args: Vec<String>) -> ExitCode {
         eprintln!("smolvm-invoke: {INVOKE_USAGE}");
         return ExitCode::from(2);
     };
-    // Our parent is the script's shell (or its command-substitution subshell, a fork with
-    // the same command line): its argv minus its NARGS arguments is the interpreter part.
-    // SAFETY: getppid cannot fail.
-    let ppid = unsafe { libc::getppid() };
-    let own = std::fs::read(format!("/proc/{ppid}/cmdline"))
-        .map(|c| c.split(|&b| b == 0).count().saturating_sub(1))
-        .unwrap_or(0);
+    // The run's argv is a command line as the agent execs it: the program's words, then the
+    // script's arguments. The warm start had SMOLVM_INVOKE_ARGC words of which the script got
+    // NARGS as its arguments, so the rest were the program's. Without the variable (an older
+    // agent), count them from the script's shell, whose command line is the program's words
+    // (as the kernel rewrote them for a `#!` line) and then its NARGS arguments.
+    let from_env = std::env::var(smolvm_agent::invoke::ARGC_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let own = from_env.unwrap_or_else(|| {
+        // SAFETY: getppid cannot fail.
+        let ppid = unsafe { libc::getppid() };
+        std::fs::read(format!("/proc/{ppid}/cmdline"))
+            .map(|c| c.split(|&b| b == 0).count().saturating_sub(1))
+            .unwrap_or(0)
+    });
     let skip = own.saturating_sub(nargs);
     // Not started warm: nothing to take over, and nothing printed, so the script runs cold.
     let Some(socket) = std::env::var_os(smolvm_agent::invoke::SOCKET_ENV) else {
