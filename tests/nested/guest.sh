@@ -456,6 +456,20 @@ part_bench() {
     echo "NESTED-BENCH hello"
     ./bench_spawn "${BENCH_HELLO_RUNS:-5}" :: true /usr/bin/true :: hello "$T/hello" true \
         :: smolvm-run ./smolvm run "$m" -- true :: hello-echo "$T/hello" echo x
+    # examples/hello's default run (greet) warm, as the Smolfile has it, and cold: the same
+    # Smolfile without its `warm` line.
+    rm -rf "$T/src-cold"
+    cp -r /work/hello "$T/src-cold"
+    sed -i '/^warm = /d' "$T/src-cold/Smolfile"
+    if ! smolpack build "$T/src-cold/Smolfile" -o "$T/hello-cold.smolmachine" >"$T/build-cold.log" 2>&1; then
+        fail "bench: cold hello" "smolpack build failed"
+        tail -20 "$T/build-cold.log" | sed 's/^/    | /'
+        return
+    fi
+    smolpack pack "$T/hello-cold.smolmachine" -o "$T/hello-cold" >/dev/null
+    echo "NESTED-BENCH hello warm and cold"
+    ./bench_spawn "${BENCH_HELLO_RUNS:-5}" :: true /usr/bin/true :: cold "$T/hello-cold" \
+        :: warm "$T/hello"
 }
 
 # The agent channel's throughput here, beside the guest's own pipe (scripts/bench-channel.sh):
