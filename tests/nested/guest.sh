@@ -199,6 +199,55 @@ hello_checks() {
     expect "$tag: packed exit status 5" 5 "$T/want" timeout -s KILL "$LIMIT" "$T/packed" sh -c 'exit 5'
     want 'packed\n'
     expect "$tag: packed stdin" 0 "$T/want" sh -c "echo packed | timeout -s KILL $LIMIT '$T/packed' cat"
+    [ "$tag" = hello1 ] && io_checks "$tag" "$m"
+}
+
+# The machine's ways to the host on kvm_amd: a shared directory both ways (virtio-fs) and a
+# published port (the agent channel). The network is part_net.
+io_checks() {
+    tag=$1 m=$2
+    rm -rf "$T/share"
+    mkdir -p "$T/share"
+    echo from-host >"$T/share/in"
+    want 'from-host\n'
+    if expect "$tag: -v share read and written" 0 "$T/want" \
+        smolvm run -v "$T/share:/mnt/s:rw" "$m" -- sh -c 'cat /mnt/s/in; echo from-guest > /mnt/s/out'; then
+        if [ "$(cat "$T/share/out" 2>/dev/null)" = from-guest ]; then ok "$tag: the guest's file is on the host"; else
+            fail "$tag: the guest's file is on the host" "$T/share/out: $(cat "$T/share/out" 2>&1)"
+        fi
+    fi
+    # -p: the web server started at build time, from this host.
+    exec 6<&0
+    (smolvm run -p 18080:8080 "$m" -- sh -c 'echo ready; sleep 120' <&6 >"$T/fwd.out" 2>"$T/fwd.err") &
+    fwd=$!
+    exec 6<&-
+    waited=0
+    until grep -q ready "$T/fwd.out" 2>/dev/null || [ "$waited" -ge "$LIMIT" ]; do sleep 1; waited=$((waited + 1)); done
+    got=$(wget -qO- http://127.0.0.1:18080/ 2>&1 | head -1)
+    if [ "$got" = '<!doctype html>' ]; then ok "$tag: -p 18080:8080 reaches the guest's server"; else
+        fail "$tag: -p 18080:8080 reaches the guest's server" "got '$got'"
+        show "$T/fwd.err"
+    fi
+    kill -TERM "$fwd" 2>/dev/null
+    pkill -TERM -f "smolvm run -p 18080" 2>/dev/null
+    wait "$fwd" 2>/dev/null
+}
+
+# The opt-in network on kvm_amd (virtio-net, gateway 10.0.2.2 = this host's 127.0.0.1).
+part_net() {
+    tag=net m="$T/hello1.smolmachine"
+    [ -f "$m" ] || build_hello hello1 1 "$m" || return
+    # --net: a server on this host's loopback, reached through the gateway.
+    mkdir -p "$T/www"
+    echo through-the-gateway >"$T/www/f"
+    busybox httpd -p 127.0.0.1:18090 -h "$T/www"
+    want 'through-the-gateway\n'
+    expect "$tag: --net reaches a host server through 10.0.2.2" 0 "$T/want" \
+        smolvm run --net "$m" -- wget -qO- http://10.0.2.2:18090/f
+    : >"$T/want"
+    expect "$tag: --net-allow refuses another destination" 1 "$T/want" \
+        smolvm run --net-allow 127.0.0.1:1 "$m" -- sh -c 'wget -qO- http://10.0.2.2:18090/f 2>/dev/null'
+    pkill -f "httpd -p 127.0.0.1:18090" 2>/dev/null
 }
 
 # build_hello TAG VCPUS OUT: examples/hello with [resources] vcpus replaced.
@@ -532,6 +581,7 @@ for p in "$@"; do
         spin4) part_spin 4 ;;
         bench) part_bench ;;
         chan) part_chan ;;
+        net) part_net ;;
         loop-host) part_loop host ;;
         loop-vmm) part_loop vmm ;;
         loop-hello2) part_loop hello2 ;;
