@@ -209,7 +209,8 @@ mod runner {
             let reports = Arc::new(Mutex::new(Vec::new()));
             let mut mmio = Bus::new();
             let stop = control.clone();
-            let devices: [(Arc<Mutex<dyn BusDevice>>, u64, u64); 3] = [
+            type Device = Arc<Mutex<dyn BusDevice>>;
+            let devices: [(Device, u64, u64); 3] = [
                 (
                     Arc::new(Mutex::new(ExitPort::new(Box::new(move |s| {
                         stop.finish(ExitReason::Exited(s))
