@@ -4,7 +4,6 @@
 //! [`machine::Machine`]; `start`, `pause`/[`machine::PauseHandle`], `wait`,
 //! `run_to_exit` and `save` drive it.
 
-#[cfg(target_arch = "x86_64")]
 pub mod arch;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod builder;
@@ -26,5 +25,6 @@ pub mod seccomp;
 pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod testguest;
+pub mod testguest_aarch64;
 pub mod timing;
 pub mod vstate;

@@ -719,7 +719,7 @@ fn damage(e: &smolvm_formats::Error, packed: bool) -> Option<String> {
     }
 }
 
-fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     timing::start();
     // Before any argument is read: does this executable carry a machine?
     let packed = packed_self();

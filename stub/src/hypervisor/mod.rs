@@ -2,13 +2,15 @@
 //!
 //! The machine, the builder and the run loop are written against these traits
 //! only: [`Hypervisor`], [`Vm`] and [`Vcpu`] for what every backend does, and
-//! per-architecture extension traits ([`VmX86_64`], [`VcpuX86_64`]) for
+//! per-architecture extension traits ([`VmX86_64`], [`VcpuX86_64`]; `VmAarch64`,
+//! `VcpuAarch64` on aarch64) for
 //! interrupt controllers, boot entry and the saved register state, whose types
 //! are the architecture's (`arch::x86_64::state`), not the backend's. Exits
 //! come back as the backend-neutral [`VcpuExit`]; port I/O and MMIO exits go
 //! to the device buses, so devices never see the backend. The build picks one
-//! backend per target ([`Backend`]); another one (aarch64 KVM, macOS
-//! Hypervisor.framework) implements the same traits in its own module.
+//! backend per target ([`Backend`]); KVM on aarch64 implements the same
+//! traits in `kvm::aarch64`, and another backend (macOS Hypervisor.framework)
+//! would in its own module.
 
 #[cfg(target_os = "linux")]
 pub mod kvm;
@@ -241,6 +243,42 @@ pub trait VcpuX86_64: Vcpu {
     /// The general-purpose registers, for inspection.
     fn regs(&self) -> Result<kvm_bindings::kvm_regs, HypervisorError>;
 }
+
+/// aarch64 VM operations: the in-kernel GICv3.
+#[cfg(target_arch = "aarch64")]
+pub trait VmAarch64: Vm {
+    /// Create and initialise the GICv3 for `vcpus` vCPUs. Call after every
+    /// vCPU is created (the init sizes the redistributors) and before any
+    /// interrupt line (irqfds need it); see `arch::aarch64::gic`.
+    fn create_gic(&self, vcpus: u32) -> Result<(), HypervisorError>;
+    /// Save the GIC: the vCPUs, whose MPIDR_EL1 values are `mpidrs` in vCPU
+    /// order, must be out of the guest.
+    fn save_gic(&self, mpidrs: &[u64]) -> Result<AArch64GicState, HypervisorError>;
+    /// Restore the GIC after every vCPU's registers, before the first run.
+    fn restore_gic(&self, mpidrs: &[u64], state: &AArch64GicState) -> Result<(), HypervisorError>;
+}
+
+/// aarch64 vCPU operations: boot entry and the saved register state. The
+/// backend initialises each vCPU (`KVM_ARM_VCPU_INIT`, PSCI 0.2; vCPUs other
+/// than 0 powered off until a PSCI CPU_ON) when it creates it.
+#[cfg(target_arch = "aarch64")]
+pub trait VcpuAarch64: Vcpu {
+    /// Set the entry registers: PC, SP_EL1, x0, PSTATE at EL1h masked.
+    fn configure_boot(
+        &self,
+        entry: &crate::arch::aarch64::regs::Entry,
+    ) -> Result<(), HypervisorError>;
+    /// MPIDR_EL1, which names the vCPU's redistributor.
+    fn mpidr(&self) -> Result<u64, HypervisorError>;
+    /// Save every register `KVM_GET_REG_LIST` offers and the MP state. The
+    /// vCPU must be out of the guest with its last exit completed.
+    fn save_state(&self) -> Result<AArch64VcpuState, HypervisorError>;
+    /// Restore a freshly created vCPU, in `regs::restore_order`.
+    fn restore_state(&self, state: &AArch64VcpuState) -> Result<(), HypervisorError>;
+}
+
+#[cfg(target_arch = "aarch64")]
+use crate::arch::aarch64::{gic::GicState as AArch64GicState, regs::VcpuState as AArch64VcpuState};
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::cpu_model::CpuModel;

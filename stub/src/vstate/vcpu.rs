@@ -161,11 +161,13 @@ impl RunControl {
     }
 
     /// How many vCPU threads are on the kick list.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn listed_threads(&self) -> usize {
         lock(&self.threads).len()
     }
 
     /// Back to running after a pause. Has no effect once the machine stopped.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn clear_pause(&self) {
         let _ = self
             .request

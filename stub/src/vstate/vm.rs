@@ -1,6 +1,8 @@
 //! Creating the VM: memory slots, then the IRQ chip, then the vCPUs.
 
-use crate::hypervisor::{Hypervisor, HypervisorError, Vm};
+#[cfg(target_arch = "x86_64")]
+use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{HypervisorError, Vm};
 use crate::memory::GuestMemory;
 
 /// Register every region of `memory` as a memory slot of `vm`, in order.

@@ -3,6 +3,8 @@
 //! Only standard KVM API is used, so the same code runs on hardware KVM
 //! (Intel/AMD) and on PVM hosts.
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
@@ -124,6 +126,8 @@ impl super::Hypervisor for KvmHypervisor {
         Ok(KvmVm {
             fd,
             kvm: self.kvm.clone(),
+            #[cfg(target_arch = "aarch64")]
+            gic: std::sync::OnceLock::new(),
         })
     }
 }
@@ -132,6 +136,9 @@ impl super::Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     fd: VmFd,
     kvm: Arc<Kvm>,
+    /// The vgic-v3 device, once created (`VmAarch64::create_gic`).
+    #[cfg(target_arch = "aarch64")]
+    gic: std::sync::OnceLock<kvm_ioctls::DeviceFd>,
 }
 
 impl KvmVm {
@@ -200,6 +207,8 @@ impl super::Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| HypervisorError::op("KVM_CREATE_VCPU", e))?;
+        #[cfg(target_arch = "aarch64")]
+        aarch64::init_vcpu(&self.fd, &fd, id)?;
         #[cfg(target_arch = "x86_64")]
         let xsave_fam = x86_64::xsave_fam_len(&self.fd);
         #[cfg(not(target_arch = "x86_64"))]
@@ -221,6 +230,7 @@ impl super::Vm for KvmVm {
 pub struct KvmVcpu {
     fd: VcpuFd,
     id: u32,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     kvm: Arc<Kvm>,
     /// u32 words of XSAVE state past the legacy 4 KiB (KVM_CAP_XSAVE2).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -332,7 +342,11 @@ impl super::Vcpu for KvmVcpu {
         {
             x86_64::describe_position(&self.fd, memory)
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            aarch64::describe_position(&self.fd, memory)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             let _ = memory;
             String::from("position unknown")

@@ -402,6 +402,8 @@ impl Server {
             mtimensec: st.st_mtime_nsec as u32,
             ctimensec: st.st_ctime_nsec as u32,
             mode,
+            // st_nlink is u64 on x86_64 and u32 on aarch64.
+            #[allow(clippy::unnecessary_cast)]
             nlink: st.st_nlink as u32,
             uid: map(st.st_uid, self.uid),
             gid: map(st.st_gid, self.gid),
