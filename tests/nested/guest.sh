@@ -527,7 +527,8 @@ part_chan() {
     m="$T/hello1.smolmachine"
     [ -f "$m" ] || build_hello hello1 1 "$m" || return
     echo "NESTED-BENCH channel"
-    if sh /work/bench-channel.sh /work/smolvm "$m" "${CHAN_MIB:-16}" "${CHAN_RUNS:-3}"; then
+    # Under the watchdog: a stalled transfer dumps every thread's kernel stack.
+    if limited "${CHAN_LIMIT:-900}" sh /work/bench-channel.sh /work/smolvm "$m" "${CHAN_MIB:-16}" "${CHAN_RUNS:-3}"; then
         ok "chan: channel benchmark"
     else
         fail "chan: channel benchmark" "scripts/bench-channel.sh failed"
