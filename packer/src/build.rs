@@ -444,8 +444,8 @@ mod tests {
     #[test]
     fn steps_and_labels() {
         let sf = hello();
-        // rootfs, boot, 1 setup, 1 service, save.
-        assert_eq!(step_count(&sf), 5);
+        // rootfs, boot, 1 setup, 1 service, warm (greet), save.
+        assert_eq!(step_count(&sf), 6);
         assert_eq!(base_label(&sf), "busybox, 2 copies");
         assert!(extra_cmdline(&sf).starts_with("smolvm.hostname=hello"));
     }

@@ -177,10 +177,13 @@ fn two_machines_share_one_directory_at_once() {
     };
     let dir = tempfile::tempdir().unwrap();
     let vol = vec![format!("{}:/shared:rw", dir.path().display())];
-    // Each writes its file, then waits (up to 10 minutes) for the other's.
+    // Each writes its file, then waits (up to 10 minutes) for the other's. The file is
+    // written under another name and renamed into place: `echo > FILE` creates it empty
+    // before it writes, and the other machine may look in between (and keep the empty
+    // file's size in its attribute cache).
     let script = |me: &str, other: &str| {
         format!(
-            "echo {me} > /shared/{me}; i=0; \
+            "echo {me} > /shared/.{me}.tmp && mv /shared/.{me}.tmp /shared/{me}; i=0; \
              while [ ! -e /shared/{other} ] && [ $i -lt 6000 ]; do sleep 0.1; i=$((i+1)); done; \
              cat /shared/{other}"
         )
