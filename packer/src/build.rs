@@ -140,6 +140,13 @@ pub fn manifest(
     for (i, p) in sf.ports.iter().enumerate() {
         extra.insert(format!("port.{i}"), p.spec());
     }
+    // `[network]`: the run's default network (docs/RUNTIME.md, network).
+    if let Some(allow) = &sf.network {
+        extra.insert("network".into(), "on".into());
+        if !allow.is_empty() {
+            extra.insert("network.allow".into(), allow.join(","));
+        }
+    }
     // `[run] warm`: informational (the agent decides which run gets the warm process).
     if let Some(w) = &sf.run.warm {
         let mode = match w.kind {
@@ -439,6 +446,24 @@ mod tests {
         assert_eq!(m.entrypoint, ["/bin/echo"]);
         assert!(m.cmd.is_empty() && m.env.is_empty() && m.extra.is_empty());
         assert_eq!(m.workdir, "/");
+    }
+
+    #[test]
+    fn manifest_records_the_network_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "name = \"m\"\n[base]\ntype = \"busybox\"\n";
+        let m = |text: &str| {
+            let sf = Smolfile::parse(&format!("{base}{text}"), dir.path(), "Smolfile").unwrap();
+            manifest(&sf, "kvm", UNIX_EPOCH, &BTreeMap::new()).extra
+        };
+        assert!(!m("").contains_key("network"));
+        assert!(!m("[network]\nenabled = false\n").contains_key("network"));
+        let all = m("[network]\n");
+        assert_eq!(all["network"], "on");
+        assert!(!all.contains_key("network.allow"));
+        let some = m("[network]\nallow = [\"127.0.0.1:8080\", \"10.0.0.0/8\"]\n");
+        assert_eq!(some["network"], "on");
+        assert_eq!(some["network.allow"], "127.0.0.1:8080,10.0.0.0/8");
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct Smolfile {
     pub volumes: Vec<Volume>,
     /// `[[port]]`: guest ports published by default when the machine runs.
     pub ports: Vec<Port>,
+    /// `[network]`: the machine runs with the user-mode network by default (`None`: off),
+    /// limited to these `--net-allow` specs (empty: every destination).
+    pub network: Option<Vec<String>>,
 }
 
 /// A `[[port]]`: a guest TCP port published on the host whenever the machine runs (unless
@@ -346,6 +349,17 @@ struct RawSmolfile {
     volume: Vec<Spanned<RawVolume>>,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
+    #[serde(default)]
+    network: Option<Spanned<RawNetwork>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    #[serde(default)]
+    enabled: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    allow: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -639,8 +653,63 @@ impl Cx<'_> {
                 })
             })
             .collect::<R<_>>()?;
+        // `[network]`: every allow entry checked as `--net-allow` checks it (so a bad one
+        // fails the build, not every run); `enabled = false` keeps the network off.
+        let network = match &raw.network {
+            None => None,
+            Some(n) => {
+                let n = n.get_ref();
+                let enabled = match &n.enabled {
+                    None => None,
+                    Some(e) => match e.get_ref() {
+                        toml::Value::Boolean(b) => Some((*b, e.span())),
+                        _ => {
+                            return Err(
+                                self.err(e.span(), "[network] enabled must be true or false")
+                            )
+                        }
+                    },
+                };
+                let allow_err = |span| {
+                    self.err(
+                        span,
+                        "[network] allow must be an array of strings, as [\"127.0.0.1:8080\"]",
+                    )
+                };
+                let allow = match &n.allow {
+                    None => Vec::new(),
+                    Some(a) => {
+                        let toml::Value::Array(items) = a.get_ref() else {
+                            return Err(allow_err(a.span()));
+                        };
+                        items
+                            .iter()
+                            .map(|v| {
+                                let spec = v.as_str().ok_or_else(|| allow_err(a.span()))?;
+                                smolvm::net::parse_allow(spec)
+                                    .map(|_| spec.to_string())
+                                    .map_err(|e| {
+                                        self.err(a.span(), format!("[network] allow: {e}"))
+                                    })
+                            })
+                            .collect::<R<Vec<_>>>()?
+                    }
+                };
+                match enabled {
+                    Some((false, span)) if !allow.is_empty() => {
+                        return Err(self.err(
+                            span,
+                            "[network] enabled = false with an allow list: drop one of them",
+                        ))
+                    }
+                    Some((false, _)) => None,
+                    _ => Some(allow),
+                }
+            }
+        };
         Ok(Smolfile {
             ports,
+            network,
             name,
             dir: self.dir.to_path_buf(),
             base,
@@ -1471,6 +1540,79 @@ cmd = ["echo hello from smolvm"]
         assert_eq!(line, 1, "{msg}");
         let (line, msg) = err("name = \"m\"\n[base\ntype = \"busybox\"\n");
         assert_eq!(line, 2, "{msg}");
+    }
+
+    #[test]
+    fn network_section() {
+        let base = "name = \"n\"\n[base]\ntype = \"busybox\"\n";
+        assert_eq!(parse(base).unwrap().network, None);
+        assert_eq!(
+            parse(&format!("{base}[network]\n")).unwrap().network,
+            Some(vec![])
+        );
+        assert_eq!(
+            parse(&format!("{base}[network]\nenabled = true\n"))
+                .unwrap()
+                .network,
+            Some(vec![])
+        );
+        assert_eq!(
+            parse(&format!("{base}[network]\nenabled = false\n"))
+                .unwrap()
+                .network,
+            None
+        );
+        assert_eq!(
+            parse(&format!(
+                "{base}[network]\nallow = [\"127.0.0.1:8080\", \"10.0.0.0/8\", \"localhost\"]\n"
+            ))
+            .unwrap()
+            .network,
+            Some(vec![
+                "127.0.0.1:8080".to_string(),
+                "10.0.0.0/8".to_string(),
+                "localhost".to_string()
+            ])
+        );
+        // Bad input: one line, naming the key and its line.
+        for (text, line, want) in [
+            (
+                "[network]\nallow = [\"127.0.0.1:80\", \"example.com\"]\n",
+                5,
+                "[network] allow: bad --net-allow 'example.com': 'example.com' is not an IPv4 address",
+            ),
+            (
+                "[network]\nallow = [\"1.2.3.4:0\"]\n",
+                5,
+                "[network] allow: bad --net-allow '1.2.3.4:0': the port must be 1-65535",
+            ),
+            (
+                "[network]\nenabled = false\nallow = [\"127.0.0.1\"]\n",
+                5,
+                "[network] enabled = false with an allow list",
+            ),
+            (
+                "[network]\nenabled = \"yes\"\n",
+                5,
+                "[network] enabled must be true or false",
+            ),
+            (
+                "[network]\nallow = \"127.0.0.1\"\n",
+                5,
+                "[network] allow must be an array of strings",
+            ),
+            (
+                "[network]\nallow = [80]\n",
+                5,
+                "[network] allow must be an array of strings",
+            ),
+            ("[network]\nallowed = []\n", 5, "allowed"),
+        ] {
+            let (l, msg) = err(&format!("{base}{text}"));
+            assert_eq!(l, line, "{msg}");
+            assert!(msg.contains(want), "{msg}");
+            assert!(!msg.trim_end().contains('\n'), "{msg}");
+        }
     }
 
     #[test]

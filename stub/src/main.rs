@@ -28,7 +28,7 @@ use smolvm_formats::MachineReader;
 const VMM_ERROR: u8 = 125;
 
 const USAGE: &str = concat!(
-    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [-p SPEC]... [--net]\n",
+    "usage: smolvm run [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [-p SPEC]... [--net[=off]]\n",
     "                  [--net-allow HOST|CIDR[:PORT]]... [--trust PUB]... FILE|REF [-- ARGS...]\n",
     "       smolvm shell [--save OUT] [-v HOST:GUEST[:ro|:rw]]... [--trust PUB]... FILE\n",
     "  run    Resume the machine in FILE (.smolmachine or packed executable) and run its\n",
@@ -41,7 +41,8 @@ const USAGE: &str = concat!(
     "         (127.0.0.1 unless HOST_IP) to the guest's 127.0.0.1:GUEST_PORT (repeatable);\n",
     "         --net gives the guest outbound TCP/UDP and DNS through the VMM (gateway\n",
     "         10.0.2.2 = host 127.0.0.1); --net-allow HOST|CIDR[:PORT] (repeatable, implies\n",
-    "         --net) allows only those destinations;\n",
+    "         --net) allows only those destinations (replacing the machine's [network]\n",
+    "         allow list); --net=off: no network even when the Smolfile's [network] is on;\n",
     "         --trust PUB runs FILE only when it is signed by that key (`smolpack sign`).\n",
     "         REF (REGISTRY/NAME:TAG or @sha256:..., not an existing path) is pulled by\n",
     "         `smolpack pull --cache` into ~/.cache/smolvm/machines and run from there.\n",
@@ -57,7 +58,8 @@ const USAGE: &str = concat!(
     "                          (like `run -v`; `run` ignores it)\n",
     "  SMOLVM_PUBLISH=8080:80,...  packed executables only: publish ports (like `run -p`;\n",
     "                          `run` ignores it)\n",
-    "  SMOLVM_NET=1            packed executables only: the network (like `run --net`)\n",
+    "  SMOLVM_NET=1|0          packed executables only: the network on (like `run --net`)\n",
+    "                          or off (like `run --net=off`)\n",
     "  SMOLVM_NET_ALLOW=SPEC,...  packed executables only: like `run --net-allow`\n",
     "  SMOLVM_TIMINGS=1        print resume phase times to stderr\n",
     "  SMOLVM_LOG=LEVEL        error, warn (default), info, debug or off\n",
@@ -140,7 +142,11 @@ impl Ended {
 /// runs a command through its agent, the VMM test guest runs to its exit port.
 fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
     // The filters compile while the machine is built; they go on just before it runs.
-    if opts.net.is_some() {
+    // The caller's --net/--net=off/--net-allow applied to the machine's `[network]`.
+    if smolvm::linux::run::net_for(&plan.manifest, &opts.net)
+        .map_err(anyhow::Error::msg)?
+        .is_some()
+    {
         smolvm::seccomp::enable_network();
     }
     smolvm::seccomp::prepare();
@@ -227,6 +233,8 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
     let mut opts = RunOptions::default();
     let mut trust = Vec::new();
     let mut file = None;
+    // --net / --net=on, --net=off, and the --net-allow rules, combined at the end.
+    let (mut net_on, mut net_off, mut net_rules) = (false, false, Vec::new());
     let mut i = 0;
     while i < args.len() {
         let a = args[i].to_string_lossy();
@@ -261,19 +269,27 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
                     .push(parse_publish(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?);
                 i += 2;
             }
-            "--net" => {
-                opts.net.get_or_insert_with(Default::default);
+            "--net" | "--net=on" => {
+                net_on = true;
                 i += 1;
+            }
+            "--net=off" => {
+                net_off = true;
+                i += 1;
+            }
+            s if s.starts_with("--net=") => {
+                anyhow::bail!("bad {s}: expected --net, --net=on or --net=off");
             }
             "--net-allow" => {
                 let Some(spec) = args.get(i + 1) else {
                     return Ok(None);
                 };
-                add_allow(&mut opts, &spec.to_string_lossy())?;
+                net_rules.push(parse_allow(&spec.to_string_lossy()).map_err(anyhow::Error::msg)?);
                 i += 2;
             }
             s if s.starts_with("--net-allow=") => {
-                add_allow(&mut opts, &s["--net-allow=".len()..])?;
+                net_rules
+                    .push(parse_allow(&s["--net-allow=".len()..]).map_err(anyhow::Error::msg)?);
                 i += 1;
             }
             s if s.starts_with("--publish=") => {
@@ -304,6 +320,8 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
             _ => return Ok(None),
         }
     }
+    opts.net = smolvm::net::NetRequest::from_flags(net_on, net_off, net_rules, "--net=off")
+        .map_err(anyhow::Error::msg)?;
     if shell {
         opts.argv = Some(vec!["/bin/sh".into(), "-l".into()]);
     }
@@ -312,18 +330,6 @@ fn parse_run(args: &[OsString], shell: bool) -> Result<Option<RunArgs>> {
 
 /// Directory of trusted public keys when `SMOLVM_TRUST_DIR` is not set.
 const SYSTEM_TRUST_DIR: &str = "/etc/smolvm/trust.d";
-
-/// One `--net-allow SPEC` (either spelling): a rule added to the run's allow-list, and
-/// the network turned on.
-fn add_allow(opts: &mut RunOptions, spec: &str) -> Result<()> {
-    let rule = parse_allow(spec).map_err(anyhow::Error::msg)?;
-    opts.net
-        .get_or_insert_with(Default::default)
-        .allow
-        .0
-        .push(rule);
-    Ok(())
-}
 
 /// The trusted public keys: `--trust` files, `SMOLVM_TRUST` (paths separated by `:`) and
 /// every `*.pub` file in `SMOLVM_TRUST_DIR` (default /etc/smolvm/trust.d; absent means
@@ -514,14 +520,15 @@ fn run_packed(target: Target) -> Result<Ended> {
     run(plan, &name, &opts)
 }
 
-/// `SMOLVM_NET=1` and `SMOLVM_NET_ALLOW=SPEC,...` of a packed executable (the second
-/// implies the first).
-fn packed_net() -> Result<Option<smolvm::net::NetOptions>> {
-    let on = match std::env::var("SMOLVM_NET") {
-        Ok(v) if v.is_empty() || v == "0" => false,
-        Ok(v) if v == "1" => true,
+/// `SMOLVM_NET=1|0` and `SMOLVM_NET_ALLOW=SPEC,...` of a packed executable (the second
+/// implies the first; `SMOLVM_NET=0` turns off a machine's `[network]` default).
+fn packed_net() -> Result<smolvm::net::NetRequest> {
+    let (on, off) = match std::env::var("SMOLVM_NET") {
+        Ok(v) if v.is_empty() => (false, false),
+        Ok(v) if v == "0" => (false, true),
+        Ok(v) if v == "1" => (true, false),
         Ok(v) => anyhow::bail!("bad SMOLVM_NET '{v}': expected 1 or 0"),
-        Err(std::env::VarError::NotPresent) => false,
+        Err(std::env::VarError::NotPresent) => (false, false),
         Err(_) => anyhow::bail!("SMOLVM_NET is not valid UTF-8"),
     };
     let rules = match std::env::var("SMOLVM_NET_ALLOW") {
@@ -529,11 +536,7 @@ fn packed_net() -> Result<Option<smolvm::net::NetOptions>> {
         Err(std::env::VarError::NotPresent) => Vec::new(),
         Err(_) => anyhow::bail!("SMOLVM_NET_ALLOW is not valid UTF-8"),
     };
-    Ok(
-        (on || !rules.is_empty()).then_some(smolvm::net::NetOptions {
-            allow: smolvm::net::AllowList(rules),
-        }),
-    )
+    smolvm::net::NetRequest::from_flags(on, off, rules, "SMOLVM_NET=0").map_err(anyhow::Error::msg)
 }
 
 /// `smolvm run` / `smolvm shell`; `packed` is set when FILE turns out to be
@@ -879,10 +882,28 @@ mod tests {
     #[test]
     fn net_flags_parse() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let o = parse_run(&a(&["m"]), false).unwrap().unwrap().opts;
-        assert!(o.net.is_none());
-        let o = parse_run(&a(&["--net", "m"]), false).unwrap().unwrap().opts;
-        assert_eq!(o.net.unwrap().allow.0.len(), 0);
+        use smolvm::net::NetRequest;
+        let net = |v: &[&str]| parse_run(&a(v), false).map(|r| r.unwrap().opts.net);
+        assert_eq!(net(&["m"]).unwrap(), NetRequest::Default);
+        assert_eq!(net(&["--net", "m"]).unwrap(), NetRequest::On);
+        assert_eq!(net(&["m", "--net=on"]).unwrap(), NetRequest::On);
+        assert_eq!(net(&["--net=off", "m"]).unwrap(), NetRequest::Off);
+        let err = net(&["--net=maybe", "m"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "bad --net=maybe: expected --net, --net=on or --net=off"
+        );
+        for v in [
+            &["--net=off", "--net", "m"][..],
+            &["--net=off", "--net-allow", "127.0.0.1", "m"][..],
+        ] {
+            let err = net(v).unwrap_err().to_string();
+            assert!(
+                err.starts_with("--net=off: the network cannot be both off and on")
+                    && !err.contains('\n'),
+                "{err}"
+            );
+        }
         let o = parse_run(
             &a(&["--net-allow", "127.0.0.1:80", "m", "--net-allow=10.0.0.0/8"]),
             false,
@@ -890,14 +911,10 @@ mod tests {
         .unwrap()
         .unwrap()
         .opts;
-        let rules: Vec<String> = o
-            .net
-            .unwrap()
-            .allow
-            .0
-            .iter()
-            .map(|r| r.to_string())
-            .collect();
+        let NetRequest::Allow(rules) = o.net else {
+            panic!("{:?}", o.net)
+        };
+        let rules: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
         assert_eq!(rules, ["127.0.0.1/32:80", "10.0.0.0/8"]);
         assert!(parse_run(&a(&["m", "--net-allow"]), false)
             .unwrap()

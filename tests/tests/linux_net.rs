@@ -3,7 +3,9 @@
 //! gateway 10.0.2.2 (HTTP with exact bytes, a UDP exchange), DNS of `localhost` from the
 //! host's /etc/hosts at 10.0.2.3, `--net-allow` refusing another port, and no network at
 //! all without `--net`, also after a machine was saved with it. All traffic stays on this
-//! machine's loopback. A packed executable takes `SMOLVM_NET=1`.
+//! machine's loopback. A packed executable takes `SMOLVM_NET=1`. A second, minimal machine
+//! built with a Smolfile `[network]` (allowing one test server's port) has the network
+//! without `--net`, refuses another port, and has none with `--net=off`.
 //!
 //! Needs /dev/kvm and the guest artifacts (`scripts/setup`); skips loudly without them,
 //! except under `CI=true`, where it fails. Every run has a deadline (`timeout`).
@@ -246,4 +248,69 @@ fn packed_executable_takes_smolvm_net() {
         String::from_utf8_lossy(&out.stderr),
         "smolvm: bad SMOLVM_NET 'yes': expected 1 or 0\n"
     );
+}
+
+/// A minimal busybox machine whose Smolfile has `[network] allow = ["127.0.0.1:PORT"]`,
+/// PORT that of an HTTP server (answering `BODY`) that lives as long as the test process;
+/// built once. Returns the machine, the port and the server's connection count.
+fn network_machine(test: &str) -> Option<&'static (PathBuf, u16, Arc<AtomicUsize>)> {
+    type Built = (tempfile::TempDir, (PathBuf, u16, Arc<AtomicUsize>));
+    static BUILT: OnceLock<Result<Built, String>> = OnceLock::new();
+    let guest = guest(test)?;
+    let built = BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let (port, hits) = http_server(BODY);
+        let smolfile = dir.path().join("Smolfile");
+        std::fs::write(
+            &smolfile,
+            format!(
+                "name = \"netcfg\"\n[base]\ntype = \"busybox\"\n[resources]\nmemory = \"128M\"\n\
+                 [network]\nallow = [\"127.0.0.1:{port}\"]\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let machine = dir.path().join("netcfg.smolmachine");
+        let out = smolpack_build(&guest, &smolfile, &machine);
+        if !out.status.success() {
+            return Err(format!("smolpack build failed: {}", describe(&out)));
+        }
+        Ok((dir, (machine, port, hits)))
+    });
+    match built {
+        Ok((_, b)) => Some(b),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn smolfile_network_is_on_by_default_and_net_off_turns_it_off() {
+    let Some((m, allowed, hits)) =
+        network_machine("smolfile_network_is_on_by_default_and_net_off_turns_it_off")
+    else {
+        return;
+    };
+    let (other, other_hits) = http_server(b"must not be reached");
+    // No --net: the Smolfile's [network] gives the card, limited to its allow list.
+    let script = format!(
+        "wget -qO- http://10.0.2.2:{allowed}/ && echo ALLOWED-OK; \
+         wget -qO- http://10.0.2.2:{other}/; echo other=$?"
+    );
+    let out = run(&[], m, &script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    let expected = format!("{}ALLOWED-OK\nother=1\n", String::from_utf8_lossy(BODY));
+    assert_eq!(stdout, expected, "{}", describe(&out));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+
+    // --net=off: no card at all.
+    let probe = format!(
+        "ls /sys/class/net | tr '\\n' ' '; echo; wget -qO- -T 5 http://10.0.2.2:{allowed}/; \
+         echo wget=$?"
+    );
+    let out = run(&["--net=off"], m, &probe);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout, "lo \nwget=1\n", "{}", describe(&out));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }

@@ -33,8 +33,38 @@ pub struct RunOptions {
     pub volumes: Vec<Volume>,
     /// Ports to publish (`-p`, `SMOLVM_PUBLISH`), before the manifest's own.
     pub ports: Vec<super::publish::Publish>,
-    /// The user-mode network (`--net`, `--net-allow`, `SMOLVM_NET`); none when `None`.
-    pub net: Option<crate::net::NetOptions>,
+    /// What the caller asked of the user-mode network (`--net`, `--net=off`,
+    /// `--net-allow`, `SMOLVM_NET`, `SMOLVM_NET_ALLOW`); see [`net_for`].
+    pub net: crate::net::NetRequest,
+}
+
+/// The machine's own network default, from its manifest (a Smolfile `[network]`: `network`
+/// = `on`, `network.allow` = the `--net-allow` specs joined by `,`): `None` when it has
+/// none, else its allow list (empty: every destination).
+pub fn machine_net(manifest: &Manifest) -> Result<Option<crate::net::AllowList>, String> {
+    match manifest.extra.get("network").map(String::as_str) {
+        None => Ok(None),
+        Some("on") => {
+            let rules = match manifest.extra.get("network.allow") {
+                Some(list) => crate::net::parse_allow_list(list)
+                    .map_err(|e| format!("the machine's manifest: {e}"))?,
+                None => Vec::new(),
+            };
+            Ok(Some(crate::net::AllowList(rules)))
+        }
+        Some(v) => Err(format!(
+            "the machine's manifest: bad network '{v}' (expected on)"
+        )),
+    }
+}
+
+/// The network of a run: the caller's request (`--net`, `--net=off`, `--net-allow`,
+/// `SMOLVM_NET`, `SMOLVM_NET_ALLOW`) applied to the machine's `[network]` default.
+pub fn net_for(
+    manifest: &Manifest,
+    request: &crate::net::NetRequest,
+) -> Result<Option<crate::net::NetOptions>, String> {
+    Ok(request.resolve(machine_net(manifest)?.as_ref()))
 }
 
 /// One host directory shared into the machine.
@@ -495,6 +525,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
     let manifest = plan.manifest.clone();
     let argv = command_for(&manifest, opts)?;
     let volumes = volumes_for(&manifest, &opts.volumes).map_err(LinuxError::Config)?;
+    let net = net_for(&manifest, &opts.net).map_err(LinuxError::Config)?;
     // Bound before anything runs: a busy port fails the start, and binding is not allowed
     // once the system call filters are on.
     let ports = super::publish::ports_for(&manifest, &opts.ports).map_err(LinuxError::Publish)?;
@@ -518,7 +549,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
                     read_only: v.read_only,
                 })
                 .collect(),
-            net: opts.net.clone(),
+            net: net.clone(),
             ..Default::default()
         },
     )?;
@@ -529,7 +560,7 @@ pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitSta
     m.mount_shares(&mounts)?;
     timing::mark("shares-mounted");
     m.net_up()?;
-    if opts.net.is_some() {
+    if net.is_some() {
         timing::mark("network-up");
     }
     if !verified_before {
@@ -683,6 +714,43 @@ fn run_exec(mut handle: ExecHandle, tty: bool) -> Result<ExitStatus, LinuxError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifest_network_is_the_default() {
+        use crate::net::NetRequest;
+        let allow = |m: &Manifest, r: NetRequest| {
+            net_for(m, &r)
+                .unwrap()
+                .map(|n| n.allow.0.iter().map(|r| r.to_string()).collect::<Vec<_>>())
+        };
+        let none = Manifest::default();
+        assert_eq!(allow(&none, NetRequest::Default), None);
+        assert_eq!(allow(&none, NetRequest::On), Some(vec![]));
+        let mut all = Manifest::default();
+        all.extra.insert("network".into(), "on".into());
+        assert_eq!(allow(&all, NetRequest::Default), Some(vec![]));
+        assert_eq!(allow(&all, NetRequest::Off), None);
+        let mut some = all.clone();
+        some.extra
+            .insert("network.allow".into(), "127.0.0.1:8080,10.0.0.0/8".into());
+        let list = vec!["127.0.0.1/32:8080".to_string(), "10.0.0.0/8".to_string()];
+        assert_eq!(allow(&some, NetRequest::Default), Some(list.clone()));
+        assert_eq!(allow(&some, NetRequest::On), Some(list));
+        let rule = crate::net::parse_allow("127.0.0.1:9").unwrap();
+        assert_eq!(
+            allow(&some, NetRequest::Allow(vec![rule])),
+            Some(vec!["127.0.0.1/32:9".to_string()])
+        );
+        let mut bad = all.clone();
+        bad.extra.insert("network".into(), "yes".into());
+        let e = net_for(&bad, &NetRequest::Default).unwrap_err();
+        assert_eq!(e, "the machine's manifest: bad network 'yes' (expected on)");
+        bad.extra.insert("network".into(), "on".into());
+        bad.extra.insert("network.allow".into(), "x".into());
+        assert!(net_for(&bad, &NetRequest::Default)
+            .unwrap_err()
+            .starts_with("the machine's manifest: bad --net-allow 'x'"));
+    }
 
     #[test]
     fn manifest_volumes_give_modes_and_default_hosts() {

@@ -184,6 +184,62 @@ pub struct NetOptions {
     pub allow: AllowList,
 }
 
+/// What the caller of one run asked of the network (`--net`, `--net=off`, `--net-allow`,
+/// `SMOLVM_NET`, `SMOLVM_NET_ALLOW`), before the machine's own `[network]` default is
+/// applied by [`NetRequest::resolve`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NetRequest {
+    /// Nothing said: the machine's default (off unless its Smolfile has `[network]`).
+    #[default]
+    Default,
+    /// `--net=off`, `SMOLVM_NET=0`: no network, whatever the machine's default.
+    Off,
+    /// `--net`, `SMOLVM_NET=1`: the network, limited by the machine's `[network] allow`
+    /// when it has one, else to every destination.
+    On,
+    /// `--net-allow`, `SMOLVM_NET_ALLOW`: the network, limited to exactly these rules (they
+    /// replace the machine's `allow`).
+    Allow(Vec<AllowRule>),
+}
+
+impl NetRequest {
+    /// Combine the flags of one command line or environment: `on` (`--net`), `off`
+    /// (`--net=off`) and the `--net-allow` rules. `off` with `on` or with rules is a
+    /// contradiction (an error naming `what`, the spelling the caller used).
+    pub fn from_flags(
+        on: bool,
+        off: bool,
+        rules: Vec<AllowRule>,
+        what: &str,
+    ) -> Result<NetRequest, String> {
+        match (on, off, rules.is_empty()) {
+            (true, true, _) | (_, true, false) => Err(format!(
+                "{what}: the network cannot be both off and on (drop the off, or the other                  network options)"
+            )),
+            (false, true, true) => Ok(NetRequest::Off),
+            (_, false, false) => Ok(NetRequest::Allow(rules)),
+            (true, false, true) => Ok(NetRequest::On),
+            (false, false, true) => Ok(NetRequest::Default),
+        }
+    }
+
+    /// The network of the run: this request applied to the machine's default, `machine`
+    /// (`None`: the machine has no `[network]`; `Some(list)`: it has one with that `allow`
+    /// list, empty for every destination).
+    pub fn resolve(&self, machine: Option<&AllowList>) -> Option<NetOptions> {
+        match self {
+            NetRequest::Off => None,
+            NetRequest::Default => machine.map(|a| NetOptions { allow: a.clone() }),
+            NetRequest::On => Some(NetOptions {
+                allow: machine.cloned().unwrap_or_default(),
+            }),
+            NetRequest::Allow(rules) => Some(NetOptions {
+                allow: AllowList(rules.clone()),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +294,57 @@ mod tests {
                 )
             );
             assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn requests_apply_to_the_machine_default() {
+        let rule = parse_allow("127.0.0.1:80").unwrap();
+        let other = parse_allow("10.0.0.0/8").unwrap();
+        let machine = AllowList(vec![rule]);
+        let allow = |n: Option<NetOptions>| n.map(|n| n.allow);
+        // No [network]: off unless asked.
+        assert_eq!(allow(NetRequest::Default.resolve(None)), None);
+        assert_eq!(allow(NetRequest::Off.resolve(None)), None);
+        assert_eq!(
+            allow(NetRequest::On.resolve(None)),
+            Some(AllowList::default())
+        );
+        // [network] with an allow list: on by default, --net keeps the list, --net-allow
+        // replaces it, --net=off turns it off.
+        assert_eq!(
+            allow(NetRequest::Default.resolve(Some(&machine))),
+            Some(machine.clone())
+        );
+        assert_eq!(
+            allow(NetRequest::On.resolve(Some(&machine))),
+            Some(machine.clone())
+        );
+        assert_eq!(
+            allow(NetRequest::Allow(vec![other]).resolve(Some(&machine))),
+            Some(AllowList(vec![other]))
+        );
+        assert_eq!(allow(NetRequest::Off.resolve(Some(&machine))), None);
+    }
+
+    #[test]
+    fn request_flags_combine() {
+        let rule = parse_allow("127.0.0.1:80").unwrap();
+        let f = NetRequest::from_flags;
+        assert_eq!(f(false, false, vec![], "x"), Ok(NetRequest::Default));
+        assert_eq!(f(true, false, vec![], "x"), Ok(NetRequest::On));
+        assert_eq!(f(false, true, vec![], "x"), Ok(NetRequest::Off));
+        assert_eq!(
+            f(true, false, vec![rule], "x"),
+            Ok(NetRequest::Allow(vec![rule]))
+        );
+        assert_eq!(
+            f(false, false, vec![rule], "x"),
+            Ok(NetRequest::Allow(vec![rule]))
+        );
+        for (on, rules) in [(true, vec![]), (false, vec![rule]), (true, vec![rule])] {
+            let e = f(on, true, rules, "--net=off").unwrap_err();
+            assert!(e.starts_with("--net=off: ") && !e.contains('\n'), "{e}");
         }
     }
 
