@@ -305,7 +305,7 @@ fn smolfile_network_is_on_by_default_and_net_off_turns_it_off() {
 
     // --net=off: no card at all.
     let probe = format!(
-        "ls /sys/class/net | tr '\\n' ' '; echo; wget -qO- -T 5 http://10.0.2.2:{allowed}/; \
+        "ls /sys/class/net | tr '\\n' ' '; echo; wget -qO- http://10.0.2.2:{allowed}/; \
          echo wget=$?"
     );
     let out = run(&["--net=off"], m, &probe);
