@@ -133,10 +133,12 @@ pub fn decode(payload: &[u8]) -> Result<Invocation, InvokeError> {
     };
     let cwd = next("cwd")?.to_string();
     // Every field takes at least its NUL: a count beyond the payload is refused before
-    // anything is allocated for it.
+    // anything is allocated for it. Only plain decimal digits, as the encoder writes them
+    // (`str::parse` would also take a leading `+`, which would not encode back the same).
     let count = |s: &str, left: usize| -> Result<usize, InvokeError> {
+        let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         match s.parse::<usize>() {
-            Ok(n) if n <= left && (s == "0" || !s.starts_with('0')) => Ok(n),
+            Ok(n) if digits && n <= left && (s == "0" || !s.starts_with('0')) => Ok(n),
             _ => Err(InvokeError::BadCount(s.to_string())),
         }
     };
@@ -359,6 +361,15 @@ mod tests {
         ));
         assert!(matches!(
             decode(b"1\0\0/\x0001\0a\x000\0"),
+            Err(InvokeError::BadCount(_))
+        ));
+        // Found by the decode_invocation fuzz target: "+0" parsed as 0 and encoded back as "0".
+        assert!(matches!(
+            decode(b"1\0\0p\x003\0\0\0/\0+0\0"),
+            Err(InvokeError::BadCount(c)) if c == "+0"
+        ));
+        assert!(matches!(
+            decode(b"1\0\0/\x00+1\0a\x000\0"),
             Err(InvokeError::BadCount(_))
         ));
         assert!(matches!(
