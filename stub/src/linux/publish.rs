@@ -24,8 +24,13 @@ use std::time::Duration;
 use smolvm_agent::client::{PortConnector, PortStream};
 use smolvm_formats::Manifest;
 
-/// How long a new connection waits for the agent to reach the guest port.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a new connection waits for the agent to reach the guest port: longer than the
+/// guest kernel's own connect gives up (about 127 s with Linux's default `tcp_syn_retries`
+/// of 6), so the guest decides, and this only catches an agent that never answers. On a
+/// slow guest a burst of connections takes that long: 100 at once to busybox `nc` on the
+/// PVM host, where every guest system call is emulated, took up to 120 s; 60 s cut a
+/// quarter of them off.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Stack of the forwarding threads (their buffers are on the heap).
 const THREAD_STACK: usize = 256 << 10;
 /// Bytes moved per read on either side.
