@@ -535,6 +535,23 @@ part_chan() {
     fi
 }
 
+part_shares() {
+    m="$T/bench-shares.smolmachine"
+    if [ ! -f "$m" ]; then
+        start=$(now)
+        smolpack build /work/bench-shares/Smolfile -o "$m" >"$T/build-shares.log" 2>&1 || {
+            fail "shares: smolpack build" "failed:"; tail -30 "$T/build-shares.log" | sed 's/^/    | /'; return; }
+        echo "NESTED-BUILD-SECONDS bench-shares $(since "$start")"
+    fi
+    echo "NESTED-BENCH shares"
+    if limited "${SHARES_LIMIT:-1800}" env MIB="${SHARES_MIB:-100}" FILES="${SHARES_FILES:-10000}" \
+        sh /work/bench-shares.sh /work/smolvm "$m" "${SHARES_RUNS:-3}"; then
+        ok "shares: share benchmark"
+    else
+        fail "shares: share benchmark" "scripts/bench-shares.sh failed"
+    fi
+}
+
 # Repeats, to reproduce intermittent hangs: NESTED_LOOP runs (default 20) of one resume, each
 # limited to NESTED_LOOP_LIMIT s (default 120) with the thread dump on a hang; prints a tally.
 # loop-host: the host-built (1-vCPU) machine runs greet, with the guest kernel's log kept.
@@ -582,6 +599,7 @@ for p in "$@"; do
         spin4) part_spin 4 ;;
         bench) part_bench ;;
         chan) part_chan ;;
+        shares) part_shares ;;
         net) part_net ;;
         loop-host) part_loop host ;;
         loop-vmm) part_loop vmm ;;
