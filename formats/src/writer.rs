@@ -475,14 +475,16 @@ impl MachineWriter {
             write_image(
                 out,
                 "",
-                granule,
-                level,
-                compression,
-                // Only mappable memory gains from fewer extents.
-                if compression == Compression::None {
-                    MEMORY_BRIDGE_GAP
-                } else {
-                    0
+                Encoding {
+                    granule,
+                    level,
+                    codec: compression,
+                    // Only mappable memory gains from fewer extents.
+                    bridge: if compression == Compression::None {
+                        MEMORY_BRIDGE_GAP
+                    } else {
+                        0
+                    },
                 },
                 regions.len(),
                 |i, em| {
@@ -526,7 +528,13 @@ impl MachineWriter {
         let granule = self.granule;
         let level = DEFAULT_ZSTD_LEVEL;
         let r = self.write_section(SectionKind::Disk, true, compression, |out| {
-            write_image(out, name, granule, level, compression, 0, 1, |_, em| {
+            let enc = Encoding {
+                granule,
+                level,
+                codec: compression,
+                bridge: 0,
+            };
+            write_image(out, name, enc, 1, |_, em| {
                 let g = u64::from(granule);
                 let mut buf = vec![0u8; CHUNK.max(g as usize)];
                 let mut off = 0u64;
@@ -703,10 +711,12 @@ impl MachineWriter {
             write_image(
                 out,
                 "",
-                granule,
-                level,
-                Compression::Zstd,
-                0,
+                Encoding {
+                    granule,
+                    level,
+                    codec: Compression::Zstd,
+                    bridge: 0,
+                },
                 regions.len(),
                 |i, em| {
                     let reg = &regions[i];
@@ -746,10 +756,12 @@ impl MachineWriter {
             write_image(
                 out,
                 &d.name,
-                granule,
-                level,
-                Compression::Zstd,
-                0,
+                Encoding {
+                    granule,
+                    level,
+                    codec: Compression::Zstd,
+                    bridge: 0,
+                },
                 1,
                 |_, em| {
                     src.read_disk_with(d, |off, bytes| em.feed(off, bytes))?;
@@ -837,17 +849,29 @@ fn write_blob(out: &mut Out, data: &[u8], codec: Compression, level: i32) -> io:
 
 /// Writes the data of `count` regions, then the index. `fill(i, emitter)` feeds region `i`
 /// and returns its guest address and size. Returns the section's logical length.
-fn write_image(
-    out: &mut Out,
-    name: &str,
+/// How an image section's regions are stored.
+struct Encoding {
     granule: u32,
     level: i32,
     codec: Compression,
+    /// Zero gaps bridged into extents ([`MEMORY_BRIDGE_GAP`] or 0).
     bridge: u64,
+}
+
+fn write_image(
+    out: &mut Out,
+    name: &str,
+    enc: Encoding,
     count: usize,
     mut fill: impl FnMut(usize, &mut RegionEmitter<'_>) -> Result<(u64, u64)>,
 ) -> Result<u64> {
     let start = out.pos;
+    let Encoding {
+        granule,
+        level,
+        codec,
+        bridge,
+    } = enc;
     let max_extents = (image::MAX_INDEX_LEN / image::EXTENT_LEN) as usize;
     let mut recs = Vec::with_capacity(count);
     let mut all = Vec::new();
