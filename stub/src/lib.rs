@@ -26,5 +26,6 @@ pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod testguest;
 pub mod testguest_aarch64;
+pub mod testguest_common;
 pub mod timing;
 pub mod vstate;

@@ -20,6 +20,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::exit::EXIT_PORT;
 use crate::machine::Machine;
 use crate::memory::GuestMemory;
+use crate::testguest_common::ReportWords;
 
 /// The assembled guest (empty when binutils was missing at build time).
 pub const IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.bin"));
@@ -33,8 +34,6 @@ pub const PARAMS_ADDR: u64 = 0x2000;
 pub const COUNTER_ADDR: u64 = 0x20_0000;
 /// The block the guest fills before each report.
 pub const BLOCK_ADDR: u64 = 0x20_1000;
-/// Block size in u64 words.
-pub const BLOCK_QWORDS: usize = 512;
 /// Report port: four 32-bit writes (counter low/high, checksum low/high).
 pub const REPORT_PORT: u16 = 0x510;
 /// Console port (the Bochs/QEMU debug console port): bytes written here are
@@ -85,40 +84,17 @@ pub enum TestGuestError {
     StoppedEarly(crate::vstate::vcpu::ExitReason),
 }
 
-/// The checksum the guest computes over its block for `counter`.
-pub fn expected_checksum(counter: u64) -> u64 {
-    let mut sum = 0u64;
-    for i in 0..BLOCK_QWORDS as u64 {
-        let v = (i + 1).wrapping_mul(counter) ^ 0x9e37_79b9_7f4a_7c15;
-        sum = sum.rotate_left(5) ^ v;
-    }
-    sum
-}
+pub use crate::testguest_common::{expected_checksum, Report, BLOCK_QWORDS};
 
 /// Checksum of the block as it is in guest memory.
 pub fn memory_checksum(memory: &GuestMemory) -> Result<u64, crate::memory::MemoryError> {
-    let mut block = vec![0u8; BLOCK_QWORDS * 8];
-    memory.read(BLOCK_ADDR, &mut block)?;
-    Ok(block.chunks_exact(8).fold(0u64, |sum, w| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        sum.rotate_left(5) ^ u64::from_le_bytes(b)
-    }))
-}
-
-/// One report of the guest, with the checksum the host read from guest
-/// memory at the moment of the report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Report {
-    pub counter: u64,
-    pub checksum: u64,
-    pub memory_checksum: u64,
+    crate::testguest_common::block_checksum(memory, BLOCK_ADDR)
 }
 
 /// The report port: collects the four writes and sends a [`Report`].
 pub struct ReportDevice {
     memory: GuestMemory,
-    words: [u32; 4],
+    words: ReportWords,
     tx: Sender<Report>,
     seen: u64,
     /// Hold the vCPU at report N until the receiver gets a message (or
@@ -131,14 +107,7 @@ impl BusDevice for ReportDevice {
     fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let i = (offset / 4) as usize;
-        if i >= 4 || data.len() != 4 {
-            return;
-        }
-        self.words[i] = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        if i == 3 {
-            let counter = u64::from(self.words[0]) | (u64::from(self.words[1]) << 32);
-            let checksum = u64::from(self.words[2]) | (u64::from(self.words[3]) << 32);
+        if let Some((counter, checksum)) = self.words.write(offset, data) {
             // The vCPU is stopped at this OUT, so the block is stable.
             let memory_checksum = memory_checksum(&self.memory).unwrap_or(!checksum);
             let _ = self.tx.send(Report {
@@ -248,7 +217,7 @@ fn insert_reporter(
 ) -> Result<(), TestGuestError> {
     let dev = ReportDevice {
         memory: machine.memory().clone(),
-        words: [0; 4],
+        words: ReportWords::default(),
         tx,
         seen: 0,
         hold,
@@ -353,11 +322,5 @@ mod tests {
             assert!(image.contains("smolvm test guest: counter="));
             assert!(image.contains(" status="));
         }
-    }
-
-    #[test]
-    fn checksum_of_counter_zero_is_stable() {
-        assert_eq!(expected_checksum(7), expected_checksum(7));
-        assert_ne!(expected_checksum(7), expected_checksum(8));
     }
 }

@@ -24,8 +24,6 @@ pub const PARAMS_ADDR: u64 = RAM_BASE + 0x2000;
 pub const COUNTER_ADDR: u64 = RAM_BASE + 0x20_0000;
 /// The block the guest fills before each report.
 pub const BLOCK_ADDR: u64 = RAM_BASE + 0x20_1000;
-/// Block size in u64 words.
-pub const BLOCK_QWORDS: usize = 512;
 /// Report port (in the port window): four 32-bit writes.
 pub const REPORT_ADDR: u64 = port_address(0x510);
 /// Console port: bytes written here are the guest's output.
@@ -45,16 +43,7 @@ pub struct Params {
     pub exit_status: u8,
 }
 
-/// The checksum the guest computes over its block for `counter` (the same
-/// function as the x86_64 guest's).
-pub fn expected_checksum(counter: u64) -> u64 {
-    let mut sum = 0u64;
-    for i in 0..BLOCK_QWORDS as u64 {
-        let v = (i + 1).wrapping_mul(counter) ^ 0x9e37_79b9_7f4a_7c15;
-        sum = sum.rotate_left(5) ^ v;
-    }
-    sum
-}
+pub use crate::testguest_common::{expected_checksum, Report, BLOCK_QWORDS};
 
 /// The parameter block written at [`PARAMS_ADDR`].
 pub fn params_bytes(p: &Params) -> Vec<u8> {
@@ -83,6 +72,7 @@ mod runner {
     use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
     use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, VcpuAarch64, Vm, VmAarch64};
     use crate::memory::{GuestMemory, MemoryError};
+    use crate::testguest_common::{block_checksum, ReportWords};
     use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
 
     /// Errors of the aarch64 test guest runner.
@@ -109,48 +99,25 @@ mod runner {
     /// First bytes of a state file.
     pub const STATE_MAGIC: &[u8; 8] = b"SMOLA64T";
 
-    /// One report of the guest with the checksum the VMM read from memory.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct Report {
-        pub counter: u64,
-        pub checksum: u64,
-        pub memory_checksum: u64,
-    }
-
     struct ReportDevice {
         memory: GuestMemory,
-        words: [u32; 4],
+        words: ReportWords,
         reports: Arc<Mutex<Vec<Report>>>,
         pause_at: Option<u64>,
         control: Arc<RunControl>,
-    }
-
-    fn memory_checksum(memory: &GuestMemory) -> u64 {
-        let mut block = vec![0u8; BLOCK_QWORDS * 8];
-        if memory.read(BLOCK_ADDR, &mut block).is_err() {
-            return 0;
-        }
-        block.chunks_exact(8).fold(0u64, |sum, w| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(w);
-            sum.rotate_left(5) ^ u64::from_le_bytes(b)
-        })
     }
 
     impl BusDevice for ReportDevice {
         fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
 
         fn write(&mut self, offset: u64, data: &[u8]) {
-            let i = (offset / 4) as usize;
-            if i >= 4 || data.len() != 4 {
-                return;
-            }
-            self.words[i] = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            if i == 3 {
+            if let Some((counter, checksum)) = self.words.write(offset, data) {
+                // The vCPU is stopped at this write, so the block is stable.
+                let memory_checksum = block_checksum(&self.memory, BLOCK_ADDR).unwrap_or(!checksum);
                 let r = Report {
-                    counter: u64::from(self.words[0]) | (u64::from(self.words[1]) << 32),
-                    checksum: u64::from(self.words[2]) | (u64::from(self.words[3]) << 32),
-                    memory_checksum: memory_checksum(&self.memory),
+                    counter,
+                    checksum,
+                    memory_checksum,
                 };
                 let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
                 reports.push(r);
@@ -222,7 +189,7 @@ mod runner {
                 (
                     Arc::new(Mutex::new(ReportDevice {
                         memory: memory.clone(),
-                        words: [0; 4],
+                        words: ReportWords::default(),
                         reports: reports.clone(),
                         pause_at,
                         control: control.clone(),
