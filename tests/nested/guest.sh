@@ -582,7 +582,7 @@ part_loop() {
     echo "NESTED-LOOP $what: $good of $n passed"
 }
 
-echo "kvm: $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null | sed 's/^/nested=/') npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null), $(nproc) CPUs, CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+echo "kvm: $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null | sed 's/^/nested=/') npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) vgif=$(cat /sys/module/kvm_amd/parameters/vgif 2>/dev/null), $(nproc) CPUs, CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for p in "$@"; do
     part_start=$(now)
     echo "== $p"
