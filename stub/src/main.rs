@@ -899,8 +899,8 @@ mod tests {
         ] {
             let err = net(v).unwrap_err().to_string();
             assert!(
-                err.starts_with("--net=off: the network cannot be both off and on")
-                    && !err.contains('\n'),
+                err == "--net=off: the network cannot be both off and on (drop the off, \
+                        or the other network options)",
                 "{err}"
             );
         }

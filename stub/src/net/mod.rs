@@ -214,7 +214,8 @@ impl NetRequest {
     ) -> Result<NetRequest, String> {
         match (on, off, rules.is_empty()) {
             (true, true, _) | (_, true, false) => Err(format!(
-                "{what}: the network cannot be both off and on (drop the off, or the other                  network options)"
+                "{what}: the network cannot be both off and on (drop the off, or the other \
+                 network options)"
             )),
             (false, true, true) => Ok(NetRequest::Off),
             (_, false, false) => Ok(NetRequest::Allow(rules)),
