@@ -189,15 +189,19 @@ impl<'o> RegionEmitter<'o> {
                 }
             }
             self.data_len += len;
-            let bytes = &chunk[start..end];
-            match &mut self.sink {
-                Sink::Raw(o) => o.write_all(bytes),
-                #[cfg(feature = "compress")]
-                Sink::Zstd(e) => e.write_all(bytes),
-            }
-            .map_err(|e| Error::io("writing image data", e))?;
+            self.write(&chunk[start..end])?;
         }
         Ok(())
+    }
+
+    /// Writes stored bytes of the region to the sink.
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        match &mut self.sink {
+            Sink::Raw(o) => o.write_all(bytes),
+            #[cfg(feature = "compress")]
+            Sink::Zstd(e) => e.write_all(bytes),
+        }
+        .map_err(|e| Error::io("writing image data", e))
     }
 
     /// Stores a bridged zero gap of `len` bytes: the last extent grows over it.
@@ -208,12 +212,7 @@ impl<'o> RegionEmitter<'o> {
         self.data_len += len;
         while len > 0 {
             let n = len.min(ZEROS.len() as u64) as usize;
-            match &mut self.sink {
-                Sink::Raw(o) => o.write_all(&ZEROS[..n]),
-                #[cfg(feature = "compress")]
-                Sink::Zstd(e) => e.write_all(&ZEROS[..n]),
-            }
-            .map_err(|e| Error::io("writing image data", e))?;
+            self.write(&ZEROS[..n])?;
             len -= n as u64;
         }
         Ok(())
