@@ -573,24 +573,47 @@ pub fn socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
     Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
 }
 
-/// System calls a command waiting for input blocks in (x86_64 numbers): those reading the
-/// descriptor in their first argument (read, pread64, readv, preadv, preadv2), those
-/// polling an array of `pollfd` (poll, ppoll), a `select` bitmap (select, pselect6), an
-/// epoll instance (epoll_wait, epoll_pwait, epoll_pwait2).
+/// System calls a command waiting for input blocks in, by the number the kernel shows in
+/// `/proc/PID/syscall` (which differs per architecture: `read` is 0 on x86_64, 63 on
+/// arm64): those reading the descriptor in their first argument (read, pread64, readv,
+/// preadv, preadv2), those polling an array of `pollfd` (poll, ppoll), a `select` bitmap
+/// (select, pselect6), an epoll instance (epoll_wait, epoll_pwait, epoll_pwait2).
 #[cfg(target_arch = "x86_64")]
 mod waits {
-    pub const READ: &[u64] = &[0, 17, 19, 295, 327];
-    pub const POLL: &[u64] = &[7, 271];
-    pub const SELECT: &[u64] = &[23, 270];
-    pub const EPOLL: &[u64] = &[232, 281, 441];
+    use libc::*;
+    pub const READ: &[u64] = &[
+        SYS_read as u64,
+        SYS_pread64 as u64,
+        SYS_readv as u64,
+        SYS_preadv as u64,
+        SYS_preadv2 as u64,
+    ];
+    pub const POLL: &[u64] = &[SYS_poll as u64, SYS_ppoll as u64];
+    pub const SELECT: &[u64] = &[SYS_select as u64, SYS_pselect6 as u64];
+    pub const EPOLL: &[u64] = &[
+        SYS_epoll_wait as u64,
+        SYS_epoll_pwait as u64,
+        SYS_epoll_pwait2 as u64,
+    ];
 }
-#[cfg(not(target_arch = "x86_64"))]
+/// arm64 has the generic system call table (asm-generic/unistd.h): no poll, select or
+/// epoll_wait, only their ppoll, pselect6 and epoll_pwait successors.
+#[cfg(target_arch = "aarch64")]
 mod waits {
-    pub const READ: &[u64] = &[63, 65, 67, 69, 286];
-    pub const POLL: &[u64] = &[73];
-    pub const SELECT: &[u64] = &[72];
-    pub const EPOLL: &[u64] = &[22, 441];
+    use libc::*;
+    pub const READ: &[u64] = &[
+        SYS_read as u64,
+        SYS_pread64 as u64,
+        SYS_readv as u64,
+        SYS_preadv as u64,
+        SYS_preadv2 as u64,
+    ];
+    pub const POLL: &[u64] = &[SYS_ppoll as u64];
+    pub const SELECT: &[u64] = &[SYS_pselect6 as u64];
+    pub const EPOLL: &[u64] = &[SYS_epoll_pwait as u64, SYS_epoll_pwait2 as u64];
 }
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("the guest agent is built for x86_64 and aarch64 only (sys::waits)");
 
 /// Parses a `/proc/PID/syscall` line: the call number and its six arguments, for a task
 /// blocked in a system call (`running` and `-1 ...` give `None`).
@@ -833,6 +856,27 @@ mod tests {
         assert_eq!(parse_proc_syscall("-1 0x7ffd 0x7f1\n"), None);
         assert_eq!(parse_proc_syscall("0 0x0"), None);
         assert_eq!(parse_proc_syscall(""), None);
+    }
+
+    /// The numbers are the ones the kernel of this architecture reports: `read` is 0 in
+    /// x86_64's table and 63 in arm64's (asm-generic) one.
+    #[test]
+    fn wait_syscall_numbers() {
+        #[cfg(target_arch = "x86_64")]
+        let (read, ppoll, pselect6, epoll_pwait) = (0, 271, 270, 281);
+        #[cfg(target_arch = "aarch64")]
+        let (read, ppoll, pselect6, epoll_pwait) = (63, 73, 72, 22);
+        assert_eq!(waits::READ[0], read);
+        assert!(waits::POLL.contains(&ppoll));
+        assert!(waits::SELECT.contains(&pselect6));
+        assert!(waits::EPOLL.contains(&epoll_pwait));
+        // Every list is disjoint from the others: a number selects one way of reading
+        // the waited descriptors.
+        let all = [waits::READ, waits::POLL, waits::SELECT, waits::EPOLL].concat();
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), all.len());
     }
 
     #[test]
