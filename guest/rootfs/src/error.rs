@@ -34,6 +34,19 @@ pub enum Error {
     SizeTooSmall { requested: u64, needed: u64 },
     #[error("no static busybox: {0}; install Debian's busybox-static or set SMOLVM_BUSYBOX to a static busybox")]
     NoBusybox(String),
+    #[error("no static {arch} busybox: {reason}; run `scripts/setup --aarch64` (dpkg --add-architecture arm64 and apt-get update) or set {env} to a static {arch} busybox")]
+    NoForeignBusybox {
+        arch: &'static str,
+        env: &'static str,
+        reason: String,
+    },
+    #[error("the busybox applets of {}: {reason}", path.display())]
+    Applets { path: PathBuf, reason: String },
+    #[error("the {base} base is built for x86_64 only; the agent is {arch} (use the busybox or dir base)")]
+    BaseArch {
+        base: &'static str,
+        arch: &'static str,
+    },
     #[error("invalid Debian {what} {value:?}: use lowercase letters, digits and . + -")]
     DebianName { what: &'static str, value: String },
     #[error("OCI image {}: {reason}", archive.display())]

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::{Error, Result, AGENT_GUEST_PATH};
+use crate::{Arch, Error, Result, AGENT_GUEST_PATH};
 
 /// Symlink hops allowed while resolving one guest path (Linux's own limit).
 const MAX_SYMLINK_HOPS: u32 = 40;
@@ -23,9 +23,10 @@ pub(crate) fn require_root() -> Result<()> {
     }
 }
 
-/// Checks that the agent is a static x86-64 ELF executable: the guest has no dynamic loader
-/// to offer PID 1 in a busybox image, and a dynamic one would only fail as a kernel panic.
-pub(crate) fn check_agent(path: &Path) -> Result<PathBuf> {
+/// Checks that the agent is a static x86-64 or aarch64 ELF executable, and returns its
+/// architecture (the image's): the guest has no dynamic loader to offer PID 1 in a busybox
+/// image, and a dynamic one would only fail as a kernel panic.
+pub(crate) fn check_agent(path: &Path) -> Result<Arch> {
     let bad = |reason: &str| Error::BadAgent {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -36,16 +37,17 @@ pub(crate) fn check_agent(path: &Path) -> Result<PathBuf> {
     }
     let bytes = fs::read(path).map_err(|e| bad(&format!("cannot read it ({e})")))?;
     match elf_interp(&bytes) {
-        Ok(false) => Ok(path.to_path_buf()),
-        Ok(true) => Err(bad(
+        Ok((arch, false)) => Ok(arch),
+        Ok((_, true)) => Err(bad(
             "dynamically linked; the guest needs a static binary (-C target-feature=+crt-static)",
         )),
         Err(reason) => Err(bad(reason)),
     }
 }
 
-/// Whether an x86-64 ELF executable asks for a program interpreter (is dynamically linked).
-pub(crate) fn elf_interp(b: &[u8]) -> std::result::Result<bool, &'static str> {
+/// The architecture of a 64-bit little-endian x86-64 or aarch64 ELF executable, and whether it
+/// asks for a program interpreter (is dynamically linked).
+pub(crate) fn elf_interp(b: &[u8]) -> std::result::Result<(Arch, bool), &'static str> {
     const PT_INTERP: u32 = 3;
     let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
     let u32_at = |o: usize| {
@@ -62,9 +64,14 @@ pub(crate) fn elf_interp(b: &[u8]) -> std::result::Result<bool, &'static str> {
     if b.get(..4) != Some(b"\x7fELF") {
         return Err("not an ELF executable");
     }
-    if b.get(4) != Some(&2) || b.get(5) != Some(&1) || u16_at(0x12) != Some(0x3e) {
-        return Err("not an x86-64 (64-bit little-endian) executable");
-    }
+    let machine = u16_at(0x12);
+    let arch = [Arch::X86_64, Arch::Aarch64]
+        .into_iter()
+        .find(|a| Some(a.elf_machine()) == machine);
+    let arch = match arch {
+        Some(arch) if b.get(4) == Some(&2) && b.get(5) == Some(&1) => arch,
+        _ => return Err("not an x86-64 or aarch64 (64-bit little-endian) executable"),
+    };
     let phoff = u64_at(0x20).ok_or("truncated ELF header")?;
     let phentsize = u16_at(0x36).ok_or("truncated ELF header")? as u64;
     let phnum = u16_at(0x38).ok_or("truncated ELF header")? as u64;
@@ -75,10 +82,10 @@ pub(crate) fn elf_interp(b: &[u8]) -> std::result::Result<bool, &'static str> {
             .ok_or("corrupt program headers")?;
         let ty = u32_at(off).ok_or("truncated program headers")?;
         if ty == PT_INTERP {
-            return Ok(true);
+            return Ok((arch, true));
         }
     }
-    Ok(false)
+    Ok((arch, false))
 }
 
 pub(crate) fn mkdir_mode(path: &Path, mode: u32) -> Result<()> {
@@ -620,9 +627,15 @@ mod tests {
         assert!(elf_interp(b"\x7fELF").is_err());
         let own = fs::read(std::env::current_exe().unwrap()).unwrap();
         // Test binaries are dynamically linked unless built with crt-static.
-        assert!(elf_interp(&own).is_ok());
+        assert_eq!(elf_interp(&own).map(|(arch, _)| arch), Ok(Arch::host()));
+        // The machine field decides the architecture; anything else is refused.
+        let mut other = own.clone();
+        other[0x12..0x14].copy_from_slice(&Arch::Aarch64.elf_machine().to_le_bytes());
+        assert_eq!(elf_interp(&other).map(|(arch, _)| arch), Ok(Arch::Aarch64));
+        other[0x12..0x14].copy_from_slice(&40u16.to_le_bytes()); // EM_ARM (32-bit)
+        assert!(elf_interp(&other).is_err());
         if let Ok(bb) = fs::read("/bin/busybox") {
-            if elf_interp(&bb) == Ok(false) {
+            if elf_interp(&bb).is_ok_and(|(_, interp)| !interp) {
                 eprintln!("/bin/busybox is static");
             }
         }

@@ -18,7 +18,7 @@ mod oci;
 
 use std::path::{Path, PathBuf};
 
-pub use busybox::find_busybox;
+pub use busybox::{find_busybox, find_busybox_for};
 pub use error::Error;
 pub use oci::OciConfig;
 
@@ -55,6 +55,50 @@ pub enum Base {
     },
 }
 
+/// The architecture of an image: that of its agent (PID 1), which the busybox base follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// x86-64.
+    X86_64,
+    /// 64-bit Arm (arm64).
+    Aarch64,
+}
+
+impl Arch {
+    /// The architecture this program runs on.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        }
+    }
+
+    /// The name Rust and the kernel's `uname -m` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name for it (`dpkg --print-architecture`).
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    /// The ELF header's `e_machine` (EM_X86_64, EM_AARCH64).
+    pub(crate) fn elf_machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => 62,
+            Arch::Aarch64 => 183,
+        }
+    }
+}
+
 /// What to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootfsSpec {
@@ -66,6 +110,8 @@ pub struct RootfsSpec {
     /// when the destination ends with `/` or is an existing directory.
     pub copies: Vec<(PathBuf, PathBuf)>,
     /// The static agent binary on the host, installed as `/sbin/smol-agent` and `/sbin/init`.
+    /// Its architecture (x86-64 or aarch64) is the image's: a busybox base is that
+    /// architecture's busybox; the Debian and OCI bases are x86-64 only so far.
     pub agent: PathBuf,
     /// Image size in bytes; `None` sizes the image from its content (see [`default_size`]).
     pub size: Option<u64>,
@@ -129,7 +175,8 @@ pub fn cache_dir() -> PathBuf {
 /// so `out` is either the old file or the whole new image, never a partial one.
 pub fn build(spec: &RootfsSpec, out: &Path) -> Result<ImageInfo> {
     fsutil::require_root()?;
-    let agent = fsutil::check_agent(&spec.agent)?;
+    let arch = fsutil::check_agent(&spec.agent)?;
+    let agent = spec.agent.clone();
     let out_dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -146,7 +193,17 @@ pub fn build(spec: &RootfsSpec, out: &Path) -> Result<ImageInfo> {
 
     let mut oci_config = None;
     match &spec.base {
-        Base::Busybox => busybox::stage(&root)?,
+        Base::Busybox => busybox::stage(&root, arch)?,
+        Base::Debian { .. } | Base::Oci { .. } if arch != Arch::X86_64 => {
+            return Err(Error::BaseArch {
+                base: if matches!(spec.base, Base::Debian { .. }) {
+                    "debian"
+                } else {
+                    "oci"
+                },
+                arch: arch.name(),
+            });
+        }
         Base::Debian { suite, packages } => debian::stage(&root, suite, packages)?,
         Base::Oci { archive } => {
             oci_config = Some(oci::stage(&root, archive, staging_parent.path())?);
