@@ -56,5 +56,6 @@ if ! file "$bin" | grep -q 'statically linked\|static-pie linked'; then
     exit 1
 fi
 mkdir -p "$(dirname "$dest")"
-install -m 0755 "$bin" "$dest"
+# -C: an unchanged agent keeps its mtime, so build-busybox.sh finds its image up to date.
+install -C -m 0755 "$bin" "$dest"
 echo "$dest"
