@@ -166,7 +166,11 @@ fn prepare_boot(
 /// host that lacks a feature the guest was shown is refused in one line, not
 /// by an ioctl error or a guest crash.
 #[cfg(target_arch = "x86_64")]
-fn check_resume_cpu(hv: &Backend, profile: HostProfile, plan: &SnapshotPlan) -> Result<(), BuildError> {
+fn check_resume_cpu(
+    hv: &Backend,
+    profile: HostProfile,
+    plan: &SnapshotPlan,
+) -> Result<(), BuildError> {
     crate::arch::x86_64::cpu_model::check_resume(
         plan.cpu,
         plan.state.vcpus[0].cpuid.as_slice(),
@@ -178,7 +182,11 @@ fn check_resume_cpu(hv: &Backend, profile: HostProfile, plan: &SnapshotPlan) -> 
 /// aarch64 (`host` model only): KVM itself refuses ID registers this host
 /// cannot offer when the vCPU state is restored.
 #[cfg(target_arch = "aarch64")]
-fn check_resume_cpu(_hv: &Backend, _profile: HostProfile, _plan: &SnapshotPlan) -> Result<(), BuildError> {
+fn check_resume_cpu(
+    _hv: &Backend,
+    _profile: HostProfile,
+    _plan: &SnapshotPlan,
+) -> Result<(), BuildError> {
     Ok(())
 }
 

@@ -3,10 +3,10 @@
 //! guest's commands (`cli_aarch64.rs`, `smolvm testguest ...`), which the
 //! arm64 tier runs.
 
-#[cfg(target_arch = "aarch64")]
-mod cli_aarch64;
 #[path = "main.rs"]
 mod cli;
+#[cfg(target_arch = "aarch64")]
+mod cli_aarch64;
 
 fn main() -> std::process::ExitCode {
     #[cfg(target_arch = "aarch64")]

@@ -9,7 +9,9 @@ use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, Se
 use crate::arch::cpu_model::CpuModel;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::HostProfile;
-use crate::hypervisor::{Backend, BackendVcpu, BackendVm, HypervisorError, InterruptLine, Vcpu, Vm};
+use crate::hypervisor::{
+    Backend, BackendVcpu, BackendVm, HypervisorError, InterruptLine, Vcpu, Vm,
+};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::persist::Persist;
 use crate::snapshot::{Guest, MachineState, RegionState, StateError};

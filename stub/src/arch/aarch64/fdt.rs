@@ -238,7 +238,11 @@ mod tests {
             b"ns16550a\0",
             b"/uart@90003f8\0",
         ] {
-            assert!(contains(&blob, name), "{:?} missing", String::from_utf8_lossy(name));
+            assert!(
+                contains(&blob, name),
+                "{:?} missing",
+                String::from_utf8_lossy(name)
+            );
         }
         // The uart's interrupt: SPI 4, edge.
         let spec: Vec<u8> = [GIC_SPI, 4, IRQ_TYPE_EDGE_RISING]

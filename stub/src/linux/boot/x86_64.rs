@@ -70,10 +70,7 @@ pub fn load_and_enter(
                     .into(),
             })?;
             write_pvh_start_info(machine.memory(), cmdline)?;
-            machine.set_entry_pvh(&EntryPvh {
-                rip,
-                rbx: PVH_INFO,
-            })?;
+            machine.set_entry_pvh(&EntryPvh { rip, rbx: PVH_INFO })?;
         }
     }
     if cfg.vcpus > 1 {
