@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use smolvm::arch::x86_64::cpu_model::CpuModel;
+use smolvm::arch::cpu_model::CpuModel;
 use smolvm::linux::{boot_linux, LinuxConfig, LinuxError};
 use smolvm_formats::{Compression, Manifest};
 

@@ -51,7 +51,7 @@ enum Command {
         /// runs on any x86_64 KVM host), x86-64-v2, x86-64-v3, x86-64-v4, or host (every
         /// feature of this host: fastest, resumes only on hosts that have them all).
         #[arg(long, value_name = "NAME")]
-        cpu: Option<smolvm::arch::x86_64::cpu_model::CpuModel>,
+        cpu: Option<smolvm::arch::cpu_model::CpuModel>,
     },
     /// Show the sections, sizes, compression, zero-page ratio and checksum status of a
     /// .smolmachine or packed executable.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
-use smolvm::arch::x86_64::cpu_model::CpuModel;
+use smolvm::arch::cpu_model::CpuModel;
 use toml::Spanned;
 
 pub use smolvm_rootfs::Base;

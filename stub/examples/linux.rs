@@ -3,7 +3,8 @@
 //! and the machine maker of `scripts/bench-resume.sh linux`.
 //!
 //! `cargo run --release -p smolvm --example linux -- KERNEL ROOTFS [OUT.smolmachine]`
-//! with `SMOLVM_CONSOLE=1` to see the kernel log and `SMOLVM_BOOT=pvh|linux64` to pick the entry.
+//! with `SMOLVM_CONSOLE=1` to see the kernel log, `SMOLVM_BOOT=pvh|linux64` to pick the
+//! entry (x86_64) and `SMOLVM_VCPUS=N` for N vCPUs.
 
 use std::time::Instant;
 
@@ -35,6 +36,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok("pvh") => cfg.boot_protocol = smolvm::linux::BootProtocol::Pvh,
         Ok("linux64") => cfg.boot_protocol = smolvm::linux::BootProtocol::Linux64,
         _ => {}
+    }
+    if let Some(n) = std::env::var("SMOLVM_VCPUS").ok().and_then(|v| v.parse().ok()) {
+        cfg.vcpus = n;
     }
     if let Ok(extra) = std::env::var("SMOLVM_EXTRA_CMDLINE") {
         cfg.extra_cmdline = extra;

@@ -8,15 +8,11 @@ use std::sync::Arc;
 
 use smolvm_formats::{Arch, MachineReader};
 
-use crate::arch::x86_64::cpu_model::{self, CpuModel, CpuModelError};
-use crate::arch::x86_64::layout;
+use crate::arch::cpu_model::{CpuModel, CpuModelError};
 use crate::device_manager::{DeviceArgs, DeviceError, DeviceManager, HostEnds};
 use crate::devices::exit::EXIT_PORT;
 use crate::host::{HostProfile, ProfileError};
-use crate::hypervisor::{
-    Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError, HypervisorX86_64, VcpuX86_64,
-    VmX86_64,
-};
+use crate::hypervisor::{Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError};
 use crate::machine::{irq_line, kick, Machine};
 use crate::memory::{GuestMemory, MemoryError, Run};
 use crate::persist::Persist;
@@ -24,6 +20,11 @@ use crate::snapshot::{Guest, MachineState, StateError};
 use crate::timing;
 use crate::vstate::vcpu::RunControl;
 use crate::vstate::vm::create_vm;
+
+#[cfg(target_arch = "aarch64")]
+use crate::arch::aarch64::layout::ram_regions;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::x86_64::layout::ram_regions;
 
 /// Errors from building a machine.
 #[derive(Debug, thiserror::Error)]
@@ -120,16 +121,89 @@ fn assemble(
 
 /// The CPU features a guest can use on this host: KVM's supported CPUID, or
 /// on PVM the CPU's own (PVM does not trap CPUID; see `cpu_model::native_cpuid`).
+#[cfg(target_arch = "x86_64")]
 fn host_cpuid(
     hv: &Backend,
     profile: HostProfile,
 ) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, HypervisorError> {
+    use crate::arch::x86_64::cpu_model;
+    use crate::hypervisor::HypervisorX86_64;
     if profile == HostProfile::KvmPvm {
         Ok(cpu_model::native_cpuid())
     } else {
         hv.supported_cpuid()
     }
 }
+
+/// Check that this host can build a machine of `cpu`, then write what the
+/// architecture's boot needs before the kernel is loaded (x86_64: the boot
+/// GDT and identity page tables).
+#[cfg(target_arch = "x86_64")]
+fn prepare_boot(
+    hv: &Backend,
+    profile: HostProfile,
+    cpu: CpuModel,
+    memory: &GuestMemory,
+) -> Result<(), BuildError> {
+    crate::arch::x86_64::cpu_model::check_build(cpu, &host_cpuid(hv, profile)?)?;
+    crate::arch::x86_64::write_boot_tables(memory)?;
+    Ok(())
+}
+
+/// aarch64: the only model (`host`) fits every host, and the kernel is
+/// entered with the MMU off, so nothing is written before it.
+#[cfg(target_arch = "aarch64")]
+fn prepare_boot(
+    _hv: &Backend,
+    _profile: HostProfile,
+    _cpu: CpuModel,
+    _memory: &GuestMemory,
+) -> Result<(), BuildError> {
+    Ok(())
+}
+
+/// Check, before any vCPU exists, that this host can resume the machine: a
+/// host that lacks a feature the guest was shown is refused in one line, not
+/// by an ioctl error or a guest crash.
+#[cfg(target_arch = "x86_64")]
+fn check_resume_cpu(
+    hv: &Backend,
+    profile: HostProfile,
+    plan: &SnapshotPlan,
+) -> Result<(), BuildError> {
+    crate::arch::x86_64::cpu_model::check_resume(
+        plan.cpu,
+        plan.state.vcpus[0].cpuid.as_slice(),
+        &host_cpuid(hv, profile)?,
+    )?;
+    Ok(())
+}
+
+/// aarch64 (`host` model only): KVM itself refuses ID registers this host
+/// cannot offer when the vCPU state is restored.
+#[cfg(target_arch = "aarch64")]
+fn check_resume_cpu(
+    _hv: &Backend,
+    _profile: HostProfile,
+    _plan: &SnapshotPlan,
+) -> Result<(), BuildError> {
+    Ok(())
+}
+
+/// Tell each vCPU the machine's CPU model and vCPU count (x86_64: they
+/// decide its CPUID and saved MSRs).
+#[cfg(target_arch = "x86_64")]
+fn set_cpu_model(vcpus: &mut [BackendVcpu], cpu: CpuModel) {
+    use crate::hypervisor::VcpuX86_64;
+    let count = vcpus.len() as u32;
+    for v in vcpus {
+        v.set_cpu_model(cpu, count);
+    }
+}
+
+/// aarch64: nothing depends on the model yet.
+#[cfg(target_arch = "aarch64")]
+fn set_cpu_model(_vcpus: &mut [BackendVcpu], _cpu: CpuModel) {}
 
 /// Build a machine for a fresh boot: zeroed memory with the boot GDT and
 /// identity page tables written, vCPUs created. Load the guest image into
@@ -146,13 +220,10 @@ pub fn build_for_boot(config: &BootConfig) -> Result<Machine, BuildError> {
     }
     let profile = HostProfile::detect();
     let hv = Backend::open_default()?;
-    cpu_model::check_build(config.cpu, &host_cpuid(&hv, profile)?)?;
-    let memory = GuestMemory::anonymous(&layout::ram_regions(config.memory_bytes))?;
-    crate::arch::x86_64::write_boot_tables(&memory)?;
+    let memory = GuestMemory::anonymous(&ram_regions(config.memory_bytes))?;
+    prepare_boot(&hv, profile, config.cpu, &memory)?;
     let (vm, mut vcpus) = create_vm(&hv, &memory, config.pit, config.vcpus)?;
-    for v in &mut vcpus {
-        v.set_cpu_model(config.cpu, config.vcpus);
-    }
+    set_cpu_model(&mut vcpus, config.cpu);
     let control = RunControl::new(kick);
     let mut devices = DeviceManager::new(control.clone());
     if let Some(port) = config.exit_port {
@@ -285,30 +356,15 @@ pub fn build_from_snapshot(plan: SnapshotPlan) -> Result<Machine, BuildError> {
 pub fn build_from_snapshot_with(plan: SnapshotPlan, ends: HostEnds) -> Result<Machine, BuildError> {
     let profile = HostProfile::detect();
     let hv = Backend::open_default()?;
-    // Before any vCPU exists: a host that lacks a feature the guest was
-    // shown is refused in one line, not by an ioctl error or a guest crash.
+    check_resume_cpu(&hv, profile, &plan)?;
     let state = &plan.state;
-    cpu_model::check_resume(
-        plan.cpu,
-        state.vcpus[0].cpuid.as_slice(),
-        &host_cpuid(&hv, profile)?,
-    )?;
     let memory = snapshot_memory(&plan)?;
     timing::mark("file-mapped");
     let (vm, mut vcpus) = create_vm(&hv, &memory, state.pit, state.vcpus.len() as u32)?;
-    let count = vcpus.len() as u32;
-    for v in &mut vcpus {
-        v.set_cpu_model(plan.cpu, count);
-    }
+    set_cpu_model(&mut vcpus, plan.cpu);
     timing::mark("vm-and-vcpus-created");
-    // IRQ chips and PIT first, then each vCPU (its LAPIC included), then the
-    // clock, which KVM propagates to the vCPUs that exist.
-    vm.restore_irqchip(&state.vm)?;
-    for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
-        // Same contract as `Persist::restore`, on the vCPU created above.
-        vcpu.restore_state(s)?;
-    }
-    vm.restore_clock(&state.vm)?;
+    // The ordering rules are the architecture's (`vstate::vm::restore_state`).
+    crate::vstate::vm::restore_state(&vm, &vcpus, &state.vm, &state.vcpus)?;
     timing::mark("state-restored");
     let control = RunControl::new(kick);
     let devices = DeviceManager::restore(

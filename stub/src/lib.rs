@@ -5,22 +5,22 @@
 //! `run_to_exit` and `save` drive it.
 
 pub mod arch;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 pub mod builder;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 pub mod device_manager;
 pub mod devices;
 pub mod host;
 pub mod hypervisor;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 pub mod linux;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 pub mod machine;
 pub mod memory;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 pub mod net;
 pub mod persist;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 pub mod seccomp;
 pub mod snapshot;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

@@ -6,16 +6,23 @@ use std::thread::JoinHandle;
 
 use smolvm_formats::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
 
-use crate::arch::x86_64::cpu_model::CpuModel;
+use crate::arch::cpu_model::CpuModel;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::HostProfile;
 use crate::hypervisor::{
-    Backend, BackendVcpu, BackendVm, HypervisorError, InterruptLine, Vcpu, VcpuX86_64, Vm, VmX86_64,
+    Backend, BackendVcpu, BackendVm, HypervisorError, InterruptLine, Vcpu, Vm,
 };
 use crate::memory::{GuestMemory, MemoryError};
 use crate::persist::Persist;
 use crate::snapshot::{Guest, MachineState, RegionState, StateError};
 use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
+
+/// The architecture of the machines this build runs and writes.
+#[cfg(target_arch = "x86_64")]
+pub const HOST_ARCH: Arch = Arch::X86_64;
+/// The architecture of the machines this build runs and writes.
+#[cfg(target_arch = "aarch64")]
+pub const HOST_ARCH: Arch = Arch::Aarch64;
 
 /// Errors from running or saving a machine.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +165,7 @@ impl Machine {
         if !self.needs_entry {
             return Err(MachineError::EntryAfterStart);
         }
+        use crate::hypervisor::VcpuX86_64;
         let count = self.parked.len() as u32;
         for vcpu in &self.parked {
             vcpu.configure_boot(entry, count, self.cpu)?;
@@ -175,6 +183,7 @@ impl Machine {
         entry: &crate::arch::x86_64::regs::EntryPvh,
     ) -> Result<(), MachineError> {
         use crate::arch::x86_64::{gdt, layout};
+        use crate::hypervisor::VcpuX86_64;
         if !self.needs_entry {
             return Err(MachineError::EntryAfterStart);
         }
@@ -186,6 +195,37 @@ impl Machine {
         }
         self.needs_entry = false;
         Ok(())
+    }
+
+    /// Set the entry of a machine built for boot (after loading the guest
+    /// image into `memory()`), before `start`: vCPU 0 starts there; the
+    /// others stay powered off until the guest starts them with PSCI CPU_ON.
+    #[cfg(target_arch = "aarch64")]
+    pub fn set_entry(
+        &mut self,
+        entry: &crate::arch::aarch64::regs::Entry,
+    ) -> Result<(), MachineError> {
+        use crate::hypervisor::VcpuAarch64;
+        if !self.needs_entry {
+            return Err(MachineError::EntryAfterStart);
+        }
+        if let Some(boot) = self.parked.first() {
+            boot.configure_boot(entry)?;
+        }
+        self.needs_entry = false;
+        Ok(())
+    }
+
+    /// MPIDR_EL1 of each parked vCPU, in vCPU order (the device tree's CPU
+    /// nodes name them).
+    #[cfg(target_arch = "aarch64")]
+    pub fn vcpu_mpidrs(&self) -> Result<Vec<u64>, MachineError> {
+        use crate::hypervisor::VcpuAarch64;
+        Ok(self
+            .parked
+            .iter()
+            .map(|v| v.mpidr())
+            .collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Start (or restart after a pause) one thread per vCPU; devices resume
@@ -294,13 +334,9 @@ impl Machine {
             return Err(MachineError::Running);
         }
         let devices = self.devices.save()?;
-        let vcpus = self
-            .parked
-            .iter()
-            .map(|v| v.save_state())
-            .collect::<Result<Vec<_>, _>>()?;
+        let (vm, vcpus) = crate::vstate::vm::save_state(&self.vm, &self.parked, self.pit)?;
         Ok(MachineState {
-            arch: "x86_64".into(),
+            arch: std::env::consts::ARCH.into(),
             backend: "kvm".into(),
             guest: self.guest.clone(),
             memory: self
@@ -310,7 +346,7 @@ impl Machine {
                 .map(|(guest_addr, size)| RegionState { guest_addr, size })
                 .collect(),
             pit: self.pit,
-            vm: self.vm.save_state(self.pit)?,
+            vm,
             vcpus,
             devices,
         })
@@ -325,7 +361,7 @@ impl Machine {
         manifest: &Manifest,
         compression: Compression,
     ) -> Result<(), MachineError> {
-        let mut w = MachineWriter::create(path, Arch::X86_64)?;
+        let mut w = MachineWriter::create(path, HOST_ARCH)?;
         self.write_snapshot(&mut w, manifest, compression)?;
         w.finish()?;
         Ok(())
@@ -374,6 +410,7 @@ impl Machine {
     /// Registers of vCPU `id` (parked), for inspection and tests.
     #[cfg(target_arch = "x86_64")]
     pub fn vcpu_regs(&self, id: usize) -> Result<kvm_bindings::kvm_regs, MachineError> {
+        use crate::hypervisor::VcpuX86_64;
         let vcpu = self.parked.get(id).ok_or(MachineError::Running)?;
         Ok(vcpu.regs()?)
     }

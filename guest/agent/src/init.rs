@@ -330,7 +330,9 @@ fn bind_unbound_virtio_mmio() -> Result<String, String> {
         .map_err(|e| format!("read {dir}: {e}"))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("virtio-mmio."))
+        // `virtio-mmio.N` when declared on the command line (x86_64), `ADDR.virtio_mmio`
+        // from the device tree (aarch64).
+        .filter(|n| n.starts_with("virtio-mmio.") || n.ends_with(".virtio_mmio"))
         .filter(|n| !Path::new(dir).join(n).join("driver").exists())
         .collect();
     names.sort();

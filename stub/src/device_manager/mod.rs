@@ -246,7 +246,7 @@ impl DeviceManager {
         let dev = Arc::new(Mutex::new(ExitPort::new(Box::new(move |status| {
             control.finish(ExitReason::Exited(status))
         }))));
-        self.io_bus.insert(dev.clone(), u64::from(port), 1)?;
+        self.insert_port(dev.clone(), u64::from(port), 1)?;
         self.push(Attached::ExitPort { port, dev });
         Ok(())
     }
@@ -254,7 +254,7 @@ impl DeviceManager {
     /// Attach `dev` as COM1 (raising IRQ 4).
     pub fn attach_serial(&mut self, dev: SerialDevice) -> Result<(), DeviceError> {
         let dev = Arc::new(Mutex::new(dev));
-        self.io_bus.insert(dev.clone(), COM1_BASE, COM1_LEN)?;
+        self.insert_port(dev.clone(), COM1_BASE, COM1_LEN)?;
         self.push(Attached::Serial {
             base: COM1_BASE as u16,
             irq: COM1_IRQ,
@@ -269,7 +269,7 @@ impl DeviceManager {
         let dev = Arc::new(Mutex::new(I8042::new(Box::new(move || {
             control.finish(ExitReason::Shutdown)
         }))));
-        self.io_bus.insert(dev.clone(), I8042_BASE, I8042_LEN)?;
+        self.insert_port(dev.clone(), I8042_BASE, I8042_LEN)?;
         self.push(Attached::I8042(dev));
         Ok(())
     }
@@ -300,13 +300,43 @@ impl DeviceManager {
         base: u64,
         len: u64,
     ) -> Result<(), DeviceError> {
-        self.io_bus.insert(dev, base, len)?;
-        Ok(())
+        self.insert_port(dev, base, len)
     }
 
     /// Detach the host device at `base` (dropping the bus's reference).
     pub fn detach_host_io(&mut self, base: u64) -> bool {
+        #[cfg(target_arch = "aarch64")]
+        return self
+            .mmio_bus
+            .remove(crate::arch::aarch64::layout::port_address(base as u16));
+        #[cfg(not(target_arch = "aarch64"))]
         self.io_bus.remove(base)
+    }
+
+    /// Put a device that sits on x86 I/O ports at `port..port + len`: on the
+    /// port bus on x86_64; on aarch64, which has no ports, at the same
+    /// offsets in the MMIO port window (`arch::aarch64::layout`), so devices
+    /// and saved state name the same port numbers on both.
+    fn insert_port(
+        &mut self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        port: u64,
+        len: u64,
+    ) -> Result<(), DeviceError> {
+        #[cfg(target_arch = "aarch64")]
+        {
+            use crate::arch::aarch64::layout::{port_address, PORT_WINDOW_SIZE};
+            if port + len > PORT_WINDOW_SIZE {
+                return Err(DeviceError::BadPlace {
+                    what: "port device",
+                    at: format!("{port:#x}+{len}"),
+                });
+            }
+            self.mmio_bus.insert(dev, port_address(port as u16), len)?;
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        self.io_bus.insert(dev, port, len)?;
+        Ok(())
     }
 
     fn virtio(&self) -> impl Iterator<Item = &VirtioHandle> {

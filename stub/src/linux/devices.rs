@@ -97,6 +97,9 @@ impl LinuxDevices {
         let dev_mgr = machine.devices_mut();
         let attach_err = |e: crate::device_manager::DeviceError| LinuxError::Device(e.to_string());
         dev_mgr.attach_serial(serial).map_err(attach_err)?;
+        // x86_64 guests reboot through the i8042 (`reboot=k`); arm64 ones
+        // through PSCI SYSTEM_RESET, which KVM reports as a system event.
+        #[cfg(target_arch = "x86_64")]
         dev_mgr.attach_i8042().map_err(attach_err)?;
         for (i, dev) in [
             (
@@ -161,7 +164,15 @@ impl LinuxDevices {
         cmdline_fragment(base, irq)
     }
 
+    /// Whether a machine booted with `cmdline` has the network slot (every
+    /// aarch64 machine: its device tree has always declared it).
+    #[cfg(target_arch = "aarch64")]
+    pub fn has_net_slot(_cmdline: &str) -> bool {
+        true
+    }
+
     /// Whether a machine booted with `cmdline` has the network slot.
+    #[cfg(not(target_arch = "aarch64"))]
     pub fn has_net_slot(cmdline: &str) -> bool {
         let f = Self::net_fragment();
         cmdline.split_whitespace().any(|w| w == f)
@@ -206,7 +217,44 @@ impl LinuxDevices {
         Ok(Some(parts))
     }
 
+    /// The UART and the virtio-mmio slots as the device tree declares them
+    /// (aarch64), in slot order with the network slot last, as on x86_64's
+    /// command line.
+    #[cfg(target_arch = "aarch64")]
+    pub fn fdt_devices() -> (
+        crate::arch::aarch64::fdt::MmioDevice,
+        Vec<crate::arch::aarch64::fdt::MmioDevice>,
+    ) {
+        use crate::arch::aarch64::fdt::MmioDevice;
+        use crate::devices::legacy::{COM1_BASE, COM1_LEN};
+        let uart = MmioDevice {
+            base: crate::arch::aarch64::layout::port_address(COM1_BASE as u16),
+            size: COM1_LEN,
+            gsi: COM1_IRQ,
+        };
+        let virtio = [BLOCK_SLOT, CONSOLE_SLOT, RNG_SLOT, FS_SLOT, NET_SLOT]
+            .iter()
+            .map(|&i| {
+                let (base, gsi) = slot(i);
+                MmioDevice {
+                    base,
+                    size: crate::devices::virtio::MMIO_SIZE,
+                    gsi,
+                }
+            })
+            .collect();
+        (uart, virtio)
+    }
+
+    /// `virtio_mmio.device=` options declaring the devices to the kernel
+    /// (x86_64; none on aarch64, whose device tree declares them).
+    #[cfg(target_arch = "aarch64")]
+    pub fn cmdline_fragments() -> Vec<String> {
+        Vec::new()
+    }
+
     /// `virtio_mmio.device=` options declaring the devices to the kernel.
+    #[cfg(not(target_arch = "aarch64"))]
     pub fn cmdline_fragments() -> Vec<String> {
         [BLOCK_SLOT, CONSOLE_SLOT, RNG_SLOT, FS_SLOT, NET_SLOT]
             .iter()

@@ -33,10 +33,9 @@ use std::time::Duration;
 
 use smolvm_agent::client::{Client, ClientError, PendingResume};
 use smolvm_agent::protocol::{QuiesceReport, WallClock};
-use smolvm_formats::{Arch, Compression, MachineReader, MachineWriter, Manifest, SectionKind};
+use smolvm_formats::{Compression, MachineReader, MachineWriter, Manifest, SectionKind};
 
-use crate::arch::x86_64::cpu_model::CpuModel;
-use crate::arch::x86_64::regs::{Entry64, EntryPvh};
+use crate::arch::cpu_model::CpuModel;
 use crate::builder::{
     build_for_boot, build_from_snapshot_with, BootConfig, BuildError, SnapshotPlan,
 };
@@ -316,7 +315,6 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         exit_port: None,
         cpu: cfg.cpu,
     })?;
-    let entries = boot::load_kernel(machine.memory(), &cfg.kernel)?;
     let disk = CowDisk::open(&cfg.rootfs)?;
     let log = ConsoleLog::new(cfg.console.take());
     end_on_halt(&log, &machine);
@@ -341,43 +339,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     machine.set_guest(Guest::Linux {
         cmdline: cmdline.clone(),
     });
-    let protocol = match (cfg.boot_protocol, entries.pvh) {
-        (BootProtocol::Auto, Some(_)) => BootProtocol::Pvh,
-        (BootProtocol::Auto, None) => BootProtocol::Linux64,
-        (p, _) => p,
-    };
-    log::debug!("boot protocol: {protocol:?}");
-    match protocol {
-        BootProtocol::Linux64 | BootProtocol::Auto => {
-            boot::write_boot_params(machine.memory(), &cmdline)?;
-            machine.set_entry(&Entry64 {
-                rip: entries.long_mode,
-                rsp: boot::BOOT_STACK,
-                rsi: boot::ZERO_PAGE,
-            })?;
-        }
-        BootProtocol::Pvh => {
-            let rip = entries.pvh.ok_or_else(|| LinuxError::Kernel {
-                path: cfg.kernel.clone(),
-                msg: "has no PVH entry note (CONFIG_PVH); boot it with BootProtocol::Linux64"
-                    .into(),
-            })?;
-            boot::write_pvh_start_info(machine.memory(), &cmdline)?;
-            machine.set_entry_pvh(&EntryPvh {
-                rip,
-                rbx: boot::PVH_INFO,
-            })?;
-        }
-    }
-    if cfg.vcpus > 1 {
-        // Without ACPI, the MP table is how Linux finds the other vCPUs.
-        let table = crate::arch::x86_64::mptable::mptable(cfg.vcpus)
-            .map_err(|e| LinuxError::Config(e.to_string()))?;
-        machine
-            .memory()
-            .write(crate::arch::x86_64::mptable::MPTABLE_ADDR, &table)
-            .map_err(|e| LinuxError::Config(format!("cannot write the MP table: {e}")))?;
-    }
+    boot::load_and_enter(&mut machine, &cfg, &cmdline)?;
     let mut m = LinuxMachine::connect(
         machine,
         devices,
@@ -732,7 +694,7 @@ impl LinuxMachine {
         self.pause()?;
         let mut manifest = manifest.clone();
         manifest.kernel_cmdline = self.cmdline.clone();
-        let mut w = MachineWriter::create(path, Arch::X86_64)?;
+        let mut w = MachineWriter::create(path, crate::machine::HOST_ARCH)?;
         self.machine
             .write_snapshot(&mut w, &manifest, compression)?;
         let dir = path

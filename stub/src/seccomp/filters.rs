@@ -72,9 +72,11 @@ pub(crate) struct Allow {
     pub why: &'static str,
 }
 
+/// `allow![SYS_name Args: "why", ...]`; a call only some architectures have (the legacy
+/// x86_64 ones that aarch64 replaced by their `*at` forms) carries a `#[cfg(..)]`.
 macro_rules! allow {
-    ($($name:ident $args:ident: $why:literal,)*) => {
-        &[$(Allow { nr: libc::$name, sys_name: stringify!($name), args: Args::$args, why: $why },)*]
+    ($($(#[$m:meta])* $name:ident $args:ident: $why:literal,)*) => {
+        &[$($(#[$m])* Allow { nr: libc::$name, sys_name: stringify!($name), args: Args::$args, why: $why },)*]
     };
 }
 
@@ -101,11 +103,14 @@ pub(crate) const VMM: &[Allow] = allow![
     SYS_newfstatat Any: "file metadata (the verified stamp)",
     SYS_statx Any: "file metadata",
     SYS_openat Any: "--save: the temporary output file, the directory fsync, the verified stamp",
+    #[cfg(target_arch = "x86_64")]
     SYS_mkdir Any: "the cache directory for the verified stamp",
     SYS_mkdirat Any: "the same, newer libc",
+    #[cfg(target_arch = "x86_64")]
     SYS_rename Any: "--save: the atomic rename into place",
     SYS_renameat Any: "the same, newer libc",
     SYS_renameat2 Any: "the same, newer libc",
+    #[cfg(target_arch = "x86_64")]
     SYS_unlink Any: "--save: removing the temporary file after a failure",
     SYS_unlinkat Any: "the same, newer libc",
     SYS_flock Any: "--save: writers lock their temporary file while they write it",
@@ -157,6 +162,7 @@ pub(crate) const VMM: &[Allow] = allow![
     SYS_symlinkat Any: "virtio-fs: creating a symlink in a share",
     SYS_mknodat Any: "virtio-fs: FIFOs and sockets in a share (device nodes are refused first)",
     SYS_linkat Any: "virtio-fs: hard links inside one share",
+    #[cfg(target_arch = "x86_64")]
     SYS_chmod Any: "virtio-fs: chmod through the verified O_PATH descriptor",
     SYS_fchmodat Any: "virtio-fs: the same, newer libc",
     SYS_truncate Any: "virtio-fs: truncate through the verified O_PATH descriptor",
@@ -170,6 +176,7 @@ pub(crate) const NET: &[Allow] = allow![
     SYS_socket Inet: "the user-mode network: IPv4 TCP and UDP sockets for guest connections",
     SYS_connect Any: "the user-mode network: connecting them (non-blocking)",
     SYS_getsockopt Any: "the user-mode network: the result of a non-blocking connect (SO_ERROR)",
+    #[cfg(target_arch = "x86_64")]
     SYS_poll Any: "the user-mode network waits on the guest's eventfd and its host sockets",
     SYS_ppoll Any: "the same, newer libc",
 ];
@@ -224,6 +231,7 @@ pub(crate) const VCPU: &[Allow] = allow![
     SYS_unlinkat Any: "virtio-fs: removing entries of a share",
     SYS_renameat2 Any: "virtio-fs: renames inside one share",
     SYS_linkat Any: "virtio-fs: hard links inside one share",
+    #[cfg(target_arch = "x86_64")]
     SYS_chmod Any: "virtio-fs: chmod through the verified O_PATH descriptor",
     SYS_fchmodat Any: "virtio-fs: the same, newer libc",
     SYS_truncate Any: "virtio-fs: truncate through the verified O_PATH descriptor",
@@ -323,7 +331,17 @@ const SECCOMP_DATA_NR: u32 = 0;
 const SECCOMP_DATA_ARCH: u32 = 4;
 const SECCOMP_DATA_ARGS: u32 = 16;
 /// `EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// `EM_AARCH64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
+/// The audit architecture of this build's system calls.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = AUDIT_ARCH_X86_64;
+/// The audit architecture of this build's system calls.
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = AUDIT_ARCH_AARCH64;
 /// At most this many calls are compared one after the other in a leaf of the tree.
 const LEAF: usize = 3;
 
@@ -475,7 +493,7 @@ pub(crate) fn compile(role: Role, pid: u32) -> Result<BpfProgram, SeccompError> 
     calls.sort_by_key(|c| c.0);
     let mut prog = vec![
         stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
-        jump(BPF_JMP_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+        jump(BPF_JMP_JEQ_K, AUDIT_ARCH, 1, 0),
         stmt(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS),
         stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
     ];

@@ -105,8 +105,8 @@ impl Cursor<'_> {
 }
 
 macro_rules! names {
-    ($($name:ident,)*) => {
-        &[$((libc::$name, stringify!($name)),)*]
+    ($($(#[$m:meta])* $name:ident,)*) => {
+        &[$($(#[$m])* (libc::$name, stringify!($name)),)*]
     };
 }
 
@@ -115,7 +115,9 @@ macro_rules! names {
 const OTHER_NAMES: &[(i64, &str)] = names![
     SYS_execve,
     SYS_execveat,
+    #[cfg(target_arch = "x86_64")]
     SYS_fork,
+    #[cfg(target_arch = "x86_64")]
     SYS_vfork,
     SYS_ptrace,
     SYS_kill,
@@ -128,31 +130,45 @@ const OTHER_NAMES: &[(i64, &str)] = names![
     SYS_accept,
     SYS_setsockopt,
     SYS_getsockopt,
+    #[cfg(target_arch = "x86_64")]
     SYS_open,
+    #[cfg(target_arch = "x86_64")]
     SYS_creat,
+    #[cfg(target_arch = "x86_64")]
     SYS_link,
+    #[cfg(target_arch = "x86_64")]
     SYS_symlink,
     SYS_fchmod,
+    #[cfg(target_arch = "x86_64")]
     SYS_chown,
     SYS_fchown,
     SYS_fchownat,
+    #[cfg(target_arch = "x86_64")]
     SYS_stat,
+    #[cfg(target_arch = "x86_64")]
     SYS_lstat,
+    #[cfg(target_arch = "x86_64")]
     SYS_access,
     SYS_faccessat,
     SYS_faccessat2,
+    #[cfg(target_arch = "x86_64")]
     SYS_readlink,
     SYS_dup,
+    #[cfg(target_arch = "x86_64")]
     SYS_dup2,
     SYS_dup3,
+    #[cfg(target_arch = "x86_64")]
     SYS_pipe,
     SYS_pipe2,
+    #[cfg(target_arch = "x86_64")]
     SYS_poll,
     SYS_ppoll,
+    #[cfg(target_arch = "x86_64")]
     SYS_select,
     SYS_pselect6,
     SYS_epoll_create1,
     SYS_epoll_ctl,
+    #[cfg(target_arch = "x86_64")]
     SYS_epoll_wait,
     SYS_epoll_pwait,
     SYS_eventfd2,

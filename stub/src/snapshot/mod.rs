@@ -10,8 +10,8 @@
 //! would triple the size of those byte arrays for no reader that needs them.
 //! Everything is checked before any KVM object is created.
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-use crate::arch::x86_64::state::{VcpuState, VmState};
+#[cfg(target_os = "linux")]
+use crate::arch::state::{VcpuState, VmState};
 use serde::{Deserialize, Serialize};
 
 /// Magic at the start of an encoded machine state.
@@ -86,10 +86,10 @@ pub enum Guest {
 }
 
 /// Everything needed to resume a machine besides its memory.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineState {
-    /// `x86_64`.
+    /// `x86_64` or `aarch64`.
     pub arch: String,
     /// `kvm`.
     pub backend: String,
@@ -97,7 +97,7 @@ pub struct MachineState {
     pub guest: Guest,
     /// Guest memory regions (their bytes are the memory section).
     pub memory: Vec<RegionState>,
-    /// Whether the machine has a PIT.
+    /// Whether the machine has a PIT (x86_64; always false on aarch64).
     pub pit: bool,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
@@ -188,7 +188,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StateErro
     Ok(value)
 }
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(target_os = "linux")]
 impl MachineState {
     /// Decode and check internal consistency (no host access).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
@@ -200,8 +200,9 @@ impl MachineState {
     /// Internal consistency: architecture, vCPU ids, memory regions.
     pub fn validate(&self) -> Result<(), StateError> {
         let bad = |m: String| Err(StateError::Invalid(m));
-        if self.arch != "x86_64" {
-            return bad(format!("architecture '{}' is not x86_64", self.arch));
+        let host = std::env::consts::ARCH;
+        if self.arch != host {
+            return bad(format!("architecture '{}' is not {host}", self.arch));
         }
         if self.backend != "kvm" {
             return bad(format!(
@@ -212,10 +213,19 @@ impl MachineState {
         if self.vcpus.is_empty() || self.vcpus.len() > MAX_VCPUS {
             return bad(format!("{} vCPUs", self.vcpus.len()));
         }
+        #[cfg(target_arch = "x86_64")]
         for (i, v) in self.vcpus.iter().enumerate() {
             if v.id as usize != i {
                 return bad(format!("vCPU {i} is saved with id {}", v.id));
             }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if self.vm.gic.vcpus.len() != self.vcpus.len() {
+            return bad(format!(
+                "{} vCPUs but GIC state for {}",
+                self.vcpus.len(),
+                self.vm.gic.vcpus.len()
+            ));
         }
         if self.memory.is_empty() {
             return bad("no memory regions".into());

@@ -10,7 +10,7 @@
 //! 0x0800_0000  GICv3 distributor           64 KiB
 //! 0x080a_0000  GICv3 redistributors        128 KiB per vCPU (up to 123)
 //! 0x0900_0000  port window                 64 KiB: x86 port P is the byte at base + P
-//! 0x0a00_0000  MMIO devices (virtio-mmio)  0x200 each
+//! 0x0a00_0000  MMIO devices (virtio-mmio)  4 KiB each
 //! 0x8000_0000  RAM
 //! ```
 
@@ -38,13 +38,18 @@ pub const PORT_WINDOW_SIZE: u64 = 0x1_0000;
 /// First MMIO device slot (virtio-mmio transports).
 pub const MMIO_DEVICES_BASE: u64 = 0x0a00_0000;
 /// Size of one MMIO device slot.
-pub const MMIO_DEVICE_SIZE: u64 = 0x200;
+pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 
 /// Interrupt lines the vGIC has (KVM_DEV_ARM_VGIC_GRP_NR_IRQS): 32 private
 /// (SGIs and PPIs) and 96 shared (SPIs) for devices. A multiple of 32.
 pub const NR_IRQS: u32 = 128;
 /// First shared interrupt (SPI); an irqfd's GSI `g` is SPI `g + 32`.
 pub const SPI_BASE: u32 = 32;
+
+/// Guest RAM regions for `memory_bytes` of memory: one, from [`RAM_BASE`].
+pub fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
+    vec![(RAM_BASE, memory_bytes)]
+}
 
 /// The port-window address of x86 port `port`.
 pub const fn port_address(port: u16) -> u64 {

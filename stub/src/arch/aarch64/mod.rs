@@ -3,6 +3,9 @@
 //! (compiled on every host, so that an x86_64 `smolpack` can read and check
 //! arm64 machines later); the KVM calls live in `hypervisor::kvm::aarch64`.
 
+pub mod cpu_model;
+pub mod fdt;
 pub mod gic;
 pub mod layout;
 pub mod regs;
+pub mod state;

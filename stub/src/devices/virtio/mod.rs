@@ -65,10 +65,16 @@ pub const INT_CONFIG: u32 = 2;
 /// Size of each virtio-mmio window.
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Guest-physical base of the first virtio-mmio window; the next ones follow
-/// at [`MMIO_SIZE`] steps.
+/// at [`MMIO_SIZE`] steps. x86_64: in the hole below 4 GiB.
+#[cfg(not(target_arch = "aarch64"))]
 pub const MMIO_BASE: u64 = 0xd000_0000;
-/// Legacy IRQ lines handed to virtio-mmio devices, in slot order. IRQ 4 is the
-/// serial port and 8 the RTC, so they are skipped.
+/// Guest-physical base of the first virtio-mmio window (aarch64: the device
+/// area below RAM, `arch::aarch64::layout`).
+#[cfg(target_arch = "aarch64")]
+pub const MMIO_BASE: u64 = crate::arch::aarch64::layout::MMIO_DEVICES_BASE;
+/// Interrupt lines (GSIs) handed to virtio-mmio devices, in slot order. IRQ 4
+/// is the serial port and 8 the RTC on x86_64, so they are skipped; aarch64
+/// uses the same numbers (GSI `g` is the GIC's SPI `g + 32`).
 pub const MMIO_IRQS: [u32; 6] = [5, 6, 7, 9, 10, 11];
 
 /// Base address and IRQ of virtio-mmio slot `index`, or `None` past the last

@@ -17,9 +17,8 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::LinuxError;
-use crate::arch::x86_64::cpu_model::CpuModel;
-use crate::host::HostProfile;
+use crate::linux::{BootProtocol, LinuxConfig, LinuxError};
+use crate::machine::Machine;
 use crate::memory::GuestMemory;
 
 /// The zero page (`boot_params`), passed to the kernel in RSI.
@@ -28,8 +27,6 @@ pub const ZERO_PAGE: u64 = 0x7000;
 pub const BOOT_STACK: u64 = 0x8ff0;
 /// The command line, NUL-terminated.
 pub const CMDLINE_ADDR: u64 = 0x20000;
-/// Longest command line accepted (the kernel's x86 limit).
-pub const CMDLINE_MAX: usize = 2048;
 /// Start of the extended BIOS data area: the end of usable low memory.
 pub const EBDA_START: u64 = 0x9fc00;
 /// Where the kernel may start: everything below is boot structures and the
@@ -42,75 +39,50 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 
-/// The command-line base every guest gets.
-pub const CMDLINE_BASE: &str = include_str!("../../../guest/kernel/cmdline-base.txt");
-/// Workarounds for PVM hosts only (never on hardware KVM).
-pub const CMDLINE_PVM: &str = include_str!("../../../guest/kernel/cmdline-pvm.txt");
-
-/// PVM hosts only: keep glibc in PID 1 (the agent, which carries every byte
-/// of the host stream) off AVX. Under PVM the guest kernel runs without XSAVE
-/// (hidden by `cmdline-pvm.txt`), so it saves only the legacy SSE state on a
-/// task switch, while user code runs natively with the host's XCR0 and sees
-/// AVX: upper YMM halves are then lost across switches, and AVX `memcpy`
-/// corrupted agent frames 64 bytes at a time (reproduced with 64 KiB of
-/// output; gone with this option). The kernel passes it to init's environment.
-pub const PVM_USER_NO_AVX: &str =
-    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load";
-
-/// Pieces of a guest command line, in the order they are joined.
-pub struct CmdlineParts<'a> {
-    /// The host profile: PVM options are added only for `KvmPvm`.
-    pub profile: HostProfile,
-    /// `virtio_mmio.device=...` fragments.
-    pub devices: &'a [String],
-    /// Mount the root read-write.
-    pub root_rw: bool,
-    /// The agent's port: a virtio port name (`org.smolvm.agent`) or a device node.
-    pub agent_port: &'a str,
-    /// Caller's extra options, last so they win.
-    pub extra: &'a str,
-    /// The CPU model the guest is shown.
-    pub cpu: CpuModel,
-}
-
-/// PVM hosts only, for CPU models that hide FSGSBASE: under PVM the guest
-/// executes CPUID natively and sees the host's FSGSBASE, but KVM checks its
-/// CR4 writes against the model's CPUID and refuses CR4.FSGSBASE, which the
-/// kernel would set at boot.
-pub const PVM_NO_FSGSBASE: &str = "nofsgsbase";
-
-/// Build the kernel command line.
-pub fn compose_cmdline(p: &CmdlineParts<'_>) -> Result<String, LinuxError> {
-    let mut words: Vec<&str> = CMDLINE_BASE.split_whitespace().collect();
-    if p.profile == HostProfile::KvmPvm {
-        words.extend(CMDLINE_PVM.split_whitespace());
-        if !CMDLINE_PVM.contains("GLIBC_TUNABLES=") {
-            words.push(PVM_USER_NO_AVX);
+/// Load `cfg.kernel` into the memory of a machine built for boot, write what
+/// the boot protocol passes it (`cmdline` included) and set the vCPUs' entry.
+pub fn load_and_enter(
+    machine: &mut Machine,
+    cfg: &LinuxConfig,
+    cmdline: &str,
+) -> Result<(), LinuxError> {
+    use crate::arch::x86_64::regs::{Entry64, EntryPvh};
+    let entries = load_kernel(machine.memory(), &cfg.kernel)?;
+    let protocol = match (cfg.boot_protocol, entries.pvh) {
+        (BootProtocol::Auto, Some(_)) => BootProtocol::Pvh,
+        (BootProtocol::Auto, None) => BootProtocol::Linux64,
+        (p, _) => p,
+    };
+    log::debug!("boot protocol: {protocol:?}");
+    match protocol {
+        BootProtocol::Linux64 | BootProtocol::Auto => {
+            write_boot_params(machine.memory(), cmdline)?;
+            machine.set_entry(&Entry64 {
+                rip: entries.long_mode,
+                rsp: BOOT_STACK,
+                rsi: ZERO_PAGE,
+            })?;
         }
-        if p.cpu.features().is_some_and(|f| !f.contains(&"fsgsbase")) {
-            words.push(PVM_NO_FSGSBASE);
+        BootProtocol::Pvh => {
+            let rip = entries.pvh.ok_or_else(|| LinuxError::Kernel {
+                path: cfg.kernel.clone(),
+                msg: "has no PVH entry note (CONFIG_PVH); boot it with BootProtocol::Linux64"
+                    .into(),
+            })?;
+            write_pvh_start_info(machine.memory(), cmdline)?;
+            machine.set_entry_pvh(&EntryPvh { rip, rbx: PVH_INFO })?;
         }
     }
-    words.extend(p.devices.iter().map(String::as_str));
-    words.push("root=/dev/vda");
-    words.push(if p.root_rw { "rw" } else { "ro" });
-    let agent = format!("smolvm.agent={}", p.agent_port);
-    words.push(&agent);
-    words.extend(p.extra.split_whitespace());
-    let line = words.join(" ");
-    if line.len() >= CMDLINE_MAX {
-        return Err(LinuxError::Config(format!(
-            "kernel command line is {} bytes; the limit is {}",
-            line.len(),
-            CMDLINE_MAX - 1
-        )));
+    if cfg.vcpus > 1 {
+        // Without ACPI, the MP table is how Linux finds the other vCPUs.
+        let table = crate::arch::x86_64::mptable::mptable(cfg.vcpus)
+            .map_err(|e| LinuxError::Config(e.to_string()))?;
+        machine
+            .memory()
+            .write(crate::arch::x86_64::mptable::MPTABLE_ADDR, &table)
+            .map_err(|e| LinuxError::Config(format!("cannot write the MP table: {e}")))?;
     }
-    if line.bytes().any(|b| b == 0) {
-        return Err(LinuxError::Config(
-            "kernel command line contains a NUL byte".into(),
-        ));
-    }
-    Ok(line)
+    Ok(())
 }
 
 /// Where a loaded kernel can be entered.
@@ -266,43 +238,5 @@ mod tests {
                 (1 << 32, 1 << 30)
             ]
         );
-    }
-
-    #[test]
-    fn pvm_options_only_on_pvm_hosts() {
-        let devs = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
-        let mut parts = CmdlineParts {
-            profile: HostProfile::Kvm,
-            devices: &devs,
-            root_rw: false,
-            agent_port: "/dev/hvc0",
-            extra: "loglevel=7",
-            cpu: CpuModel::default(),
-        };
-        let hw = compose_cmdline(&parts).unwrap();
-        for w in CMDLINE_PVM.split_whitespace() {
-            if !CMDLINE_BASE.split_whitespace().any(|b| b == w) {
-                assert!(!hw.split(' ').any(|x| x == w), "{w} leaked: {hw}");
-            }
-        }
-        assert!(!hw.contains("GLIBC_TUNABLES"), "{hw}");
-        assert!(hw.starts_with(CMDLINE_BASE.trim()));
-        assert!(hw.contains("virtio_mmio.device=4K@0xd0000000:5 root=/dev/vda ro"));
-        assert!(hw.ends_with("smolvm.agent=/dev/hvc0 loglevel=7"));
-        parts.profile = HostProfile::KvmPvm;
-        parts.root_rw = true;
-        let pvm = compose_cmdline(&parts).unwrap();
-        assert!(pvm.contains(CMDLINE_PVM.trim()));
-        assert!(pvm.contains("GLIBC_TUNABLES="), "{pvm}");
-        assert!(pvm.contains(" rw "));
-        assert!(pvm.split(' ').any(|w| w == PVM_NO_FSGSBASE), "{pvm}");
-        assert!(!hw.contains(PVM_NO_FSGSBASE), "{hw}");
-        parts.cpu = CpuModel::Host;
-        let pvm_host = compose_cmdline(&parts).unwrap();
-        assert!(!pvm_host.contains(PVM_NO_FSGSBASE), "{pvm_host}");
-        parts.cpu = CpuModel::default();
-        let long = "x".repeat(CMDLINE_MAX);
-        parts.extra = &long;
-        assert!(compose_cmdline(&parts).is_err());
     }
 }
