@@ -3,11 +3,23 @@
 //!
 //! For each target: when `SMOLPACK_STUB_<TARGET>` names a file (an absolute path; a relative
 //! one is taken from the `packer/` directory), that file is embedded;
-//! otherwise, on a host that can build the stub natively, the `smolvm` binary is built with a
-//! nested `cargo build --profile dist` (static, `+crt-static`) in its own target directory
-//! (`<target dir>/stub-build`, shared by debug and release builds of the packer) and embedded.
+//! otherwise, on a host that can build the stub, the `smolvm` binary is built with a nested
+//! `cargo build --profile dist` (static, `+crt-static`) in a target directory of its own
+//! beside the profile directories (shared by debug and release builds of the packer) and
+//! embedded:
+//!
+//! - x86_64-linux natively on x86_64 Linux hosts, with the outer build's compiler, in
+//!   `<target dir>/stub-build`;
+//! - aarch64-linux natively on aarch64 Linux hosts (in `<target dir>/stub-build`), and on
+//!   x86_64 Linux hosts with Debian's cross toolchain (`scripts/setup
+//!   --aarch64`): Debian's `/usr/bin/rustc`, which has the aarch64 standard library (the
+//!   project's rustup toolchain does not), linked by `aarch64-linux-gnu-gcc`, in
+//!   `<target dir>/stub-build-aarch64` (never shared with rustup's compiler: the two would
+//!   keep invalidating each other's artifacts). Without that toolchain the target is not
+//!   carried, and the build says to run `scripts/setup --aarch64`.
+//!
 //! Elsewhere the target is simply absent from the table and `smolpack pack` says so.
-//! `SMOLPACK_NO_STUB_BUILD=1` skips the nested build (faster development builds; packing then
+//! `SMOLPACK_NO_STUB_BUILD=1` skips the nested builds (faster development builds; packing then
 //! needs `--stub`).
 //!
 //! The result is checked: an ELF executable for the target's machine, with no `PT_INTERP`
@@ -33,20 +45,52 @@ struct StubSpec {
     env: &'static str,
     /// Rust target triple the stub is built for.
     triple: &'static str,
-    /// Hosts that build it natively with the nested cargo.
+    /// Hosts that build it natively with the nested cargo (the outer build's compiler).
     native_hosts: &'static [&'static str],
+    /// Hosts that cross-build it with Debian's toolchain, and how.
+    cross: Option<Cross>,
     /// ELF `e_machine` the stub must have.
     e_machine: u16,
 }
 
-const STUBS: &[StubSpec] = &[StubSpec {
-    name: "x86_64-linux",
-    constant: "X86_64_LINUX",
-    env: "SMOLPACK_STUB_X86_64_LINUX",
-    triple: "x86_64-unknown-linux-gnu",
-    native_hosts: &["x86_64-unknown-linux-gnu"],
-    e_machine: goblin::elf::header::EM_X86_64,
-}];
+/// A cross build with Debian's toolchain: `rustc` (which carries the target's standard
+/// library; the project's rustup toolchain does not) and `linker` (a cross gcc), in
+/// `<target dir>/<dir>`, on `hosts`.
+struct Cross {
+    hosts: &'static [&'static str],
+    rustc: &'static str,
+    linker: &'static str,
+    dir: &'static str,
+    /// What installs the toolchain.
+    setup: &'static str,
+}
+
+const STUBS: &[StubSpec] = &[
+    StubSpec {
+        name: "x86_64-linux",
+        constant: "X86_64_LINUX",
+        env: "SMOLPACK_STUB_X86_64_LINUX",
+        triple: "x86_64-unknown-linux-gnu",
+        native_hosts: &["x86_64-unknown-linux-gnu"],
+        cross: None,
+        e_machine: goblin::elf::header::EM_X86_64,
+    },
+    StubSpec {
+        name: "aarch64-linux",
+        constant: "AARCH64_LINUX",
+        env: "SMOLPACK_STUB_AARCH64_LINUX",
+        triple: "aarch64-unknown-linux-gnu",
+        native_hosts: &["aarch64-unknown-linux-gnu"],
+        cross: Some(Cross {
+            hosts: &["x86_64-unknown-linux-gnu"],
+            rustc: "/usr/bin/rustc",
+            linker: "aarch64-linux-gnu-gcc",
+            dir: "stub-build-aarch64",
+            setup: "scripts/setup --aarch64",
+        }),
+        e_machine: goblin::elf::header::EM_AARCH64,
+    },
+];
 
 /// Inputs of the stub build: changing any of them rebuilds the embedded stub.
 const STUB_INPUTS: &[&str] = &[
@@ -63,6 +107,8 @@ const STUB_INPUTS: &[&str] = &[
     "guest/agent/Cargo.toml",
     "Cargo.lock",
     "Cargo.toml",
+    // The cross linker of the aarch64 build.
+    ".cargo/config.toml",
 ];
 
 fn main() {
@@ -121,23 +167,97 @@ fn stub_for(
             ));
         }
         given
-    } else if env::var("SMOLPACK_NO_STUB_BUILD").is_ok_and(|v| v == "1") {
-        let _ = fs::remove_file(&dest);
-        return Ok(None);
-    } else if !spec.native_hosts.contains(&host) || !root.join("stub/Cargo.toml").is_file() {
-        // Another host (or a packaged source without the stub crate): not carried.
+    } else if env::var("SMOLPACK_NO_STUB_BUILD").is_ok_and(|v| v == "1")
+        // A packaged source without the stub crate cannot build it.
+        || !root.join("stub/Cargo.toml").is_file()
+    {
         let _ = fs::remove_file(&dest);
         return Ok(None);
     } else {
-        for input in STUB_INPUTS {
-            println!("cargo:rerun-if-changed={}", root.join(input).display());
+        match &spec.cross {
+            _ if spec.native_hosts.contains(&host) => {
+                watch_stub_inputs(root);
+                build_stub(spec, root, out_dir, None)?
+            }
+            Some(cross) if cross.hosts.contains(&host) => {
+                match cross_toolchain(spec.triple, cross.rustc, cross.linker) {
+                    Ok(()) => {
+                        watch_stub_inputs(root);
+                        build_stub(spec, root, out_dir, Some(cross))?
+                    }
+                    Err(missing) => {
+                        println!(
+                            "cargo:warning=smolpack will not carry the {} stub: {missing}; run \
+                             {} to install the cross toolchain, then build smolpack again",
+                            spec.name, cross.setup
+                        );
+                        let _ = fs::remove_file(&dest);
+                        return Ok(None);
+                    }
+                }
+            }
+            // Another host: not carried.
+            _ => {
+                let _ = fs::remove_file(&dest);
+                return Ok(None);
+            }
         }
-        build_stub(spec, root, out_dir)?
     };
     let bytes = fs::read(&built).map_err(|e| format!("reading {}: {e}", built.display()))?;
     check_stub(spec, &bytes).map_err(|e| format!("{}: {e}", built.display()))?;
     fs::write(&dest, &bytes).map_err(|e| format!("writing {}: {e}", dest.display()))?;
     Ok(Some(dest))
+}
+
+/// Tells cargo to rebuild the stub when its sources change.
+fn watch_stub_inputs(root: &Path) {
+    for input in STUB_INPUTS {
+        println!("cargo:rerun-if-changed={}", root.join(input).display());
+    }
+}
+
+/// Checks that Debian's `rustc` has the standard library for `triple` and that `linker` is
+/// on `PATH`; says what is missing otherwise. The paths found are watched, so installing or
+/// upgrading the toolchain rebuilds the stub. (A path that does not exist is never given to
+/// `rerun-if-changed`: cargo would rerun this script, and rebuild smolpack, every time.)
+fn cross_toolchain(triple: &str, rustc: &str, linker: &str) -> Result<(), String> {
+    if !Path::new(rustc).is_file() {
+        return Err(format!("{rustc} (Debian's rustc) is missing"));
+    }
+    println!("cargo:rerun-if-changed={rustc}");
+    let out = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .env_remove("RUSTC_WRAPPER")
+        .output()
+        .map_err(|e| format!("running {rustc}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("`{rustc} --print sysroot` failed ({})", out.status));
+    }
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let rustlib = sysroot.join("lib/rustlib");
+    let std_dir = rustlib.join(triple).join("lib");
+    if !std_dir.is_dir() {
+        if rustlib.is_dir() {
+            println!("cargo:rerun-if-changed={}", rustlib.display());
+        }
+        return Err(format!(
+            "{rustc} has no {triple} standard library ({} is missing)",
+            std_dir.display()
+        ));
+    }
+    println!("cargo:rerun-if-changed={}", std_dir.display());
+    let found = env::var_os("PATH").and_then(|path| {
+        env::split_paths(&path)
+            .map(|dir| dir.join(linker))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => {
+            println!("cargo:rerun-if-changed={}", p.display());
+            Ok(())
+        }
+        None => Err(format!("the cross linker {linker} is not on PATH")),
+    }
 }
 
 /// Environment variables cargo sets for this build script or that configure the outer
@@ -171,8 +291,14 @@ fn confuses_nested_cargo(key: &str) -> bool {
     key.starts_with("CARGO_") || key.starts_with("__CARGO") || DROP.contains(&key)
 }
 
-/// Builds the `smolvm` binary for `spec.triple` with the nested cargo; returns its path.
-fn build_stub(spec: &StubSpec, root: &Path, out_dir: &Path) -> Result<PathBuf, String> {
+/// Builds the `smolvm` binary for `spec.triple` with the nested cargo (with the outer build's
+/// compiler, or with `cross`); returns its path.
+fn build_stub(
+    spec: &StubSpec,
+    root: &Path,
+    out_dir: &Path,
+    cross: Option<&Cross>,
+) -> Result<PathBuf, String> {
     // OUT_DIR is <target dir>/[<triple>/]<profile>/build/smolpack-<hash>/out: the stub
     // build dir sits beside the profile dirs, so debug and release packers share it.
     let profile_dir = out_dir
@@ -182,7 +308,7 @@ fn build_stub(spec: &StubSpec, root: &Path, out_dir: &Path) -> Result<PathBuf, S
     let target_dir = profile_dir
         .parent()
         .ok_or("unexpected OUT_DIR layout")?
-        .join("stub-build");
+        .join(cross.map_or("stub-build", |c| c.dir));
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -222,6 +348,19 @@ fn build_stub(spec: &StubSpec, root: &Path, out_dir: &Path) -> Result<PathBuf, S
     // With an explicit --target, RUSTFLAGS reach only the stub's own code and deps, not
     // build scripts or proc macros, so +crt-static is safe here.
     cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
+    if let Some(c) = cross {
+        // Debian's compiler for every crate of the nested build (its build scripts too: it
+        // has the host's standard library as well), and the cross linker, also set here for
+        // sources without the workspace's .cargo/config.toml. The outer build's RUSTC and
+        // RUSTC_WRAPPER (a clippy driver, a cache of rustup's compiler) do not apply.
+        let linker_var = format!(
+            "CARGO_TARGET_{}_LINKER",
+            spec.triple.to_uppercase().replace('-', "_")
+        );
+        cmd.env("RUSTC", c.rustc)
+            .env(linker_var, c.linker)
+            .env_remove("RUSTC_WRAPPER");
+    }
     let started = Instant::now();
     let out = cmd
         .output()
@@ -233,10 +372,13 @@ fn build_stub(spec: &StubSpec, root: &Path, out_dir: &Path) -> Result<PathBuf, S
         eprintln!("--- nested cargo build of the stub (stderr) ---");
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
         return Err(format!(
-            "`cargo build --profile dist -p smolvm --target {}` failed ({}); its output is above. \
-             Fix the stub build, or set {} to a prebuilt static stub, or SMOLPACK_NO_STUB_BUILD=1 \
-             to build smolpack without embedded stubs",
-            spec.triple, out.status, spec.env
+            "`{}cargo build --profile dist -p smolvm --target {}` failed ({}); its output is \
+             above. Fix the stub build, or set {} to a prebuilt static stub, or \
+             SMOLPACK_NO_STUB_BUILD=1 to build smolpack without embedded stubs",
+            cross.map_or(String::new(), |c| format!("RUSTC={} ", c.rustc)),
+            spec.triple,
+            out.status,
+            spec.env
         ));
     }
     let bin = target_dir.join(spec.triple).join("dist").join("smolvm");

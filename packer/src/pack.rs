@@ -105,8 +105,8 @@ pub enum PackError {
     )]
     StubUnknown { path: PathBuf, found: String },
     #[error(
-        "{} is a {machine} machine, but {target} stubs resume {arch} machines; pick a \
-         matching --target",
+        "{} is a machine for {machine}, but {target} stubs resume {arch} machines: pack it \
+         with a --target for {machine}, or build it again on an {arch} host",
         path.display()
     )]
     ArchMismatch {
@@ -301,5 +301,156 @@ pub fn stub_target(file: &File) -> String {
     match trailer::elf_identity(file) {
         Ok(id) => targets::describe_elf(&id),
         Err(e) => format!("unknown ({e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smolvm_formats::{Arch, GuestRegion, Manifest};
+
+    /// A minimal machine for `arch` (a manifest, a placeholder state, a few pages): packed,
+    /// never resumed.
+    fn machine(path: &Path, arch: Arch) {
+        let mut mem = vec![0u8; 16 * 4096];
+        mem[4096..8192].fill(0x5a);
+        let mut w = MachineWriter::create(path, arch).unwrap();
+        w.add_manifest(&Manifest {
+            name: format!("{arch}-sample"),
+            vcpus: 1,
+            memory_bytes: mem.len() as u64,
+            ..Default::default()
+        })
+        .unwrap();
+        w.add_blob(SectionKind::VmState, b"state", Compression::None)
+            .unwrap();
+        w.add_memory(
+            &[GuestRegion {
+                guest_addr: 0,
+                data: &mem,
+            }],
+            Compression::None,
+        )
+        .unwrap();
+        w.finish().unwrap();
+    }
+
+    /// A tiny static ELF executable whose header says `e_machine` (it is never run).
+    fn fake_stub(path: &Path, e_machine: u16) {
+        let mut elf = smolvm_formats::testing::tiny_elf();
+        elf[18..20].copy_from_slice(&e_machine.to_le_bytes());
+        std::fs::write(path, elf).unwrap();
+    }
+
+    fn opts(machine: &Path, output: &Path, target: &str, stub: Option<&Path>) -> PackOptions {
+        PackOptions {
+            machine: machine.to_path_buf(),
+            output: output.to_path_buf(),
+            target: Some(target.into()),
+            stub: stub.map(Path::to_path_buf),
+            ..Default::default()
+        }
+    }
+
+    /// Whether this build must carry the aarch64-linux stub: x86_64 Linux builds under
+    /// `CI=true`, where `scripts/setup --aarch64` installed the cross toolchain.
+    fn aarch64_stub_required() -> bool {
+        cfg!(all(target_arch = "x86_64", target_os = "linux"))
+            && option_env!("SMOLPACK_NO_STUB_BUILD") != Some("1")
+            && option_env!("SMOLPACK_STUB_AARCH64_LINUX").is_none()
+            && std::env::var("CI").is_ok_and(|v| v == "true")
+    }
+
+    #[test]
+    fn an_aarch64_machine_packs_onto_the_embedded_aarch64_stub() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("arm.smolmachine");
+        machine(&m, Arch::Aarch64);
+        let out = dir.path().join("app");
+        let target = targets::find("aarch64-linux").unwrap();
+        if !target.carried() {
+            assert!(
+                !aarch64_stub_required(),
+                "CI=true: this x86_64 build must carry the aarch64-linux stub (run \
+                 scripts/setup --aarch64)"
+            );
+            let e = pack(&opts(&m, &out, "aarch64-linux", None)).unwrap_err();
+            assert!(e.to_string().contains("scripts/setup --aarch64"), "{e}");
+            eprintln!("SKIP: this build does not carry the aarch64-linux stub");
+            return;
+        }
+        let report = pack(&opts(&m, &out, "aarch64-linux", None)).unwrap();
+        assert_eq!(report.target, "aarch64-linux");
+        assert_eq!(report.stub_source, "embedded");
+        let file = File::open(&out).unwrap();
+        let id = trailer::elf_identity(&file).unwrap();
+        assert_eq!(id.machine, 183, "EM_AARCH64");
+        assert!(id.is_64 && id.little_endian && !id.dynamic, "{id:?}");
+        assert_eq!(stub_target(&file), "aarch64-linux, static");
+        let t = trailer::verify_packed(File::open(&out).unwrap(), None).unwrap();
+        assert_eq!(t, report.trailer);
+        assert_eq!(t.stub_len, target.stub.unwrap().len() as u64);
+        assert_eq!(t.payload_offset % 65536, 0);
+        let payload = MachineReader::open(&out).unwrap();
+        assert_eq!(payload.arch(), Arch::Aarch64);
+        assert_eq!(payload.manifest().unwrap().name, "aarch64-sample");
+        // The payload is the machine byte for byte.
+        let back = dir.path().join("back.smolmachine");
+        unpack(&out, &back).unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&m).unwrap());
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111, "executable: {mode:o}");
+    }
+
+    #[test]
+    fn a_machine_of_another_architecture_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x86, arm) = (dir.path().join("x86"), dir.path().join("arm"));
+        machine(&x86, Arch::X86_64);
+        machine(&arm, Arch::Aarch64);
+        let (x86_stub, arm_stub) = (dir.path().join("x86-stub"), dir.path().join("arm-stub"));
+        fake_stub(&x86_stub, 62);
+        fake_stub(&arm_stub, 183);
+        let out = dir.path().join("app");
+        let e = pack(&opts(&x86, &out, "aarch64-linux", Some(&arm_stub))).unwrap_err();
+        assert!(matches!(e, PackError::ArchMismatch { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a machine for x86_64, but aarch64-linux stubs resume aarch64 machines: \
+                 pack it with a --target for x86_64, or build it again on an aarch64 host",
+                x86.display()
+            )
+        );
+        let e = pack(&opts(&arm, &out, "x86_64-linux", Some(&x86_stub))).unwrap_err();
+        let line = e.to_string();
+        assert!(matches!(e, PackError::ArchMismatch { .. }), "{e:?}");
+        assert!(
+            line.contains("a machine for aarch64, but x86_64-linux stubs resume x86_64"),
+            "{line}"
+        );
+        assert_eq!(line.lines().count(), 1);
+        // The target comes from the stub when --target is absent: refused the same way.
+        let mut o = opts(&arm, &out, "x86_64-linux", Some(&x86_stub));
+        o.target = None;
+        assert!(matches!(pack(&o), Err(PackError::ArchMismatch { .. })));
+        // With the embedded stubs, where this build carries them.
+        for (m, target) in [(&x86, "aarch64-linux"), (&arm, "x86_64-linux")] {
+            if targets::find(target).unwrap().carried() {
+                let e = pack(&opts(m, &out, target, None)).unwrap_err();
+                assert!(
+                    matches!(e, PackError::ArchMismatch { .. }),
+                    "{target}: {e:?}"
+                );
+            }
+        }
+        assert!(!out.exists(), "a refused pack writes nothing");
+        // The matching pairs pack (with the fake stubs).
+        pack(&opts(&arm, &out, "aarch64-linux", Some(&arm_stub))).unwrap();
+        let id = trailer::elf_identity(&File::open(&out).unwrap()).unwrap();
+        assert_eq!(id.machine, 183);
+        pack(&opts(&x86, &out, "x86_64-linux", Some(&x86_stub))).unwrap();
+        let id = trailer::elf_identity(&File::open(&out).unwrap()).unwrap();
+        assert_eq!(id.machine, 62);
     }
 }

@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use smolvm_formats::{Arch, MachineReader};
+use smolvm_formats::MachineReader;
 
 use crate::arch::cpu_model::{CpuModel, CpuModelError};
 use crate::device_manager::{DeviceArgs, DeviceError, DeviceManager, HostEnds};
 use crate::devices::exit::EXIT_PORT;
-use crate::host::{HostProfile, ProfileError};
+use crate::host::{ArchError, HostProfile, ProfileError};
 use crate::hypervisor::{Backend, BackendVcpu, BackendVm, Hypervisor, HypervisorError};
 use crate::machine::{irq_line, kick, Machine};
 use crate::memory::{GuestMemory, MemoryError, Run};
@@ -45,8 +45,8 @@ pub enum BuildError {
     #[error("cannot read machine file: {0}")]
     File(#[from] smolvm_formats::Error),
     /// The machine was built for another CPU architecture than this host's.
-    #[error("it was built for {built}, this host is {host}: run it on an {built} host")]
-    WrongArch { built: Arch, host: String },
+    #[error(transparent)]
+    WrongArch(#[from] ArchError),
     /// The file does not match its state.
     #[error("machine file does not fit: {0}")]
     Mismatch(String),
@@ -263,13 +263,7 @@ impl SnapshotPlan {
 
     /// Validate an opened machine.
     pub fn from_reader(reader: MachineReader) -> Result<Self, BuildError> {
-        let host = Arch::host();
-        if host != Some(reader.arch()) {
-            return Err(BuildError::WrongArch {
-                built: reader.arch(),
-                host: host.map_or("another architecture".into(), |a| a.to_string()),
-            });
-        }
+        crate::host::check_arch(reader.arch())?;
         let manifest = reader.manifest()?;
         HostProfile::detect().check_can_resume(&manifest.host_profile)?;
         let cpu = CpuModel::from_manifest(&manifest.cpu)

@@ -5,9 +5,46 @@
 //! under KVM's instruction emulator, so it avoids instructions the emulator
 //! lacks) also runs on hardware KVM; a guest set up on hardware KVM may use
 //! instructions PVM cannot emulate, so it is refused on PVM.
+//!
+//! A machine also records the CPU architecture it was built for; [`check_arch`] refuses
+//! another architecture's machine before any VM exists, on every architecture's runtime.
 
 use std::fmt;
 use std::path::Path;
+
+use smolvm_formats::Arch;
+
+/// A machine of another CPU architecture than this host's.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "this machine is for {machine}; this host is {host}: run it on an {machine} host, or build \
+     it again on this one"
+)]
+pub struct ArchError {
+    /// The architecture the machine was built for.
+    pub machine: Arch,
+    /// This host's architecture, in words.
+    pub host: String,
+}
+
+/// Whether a machine built for `machine` can resume on this host: only on a host of the
+/// same architecture (its memory holds that architecture's code and its state that CPU's
+/// registers). Checked before any VM is created.
+pub fn check_arch(machine: Arch) -> Result<(), ArchError> {
+    check_arch_on(machine, Arch::host())
+}
+
+/// [`check_arch`] for a host of architecture `host` (`None`: one smolvm has no backend for).
+pub fn check_arch_on(machine: Arch, host: Option<Arch>) -> Result<(), ArchError> {
+    if host == Some(machine) {
+        Ok(())
+    } else {
+        Err(ArchError {
+            machine,
+            host: host.map_or_else(|| std::env::consts::ARCH.to_string(), |a| a.to_string()),
+        })
+    }
+}
 
 /// The hypervisor a host offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +130,29 @@ mod tests {
         assert_eq!(HostProfile::detect_in(dir.path()), HostProfile::Kvm);
         std::fs::create_dir(dir.path().join("kvm_pvm")).unwrap();
         assert_eq!(HostProfile::detect_in(dir.path()), HostProfile::KvmPvm);
+    }
+
+    #[test]
+    fn another_architecture_is_refused_naming_both() {
+        assert_eq!(check_arch_on(Arch::X86_64, Some(Arch::X86_64)), Ok(()));
+        assert_eq!(check_arch_on(Arch::Aarch64, Some(Arch::Aarch64)), Ok(()));
+        let e = check_arch_on(Arch::Aarch64, Some(Arch::X86_64)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this machine is for aarch64; this host is x86_64: run it on an aarch64 host, or \
+             build it again on this one"
+        );
+        let e = check_arch_on(Arch::X86_64, Some(Arch::Aarch64)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this machine is for x86_64; this host is aarch64: run it on an x86_64 host, or \
+             build it again on this one"
+        );
+        let e = check_arch_on(Arch::X86_64, None).unwrap_err();
+        assert!(e.to_string().contains("this machine is for x86_64"), "{e}");
+        // This host's own machines pass.
+        let here = Arch::host().expect("smolvm builds for x86_64 and aarch64 only");
+        assert_eq!(check_arch(here), Ok(()));
     }
 
     #[test]

@@ -338,16 +338,73 @@ fn another_architecture_is_refused_in_one_line() {
     let o = smolvm().arg("run").arg(&arm).output().unwrap();
     let err = one_line_failure(&o);
     assert!(
-        err.contains("was built for aarch64, this host is x86_64"),
+        err.contains("this machine is for aarch64; this host is x86_64"),
         "{err}"
     );
     let app = dir.path().join("arm-app");
     pack(&arm, &app);
     let err = one_line_failure(&exe(&app).arg("--help").output_retrying());
     assert!(
-        err.contains("was built for aarch64, this host is x86_64"),
+        err.contains("this machine is for aarch64; this host is x86_64"),
         "{err}"
     );
+}
+
+/// A minimal aarch64 machine (a manifest, a placeholder state, one page of memory), written
+/// with the format's writer: never resumed, only refused.
+fn aarch64_machine(path: &Path) {
+    use smolvm_formats::{Arch, GuestRegion, MachineWriter};
+    let mut w = MachineWriter::create(path, Arch::Aarch64).unwrap();
+    w.add_manifest(&Manifest {
+        name: "arm".into(),
+        vcpus: 1,
+        memory_bytes: 4096,
+        host_profile: "kvm".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    w.add_blob(SectionKind::VmState, b"state", Compression::None)
+        .unwrap();
+    w.add_memory(
+        &[GuestRegion {
+            guest_addr: 0,
+            data: &[0u8; 4096],
+        }],
+        Compression::None,
+    )
+    .unwrap();
+    w.finish().unwrap();
+}
+
+/// An aarch64 machine, bare or packed onto this (x86_64) stub, is refused with one line
+/// and status 125 before any VM exists: the KVM device is never opened (a missing one would
+/// be the error otherwise), and no KVM is needed for this test.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn another_architecture_is_refused_before_any_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let arm = dir.path().join("arm.smolmachine");
+    aarch64_machine(&arm);
+    let expected = "this machine is for aarch64; this host is x86_64: run it on an aarch64 \
+                    host, or build it again on this one\n";
+    let o = smolvm()
+        .arg("run")
+        .arg(&arm)
+        .env("SMOLVM_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .unwrap();
+    let err = one_line_failure(&o);
+    assert_eq!(
+        err,
+        format!("smolvm: cannot resume {}: {expected}", arm.display())
+    );
+    let app = dir.path().join("arm-app");
+    pack(&arm, &app);
+    let o = exe(&app)
+        .env("SMOLVM_KVM_DEVICE", "/nonexistent/kvm")
+        .output_retrying();
+    let err = one_line_failure(&o);
+    assert!(err.ends_with(expected), "{err}");
 }
 
 #[test]

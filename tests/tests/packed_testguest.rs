@@ -726,8 +726,22 @@ fn targets_are_listed_and_checked() {
         ),
         "{line}"
     );
+    // An x86_64 machine for aarch64-linux: refused for its architecture where this build
+    // carries the aarch64 stub, else because it does not.
     let line = try_target("aarch64-linux");
-    assert!(line.contains("aarch64-linux"), "{line}");
+    if list
+        .lines()
+        .any(|l| l.starts_with("aarch64-linux") && l.contains("carried,"))
+    {
+        assert!(
+            line.contains(
+                "is a machine for x86_64, but aarch64-linux stubs resume aarch64 machines"
+            ),
+            "{line}"
+        );
+    } else {
+        assert!(line.contains("scripts/setup --aarch64"), "{line}");
+    }
     assert!(!out.exists());
 
     // A stub for another target than the one asked for is refused.
@@ -743,6 +757,77 @@ fn targets_are_listed_and_checked() {
     ]));
     assert!(
         line.contains("not on the requested target aarch64-linux"),
+        "{line}"
+    );
+    assert!(!out.exists());
+}
+
+/// On an x86_64 host, `smolpack pack --target aarch64-linux` packs an aarch64 machine onto
+/// the embedded aarch64 stub (where this build carries it: x86_64 CI does), and
+/// `--list-targets` shows both Linux targets carried.
+#[test]
+fn aarch64_machines_pack_for_aarch64_linux() {
+    let o = smolpack(&[os("pack"), os("--list-targets")]);
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    let carried = |name: &str| {
+        list.lines()
+            .any(|l| l.starts_with(name) && l.contains("carried,"))
+    };
+    if !carried("aarch64-linux") {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true") || !cfg!(target_arch = "x86_64"),
+            "CI=true: smolpack must carry the aarch64-linux stub: {list}"
+        );
+        eprintln!("SKIP: this smolpack does not carry the aarch64-linux stub:\n{list}");
+        return;
+    }
+    assert!(carried("x86_64-linux"), "{list}");
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("arm.smolmachine");
+    let mut mem = vec![0u8; 16 * 4096];
+    mem[4096..8192].fill(0x5a);
+    build_util::machine_for_arch(
+        &m,
+        "arm",
+        &mem,
+        Compression::None,
+        smolvm_formats::Arch::Aarch64,
+    );
+    let app = dir.path().join("arm-app");
+    let o = smolpack_ok(&[
+        os("pack"),
+        m.as_os_str(),
+        os("-o"),
+        app.as_os_str(),
+        os("--target"),
+        os("aarch64-linux"),
+    ]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("for aarch64-linux"), "{said}");
+    let file = fs::File::open(&app).unwrap();
+    let id = trailer::elf_identity(&file).unwrap();
+    assert_eq!(id.machine, 183, "EM_AARCH64: {id:?}");
+    assert!(!id.dynamic, "static: {id:?}");
+    trailer::verify_packed(fs::File::open(&app).unwrap(), None).unwrap();
+    assert_eq!(
+        MachineReader::open(&app).unwrap().arch(),
+        smolvm_formats::Arch::Aarch64
+    );
+    let o = smolpack_ok(&[os("inspect"), app.as_os_str()]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("stub aarch64-linux (static)"), "{said}");
+    // The same machine for x86_64-linux (the default here): one line, nothing written.
+    let out = dir.path().join("x86-app");
+    let line = error_line(&smolpack(&[
+        os("pack"),
+        m.as_os_str(),
+        os("-o"),
+        out.as_os_str(),
+        os("--target"),
+        os("x86_64-linux"),
+    ]));
+    assert!(
+        line.contains("is a machine for aarch64, but x86_64-linux stubs resume x86_64 machines"),
         "{line}"
     );
     assert!(!out.exists());

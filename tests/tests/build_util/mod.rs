@@ -138,7 +138,12 @@ pub fn sample_machine(path: &Path, name: &str) {
 /// A valid machine named `name` whose one memory region (at 0) is `mem`, with a
 /// placeholder state blob stored with `blob`; never resumed.
 pub fn machine_with_memory(path: &Path, name: &str, mem: &[u8], blob: Compression) {
-    let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
+    machine_for_arch(path, name, mem, blob, Arch::X86_64);
+}
+
+/// [`machine_with_memory`] for `arch` (an aarch64 machine without an aarch64 build).
+pub fn machine_for_arch(path: &Path, name: &str, mem: &[u8], blob: Compression, arch: Arch) {
+    let mut w = MachineWriter::create(path, arch).unwrap();
     w.add_manifest(&Manifest {
         name: name.into(),
         producer: "smolvm-tests".into(),
