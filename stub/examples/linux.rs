@@ -37,7 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok("linux64") => cfg.boot_protocol = smolvm::linux::BootProtocol::Linux64,
         _ => {}
     }
-    if let Some(n) = std::env::var("SMOLVM_VCPUS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("SMOLVM_VCPUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         cfg.vcpus = n;
     }
     if let Ok(extra) = std::env::var("SMOLVM_EXTRA_CMDLINE") {
