@@ -62,7 +62,7 @@ expect=(
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-started=$SECONDS
+started=$EPOCHREALTIME
 set +e
 timeout "$timeout_s" qemu-system-aarch64 -M virt,gic-version=3 -cpu cortex-a72 -smp 2 -m 512 \
     -nographic -no-reboot -kernel "$image" -append "$cmdline" \
@@ -70,7 +70,7 @@ timeout "$timeout_s" qemu-system-aarch64 -M virt,gic-version=3 -cpu cortex-a72 -
     -device virtio-rng-device </dev/null >"$out" 2>&1
 rc=$?
 set -e
-took=$((SECONDS - started))
+took=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
 missing=()
 for line in "${expect[@]}"; do
     tr -d '\r' <"$out" | awk -v p="$line" 'index($0, p) == 1 { found = 1 } END { exit !found }' ||

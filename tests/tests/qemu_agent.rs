@@ -10,6 +10,11 @@
 //! `SMOLVM_ROOTFS`); without them the test skips with a message, except under
 //! `CI=true` where it fails. The boot time to the agent's `Ready` is printed
 //! (`--nocapture` shows it).
+//!
+//! The same checks run on the arm64 guest (`agent_serves_under_qemu_tcg_aarch64`):
+//! `qemu-system-aarch64 -M virt,gic-version=3 -cpu cortex-a72` with
+//! `target/guest/aarch64/{Image,smol-agent,busybox.ext4}` (`scripts/setup --aarch64`; or
+//! `SMOLVM_KERNEL_AARCH64`, `SMOLVM_AGENT_AARCH64`, `SMOLVM_ROOTFS_AARCH64`).
 
 #[path = "qemu_util/mod.rs"]
 mod qemu_util;
@@ -139,53 +144,118 @@ fn payload(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// One architecture's guest under QEMU.
+struct Target {
+    qemu: (&'static str, &'static str),
+    machine: &'static str,
+    cpu: &'static str,
+    /// (override variable, default path, what builds it) of the kernel, agent, rootfs.
+    artifacts: [(&'static str, &'static str, &'static str); 3],
+    /// The command line before `root=`.
+    cmdline: String,
+    name: &'static str,
+}
+
 #[test]
 fn agent_serves_under_qemu_tcg() {
+    serves(Target {
+        qemu: ("qemu-system-x86_64", "qemu-system-x86"),
+        machine: "microvm,acpi=off",
+        cpu: "max",
+        artifacts: [
+            (
+                "SMOLVM_KERNEL",
+                "target/guest/vmlinux",
+                "guest/kernel/build.sh",
+            ),
+            (
+                "SMOLVM_AGENT",
+                "target/guest/smol-agent",
+                "guest/agent/build.sh",
+            ),
+            (
+                "SMOLVM_ROOTFS",
+                "target/guest/busybox.ext4",
+                "guest/rootfs/build-busybox.sh",
+            ),
+        ],
+        cmdline: qemu_util::CMDLINE_BASE.trim().to_string(),
+        name: "TCG",
+    });
+}
+
+/// The arm64 guest: kernel Image, aarch64 agent and busybox-static:arm64 root. The base
+/// command line is x86_64's (8250 console, `reboot=k`, kvm-clock); arm64 has the PL011
+/// here and reboots through PSCI, so only the options that apply are kept.
+#[test]
+fn agent_serves_under_qemu_tcg_aarch64() {
+    serves(Target {
+        qemu: ("qemu-system-aarch64", "qemu-system-arm"),
+        machine: "virt,gic-version=3",
+        cpu: "cortex-a72",
+        artifacts: [
+            (
+                "SMOLVM_KERNEL_AARCH64",
+                "target/guest/aarch64/Image",
+                "guest/kernel/build.sh --arch arm64",
+            ),
+            (
+                "SMOLVM_AGENT_AARCH64",
+                "target/guest/aarch64/smol-agent",
+                "guest/agent/build.sh --arch arm64",
+            ),
+            (
+                "SMOLVM_ROOTFS_AARCH64",
+                "target/guest/aarch64/busybox.ext4",
+                "guest/rootfs/build-busybox.sh --arch arm64",
+            ),
+        ],
+        cmdline: "console=ttyAMA0 panic=-1 init_on_free=1 quiet".to_string(),
+        name: "TCG, arm64",
+    });
+}
+
+fn serves(target: Target) {
     let Some(qemu) = require(
         TEST,
-        "qemu-system-x86_64 (qemu-system-x86)",
-        which("qemu-system-x86_64"),
+        &format!("{} ({})", target.qemu.0, target.qemu.1),
+        which(target.qemu.0),
     ) else {
         return;
     };
-    let Some(kernel) = require(
-        TEST,
-        "the kernel target/guest/vmlinux (guest/kernel/build.sh)",
-        artifact("SMOLVM_KERNEL", "target/guest/vmlinux"),
-    ) else {
-        return;
-    };
-    let Some(_agent) = require(
-        TEST,
-        "the agent target/guest/smol-agent (guest/agent/build.sh)",
-        artifact("SMOLVM_AGENT", "target/guest/smol-agent"),
-    ) else {
-        return;
-    };
-    let Some(rootfs) = require(
-        TEST,
-        "the rootfs target/guest/busybox.ext4 (guest/rootfs/build-busybox.sh)",
-        artifact("SMOLVM_ROOTFS", "target/guest/busybox.ext4"),
-    ) else {
-        return;
-    };
+    let mut found = Vec::new();
+    for (env, default, builder) in target.artifacts {
+        let Some(path) = require(
+            TEST,
+            &format!("{default} ({builder})"),
+            artifact(env, default),
+        ) else {
+            return;
+        };
+        found.push(path);
+    }
+    let (kernel, rootfs) = (found[0].clone(), found[2].clone());
     let image_before = fingerprint(&rootfs);
 
     let spec = GuestSpec {
         qemu: &qemu,
+        machine: target.machine,
         kernel: &kernel,
         rootfs: &rootfs,
         // `loglevel=7` overrides `quiet` so a failure shows the kernel's and
         // the agent's log (the agent logs at KERN_INFO).
         cmdline: format!(
             "{} root=/dev/vda rw smolvm.agent={AGENT_PORT} loglevel=7",
-            qemu_util::CMDLINE_BASE.trim()
+            target.cmdline
         ),
         accel: "tcg",
-        cpu: "max",
+        cpu: target.cpu,
     };
     let (mut guest, ready) = boot(&spec);
-    eprintln!("{TEST}: agent ready {ready:.2?} after QEMU started (TCG)");
+    eprintln!(
+        "{TEST}: agent ready {ready:.2?} after QEMU started ({})",
+        target.name
+    );
 
     // Output of a command.
     let (out, _, status) = guest.run(&["echo", "hello from the guest"]);
@@ -329,9 +399,9 @@ fn agent_serves_under_qemu_tcg() {
         format!("guest clock {seen}, set to {target} {elapsed} s before")
     });
 
-    // A clean end: the kernel has no ACPI, so power-off would only halt the
-    // CPU; a reboot resets the machine, which `-no-reboot` turns into QEMU
-    // exiting on its own.
+    // A clean end: the x86_64 kernel has no ACPI, so power-off would only halt
+    // the CPU; a reboot resets the machine (arm64: PSCI SYSTEM_RESET), which
+    // `-no-reboot` turns into QEMU exiting on its own.
     guest.step("shutdown", |c| Ok(c.shutdown(true)?));
     match guest.qemu.wait_exit(HANG_GUARD) {
         Some(status) => guest.check(status.success(), || {

@@ -3,7 +3,7 @@
 mod rootfs_util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rootfs_util::*;
 use smolvm_rootfs::{build, default_size, Base, Error, RootfsSpec};
@@ -193,4 +193,79 @@ fn bad_agent_and_guest_paths_fail_cleanly_and_keep_the_old_image() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// An aarch64 agent makes an aarch64 image: busybox-static:arm64 with the same applet links
+/// as the x86_64 image (the builder cannot run the arm64 busybox; it proves the host list is
+/// its own). Needs the arm64 agent (`scripts/setup --aarch64`); skips loudly without it, fails
+/// under `CI=true`.
+#[test]
+fn aarch64_agent_gets_the_arm64_busybox_with_the_same_applets() {
+    if !prerequisites() {
+        return;
+    }
+    let arm_agent =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest/aarch64/smol-agent");
+    if !arm_agent.is_file() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "no {} (CI=true: run scripts/setup --aarch64)",
+            arm_agent.display()
+        );
+        eprintln!(
+            "SKIPPED: no {} (scripts/setup --aarch64)",
+            arm_agent.display()
+        );
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let arm = t.path().join("arm.ext4");
+    let x86 = t.path().join("x86.ext4");
+    build(&RootfsSpec::new(Base::Busybox, &arm_agent), &arm).unwrap();
+    build(&RootfsSpec::new(Base::Busybox, agent()), &x86).unwrap();
+    assert_fsck_clean(&arm);
+    assert_agent_installed(&arm, &arm_agent);
+    let bb = cat(&arm, "/bin/busybox").expect("/bin/busybox");
+    // e_machine 183: EM_AARCH64.
+    assert_eq!(u16::from_le_bytes([bb[0x12], bb[0x13]]), 183);
+    for applet in ["/bin/sh", "/bin/ls", "/usr/bin/wc", "/sbin/ifconfig"] {
+        let s = stat(&arm, applet).unwrap_or_else(|| panic!("{applet} missing"));
+        assert_eq!(s.link_dest.as_deref(), Some("/bin/busybox"), "{applet}");
+    }
+    for dir in ["/bin", "/sbin", "/usr/bin", "/usr/sbin"] {
+        assert_eq!(ls(&arm, dir), ls(&x86, dir), "{dir}");
+    }
+}
+
+/// The Debian and OCI bases are x86_64 only: an aarch64 agent is refused with one line
+/// before anything is downloaded.
+#[test]
+fn debian_and_oci_bases_refuse_an_aarch64_agent() {
+    if !prerequisites() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    // A static x86_64 ELF relabelled as aarch64 (the builder reads the header only).
+    let mut bytes = std::fs::read(agent()).unwrap();
+    bytes[0x12..0x14].copy_from_slice(&183u16.to_le_bytes());
+    let fake = t.path().join("agent-aarch64");
+    std::fs::write(&fake, bytes).unwrap();
+    for base in [
+        Base::Debian {
+            suite: "bookworm".into(),
+            packages: Vec::new(),
+        },
+        Base::Oci {
+            archive: t.path().join("never-read.tar"),
+        },
+    ] {
+        let err = build(&RootfsSpec::new(base, &fake), &t.path().join("x.ext4")).unwrap_err();
+        assert!(matches!(err, Error::BaseArch { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("x86_64 only; the agent is aarch64"),
+            "{err}"
+        );
+    }
 }

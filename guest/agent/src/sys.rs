@@ -879,6 +879,46 @@ mod tests {
         assert_eq!(sorted.len(), all.len());
     }
 
+    /// A `cat` in a session of its own, blocked reading its stdin pipe, is found waiting on
+    /// that pipe through `/proc/PID/syscall`: the system call numbers above are this
+    /// architecture's (the test passes on x86_64 and, run in the arm64 guest, on aarch64).
+    #[test]
+    fn a_session_reading_its_stdin_pipe_is_seen_waiting() {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+        let mut cmd = Command::new("cat");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        // SAFETY: setsid is async-signal-safe; the child leads a new session, as a warm
+        // command does.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("cat");
+        let stdin = child.stdin.take().unwrap();
+        let sid = child.id() as i32;
+        // A hang guard, not a timing claim: cat reads its stdin as soon as it runs.
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while !session_blocked_on_pipe(sid, stdin.as_raw_fd()) {
+            assert!(
+                Instant::now() < give_up,
+                "cat never seen reading its pipe: {}",
+                fs::read_to_string(format!("/proc/{sid}/syscall")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Another pipe is not the one it waits on.
+        let (_other_r, other_w) = pipe().unwrap();
+        assert!(!session_blocked_on_pipe(sid, other_w.as_raw_fd()));
+        drop(stdin);
+        assert!(child.wait().unwrap().success());
+    }
+
     #[test]
     fn epoll_fdinfo() {
         let t = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n\

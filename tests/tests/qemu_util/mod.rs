@@ -1,7 +1,8 @@
 //! A guest under QEMU, independent of smolvm's own VMM: the project's kernel,
-//! the busybox rootfs (agent as PID 1) on virtio-blk, the kernel log on ttyS0
-//! in a file and the agent port as a virtio-serial console wired to a Unix
-//! socket. QEMU is killed when the [`QemuGuest`] is dropped.
+//! the busybox rootfs (agent as PID 1) on virtio-blk, the kernel log on the
+//! first serial port (ttyS0 on x86_64's microvm, the PL011 ttyAMA0 on arm64's
+//! virt) in a file and the agent port as a virtio-serial console wired to a
+//! Unix socket. QEMU is killed when the [`QemuGuest`] is dropped.
 //!
 //! Use `#[path = "qemu_util/mod.rs"] mod qemu_util;` to include it.
 
@@ -65,6 +66,9 @@ pub fn fingerprint(path: &Path) -> (u64, SystemTime) {
 /// What to boot.
 pub struct GuestSpec<'a> {
     pub qemu: &'a Path,
+    /// `-M` value: `microvm,acpi=off` (x86_64) or `virt,gic-version=3` (arm64); the
+    /// virtio devices go on the machine's virtio-mmio transports either way.
+    pub machine: &'a str,
     pub kernel: &'a Path,
     /// Booted through a copy-on-write overlay (`snapshot=on`): never written.
     pub rootfs: &'a Path,
@@ -96,14 +100,7 @@ impl QemuGuest {
         let err = out.try_clone().expect("dup qemu.out");
         let started = Instant::now();
         let child = Command::new(spec.qemu)
-            .args([
-                "-M",
-                "microvm,acpi=off",
-                "-cpu",
-                spec.cpu,
-                "-accel",
-                spec.accel,
-            ])
+            .args(["-M", spec.machine, "-cpu", spec.cpu, "-accel", spec.accel])
             .args([
                 "-m",
                 "256",
@@ -137,7 +134,7 @@ impl QemuGuest {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .expect("start qemu-system-x86_64");
+            .unwrap_or_else(|e| panic!("start {}: {e}", spec.qemu.display()));
         QemuGuest {
             child,
             dir,
