@@ -218,10 +218,17 @@ fn watch_stub_inputs(root: &Path) {
 
 /// Checks that Debian's `rustc` has the standard library for `triple` and that `linker` is
 /// on `PATH`; says what is missing otherwise. The paths found are watched, so installing or
-/// upgrading the toolchain rebuilds the stub. (A path that does not exist is never given to
-/// `rerun-if-changed`: cargo would rerun this script, and rebuild smolpack, every time.)
+/// upgrading the toolchain rebuilds the stub; when something is missing, the directory it
+/// will be installed into is watched (cargo compares the newest mtime under it, the
+/// directory's own included, which changes when a file is added there). A path that does
+/// not exist is never given to `rerun-if-changed`: cargo would rerun this script, and
+/// rebuild smolpack, every time.
 fn cross_toolchain(triple: &str, rustc: &str, linker: &str) -> Result<(), String> {
+    let bin_dir = Path::new(rustc).parent().filter(|d| d.is_dir());
     if !Path::new(rustc).is_file() {
+        if let Some(d) = bin_dir {
+            println!("cargo:rerun-if-changed={}", d.display());
+        }
         return Err(format!("{rustc} (Debian's rustc) is missing"));
     }
     println!("cargo:rerun-if-changed={rustc}");
@@ -256,7 +263,13 @@ fn cross_toolchain(triple: &str, rustc: &str, linker: &str) -> Result<(), String
             println!("cargo:rerun-if-changed={}", p.display());
             Ok(())
         }
-        None => Err(format!("the cross linker {linker} is not on PATH")),
+        None => {
+            // Debian's cross gcc goes beside its rustc.
+            if let Some(d) = bin_dir {
+                println!("cargo:rerun-if-changed={}", d.display());
+            }
+            Err(format!("the cross linker {linker} is not on PATH"))
+        }
     }
 }
 
