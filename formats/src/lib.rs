@@ -217,6 +217,36 @@ pub mod testing {
         reseal(bytes);
     }
 
+    /// Writes a minimal machine for `arch` to `path`: a manifest (`name`, one vCPU, 16 pages,
+    /// host profile `kvm`), a placeholder state blob and 16 pages of memory at 0 whose
+    /// second page is 0x5a (the rest zero). For tests that pack, sign or refuse a machine;
+    /// it is never resumed.
+    pub fn write_machine(path: &std::path::Path, arch: crate::Arch, name: &str) {
+        use crate::{Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
+        let mut mem = vec![0u8; 16 * 4096];
+        mem[4096..8192].fill(0x5a);
+        let mut w = MachineWriter::create(path, arch).expect("create the machine");
+        w.add_manifest(&Manifest {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: mem.len() as u64,
+            host_profile: "kvm".into(),
+            ..Default::default()
+        })
+        .expect("manifest");
+        w.add_blob(SectionKind::VmState, b"state", Compression::None)
+            .expect("state");
+        w.add_memory(
+            &[GuestRegion {
+                guest_addr: 0,
+                data: &mem,
+            }],
+            Compression::None,
+        )
+        .expect("memory");
+        w.finish().expect("finish the machine");
+    }
+
     /// A minimal static x86_64 ELF executable that exits 0: a stand-in stub for tests.
     pub fn tiny_elf() -> Vec<u8> {
         let code: [u8; 9] = [0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]; // exit(0)

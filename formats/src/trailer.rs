@@ -433,24 +433,10 @@ fn copy_range(src: &File, off: u64, len: u64, dst: &mut &File) -> io::Result<()>
 mod tests {
     use super::*;
     use crate::testing::tiny_elf;
-    use crate::{Arch, Compression, GuestRegion, MachineWriter, Manifest, SectionKind};
+    use crate::Arch;
 
     fn machine(path: &Path) {
-        let mut mem = vec![0u8; 16 * 4096];
-        mem[4096..8192].fill(0x5a);
-        let mut w = MachineWriter::create(path, Arch::X86_64).unwrap();
-        w.add_manifest(&Manifest::default()).unwrap();
-        w.add_blob(SectionKind::VmState, b"state", Compression::None)
-            .unwrap();
-        w.add_memory(
-            &[GuestRegion {
-                guest_addr: 0,
-                data: &mem,
-            }],
-            Compression::None,
-        )
-        .unwrap();
-        w.finish().unwrap();
+        crate::testing::write_machine(path, Arch::X86_64, "");
     }
 
     #[test]

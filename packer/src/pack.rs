@@ -307,32 +307,11 @@ pub fn stub_target(file: &File) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smolvm_formats::{Arch, GuestRegion, Manifest};
+    use smolvm_formats::Arch;
 
-    /// A minimal machine for `arch` (a manifest, a placeholder state, a few pages): packed,
-    /// never resumed.
+    /// A minimal machine for `arch`: packed, never resumed.
     fn machine(path: &Path, arch: Arch) {
-        let mut mem = vec![0u8; 16 * 4096];
-        mem[4096..8192].fill(0x5a);
-        let mut w = MachineWriter::create(path, arch).unwrap();
-        w.add_manifest(&Manifest {
-            name: format!("{arch}-sample"),
-            vcpus: 1,
-            memory_bytes: mem.len() as u64,
-            ..Default::default()
-        })
-        .unwrap();
-        w.add_blob(SectionKind::VmState, b"state", Compression::None)
-            .unwrap();
-        w.add_memory(
-            &[GuestRegion {
-                guest_addr: 0,
-                data: &mem,
-            }],
-            Compression::None,
-        )
-        .unwrap();
-        w.finish().unwrap();
+        smolvm_formats::testing::write_machine(path, arch, &format!("{arch}-sample"));
     }
 
     /// A tiny static ELF executable whose header says `e_machine` (it is never run).

@@ -350,30 +350,9 @@ fn another_architecture_is_refused_in_one_line() {
     );
 }
 
-/// A minimal aarch64 machine (a manifest, a placeholder state, one page of memory), written
-/// with the format's writer: never resumed, only refused.
+/// A minimal aarch64 machine (`formats::testing::write_machine`): never resumed, only refused.
 fn aarch64_machine(path: &Path) {
-    use smolvm_formats::{Arch, GuestRegion, MachineWriter};
-    let mut w = MachineWriter::create(path, Arch::Aarch64).unwrap();
-    w.add_manifest(&Manifest {
-        name: "arm".into(),
-        vcpus: 1,
-        memory_bytes: 4096,
-        host_profile: "kvm".into(),
-        ..Default::default()
-    })
-    .unwrap();
-    w.add_blob(SectionKind::VmState, b"state", Compression::None)
-        .unwrap();
-    w.add_memory(
-        &[GuestRegion {
-            guest_addr: 0,
-            data: &[0u8; 4096],
-        }],
-        Compression::None,
-    )
-    .unwrap();
-    w.finish().unwrap();
+    smolvm_formats::testing::write_machine(path, smolvm_formats::Arch::Aarch64, "arm");
 }
 
 /// An aarch64 machine, bare or packed onto this (x86_64) stub, is refused with one line
