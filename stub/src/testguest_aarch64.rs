@@ -70,7 +70,7 @@ mod runner {
     use crate::devices::bus::{Bus, BusDevice};
     use crate::devices::exit::ExitPort;
     use crate::hypervisor::kvm::{KvmHypervisor, KvmVcpu, KvmVm};
-    use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, VcpuAarch64, Vm, VmAarch64};
+    use crate::hypervisor::{HypervisorError, Vcpu, VcpuAarch64, VmAarch64};
     use crate::memory::{GuestMemory, MemoryError};
     use crate::testguest_common::{block_checksum, ReportWords};
     use crate::vstate::vcpu::{run_loop, ExitReason, RunControl, VcpuContext};
@@ -166,12 +166,10 @@ mod runner {
         /// the GIC (after the vCPUs: see `arch::aarch64::gic`), then devices.
         fn create(memory: GuestMemory, pause_at: Option<u64>) -> Result<Self, TestGuestError> {
             let hv = KvmHypervisor::new()?;
-            let vm = hv.create_vm()?;
-            // SAFETY: the TestGuest owns `memory` and drops it after the VM
-            // (fields drop in declaration order: vm, vcpu, then memory).
-            unsafe { crate::vstate::vm::register_memory(&vm, &memory)? };
-            let vcpu = vm.create_vcpu(0)?;
-            vm.create_gic(1)?;
+            // The TestGuest owns `memory` and drops it after the VM (fields
+            // drop in declaration order: vm, vcpu, then memory).
+            let (vm, mut vcpus) = crate::vstate::vm::create_vm(&hv, &memory, false, 1)?;
+            let vcpu = vcpus.pop().ok_or(HypervisorError::Missing("vCPU 0"))?;
             let control = RunControl::new(KvmVcpu::kick_thread);
             let reports = Arc::new(Mutex::new(Vec::new()));
             let mut mmio = Bus::new();
