@@ -609,11 +609,27 @@ pub fn cpuid_for(model: CpuModel, host: &[kvm_cpuid_entry2], count: u32) -> Vec<
                 *reg_mut(&mut e, *r) &= m;
             }
         }
+        if e.function == 0x8000_0008 && e.index == 0 {
+            e.ebx |= host_erratum_bits(host);
+        }
         out.push(e);
     }
     set_topology(&mut out, count);
     out.extend(super::cpuid::kvm_leaves());
     out
+}
+
+/// Leaf 0x8000_0008 EBX bit 2: FXSAVE/XRSTOR always save and restore the
+/// x87 error pointers (every AMD CPU since Zen).
+const XSAVEERPTR: u32 = 1 << 2;
+
+/// Bits that describe the host CPU's errata, not features a program uses,
+/// and so pass through every model. Without XSAVEERPTR a Linux guest on an
+/// AMD host assumes the old FXSAVE pointer leak and runs an x87 sequence
+/// (fnclex; emms; fild) on every FPU restore. A machine carried to a host
+/// without the fix only misses that mitigation; Intel CPUs never leak.
+fn host_erratum_bits(host: &[kvm_cpuid_entry2]) -> u32 {
+    find(host, 0x8000_0008, 0).map_or(0, |e| e.ebx & XSAVEERPTR)
 }
 
 /// Per feature register, the bits of the features in `names`.
@@ -801,6 +817,12 @@ mod tests {
         // The hypervisor bit and OSXSAVE are no features to check.
         v[1].ecx |= 1 << 31 | 1 << 27;
         v
+    }
+
+    fn find_mut(v: &mut [kvm_cpuid_entry2], leaf: u32) -> &mut kvm_cpuid_entry2 {
+        v.iter_mut()
+            .find(|e| e.function == leaf && e.index == 0)
+            .unwrap()
     }
 
     fn all_features() -> Vec<&'static str> {
@@ -1027,6 +1049,24 @@ mod tests {
             .iter()
             .all(|e| e.function != 0xa && e.function != 0x1f));
         assert_eq!(saved_cpuid(CpuModel::Host, &pvm, 1, 2), pvm);
+    }
+
+    #[test]
+    fn the_host_xsaveerptr_erratum_bit_passes_through_named_models() {
+        let ebx = |v: &[kvm_cpuid_entry2]| find(v, 0x8000_0008, 0).unwrap().ebx;
+        let mut amd = qemu64();
+        find_mut(&mut amd, 0x8000_0008).ebx |= XSAVEERPTR | 1 << 9;
+        let out = cpuid_for(CpuModel::X86_64, &amd, 1);
+        // The erratum bit stays; a feature outside the model (wbnoinvd) does not.
+        assert_eq!(ebx(&out) & (XSAVEERPTR | 1 << 9), XSAVEERPTR);
+        assert_eq!(
+            ebx(&cpuid_for(CpuModel::X86_64, &qemu64(), 1)) & XSAVEERPTR,
+            0
+        );
+        // It is no feature a resume host is checked for.
+        assert!(required(CpuModel::X86_64, &out)
+            .iter()
+            .all(|f| f.leaf != 0x8000_0008));
     }
 
     #[test]
