@@ -350,6 +350,16 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     )?;
     m.machine.start()?;
     m.wait_first_ready(cfg.boot_timeout)?;
+    // The host's clock and fresh entropy, as at every resume: an arm64 guest has no wall
+    // clock of its own (no RTC in the device model; an x86_64 one reads kvmclock's), and a
+    // build's setup steps must see the host's time on both.
+    let mut entropy = [0u8; 64];
+    crate::devices::virtio::rng::host_random(&mut entropy)?;
+    if let Err(e) = m.client.resume(wall_clock(), &entropy) {
+        return Err(m.guest_error(format!(
+            "cannot send the booted guest's agent its clock: {e}"
+        )));
+    }
     Ok(m)
 }
 
