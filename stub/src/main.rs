@@ -141,16 +141,8 @@ impl Ended {
 /// Resume the machine and return how its command ended: a Linux machine
 /// runs a command through its agent, the VMM test guest runs to its exit port.
 fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
-    // The filters compile while the machine is built; they go on just before it runs.
-    // The caller's --net/--net=off/--net-allow applied to the machine's `[network]`.
-    if smolvm::linux::run::net_for(&plan.manifest, &opts.net)
-        .map_err(anyhow::Error::msg)?
-        .is_some()
-    {
-        smolvm::seccomp::enable_network();
-    }
-    smolvm::seccomp::prepare();
     match plan.state.guest {
+        // Starts compiling its system call filters itself, once it knows the network.
         Guest::Linux { .. } => {
             let status = smolvm::linux::run::run(plan, name, opts)?;
             Ok(Ended::Command(status))
@@ -158,7 +150,11 @@ fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<Ended> {
         Guest::TestGuest if !opts.volumes.is_empty() => {
             anyhow::bail!("the VMM test guest cannot mount shared directories (no -v for it)")
         }
-        Guest::TestGuest => run_test_guest(plan, opts.save.as_deref()).map(Ended::TestGuest),
+        Guest::TestGuest => {
+            // The filters compile while the machine is built; they go on just before it runs.
+            smolvm::seccomp::prepare();
+            run_test_guest(plan, opts.save.as_deref()).map(Ended::TestGuest)
+        }
     }
 }
 

@@ -521,11 +521,17 @@ fn copy_out(mut from: impl Read, to: &mut dyn Write) {
 /// exit status; `name` names the machine in messages. A compressed machine
 /// runs from its expanded copy (see [`mappable_plan`]).
 pub fn run(plan: SnapshotPlan, name: &Path, opts: &RunOptions) -> Result<ExitStatus, LinuxError> {
+    // The network first: the system call filters depend on it. They compile on a helper
+    // thread while the machine is built and go on just before it runs.
+    let net = net_for(&plan.manifest, &opts.net).map_err(LinuxError::Config)?;
+    if net.is_some() {
+        crate::seccomp::enable_network();
+    }
+    crate::seccomp::prepare();
     let plan = mappable_plan(plan)?;
     let manifest = plan.manifest.clone();
     let argv = command_for(&manifest, opts)?;
     let volumes = volumes_for(&manifest, &opts.volumes).map_err(LinuxError::Config)?;
-    let net = net_for(&manifest, &opts.net).map_err(LinuxError::Config)?;
     // Bound before anything runs: a busy port fails the start, and binding is not allowed
     // once the system call filters are on.
     let ports = super::publish::ports_for(&manifest, &opts.ports).map_err(LinuxError::Publish)?;
