@@ -33,8 +33,11 @@ dump_threads() {
         echo "NESTED-HANG-DUMP: $1"
         cat /proc/loadavg
         for p in /proc/[0-9]*; do
-            [ -s "$p/cmdline" ] || continue
-            echo "-- pid ${p#/proc/}: $(tr '\0' ' ' <"$p/cmdline" | cut -c1-160)"
+            # Kernel threads have an empty command line (/proc files all show size 0, so
+            # read it rather than test -s).
+            cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-160)"
+            [ -n "$cmd" ] || continue
+            echo "-- pid ${p#/proc/}: $cmd"
             for t in "$p"/task/*; do
                 set -- $(sed 's/^.*) //' "$t/stat" 2>/dev/null)
                 # After the comm: state is field 1, processor field 37.
@@ -258,7 +261,9 @@ build_hello() {
     sed -i "s/^vcpus = .*/vcpus = $vcpus/" "$T/src-$tag/Smolfile"
     grep -q "^vcpus = $vcpus\$" "$T/src-$tag/Smolfile" || { fail "$tag: Smolfile" "no vcpus line to change"; return 1; }
     start=$(now)
-    if smolpack build "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
+    # -v: the guest's console goes into the log, so a failed or hung build shows where the
+    # guest was.
+    if smolpack build -v "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
         ok "$tag: smolpack build examples/hello with $vcpus vCPU(s) ($(since "$start") s)"
         echo "NESTED-BUILD-SECONDS $tag $(since "$start")"
     else
