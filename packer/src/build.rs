@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use smolvm::arch::cpu_model::CpuModel;
-use smolvm::linux::{boot_linux, LinuxConfig, LinuxError};
+use smolvm::linux::{boot_linux, LinuxConfig, LinuxError, LinuxExit, LinuxMachine};
 use smolvm_formats::{Compression, Manifest};
 
 use crate::artifacts::{self, Artifact, ArtifactError};
@@ -60,14 +60,71 @@ pub enum BuildError {
     Rootfs(smolvm_rootfs::Error),
     #[error("booting the machine: {0}")]
     Boot(LinuxError),
-    #[error("{at}: setup step {error}")]
-    Setup { at: String, error: GuestError },
-    #[error("{at}: {error}")]
-    Service { at: String, error: GuestError },
-    #[error("{at}: warm = ...: {error}")]
-    Warm { at: String, error: GuestError },
+    #[error("{at}: setup step {error}{stopped}")]
+    Setup {
+        at: String,
+        error: GuestError,
+        stopped: MachineEnd,
+    },
+    #[error("{at}: {error}{stopped}")]
+    Service {
+        at: String,
+        error: GuestError,
+        stopped: MachineEnd,
+    },
+    #[error("{at}: warm = ...: {error}{stopped}")]
+    Warm {
+        at: String,
+        error: GuestError,
+        stopped: MachineEnd,
+    },
     #[error("saving the machine: {0}")]
     Save(LinuxError),
+}
+
+/// How the machine ended when a guest step failed because it stopped under the step (whose
+/// own error, such as "agent connection lost", does not say); empty while it still runs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MachineEnd(pub Option<String>);
+
+impl MachineEnd {
+    /// Reads `machine`'s end, if it has one (no waiting: a lost agent connection is the
+    /// result of the recorded end, so it is there by the time the step fails).
+    pub fn of(machine: &mut LinuxMachine) -> MachineEnd {
+        if !machine.has_stopped() {
+            return MachineEnd(None);
+        }
+        MachineEnd(match machine.wait_exit(Duration::ZERO) {
+            Ok(Some(end)) => Some(describe_end(&end)),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for MachineEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(how) => write!(
+                f,
+                " (the machine stopped: {how}; rerun with -v to see its console)"
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One line for how a guest ended.
+fn describe_end(end: &LinuxExit) -> String {
+    match end {
+        LinuxExit::Reboot => "the guest rebooted".into(),
+        LinuxExit::PowerOff => "the guest powered off".into(),
+        LinuxExit::Panic(tail) => match tail.lines().rev().find(|l| l.contains("Kernel panic")) {
+            Some(line) => format!("the guest kernel panicked: {}", line.trim()),
+            None => "the guest kernel panicked".into(),
+        },
+        LinuxExit::Error(why) => why.clone(),
+    }
 }
 
 /// Time spent in each phase of a build.
@@ -280,6 +337,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 return Err(BuildError::Setup {
                     at: at(step.line),
                     error,
+                    stopped: MachineEnd::of(&mut machine),
                 });
             }
         }
@@ -303,6 +361,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 return Err(BuildError::Service {
                     at: at(svc.line),
                     error,
+                    stopped: MachineEnd::of(&mut machine),
                 });
             }
         }
@@ -322,6 +381,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 return Err(BuildError::Warm {
                     at: at(warm.line),
                     error,
+                    stopped: MachineEnd::of(&mut machine),
                 });
             }
         }
@@ -404,6 +464,23 @@ impl Write for ConsoleLines {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_stopped_machine_is_named_in_the_step_error() {
+        let panic = LinuxExit::Panic(
+            "[    1.0] something\n[    1.1] Kernel panic - not syncing: Attempted to kill init!\n[    1.2] ---[ end ]---".into(),
+        );
+        assert_eq!(
+            describe_end(&panic),
+            "the guest kernel panicked: [    1.1] Kernel panic - not syncing: Attempted to kill init!"
+        );
+        assert_eq!(describe_end(&LinuxExit::PowerOff), "the guest powered off");
+        assert_eq!(MachineEnd(None).to_string(), "");
+        assert_eq!(
+            MachineEnd(Some(describe_end(&LinuxExit::Reboot))).to_string(),
+            " (the machine stopped: the guest rebooted; rerun with -v to see its console)"
+        );
+    }
+
     fn hello() -> Smolfile {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/Smolfile");
         Smolfile::load(&path).unwrap()
@@ -483,6 +560,7 @@ mod tests {
                 "the warm entrypoint `/app/filter` did not block reading its stdin within 2m00s"
                     .into(),
             ),
+            stopped: MachineEnd(None),
         };
         assert_eq!(
             e.to_string(),

@@ -76,6 +76,31 @@ run = "echo third-step-must-not-run"
 }
 
 #[test]
+fn a_setup_step_that_stops_the_machine_says_how_it_stopped() {
+    let Some(guest) = guest("a_setup_step_that_stops_the_machine_says_how_it_stopped") else {
+        return;
+    };
+    // The agent loses its connection when the guest goes away: the error must say why.
+    let smolfile_text =
+        "name = \"off\"\n\n[base]\ntype = \"busybox\"\n\n[[setup]]\nrun = \"poweroff -f\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let smolfile = dir.path().join("Smolfile");
+    std::fs::write(&smolfile, smolfile_text).unwrap();
+    let out_path = dir.path().join("off.smolmachine");
+    let out = smolpack_build(&guest, &smolfile, &out_path);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("Smolfile:6: "), "{}", describe(&out));
+    assert!(
+        last.contains("(the machine stopped: the guest powered off; rerun with -v"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(entries(dir.path()), ["Smolfile"]);
+}
+
+#[test]
 fn bad_smolfile_is_refused_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let smolfile = dir.path().join("Smolfile");
