@@ -84,8 +84,9 @@ pub enum BuildError {
 
 /// How the machine ended when a guest step failed because it stopped under the step (whose
 /// own error, such as "agent connection lost", does not say); empty while it still runs.
+// Boxed: it rides in three `BuildError` variants, which must stay small.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct MachineEnd(pub Option<String>);
+pub struct MachineEnd(pub Option<Box<String>>);
 
 impl MachineEnd {
     /// Reads `machine`'s end, if it has one (no waiting: a lost agent connection is the
@@ -95,9 +96,9 @@ impl MachineEnd {
             return MachineEnd(None);
         }
         MachineEnd(match machine.wait_exit(Duration::ZERO) {
-            Ok(Some(end)) => Some(describe_end(&end)),
+            Ok(Some(end)) => Some(Box::new(describe_end(&end))),
             Ok(None) => None,
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(Box::new(e.to_string())),
         })
     }
 }
@@ -476,7 +477,7 @@ mod tests {
         assert_eq!(describe_end(&LinuxExit::PowerOff), "the guest powered off");
         assert_eq!(MachineEnd(None).to_string(), "");
         assert_eq!(
-            MachineEnd(Some(describe_end(&LinuxExit::Reboot))).to_string(),
+            MachineEnd(Some(Box::new(describe_end(&LinuxExit::Reboot)))).to_string(),
             " (the machine stopped: the guest rebooted; rerun with -v to see its console)"
         );
     }
