@@ -291,6 +291,14 @@ fn wall_clock() -> WallClock {
     }
 }
 
+/// The fresh host entropy every `Resume` carries (at boot and at each resume), so no two
+/// runs of one snapshot share their random state.
+fn resume_entropy() -> std::io::Result<[u8; 64]> {
+    let mut entropy = [0u8; 64];
+    crate::devices::virtio::rng::host_random(&mut entropy)?;
+    Ok(entropy)
+}
+
 /// A halted guest idles forever with interrupts off: end the machine when
 /// the kernel says so.
 fn end_on_halt(log: &ConsoleLog, machine: &Machine) {
@@ -353,8 +361,7 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
     // The host's clock and fresh entropy, as at every resume: an arm64 guest has no wall
     // clock of its own (no RTC in the device model; an x86_64 one reads kvmclock's), and a
     // build's setup steps must see the host's time on both.
-    let mut entropy = [0u8; 64];
-    crate::devices::virtio::rng::host_random(&mut entropy)?;
+    let entropy = resume_entropy()?;
     if let Err(e) = m.client.resume(wall_clock(), &entropy) {
         return Err(m.guest_error(format!(
             "cannot send the booted guest's agent its clock: {e}"
@@ -479,8 +486,7 @@ pub fn resume_linux_start(
     }
     m.machine.start()?;
     timing::mark("vcpus-started");
-    let mut entropy = [0u8; 64];
-    crate::devices::virtio::rng::host_random(&mut entropy)?;
+    let entropy = resume_entropy()?;
     match m.client.resume_start(wall_clock(), &entropy) {
         Ok(pending) => Ok((m, pending)),
         Err(e) => Err(m.guest_error(format!(
