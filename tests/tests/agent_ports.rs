@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use smolvm_agent::agent::{run_session, HostSystem, SessionConfig, SessionEnd};
-use smolvm_agent::client::{Client, ClientError, PortStream};
+use smolvm_agent::client::{Client, ClientError, PortStream, TX_DATA_QUEUE};
 use smolvm_agent::protocol::{WallClock, PROTOCOL_VERSION, STREAM_WINDOW};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(30));
@@ -166,6 +166,92 @@ fn many_streams_at_once_keep_their_bytes_apart() {
     for h in handles {
         h.join().unwrap();
     }
+    assert_eq!(c.protocol_violations().total(), 0);
+}
+
+/// The host's end of the channel, held shut until `open` is set: frames wait in the client.
+struct GatedWriter {
+    inner: UnixStream,
+    open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Write for GatedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (m, cv) = &*self.open;
+        let mut open = m.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_slow_channel_queues_a_bounded_amount_across_streams() {
+    // 20 streams with a full window each to send, and a channel that takes nothing: the
+    // client queues at most TX_DATA_QUEUE of their data (not 20 windows), so each stream's
+    // next chunk waits behind a bounded amount of the others'. Opened, all bytes arrive.
+    let (host, guest) = UnixStream::pair().unwrap();
+    let _agent =
+        thread::spawn(move || run_session(guest, &mut HostSystem, &SessionConfig::default()));
+    let open = Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new()));
+    let writer = GatedWriter {
+        inner: host.try_clone().unwrap(),
+        open: open.clone(),
+    };
+    let c = Client::new(host, writer).unwrap();
+    c.set_timeout(WAIT);
+    assert_eq!(c.handshake().unwrap(), PROTOCOL_VERSION);
+    let (port, _srv) = echo_server();
+    let streams: Vec<_> = (0..20u8)
+        .map(|_| {
+            let s = Arc::new(c.connect_port(port).unwrap());
+            s.wait_connected(WAIT).unwrap();
+            s
+        })
+        .collect();
+    *open.0.lock().unwrap() = false;
+    let size = STREAM_WINDOW as usize;
+    let writers: Vec<_> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.write_all(&pattern(size, i as u8)).unwrap();
+                s.shutdown_write().unwrap();
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut most = 0;
+    while most < TX_DATA_QUEUE {
+        assert!(std::time::Instant::now() < deadline, "queued only {most}");
+        most = most.max(c.buffered().queued_to_agent);
+        thread::sleep(Duration::from_millis(2));
+    }
+    // Let every writer that could queue more try to.
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(c.buffered().queued_to_agent, TX_DATA_QUEUE);
+    assert!(writers.iter().any(|w| !w.is_finished()));
+    *open.0.lock().unwrap() = true;
+    open.1.notify_all();
+    let readers: Vec<_> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let s = s.clone();
+            thread::spawn(move || assert!(read_all(&s) == pattern(size, i as u8), "stream {i}"))
+        })
+        .collect();
+    for t in writers.into_iter().chain(readers) {
+        t.join().unwrap();
+    }
+    assert_eq!(c.buffered().queued_to_agent, 0);
     assert_eq!(c.protocol_violations().total(), 0);
 }
 

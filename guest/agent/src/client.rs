@@ -64,6 +64,13 @@ pub const MAX_STRAY_FRAMES: u64 = 64;
 /// Prefix of the `Disconnected` reason when the client ended the session itself.
 pub const PROTOCOL_BROKEN: &str = "agent broke the protocol";
 
+/// Stdin and stream payload queued for the writer thread, all streams together, before
+/// senders wait. Each stream's credit window bounds what the guest must buffer; this
+/// bounds what waits in the host's queue, so a stream's next chunk is at most this far
+/// behind the others' (with a window per stream queued, 100 streams put 12.5 MiB ahead
+/// of every chunk, minutes on a slow channel).
+pub const TX_DATA_QUEUE: usize = 256 * 1024;
+
 /// Frames the client dropped because they broke the protocol, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProtocolViolations {
@@ -111,6 +118,9 @@ pub struct Buffered {
     pub port_bytes: usize,
     /// Port-forward streams (open, or closing).
     pub ports: usize,
+    /// Stdin and stream bytes queued for the agent and not yet written to it (at most
+    /// [`TX_DATA_QUEUE`]).
+    pub queued_to_agent: usize,
 }
 
 /// The host's account of one port-forward stream.
@@ -236,6 +246,8 @@ struct State {
     execs: HashMap<ExecId, ExecSlot>,
     ports: HashMap<StreamId, PortSlot>,
     violations: ProtocolViolations,
+    /// Payload bytes handed to the writer and not yet written (see [`TX_DATA_QUEUE`]).
+    tx_data_queued: usize,
 }
 
 impl State {
@@ -267,6 +279,7 @@ impl State {
         }
         b.ports = self.ports.len();
         b.port_bytes = self.ports.values().map(|p| p.rx.len()).sum();
+        b.queued_to_agent = self.tx_data_queued;
         b
     }
 }
@@ -274,7 +287,9 @@ impl State {
 struct Inner {
     state: Mutex<State>,
     cond: Condvar,
-    tx: Mutex<Sender<Vec<u8>>>,
+    /// Encoded frames for the writer thread, each with the payload bytes it releases from
+    /// `State::tx_data_queued` once written.
+    tx: Mutex<Sender<(Vec<u8>, usize)>>,
     next_id: AtomicU32,
     next_stream: AtomicU32,
     next_req: AtomicU32,
@@ -289,9 +304,25 @@ impl Inner {
     }
 
     fn send(&self, msg: &HostMsg) -> Result<()> {
-        let bytes = frame(msg)?;
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        if tx.send(bytes).is_err() {
+        self.send_queued(msg, 0)
+    }
+
+    /// Sends a frame carrying `data` payload bytes already counted in `tx_data_queued`.
+    fn send_queued(&self, msg: &HostMsg, data: usize) -> Result<()> {
+        let bytes = match frame(msg) {
+            Ok(b) => b,
+            Err(e) => {
+                self.release_queued(data);
+                return Err(e.into());
+            }
+        };
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((bytes, data));
+        if sent.is_err() {
+            self.release_queued(data);
             // The writer stops only when the session ended: report why.
             let st = self.lock();
             if st.closed.is_some() {
@@ -302,6 +333,28 @@ impl Inner {
             ));
         }
         Ok(())
+    }
+
+    /// The writer wrote (or dropped) frames carrying `data` payload bytes: wakes senders
+    /// waiting for queue room.
+    fn release_queued(&self, data: usize) {
+        if data > 0 {
+            let mut st = self.lock();
+            st.tx_data_queued = st.tx_data_queued.saturating_sub(data);
+            self.cond.notify_all();
+        }
+    }
+
+    /// Takes up to `want` (> 0) payload bytes of queue room, or `None` while the queue is
+    /// full. Called under the state lock, in a `wait_for`.
+    fn reserve_queued(st: &mut State, want: usize) -> Option<usize> {
+        let room = TX_DATA_QUEUE.saturating_sub(st.tx_data_queued);
+        if room == 0 {
+            return None;
+        }
+        let n = want.min(room);
+        st.tx_data_queued += n;
+        Some(n)
     }
 
     fn disconnected(&self, st: &State) -> ClientError {
@@ -444,7 +497,7 @@ impl Client {
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let (tx, rx) = mpsc::channel::<(Vec<u8>, usize)>();
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
@@ -461,15 +514,18 @@ impl Client {
         thread::Builder::new()
             .name("agent-writer".into())
             .spawn(move || {
-                for buf in rx {
-                    if let Err(e) = writer.write_all(&buf).and_then(|_| writer.flush()) {
-                        if let Some(inner) = w_inner.upgrade() {
-                            let mut st = inner.lock();
-                            st.closed.get_or_insert(format!("write failed: {e}"));
-                            inner.cond.notify_all();
-                        }
+                for (buf, data) in rx {
+                    let written = writer.write_all(&buf).and_then(|_| writer.flush());
+                    let Some(inner) = w_inner.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = written {
+                        let mut st = inner.lock();
+                        st.closed.get_or_insert(format!("write failed: {e}"));
+                        inner.cond.notify_all();
                         return;
                     }
+                    inner.release_queued(data);
                 }
             })?;
         let r_inner: Weak<Inner> = Arc::downgrade(&inner);
@@ -925,6 +981,8 @@ impl PortStream {
                 if n == 0 {
                     return None;
                 }
+                let n = Inner::reserve_queued(st, n)?;
+                let p = st.ports.get_mut(&id)?;
                 p.tx_credit -= n as u32;
                 Some(n)
             })?;
@@ -933,10 +991,13 @@ impl PortStream {
                     "the guest end of the stream is closed".into(),
                 ));
             }
-            self.inner.send(&HostMsg::StreamData {
-                id,
-                data: data[..n].to_vec(),
-            })?;
+            self.inner.send_queued(
+                &HostMsg::StreamData {
+                    id,
+                    data: data[..n].to_vec(),
+                },
+                n,
+            )?;
             data = &data[n..];
         }
         Ok(())
@@ -1407,6 +1468,8 @@ impl ExecHandle {
                 if n == 0 {
                     return None;
                 }
+                let n = Inner::reserve_queued(st, n)?;
+                let s = st.execs.get_mut(&id)?;
                 s.stdin_credit -= n as u32;
                 Some(n)
             })?;
@@ -1415,10 +1478,13 @@ impl ExecHandle {
                     "the command finished before reading all of its stdin".into(),
                 ));
             }
-            self.inner.send(&HostMsg::Stdin {
-                id,
-                data: data[..n].to_vec(),
-            })?;
+            self.inner.send_queued(
+                &HostMsg::Stdin {
+                    id,
+                    data: data[..n].to_vec(),
+                },
+                n,
+            )?;
             data = &data[n..];
         }
         Ok(())
