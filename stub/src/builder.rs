@@ -298,7 +298,7 @@ impl SnapshotPlan {
 
 /// Guest memory for a resume: mapped copy-on-write from the file, or
 /// expanded when the memory section is compressed.
-fn snapshot_memory(plan: &SnapshotPlan) -> Result<GuestMemory, BuildError> {
+pub fn snapshot_memory(plan: &SnapshotPlan) -> Result<GuestMemory, BuildError> {
     if plan.layout.mappable {
         let mut regions: Vec<(u64, u64, Vec<Run>)> = Vec::with_capacity(plan.layout.regions.len());
         for r in &plan.layout.regions {
