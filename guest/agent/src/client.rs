@@ -248,6 +248,9 @@ struct State {
     violations: ProtocolViolations,
     /// Payload bytes handed to the writer and not yet written (see [`TX_DATA_QUEUE`]).
     tx_data_queued: usize,
+    /// Tickets taken and let in by [`Inner::queue_turn`].
+    tx_tickets: u64,
+    tx_serving: u64,
 }
 
 impl State {
@@ -307,7 +310,8 @@ impl Inner {
         self.send_queued(msg, 0)
     }
 
-    /// Sends a frame carrying `data` payload bytes already counted in `tx_data_queued`.
+    /// Sends a frame carrying `data` payload bytes already let into the queue
+    /// ([`Inner::queue_turn`]).
     fn send_queued(&self, msg: &HostMsg, data: usize) -> Result<()> {
         let bytes = match frame(msg) {
             Ok(b) => b,
@@ -345,16 +349,30 @@ impl Inner {
         }
     }
 
-    /// Takes up to `want` (> 0) payload bytes of queue room, or `None` while the queue is
-    /// full. Called under the state lock, in a `wait_for`.
-    fn reserve_queued(st: &mut State, want: usize) -> Option<usize> {
-        let room = TX_DATA_QUEUE.saturating_sub(st.tx_data_queued);
-        if room == 0 {
-            return None;
-        }
-        let n = want.min(room);
-        st.tx_data_queued += n;
-        Some(n)
+    /// Waits for `len` (at most [`MAX_CHUNK`]) bytes of room in the writer queue, in the
+    /// order callers asked: each takes a ticket and is let in only when every earlier ticket
+    /// was, so a stream's next chunk waits behind at most one chunk of each other sender.
+    /// (Letting whoever takes the lock first in starved some of 100 streams for minutes:
+    /// a sender that never slept kept beating the ones woken for the room it freed.) The
+    /// caller holds the credit for `len` already, so a sender without credit never holds up
+    /// the line.
+    fn queue_turn(&self, len: usize) -> Result<()> {
+        let ticket = {
+            let mut st = self.lock();
+            st.tx_tickets += 1;
+            st.tx_tickets - 1
+        };
+        self.wait_for(None, "queue data for the agent", |st| {
+            if st.tx_serving != ticket || st.tx_data_queued + len > TX_DATA_QUEUE {
+                return None;
+            }
+            st.tx_data_queued += len;
+            st.tx_serving += 1;
+            Some(())
+        })?;
+        // The next ticket may fit already.
+        self.cond.notify_all();
+        Ok(())
     }
 
     fn disconnected(&self, st: &State) -> ClientError {
@@ -981,8 +999,6 @@ impl PortStream {
                 if n == 0 {
                     return None;
                 }
-                let n = Inner::reserve_queued(st, n)?;
-                let p = st.ports.get_mut(&id)?;
                 p.tx_credit -= n as u32;
                 Some(n)
             })?;
@@ -991,6 +1007,7 @@ impl PortStream {
                     "the guest end of the stream is closed".into(),
                 ));
             }
+            self.inner.queue_turn(n)?;
             self.inner.send_queued(
                 &HostMsg::StreamData {
                     id,
@@ -1468,8 +1485,6 @@ impl ExecHandle {
                 if n == 0 {
                     return None;
                 }
-                let n = Inner::reserve_queued(st, n)?;
-                let s = st.execs.get_mut(&id)?;
                 s.stdin_credit -= n as u32;
                 Some(n)
             })?;
@@ -1478,6 +1493,7 @@ impl ExecHandle {
                     "the command finished before reading all of its stdin".into(),
                 ));
             }
+            self.inner.queue_turn(n)?;
             self.inner.send_queued(
                 &HostMsg::Stdin {
                     id,
