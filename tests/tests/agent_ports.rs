@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use smolvm_agent::agent::{run_session, HostSystem, SessionConfig, SessionEnd};
 use smolvm_agent::client::{Client, ClientError, PortStream, TX_DATA_QUEUE};
-use smolvm_agent::protocol::{WallClock, PROTOCOL_VERSION, STREAM_WINDOW};
+use smolvm_agent::protocol::{read_frame, HostMsg, WallClock, PROTOCOL_VERSION, STREAM_WINDOW};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -170,9 +170,11 @@ fn many_streams_at_once_keep_their_bytes_apart() {
 }
 
 /// The host's end of the channel, held shut until `open` is set: frames wait in the client.
+/// Everything written is also kept in `sent`, to read back in order.
 struct GatedWriter {
     inner: UnixStream,
     open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    sent: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl Write for GatedWriter {
@@ -183,7 +185,9 @@ impl Write for GatedWriter {
             open = cv.wait(open).unwrap();
         }
         drop(open);
-        self.inner.write(buf)
+        let n = self.inner.write(buf)?;
+        self.sent.lock().unwrap().extend_from_slice(&buf[..n]);
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
@@ -192,22 +196,26 @@ impl Write for GatedWriter {
 
 #[test]
 fn a_slow_channel_queues_a_bounded_amount_across_streams() {
-    // 20 streams with a full window each to send, and a channel that takes nothing: the
-    // client queues at most TX_DATA_QUEUE of their data (not 20 windows), so each stream's
-    // next chunk waits behind a bounded amount of the others'. Opened, all bytes arrive.
+    // 22 streams with a full window each to send, and a channel that takes nothing: the
+    // client queues at most TX_DATA_QUEUE of their data (not 22 windows), so each stream's
+    // next chunk waits behind a bounded amount of the others'. Opened, all bytes arrive,
+    // and the queue lets senders in in the order they asked: of the 20 that waited, every
+    // one's first chunk goes out before any one's second.
     let (host, guest) = UnixStream::pair().unwrap();
     let _agent =
         thread::spawn(move || run_session(guest, &mut HostSystem, &SessionConfig::default()));
     let open = Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new()));
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = GatedWriter {
         inner: host.try_clone().unwrap(),
         open: open.clone(),
+        sent: sent.clone(),
     };
     let c = Client::new(host, writer).unwrap();
     c.set_timeout(WAIT);
     assert_eq!(c.handshake().unwrap(), PROTOCOL_VERSION);
     let (port, _srv) = echo_server();
-    let streams: Vec<_> = (0..20u8)
+    let streams: Vec<_> = (0..22u8)
         .map(|_| {
             let s = Arc::new(c.connect_port(port).unwrap());
             s.wait_connected(WAIT).unwrap();
@@ -216,28 +224,34 @@ fn a_slow_channel_queues_a_bounded_amount_across_streams() {
         .collect();
     *open.0.lock().unwrap() = false;
     let size = STREAM_WINDOW as usize;
-    let writers: Vec<_> = streams
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let s = s.clone();
-            thread::spawn(move || {
-                s.write_all(&pattern(size, i as u8)).unwrap();
-                s.shutdown_write().unwrap();
-            })
+    let send = |i: usize| {
+        let s = streams[i].clone();
+        thread::spawn(move || {
+            s.write_all(&pattern(size, i as u8)).unwrap();
+            s.shutdown_write().unwrap();
         })
-        .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut most = 0;
-    while most < TX_DATA_QUEUE {
-        assert!(std::time::Instant::now() < deadline, "queued only {most}");
-        most = most.max(c.buffered().queued_to_agent);
-        thread::sleep(Duration::from_millis(2));
-    }
-    // Let every writer that could queue more try to.
-    thread::sleep(Duration::from_millis(200));
+    };
+    let wait_until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                c.buffered()
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Two streams fill the queue (a window is two chunks): the others must wait in line.
+    let mut writers: Vec<_> = (0..2).map(send).collect();
+    wait_until("the queue fills", &|| {
+        c.buffered().queued_to_agent == TX_DATA_QUEUE
+    });
+    writers.extend((2..22).map(send));
+    wait_until("20 senders wait", &|| c.buffered().senders_waiting == 20);
+    thread::sleep(Duration::from_millis(50));
     assert_eq!(c.buffered().queued_to_agent, TX_DATA_QUEUE);
-    assert!(writers.iter().any(|w| !w.is_finished()));
+    assert_eq!(c.buffered().senders_waiting, 20);
     *open.0.lock().unwrap() = true;
     open.1.notify_all();
     let readers: Vec<_> = streams
@@ -253,6 +267,38 @@ fn a_slow_channel_queues_a_bounded_amount_across_streams() {
     }
     assert_eq!(c.buffered().queued_to_agent, 0);
     assert_eq!(c.protocol_violations().total(), 0);
+    // The streams' data frames in the order they were written to the agent.
+    let sent = sent.lock().unwrap().clone();
+    let mut frames = std::io::Cursor::new(sent);
+    let mut order = Vec::new();
+    while (frames.position() as usize) < frames.get_ref().len() {
+        if let HostMsg::StreamData { id, .. } = read_frame::<_, HostMsg>(&mut frames).unwrap() {
+            order.push(id);
+        }
+    }
+    // The 20 that waited: each got in line for its first chunk before any could ask again.
+    let ids: std::collections::BTreeSet<_> = streams[2..].iter().map(|s| s.id()).collect();
+    let last_first = ids
+        .iter()
+        .map(|id| {
+            order
+                .iter()
+                .position(|o| o == id)
+                .expect("every stream sent")
+        })
+        .max()
+        .unwrap();
+    let first_second = ids
+        .iter()
+        .filter_map(|id| order.iter().enumerate().filter(|(_, o)| *o == id).nth(1))
+        .map(|(i, _)| i)
+        .min()
+        .unwrap();
+    assert!(
+        last_first < first_second,
+        "a stream's second chunk went out (frame {first_second}) before another's first \
+         (frame {last_first})"
+    );
 }
 
 #[test]

@@ -121,6 +121,8 @@ pub struct Buffered {
     /// Stdin and stream bytes queued for the agent and not yet written to it (at most
     /// [`TX_DATA_QUEUE`]).
     pub queued_to_agent: usize,
+    /// Senders waiting for room in that queue, each with its chunk's credit in hand.
+    pub senders_waiting: usize,
 }
 
 /// The host's account of one port-forward stream.
@@ -248,7 +250,7 @@ struct State {
     violations: ProtocolViolations,
     /// Payload bytes handed to the writer and not yet written (see [`TX_DATA_QUEUE`]).
     tx_data_queued: usize,
-    /// Tickets taken and let in by [`Inner::queue_turn`].
+    /// Tickets taken and let in by [`Inner::send_data`].
     tx_tickets: u64,
     tx_serving: u64,
 }
@@ -283,6 +285,7 @@ impl State {
         b.ports = self.ports.len();
         b.port_bytes = self.ports.values().map(|p| p.rx.len()).sum();
         b.queued_to_agent = self.tx_data_queued;
+        b.senders_waiting = (self.tx_tickets - self.tx_serving) as usize;
         b
     }
 }
@@ -307,26 +310,19 @@ impl Inner {
     }
 
     fn send(&self, msg: &HostMsg) -> Result<()> {
-        self.send_queued(msg, 0)
+        let bytes = frame(msg)?;
+        self.push(bytes, 0)
     }
 
-    /// Sends a frame carrying `data` payload bytes already let into the queue
-    /// ([`Inner::queue_turn`]).
-    fn send_queued(&self, msg: &HostMsg, data: usize) -> Result<()> {
-        let bytes = match frame(msg) {
-            Ok(b) => b,
-            Err(e) => {
-                self.release_queued(data);
-                return Err(e.into());
-            }
-        };
+    /// Hands an encoded frame carrying `data` payload bytes (already counted in
+    /// `tx_data_queued`) to the writer thread.
+    fn push(&self, bytes: Vec<u8>, data: usize) -> Result<()> {
         let sent = self
             .tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .send((bytes, data));
         if sent.is_err() {
-            self.release_queued(data);
             // The writer stops only when the session ended: report why.
             let st = self.lock();
             if st.closed.is_some() {
@@ -349,29 +345,47 @@ impl Inner {
         }
     }
 
-    /// Waits for `len` (at most [`MAX_CHUNK`]) bytes of room in the writer queue, in the
-    /// order callers asked: each takes a ticket and is let in only when every earlier ticket
-    /// was, so a stream's next chunk waits behind at most one chunk of each other sender.
-    /// (Letting whoever takes the lock first in starved some of 100 streams for minutes:
-    /// a sender that never slept kept beating the ones woken for the room it freed.) The
-    /// caller holds the credit for `len` already, so a sender without credit never holds up
-    /// the line.
-    fn queue_turn(&self, len: usize) -> Result<()> {
+    /// Sends `msg`, a stdin or stream frame with `len` (at most [`MAX_CHUNK`]) payload bytes
+    /// whose credit the caller holds, once the writer queue has room for it, in the order
+    /// callers asked: each takes a ticket and its frame is queued only when every earlier
+    /// ticket's was, so a stream's next chunk waits behind at most one chunk of each other
+    /// sender. (Letting in whoever took the lock first starved some of 100 streams for
+    /// minutes: a sender that never slept kept beating the ones woken for the room it freed.)
+    /// Credit is taken before the ticket, so a sender without credit never holds up the line.
+    fn send_data(&self, msg: &HostMsg, len: usize) -> Result<()> {
+        let bytes = frame(msg)?;
         let ticket = {
             let mut st = self.lock();
             st.tx_tickets += 1;
             st.tx_tickets - 1
         };
-        self.wait_for(None, "queue data for the agent", |st| {
+        let mut bytes = Some(bytes);
+        let pushed = self.wait_for(None, "queue data for the agent", |st| {
             if st.tx_serving != ticket || st.tx_data_queued + len > TX_DATA_QUEUE {
                 return None;
             }
             st.tx_data_queued += len;
             st.tx_serving += 1;
-            Some(())
+            // Queued under the state lock, so frames leave in ticket order.
+            let sent = self
+                .tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send((bytes.take().unwrap_or_default(), len));
+            if sent.is_err() {
+                st.tx_data_queued -= len;
+            }
+            Some(sent.is_ok())
         })?;
         // The next ticket may fit already.
         self.cond.notify_all();
+        if !pushed {
+            let st = self.lock();
+            return Err(match st.closed {
+                Some(_) => self.disconnected(&st),
+                None => ClientError::Disconnected("the writer thread stopped".into()),
+            });
+        }
         Ok(())
     }
 
@@ -1007,8 +1021,7 @@ impl PortStream {
                     "the guest end of the stream is closed".into(),
                 ));
             }
-            self.inner.queue_turn(n)?;
-            self.inner.send_queued(
+            self.inner.send_data(
                 &HostMsg::StreamData {
                     id,
                     data: data[..n].to_vec(),
@@ -1493,8 +1506,7 @@ impl ExecHandle {
                     "the command finished before reading all of its stdin".into(),
                 ));
             }
-            self.inner.queue_turn(n)?;
-            self.inner.send_queued(
+            self.inner.send_data(
                 &HostMsg::Stdin {
                     id,
                     data: data[..n].to_vec(),
