@@ -249,21 +249,42 @@ pub struct LinuxMachine {
 }
 
 impl LinuxMachine {
-    /// Joins a built or restored machine to its agent, for boot and resume alike: the
-    /// bridge pumps host bytes from `sockets.0` into the agent console, the stop watch
-    /// ends waiting calls when the guest stops, and the client talks through `sockets.1`.
-    /// The vCPUs are not started yet.
-    fn connect(
-        machine: Machine,
+    /// Joins a built or restored machine to its agent and starts it, for boot and resume
+    /// alike: the bridge pumps host bytes from `sockets.0` into the agent console, then
+    /// `before_start` runs (the last set-up, e.g. installing the system call filters) and
+    /// the vCPUs start; the stop watch (it ends waiting calls when the guest stops) and the
+    /// client on `sockets.1` start their threads while the guest wakes. Nothing is lost by
+    /// that order: what the agent sends meanwhile waits in the socket pair, and a guest that
+    /// already stopped is seen by the watch's first look.
+    fn connect_and_start(
+        mut machine: Machine,
         devices: LinuxDevices,
         log: Arc<ConsoleLog>,
         cmdline: String,
         (vmm_end, client_end): (UnixStream, UnixStream),
         agent_timeout: Duration,
+        before_start: impl FnOnce() -> Result<(), LinuxError>,
     ) -> Result<LinuxMachine, LinuxError> {
         let bridge = AgentBridge::start(vmm_end, devices.console.clone())?;
-        let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
-        let client = Client::from_unix_stream(client_end)?;
+        before_start()?;
+        machine.start()?;
+        timing::mark("vcpus-started");
+        let client = (|| -> Result<_, LinuxError> {
+            let watch = StopWatch::start(machine.control(), client_end.try_clone()?)?;
+            Ok((watch, Client::from_unix_stream(client_end)?))
+        })();
+        let (watch, client) = match client {
+            Ok(c) => c,
+            Err(e) => {
+                // The vCPUs stop before the bridge goes, as in `Drop for LinuxMachine`.
+                machine
+                    .control()
+                    .finish(ExitReason::Error("machine shut down".into()));
+                let _ = machine.wait();
+                drop(bridge);
+                return Err(e);
+            }
+        };
         client.set_timeout(Some(agent_timeout));
         Ok(LinuxMachine {
             client,
@@ -348,15 +369,15 @@ pub fn boot_linux(mut cfg: LinuxConfig) -> Result<LinuxMachine, LinuxError> {
         cmdline: cmdline.clone(),
     });
     boot::load_and_enter(&mut machine, &cfg, &cmdline)?;
-    let mut m = LinuxMachine::connect(
+    let mut m = LinuxMachine::connect_and_start(
         machine,
         devices,
         log,
         cmdline,
         (vmm_end, client_end),
         cfg.agent_timeout,
+        || Ok(()),
     )?;
-    m.machine.start()?;
     m.wait_first_ready(cfg.boot_timeout)?;
     // The host's clock and fresh entropy, as at every resume: an arm64 guest has no wall
     // clock of its own (no RTC in the device model; an x86_64 one reads kvmclock's), and a
@@ -463,29 +484,32 @@ pub fn resume_linux_start(
     };
     end_on_halt(&log, &machine);
     let devices = LinuxDevices::of(&machine)?;
-    let mut m = LinuxMachine::connect(
+    timing::mark("devices-restored");
+    let seccomp = opts.seccomp;
+    let mut m = LinuxMachine::connect_and_start(
         machine,
         devices,
         log,
         cmdline,
         (vmm_end, client_end),
         opts.agent_timeout,
+        || {
+            if let Some(v) = verifier {
+                match v.join() {
+                    Ok(r) => r?,
+                    Err(_) => return Err(LinuxError::Device("checksum thread panicked".into())),
+                }
+                timing::mark("sections-verified");
+            }
+            if seccomp {
+                crate::seccomp::install().map_err(|e| LinuxError::Config(e.to_string()))?;
+                timing::mark("filters-installed");
+            }
+            Ok(())
+        },
     )?;
     m.network = network;
-    timing::mark("devices-restored");
-    if let Some(v) = verifier {
-        match v.join() {
-            Ok(r) => r?,
-            Err(_) => return Err(LinuxError::Device("checksum thread panicked".into())),
-        }
-        timing::mark("sections-verified");
-    }
-    if opts.seccomp {
-        crate::seccomp::install().map_err(|e| LinuxError::Config(e.to_string()))?;
-        timing::mark("filters-installed");
-    }
-    m.machine.start()?;
-    timing::mark("vcpus-started");
+    timing::mark("agent-connected");
     let entropy = resume_entropy()?;
     match m.client.resume_start(wall_clock(), &entropy) {
         Ok(pending) => Ok((m, pending)),
