@@ -352,34 +352,40 @@ impl Inner {
     /// sender. (Letting in whoever took the lock first starved some of 100 streams for
     /// minutes: a sender that never slept kept beating the ones woken for the room it freed.)
     /// Credit is taken before the ticket, so a sender without credit never holds up the line.
-    fn send_data(&self, msg: &HostMsg, len: usize) -> Result<()> {
-        let bytes = frame(msg)?;
+    fn send_data(&self, len: usize, msg: impl FnOnce() -> HostMsg) -> Result<()> {
         let ticket = {
             let mut st = self.lock();
             st.tx_tickets += 1;
             st.tx_tickets - 1
         };
-        let mut bytes = Some(bytes);
-        let pushed = self.wait_for(None, "queue data for the agent", |st| {
+        let mut msg = Some(msg);
+        let admitted = self.wait_for(None, "queue data for the agent", |st| {
             if st.tx_serving != ticket || st.tx_data_queued + len > TX_DATA_QUEUE {
                 return None;
             }
-            st.tx_data_queued += len;
             st.tx_serving += 1;
-            // Queued under the state lock, so frames leave in ticket order.
+            // Encoded only now, so a sender in line holds no copy of its chunk (100 waiting
+            // streams held 12.5 MiB), and queued under the state lock, so frames leave in
+            // ticket order.
+            // (Taken once: this branch ends the wait.)
+            let bytes = match frame(&(msg.take()?)()) {
+                Ok(b) => b,
+                Err(e) => return Some(Err(ClientError::from(e))),
+            };
             let sent = self
                 .tx
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .send((bytes.take().unwrap_or_default(), len));
-            if sent.is_err() {
-                st.tx_data_queued -= len;
+                .send((bytes, len));
+            if sent.is_ok() {
+                st.tx_data_queued += len;
             }
-            Some(sent.is_ok())
-        })?;
+            Some(Ok(sent.is_ok()))
+        });
         // The next ticket may fit already.
         self.cond.notify_all();
-        if !pushed {
+        let queued = admitted??;
+        if !queued {
             let st = self.lock();
             return Err(match st.closed {
                 Some(_) => self.disconnected(&st),
@@ -1021,13 +1027,10 @@ impl PortStream {
                     "the guest end of the stream is closed".into(),
                 ));
             }
-            self.inner.send_data(
-                &HostMsg::StreamData {
-                    id,
-                    data: data[..n].to_vec(),
-                },
-                n,
-            )?;
+            self.inner.send_data(n, || HostMsg::StreamData {
+                id,
+                data: data[..n].to_vec(),
+            })?;
             data = &data[n..];
         }
         Ok(())
@@ -1506,13 +1509,10 @@ impl ExecHandle {
                     "the command finished before reading all of its stdin".into(),
                 ));
             }
-            self.inner.send_data(
-                &HostMsg::Stdin {
-                    id,
-                    data: data[..n].to_vec(),
-                },
-                n,
-            )?;
+            self.inner.send_data(n, || HostMsg::Stdin {
+                id,
+                data: data[..n].to_vec(),
+            })?;
             data = &data[n..];
         }
         Ok(())
