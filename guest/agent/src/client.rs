@@ -311,28 +311,30 @@ impl Inner {
 
     fn send(&self, msg: &HostMsg) -> Result<()> {
         let bytes = frame(msg)?;
-        self.push(bytes, 0)
-    }
-
-    /// Hands an encoded frame carrying `data` payload bytes (already counted in
-    /// `tx_data_queued`) to the writer thread.
-    fn push(&self, bytes: Vec<u8>, data: usize) -> Result<()> {
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send((bytes, data));
-        if sent.is_err() {
-            // The writer stops only when the session ended: report why.
-            let st = self.lock();
-            if st.closed.is_some() {
-                return Err(self.disconnected(&st));
-            }
-            return Err(ClientError::Disconnected(
-                "the writer thread stopped".into(),
-            ));
+        if !self.enqueue(bytes, 0) {
+            return Err(self.writer_gone());
         }
         Ok(())
+    }
+
+    /// Hands an encoded frame, carrying `data` payload bytes already counted in
+    /// `tx_data_queued`, to the writer thread; false once the writer stopped. Lock order:
+    /// the state lock may be held when this takes the queue's; never the other way round.
+    fn enqueue(&self, bytes: Vec<u8>, data: usize) -> bool {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((bytes, data))
+            .is_ok()
+    }
+
+    /// Why a frame could not be queued: the writer stops only when the session ended.
+    fn writer_gone(&self) -> ClientError {
+        let st = self.lock();
+        if st.closed.is_some() {
+            return self.disconnected(&st);
+        }
+        ClientError::Disconnected("the writer thread stopped".into())
     }
 
     /// The writer wrote (or dropped) frames carrying `data` payload bytes: wakes senders
@@ -372,25 +374,16 @@ impl Inner {
                 Ok(b) => b,
                 Err(e) => return Some(Err(ClientError::from(e))),
             };
-            let sent = self
-                .tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send((bytes, len));
-            if sent.is_ok() {
+            let queued = self.enqueue(bytes, len);
+            if queued {
                 st.tx_data_queued += len;
             }
-            Some(Ok(sent.is_ok()))
+            Some(Ok(queued))
         });
         // The next ticket may fit already.
         self.cond.notify_all();
-        let queued = admitted??;
-        if !queued {
-            let st = self.lock();
-            return Err(match st.closed {
-                Some(_) => self.disconnected(&st),
-                None => ClientError::Disconnected("the writer thread stopped".into()),
-            });
+        if !admitted?? {
+            return Err(self.writer_gone());
         }
         Ok(())
     }
