@@ -277,10 +277,7 @@ impl LinuxMachine {
             Ok(c) => c,
             Err(e) => {
                 // The vCPUs stop before the bridge goes, as in `Drop for LinuxMachine`.
-                machine
-                    .control()
-                    .finish(ExitReason::Error("machine shut down".into()));
-                let _ = machine.wait();
+                stop_vcpus(&mut machine);
                 drop(bridge);
                 return Err(e);
             }
@@ -824,16 +821,21 @@ impl Drop for StopWatch {
 
 impl Drop for LinuxMachine {
     fn drop(&mut self) {
-        // Record an end (a no-op when the guest already stopped) so the vCPUs
-        // stop and the stop watch wakes; stop the vCPUs before the bridge so
-        // no device writes to its socket as it closes.
-        self.machine
-            .control()
-            .finish(ExitReason::Error("machine shut down".into()));
-        if self.machine.is_running() {
-            let _ = self.machine.wait();
-        }
+        // Stop the vCPUs (the stop watch wakes too) before the bridge, so no
+        // device writes to its socket as it closes.
+        stop_vcpus(&mut self.machine);
         self.watch.take();
         self.bridge.take();
+    }
+}
+
+/// Records an end (a no-op when the guest already stopped) so the vCPUs stop, and
+/// waits for them.
+fn stop_vcpus(machine: &mut Machine) {
+    machine
+        .control()
+        .finish(ExitReason::Error("machine shut down".into()));
+    if machine.is_running() {
+        let _ = machine.wait();
     }
 }
