@@ -454,6 +454,104 @@ fn invoke_mode_through_the_shell_helper() {
     a.finish();
 }
 
+/// The shell way in without a helper: `. "$SMOLVM_INVOKE_SH"` takes the run over with
+/// builtins only. Stdin written and closed before the script opens it must arrive whole.
+#[test]
+fn invoke_mode_through_a_sourced_fifo() {
+    let a = agent();
+    let c = &a.client;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tool.sh");
+    std::fs::write(
+        &script,
+        "greeting=$(echo slow start-up)\n\
+         . \"${SMOLVM_INVOKE_SH:-/dev/null}\"\n\
+         echo \"$greeting: $# args: $1|$2|$3 in $PWD mode=$MODE sh=${SMOLVM_INVOKE_SH-unset}\"\n\
+         while read -r l; do echo \"<$l>\"; done\n\
+         echo oops >&2\n\
+         exit 5\n",
+    )
+    .unwrap();
+    let s = script.to_str().unwrap();
+    let run_dir = a.socket.parent().unwrap().to_path_buf();
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&run_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut shells = vec![vec!["sh"]];
+    if std::process::Command::new("busybox")
+        .arg("true")
+        .output()
+        .is_ok()
+    {
+        shells.push(vec!["busybox", "sh"]);
+    } else {
+        eprintln!("busybox not installed: only the host's sh is tried");
+    }
+    for shell in shells {
+        fn words<'a>(shell: &[&'a str], script: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+            [shell, &[script], rest].concat()
+        }
+        let argv = |rest: &[&'static str]| words(&shell, s, rest);
+        // Started cold, the script runs as it is.
+        let (_, out) = run(c, req(&argv(&["cold"])), b"l0\n");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "slow start-up: 1 args: cold|| in /tmp mode=warm sh=unset\n<l0>\n"
+        );
+        let prefix = shell.len() as u32 + 1;
+        for input in [&b"l1\nl2\n"[..], b""] {
+            let pid = ready_pid(warm(c, req(&argv(&[])), WarmMode::Invoke, prefix));
+            let (p, out) = run(c, req(&argv(&["x y", "", "z"])), input);
+            assert_eq!(p, pid, "{shell:?}: the warm process serves the run");
+            let lines: String = String::from_utf8_lossy(input)
+                .lines()
+                .map(|l| format!("<{l}>\n"))
+                .collect();
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                format!("slow start-up: 3 args: x y||z in /tmp mode=warm sh=unset\n{lines}"),
+                "{shell:?}"
+            );
+            assert_eq!(out.stderr, b"oops\n");
+            assert_eq!(out.status, ExitStatus::Code(5));
+            assert_eq!(leftovers(), Vec::<String>::new(), "FIFOs left behind");
+        }
+    }
+
+    // A `#!` script started by its own path: one word more on the shell's command line.
+    let direct = dir.path().join("direct.sh");
+    std::fs::write(
+        &direct,
+        "#!/bin/sh\n. \"${SMOLVM_INVOKE_SH:-/dev/null}\"\necho \"$# args: $1|$2|$3\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&direct, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = direct.to_str().unwrap();
+    let pid = ready_pid(warm(c, req(&[d]), WarmMode::Invoke, 1));
+    let (p, out) = run(c, req(&[d, "a", "it's", "c d"]), b"");
+    assert_eq!(p, pid);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "3 args: a|it's|c d\n"
+    );
+    assert_eq!(out.status, ExitStatus::Code(0));
+    // A run with fewer words than the program had gets no arguments, not an error.
+    let pid = ready_pid(warm(c, req(&["sh", s, "p1", "p2"]), WarmMode::Invoke, 1));
+    let (p, out) = run(c, req(&["sh"]), b"");
+    assert_eq!(p, pid);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "slow start-up: 0 args: || in /tmp mode=warm sh=unset\n"
+    );
+    a.finish();
+}
+
 #[test]
 fn a_stranger_on_the_invocation_socket_is_refused() {
     let a = agent();

@@ -147,6 +147,16 @@ struct Warm {
     listener: Option<UnixListener>,
     /// Invocation mode: its connection, waiting for a run.
     conn: Option<UnixStream>,
+    /// Invocation mode: the FIFO a shell script sources (`SMOLVM_INVOKE_SH`), held open
+    /// for writing so that the script's read blocks until its run; dropped when the
+    /// program connects to the socket instead.
+    sh: Option<OwnedFd>,
+    /// Invocation mode: the script is blocked reading `sh`, waiting for its run.
+    sh_waiting: bool,
+    /// The variables it was started with (a shell run unsets those the run lacks).
+    start_env: Vec<String>,
+    /// Its user and group: the owner of the FIFOs made for a shell run.
+    owner: Option<(u32, u32)>,
     /// How it ended, when it did before a run took it.
     status: Option<ExitStatus>,
     /// Readiness checks so far (a log line every 100, about 5 s).
@@ -158,7 +168,7 @@ impl Warm {
         self.status.is_none()
             && match self.req.mode {
                 WarmMode::Stdin => self.starting.is_none(),
-                WarmMode::Invoke => self.conn.is_some(),
+                WarmMode::Invoke => self.conn.is_some() || self.sh_waiting,
             }
     }
 
@@ -228,6 +238,8 @@ struct Exec {
     status: Option<ExitStatus>,
     exited_at: Option<Instant>,
     last_output: Instant,
+    /// A warm shell script still opening its run's stdio FIFOs.
+    handover: Option<Handover>,
 }
 
 impl Exec {
@@ -244,6 +256,7 @@ impl Exec {
             outs: [None, None],
             status: None,
             exited_at: None,
+            handover: None,
             last_output: Instant::now(),
         }
     }
@@ -281,6 +294,7 @@ enum Token {
     Pid,
     Sock(StreamId),
     WarmListen,
+    Handover(ExecId),
 }
 
 /// Serves one session on `transport` until it ends. Catches panics: whatever happens, every
@@ -421,6 +435,11 @@ impl<'a, T: Transport> Session<'a, T> {
                     Token::Pid => reap = true,
                     Token::Sock(id) => self.on_sock(id),
                     Token::WarmListen => self.on_warm_connect(),
+                    Token::Handover(id) => {
+                        if let Some(e) = self.execs.get_mut(&id) {
+                            e.handover = None;
+                        }
+                    }
                 }
                 if self.end.is_some() {
                     break;
@@ -475,6 +494,9 @@ impl<'a, T: Transport> Session<'a, T> {
                     }
                 }
             }
+            if let Some(h) = &e.handover {
+                add(h.ack.as_raw_fd(), libc::POLLIN, Token::Handover(id));
+            }
             if e.running() {
                 if let Some(p) = &e.pidfd {
                     add(p.as_raw_fd(), libc::POLLIN, Token::Pid);
@@ -514,7 +536,7 @@ impl<'a, T: Transport> Session<'a, T> {
             if let Some(l) = &w.listener {
                 add(l.as_raw_fd(), libc::POLLIN, Token::WarmListen);
             }
-            let tick = w.starting.is_some() && w.req.mode == WarmMode::Stdin;
+            let tick = w.starting.is_some() && (w.req.mode == WarmMode::Stdin || w.sh.is_some());
             if tick || (w.pidfd.is_none() && w.status.is_none()) {
                 timeout = Some(timeout.map_or(WARM_TICK, |t| t.min(WARM_TICK)));
             }
@@ -958,7 +980,7 @@ impl<'a, T: Transport> Session<'a, T> {
             return;
         };
         if let Some(w) = self.take_warm(&req) {
-            match adopt(&req, w) {
+            match adopt(&req, w, self.config) {
                 Ok(sp) => return self.started(id, sp),
                 Err(why) => agent_log!("warm entrypoint not used, starting afresh: {why}"),
             }
@@ -983,6 +1005,7 @@ impl<'a, T: Transport> Session<'a, T> {
         }
         e.stdin = Some(sp.stdin);
         e.tty = sp.tty;
+        e.handover = sp.handover;
         e.outs = sp.outs.map(|o| {
             o.map(|fd| OutStream {
                 fd,
@@ -1026,6 +1049,12 @@ impl<'a, T: Transport> Session<'a, T> {
         }
         let mut exec = warm.exec.clone();
         let mut listener = None;
+        let mut sh = None;
+        let creds = exec
+            .user
+            .as_ref()
+            .and_then(|u| sys::resolve_user(u, &self.config.etc_dir).ok());
+        let owner = creds.as_ref().map(|c| (c.uid, c.gid));
         if warm.mode == WarmMode::Invoke {
             let path = &self.config.invoke_socket;
             let bound = (|| {
@@ -1054,7 +1083,30 @@ impl<'a, T: Transport> Session<'a, T> {
             ));
             exec.env
                 .push((invoke::ARGC_ENV.into(), exec.argv.len().to_string()));
+            let sh_path = shell_fifo(self.config, "sh");
+            match sys::make_fifo(&sh_path, owner)
+                .and_then(|()| sys::open_fifo(&sh_path, libc::O_RDWR))
+            {
+                Ok(fd) => sh = Some(fd),
+                Err(e) => {
+                    let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(&sh_path);
+                    self.send(&AgentMsg::WarmReady {
+                        req,
+                        state: WarmState::Failed(format!("{}: {e}", sh_path.display())),
+                    });
+                    return;
+                }
+            }
+            exec.env.push((
+                invoke::SH_ENV.into(),
+                sh_path.to_string_lossy().into_owned(),
+            ));
         }
+        let start_env = build_env(&exec, creds.as_ref(), &inherited_env())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         match spawn(&exec, self.config) {
             Ok(sp) => {
                 let [Some(out), Some(err)] = sp.outs else {
@@ -1072,6 +1124,10 @@ impl<'a, T: Transport> Session<'a, T> {
                     starting: Some(req),
                     listener,
                     conn: None,
+                    sh,
+                    sh_waiting: false,
+                    start_env,
+                    owner,
                     status: None,
                     checks: 0,
                 });
@@ -1080,6 +1136,9 @@ impl<'a, T: Transport> Session<'a, T> {
             Err(error) => {
                 if listener.is_some() {
                     let _ = std::fs::remove_file(&self.config.invoke_socket);
+                }
+                if sh.is_some() {
+                    let _ = std::fs::remove_file(shell_fifo(self.config, "sh"));
                 }
                 self.send(&AgentMsg::WarmReady {
                     req,
@@ -1123,7 +1182,19 @@ impl<'a, T: Transport> Session<'a, T> {
         let Some(req) = w.starting else {
             return;
         };
-        if w.req.mode != WarmMode::Stdin {
+        if w.req.mode == WarmMode::Invoke {
+            // A shell script waits in `. "$SMOLVM_INVOKE_SH"`, reading the FIFO.
+            if w.sh.is_some() && sys::blocked_reading_fifo(w.pid, &shell_fifo(self.config, "sh")) {
+                w.sh_waiting = true;
+                w.starting = None;
+                w.listener = None;
+                let _ = std::fs::remove_file(&self.config.invoke_socket);
+                let pid = w.pid as u32;
+                self.send(&AgentMsg::WarmReady {
+                    req,
+                    state: WarmState::Ready { pid },
+                });
+            }
             return;
         }
         w.checks += 1;
@@ -1175,6 +1246,9 @@ impl<'a, T: Transport> Session<'a, T> {
         w.conn = Some(conn);
         w.listener = None;
         let _ = std::fs::remove_file(&self.config.invoke_socket);
+        if w.sh.take().is_some() {
+            let _ = std::fs::remove_file(shell_fifo(self.config, "sh"));
+        }
         if let Some(req) = w.starting.take() {
             let pid = w.pid as u32;
             self.send(&AgentMsg::WarmReady {
@@ -1189,6 +1263,9 @@ impl<'a, T: Transport> Session<'a, T> {
         if let Some(w) = self.warm.take() {
             if w.listener.is_some() {
                 let _ = std::fs::remove_file(&self.config.invoke_socket);
+            }
+            if w.sh.is_some() {
+                let _ = std::fs::remove_file(shell_fifo(self.config, "sh"));
             }
             if w.status.is_none() {
                 let _ = sys::kill(-w.pid, libc::SIGKILL);
@@ -1346,6 +1423,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     e.status = Some(status);
                     e.exited_at = Some(Instant::now());
                     e.pidfd = None;
+                    e.handover = None;
                 }
             }
         } else {
@@ -1354,6 +1432,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     e.status = Some(status);
                     e.exited_at = Some(Instant::now());
                     e.pidfd = None;
+                    e.handover = None;
                 }
             }
         }
@@ -1422,6 +1501,32 @@ struct Spawned {
     stdin: OwnedFd,
     tty: Option<OwnedFd>,
     outs: [Option<OwnedFd>; 2],
+    handover: Option<Handover>,
+}
+
+/// The stdio FIFOs of a warm shell script's run while the script opens them. Until it says
+/// it has (by opening and closing `ack`), the agent keeps the stdin FIFO open for writing
+/// as well: a run whose stdin ends before the script opened it would otherwise lose what
+/// was written, or leave the script's open blocked for good. Dropping it removes the FIFOs.
+struct Handover {
+    _keep: OwnedFd,
+    ack: OwnedFd,
+    /// stdin, stdout, stderr, ack.
+    paths: [PathBuf; 4],
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The FIFOs of the shell way in sit beside the invocation socket: `invoke.sh`, which the
+/// script sources, and `invoke.stdin` etc. for a run's stdio.
+fn shell_fifo(config: &SessionConfig, ext: &str) -> PathBuf {
+    config.invoke_socket.with_extension(ext)
 }
 
 /// Variables of the agent's own environment (set by the VMM on the kernel command
@@ -1599,6 +1704,7 @@ fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
         stdin,
         tty,
         outs,
+        handover: None,
     })
 }
 
@@ -1642,65 +1748,154 @@ fn spawn_piped(req: &ExecRequest, cwd: &str, env: &[(String, String)]) -> io::Re
         stdin: in_w,
         tty: None,
         outs: [Some(out_r), Some(err_r)],
+        handover: None,
     })
 }
 
 /// Hands a run to the warm entrypoint `w`: in stdin mode its own pipes; in invocation mode
-/// fresh pipes, sent to it over its connection with the run's argv, environment and
-/// directory. On error the process is killed and the caller starts the run afresh.
-fn adopt(req: &ExecRequest, w: Warm) -> Result<Spawned, String> {
-    match w.req.mode {
-        WarmMode::Stdin => {
-            let [out, err] = w.outs;
-            Ok(Spawned {
-                pid: w.pid,
-                pidfd: w.pidfd,
-                stdin: w.stdin,
-                tty: None,
-                outs: [Some(out), Some(err)],
-            })
+/// fresh pipes sent over its connection, or FIFOs named to a shell script, with the run's
+/// argv, environment and directory. On error the process is killed and the caller starts
+/// the run afresh.
+fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, String> {
+    if w.req.mode == WarmMode::Stdin {
+        let [out, err] = w.outs;
+        return Ok(Spawned {
+            pid: w.pid,
+            pidfd: w.pidfd,
+            stdin: w.stdin,
+            tty: None,
+            outs: [Some(out), Some(err)],
+            handover: None,
+        });
+    }
+    let pid = w.pid;
+    let kill = |why: String| {
+        let _ = sys::kill(-pid, libc::SIGKILL);
+        let _ = sys::kill(pid, libc::SIGKILL);
+        sys::wait_blocking(pid);
+        why
+    };
+    let inv = Invocation {
+        argv: req.argv.clone(),
+        env: build_env(req, None, &inherited_env()),
+        cwd: req.cwd.clone().unwrap_or_else(|| "/".into()),
+        reseed: true,
+    };
+    let os = |e: sys::SysError| e.to_string();
+    if w.conn.is_none() && w.sh_waiting {
+        return adopt_shell(&inv, w, config).map_err(&kill);
+    }
+    let Some(conn) = &w.conn else {
+        return Err(kill("no invocation connection".into()));
+    };
+    let pipes = (|| {
+        let (in_r, in_w) = sys::pipe().map_err(os)?;
+        let (out_r, out_w) = sys::pipe().map_err(os)?;
+        let (err_r, err_w) = sys::pipe().map_err(os)?;
+        for fd in [&in_w, &out_r, &err_r] {
+            sys::set_nonblocking(fd.as_raw_fd(), true).map_err(|e| e.to_string())?;
         }
-        WarmMode::Invoke => {
-            let kill = |why: String| {
-                let _ = sys::kill(-w.pid, libc::SIGKILL);
-                let _ = sys::kill(w.pid, libc::SIGKILL);
-                sys::wait_blocking(w.pid);
-                why
-            };
-            let Some(conn) = &w.conn else {
-                return Err(kill("no invocation connection".into()));
-            };
-            let os = |e: sys::SysError| e.to_string();
-            let pipes = (|| {
-                let (in_r, in_w) = sys::pipe().map_err(os)?;
-                let (out_r, out_w) = sys::pipe().map_err(os)?;
-                let (err_r, err_w) = sys::pipe().map_err(os)?;
-                for fd in [&in_w, &out_r, &err_r] {
-                    sys::set_nonblocking(fd.as_raw_fd(), true).map_err(|e| e.to_string())?;
-                }
-                Ok::<_, String>(([in_r, out_w, err_w], [in_w, out_r, err_r]))
-            })();
-            let (theirs, [in_w, out_r, err_r]) = pipes.map_err(&kill)?;
-            let inv = Invocation {
-                argv: req.argv.clone(),
-                env: build_env(req, None, &inherited_env()),
-                cwd: req.cwd.clone().unwrap_or_else(|| "/".into()),
-                reseed: true,
-            };
-            let fds = theirs.each_ref().map(|f| f.as_raw_fd());
-            invoke::send(conn, &inv, fds).map_err(|e| kill(e.to_string()))?;
-            // Its build-time pipes (`w.stdin`, `w.outs`) and our copies of the new ends close
-            // here: it reads and writes only what it was sent.
-            drop(theirs);
-            Ok(Spawned {
-                pid: w.pid,
-                pidfd: w.pidfd,
-                stdin: in_w,
-                tty: None,
-                outs: [Some(out_r), Some(err_r)],
-            })
+        Ok::<_, String>(([in_r, out_w, err_w], [in_w, out_r, err_r]))
+    })();
+    let (theirs, [in_w, out_r, err_r]) = pipes.map_err(&kill)?;
+    let fds = theirs.each_ref().map(|f| f.as_raw_fd());
+    invoke::send(conn, &inv, fds).map_err(|e| kill(e.to_string()))?;
+    // Its build-time pipes (`w.stdin`, `w.outs`) and our copies of the new ends close
+    // here: it reads and writes only what it was sent.
+    drop(theirs);
+    Ok(Spawned {
+        pid: w.pid,
+        pidfd: w.pidfd,
+        stdin: in_w,
+        tty: None,
+        outs: [Some(out_r), Some(err_r)],
+        handover: None,
+    })
+}
+
+/// Makes the FIFOs of a shell run (owned by `owner`) and opens the agent's ends: the
+/// hand-over (which holds the stdin FIFO open until the script says it has opened it) and
+/// the run's stdin writer, stdout and stderr readers.
+fn shell_stdio(
+    config: &SessionConfig,
+    owner: Option<(u32, u32)>,
+) -> Result<(Handover, [OwnedFd; 3]), String> {
+    let names = ["stdin", "stdout", "stderr", "ack"].map(|ext| shell_fifo(config, ext));
+    for p in &names {
+        sys::make_fifo(p, owner).map_err(|e| {
+            for p in &names {
+                let _ = std::fs::remove_file(p);
+            }
+            e.to_string()
+        })?;
+    }
+    let [stdin, stdout, stderr, ack] = &names;
+    // A FIFO opens for writing without blocking only once it has a reader: each of ours is
+    // opened with its reader first.
+    let opened = (|| {
+        let keep = sys::open_fifo(stdin, libc::O_RDWR)?;
+        let ack = sys::open_fifo(ack, libc::O_RDONLY)?;
+        let in_w = sys::open_fifo(stdin, libc::O_WRONLY)?;
+        let out_r = sys::open_fifo(stdout, libc::O_RDONLY)?;
+        let err_r = sys::open_fifo(stderr, libc::O_RDONLY)?;
+        Ok::<_, sys::SysError>((keep, ack, [in_w, out_r, err_r]))
+    })();
+    match opened {
+        Ok((keep, ack, ends)) => Ok((
+            Handover {
+                _keep: keep,
+                ack,
+                paths: names,
+            },
+            ends,
+        )),
+        Err(e) => {
+            for p in &names {
+                let _ = std::fs::remove_file(p);
+            }
+            Err(e.to_string())
         }
     }
+}
+
+/// The shell way in: FIFOs for the run's stdio, and the commands that take them over
+/// (`invoke::shell_takeover`) written into the FIFO the script is reading with `.`. The
+/// script starts no process for this; it opens the FIFOs by name.
+fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spawned, String> {
+    let (handover, [in_w, out_r, err_r]) = shell_stdio(config, w.owner)?;
+    let [stdin, stdout, stderr, ack] = &handover.paths;
+    let run_env: std::collections::HashSet<&str> =
+        inv.env.iter().map(|(k, _)| k.as_str()).collect();
+    let unset: Vec<&str> = w
+        .start_env
+        .iter()
+        .map(String::as_str)
+        .filter(|k| !run_env.contains(k))
+        .collect();
+    let lossy = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let (i, o, e, a) = (lossy(stdin), lossy(stdout), lossy(stderr), lossy(ack));
+    let stdio = invoke::ShellStdio {
+        stdin: &i,
+        stdout: &o,
+        stderr: &e,
+        ack: &a,
+    };
+    let code = invoke::shell_takeover(inv, &stdio, w.req.exec.argv.len(), &unset);
+    let Some(sh) = &w.sh else {
+        return Err("the script is not waiting on its FIFO".into());
+    };
+    sys::write_whole_fifo(sh.as_raw_fd(), code.as_bytes()).map_err(|e| e.to_string())?;
+    // Closing our end ends the script's `.` after it has read everything written.
+    drop(w.sh);
+    let _ = std::fs::remove_file(shell_fifo(config, "sh"));
+    Ok(Spawned {
+        pid: w.pid,
+        pidfd: w.pidfd,
+        stdin: in_w,
+        tty: None,
+        outs: [Some(out_r), Some(err_r)],
+        handover: Some(handover),
+    })
 }
 
 #[cfg(test)]
@@ -1709,6 +1904,47 @@ mod tests {
 
     fn lookup<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
         env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The hand-over keeps a shell run's stdin alive while the script has not opened it:
+    /// written and ended early, it still arrives whole, and ends once the script says so.
+    #[test]
+    fn a_shell_runs_early_stdin_waits_for_the_script() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let config = SessionConfig {
+            invoke_socket: dir.path().join("invoke.sock"),
+            ..SessionConfig::default()
+        };
+        let (handover, [in_w, _out, _err]) = shell_stdio(&config, None).unwrap();
+        let paths = handover.paths.clone();
+        std::fs::File::from(in_w).write_all(b"early").unwrap();
+        // The script opens its stdin only now, as its `exec 0<…` would.
+        let mut script_in = std::fs::File::from(sys::open_fifo(&paths[0], libc::O_RDONLY).unwrap());
+        sys::set_nonblocking(script_in.as_raw_fd(), false).unwrap();
+        let mut got = [0u8; 5];
+        script_in.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"early");
+        // It opens and closes the ack FIFO; the agent sees that and lets go.
+        drop(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&paths[3])
+                .unwrap(),
+        );
+        let mut pfd = libc::pollfd {
+            fd: handover.ack.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        assert_ne!(pfd.revents & libc::POLLHUP, 0);
+        drop(handover);
+        let mut rest = Vec::new();
+        script_in.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "stdin ends once the hand-over is dropped");
+        assert!(paths.iter().all(|p| !p.exists()), "the FIFOs are removed");
     }
 
     #[test]

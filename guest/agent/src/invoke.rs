@@ -26,6 +26,9 @@ pub const SOCKET_ENV: &str = "SMOLVM_INVOKE_SOCKET";
 /// adds the interpreter and replaces `argv[0]` with the script's path), so the shell helper
 /// takes the program's words of a run from this, less the script's own argument count.
 pub const ARGC_ENV: &str = "SMOLVM_INVOKE_ARGC";
+/// The variable naming the FIFO a shell script sources (`. "$SMOLVM_INVOKE_SH"`) to take
+/// its run over without starting a process: the shell way in, beside the socket.
+pub const SH_ENV: &str = "SMOLVM_INVOKE_SH";
 /// What a program writes after connecting.
 pub const REQUEST: &[u8; 16] = b"smolvm-invoke 1\n";
 /// Largest payload either side accepts.
@@ -310,6 +313,74 @@ fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> Result<[OwnedFd; 3], Invo
 /// Formats `s` as one single-quoted POSIX shell word.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Whether `name` can be a shell variable's name (others cannot be exported by a shell).
+pub fn shell_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `export` lines for the run's environment, one per variable a shell can hold.
+pub fn shell_exports(env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (k, v) in env.iter().filter(|(k, _)| shell_name_ok(k)) {
+        out.push_str(&format!("export {k}={}\n", shell_quote(v)));
+    }
+    out
+}
+
+/// Where a script that sourced [`SH_ENV`] finds its run's stdio: FIFOs the agent made,
+/// and the FIFO it opens and closes to say it holds them.
+pub struct ShellStdio<'a> {
+    pub stdin: &'a str,
+    pub stdout: &'a str,
+    pub stderr: &'a str,
+    pub ack: &'a str,
+}
+
+/// The commands a shell script runs with `. "$SMOLVM_INVOKE_SH"` to become the run `inv`,
+/// with shell builtins only (no process starts, which is the point):
+/// - opens the run's stdio FIFOs onto 0, 1 and 2, then opens and closes `ack` so the
+///   agent stops holding the stdin FIFO open (until then its early end cannot be lost);
+/// - unsets `unset` (the start-up's variables the run lacks), exports the run's variables,
+///   changes directory;
+/// - sets the positional parameters to the run's arguments: `argv` less the words that
+///   were the program's, found as at the start the command line had `start_argc` words of
+///   which the script got `$#` (a `#!` line changes the count: docs/WARM.md). Must be
+///   sourced at the script's top level, where `$#` is still the start-up's.
+pub fn shell_takeover(
+    inv: &Invocation,
+    stdio: &ShellStdio,
+    start_argc: usize,
+    unset: &[&str],
+) -> String {
+    let q = shell_quote;
+    let mut out = format!(
+        "exec 0<{} 1>{} 2>{}\n: >{}\n",
+        q(stdio.stdin),
+        q(stdio.stdout),
+        q(stdio.stderr),
+        q(stdio.ack)
+    );
+    let unset: Vec<&str> = unset.iter().copied().filter(|k| shell_name_ok(k)).collect();
+    if !unset.is_empty() {
+        out.push_str(&format!("unset {}\n", unset.join(" ")));
+    }
+    out.push_str(&shell_exports(&inv.env));
+    out.push_str(&format!("cd -- {}\n", q(&inv.cwd)));
+    out.push_str(&format!("__smolvm_skip=$(({start_argc} - $#))\nset --"));
+    for a in &inv.argv {
+        out.push(' ');
+        out.push_str(&q(a));
+    }
+    // A count out of range would make `shift` end the script: no arguments then.
+    out.push_str(
+        "\nif [ 0 -le \"$__smolvm_skip\" ] && [ \"$__smolvm_skip\" -le $# ]; \
+         then shift \"$__smolvm_skip\"; else set --; fi\nunset __smolvm_skip\n",
+    );
+    out
 }
 
 #[cfg(test)]

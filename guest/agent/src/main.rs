@@ -175,14 +175,7 @@ fn invoke_cli(args: Vec<String>) -> ExitCode {
          kill {holder} 2>/dev/null\ncd -- {}\n",
         q(&inv.cwd)
     );
-    let name_ok = |k: &str| {
-        !k.is_empty()
-            && !k.starts_with(|c: char| c.is_ascii_digit())
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    };
-    for (k, v) in inv.env.iter().filter(|(k, _)| name_ok(k)) {
-        out.push_str(&format!("export {k}={}\n", q(v)));
-    }
+    out.push_str(&smolvm_agent::invoke::shell_exports(&inv.env));
     out.push_str("set --");
     for a in inv.argv.iter().skip(skip) {
         out.push(' ');

@@ -756,6 +756,75 @@ pub fn session_blocked_on_pipe(sid: i32, pipe_end: RawFd) -> bool {
     })
 }
 
+/// True when a thread of `pid` itself is blocked reading the named FIFO at `path` (its
+/// `/proc/PID/fd` link is the path): a shell script sourcing it waits for its run.
+pub fn blocked_reading_fifo(pid: i32, path: &Path) -> bool {
+    path.to_str()
+        .is_some_and(|p| reads_pipe(&pid.to_string(), p))
+}
+
+/// Makes a FIFO at `path` (replacing whatever is there) that only `owner` (or root, with
+/// `None`) may open.
+pub fn make_fifo(path: &Path, owner: Option<(u32, u32)>) -> Result<(), SysError> {
+    let _ = fs::remove_file(path);
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| SysError::Os {
+        what: "name a FIFO",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: `c` is a NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } < 0 {
+        return Err(os_err("create a FIFO"));
+    }
+    if let Some((uid, gid)) = owner {
+        // SAFETY: as above.
+        if unsafe { libc::chown(c.as_ptr(), uid, gid) } < 0 {
+            let e = os_err("hand a FIFO to the command's user");
+            let _ = fs::remove_file(path);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Opens the FIFO at `path` non-blocking and close-on-exec with `mode` (`O_RDONLY`,
+/// `O_WRONLY` or `O_RDWR`).
+pub fn open_fifo(path: &Path, mode: libc::c_int) -> Result<OwnedFd, SysError> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| SysError::Os {
+        what: "name a FIFO",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: `c` is a NUL-terminated path; the flags ask for nothing unusual.
+    let fd = unsafe { libc::open(c.as_ptr(), mode | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(os_err("open a FIFO"));
+    }
+    // SAFETY: open succeeded, so `fd` is fresh and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes all of `data` into the empty FIFO `fd` in one non-blocking write, first growing
+/// the FIFO's buffer when `data` needs more than its default 64 KiB.
+pub fn write_whole_fifo(fd: RawFd, data: &[u8]) -> Result<(), SysError> {
+    if data.len() > 64 * 1024 {
+        // SAFETY: F_SETPIPE_SZ on a descriptor we own.
+        if unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, data.len() as libc::c_int) } < 0 {
+            return Err(os_err("make room for a shell run in its FIFO"));
+        }
+    }
+    // SAFETY: `data` is readable for its length.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    if n < 0 {
+        return Err(os_err("write a shell run into its FIFO"));
+    }
+    if n as usize != data.len() {
+        return Err(SysError::Os {
+            what: "write a shell run into its FIFO",
+            source: io::Error::from(io::ErrorKind::WriteZero),
+        });
+    }
+    Ok(())
+}
+
 /// What process `pid` is doing, for a log line: its `/proc/PID/syscall`, what its
 /// descriptor 0 is, and what `pipe_end` is.
 pub fn describe_wait(pid: i32, pipe_end: RawFd) -> String {
