@@ -456,6 +456,21 @@ pub fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
+/// Locks the agent's pages in memory. The page cache is dropped before every snapshot
+/// (so a machine does not carry the build's files), which would also drop the agent's
+/// code that is not mapped at that moment: the first run after a resume would then read
+/// the code of its paths from disk, page by page (measured on PVM: 20 ms of `Resume`
+/// alone). Locked, the whole binary stays resident and in the snapshot (about 1.5 MiB).
+pub fn keep_code_resident() {
+    // SAFETY: mlockall takes flags only.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT) } < 0 {
+        agent_log!(
+            "cannot lock the agent in memory: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Blocks the signals PID 1 handles and returns a non-blocking signalfd for them. Children
 /// get an empty mask back before exec.
 pub fn signal_fd() -> io::Result<OwnedFd> {

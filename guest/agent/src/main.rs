@@ -294,6 +294,7 @@ fn pid1(opts: Pid1Options) -> ! {
 /// Sets the guest up and serves the agent port; returns only to shut down (`true`: reboot).
 fn pid1_serve(opts: Pid1Options) -> bool {
     init::mount_filesystems();
+    init::keep_code_resident();
     if !opts.log_stderr {
         if let Ok(kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
             smolvm_agent::log::use_kmsg(kmsg);
