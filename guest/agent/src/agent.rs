@@ -155,8 +155,6 @@ struct Warm {
     sh_waiting: bool,
     /// The variables it was started with (a shell run unsets those the run lacks).
     start_env: Vec<String>,
-    /// Its user and group: the owner of the FIFOs made for a shell run.
-    owner: Option<(u32, u32)>,
     /// How it ended, when it did before a run took it.
     status: Option<ExitStatus>,
     /// Readiness checks so far (a log line every 100, about 5 s).
@@ -719,7 +717,15 @@ impl<'a, T: Transport> Session<'a, T> {
             }
             HostMsg::Quiesce { req } => {
                 self.quiesced = true;
+                // A shell run's FIFOs outlive it (removing them would delay the run); a
+                // snapshot without a warm process waiting does not keep them.
+                if self.warm.as_ref().is_none_or(|w| w.sh.is_none()) {
+                    remove_shell_fifos(self.config);
+                }
                 let (sync, drop_caches) = self.system.quiesce();
+                if drop_caches == Applied::Applied {
+                    self.preload_warm_files();
+                }
                 let running_execs = self.execs.values().filter(|e| e.running()).count() as u32;
                 self.send(&AgentMsg::Quiesced {
                     req,
@@ -1083,17 +1089,19 @@ impl<'a, T: Transport> Session<'a, T> {
             ));
             exec.env
                 .push((invoke::ARGC_ENV.into(), exec.argv.len().to_string()));
+            // All the FIFOs of the shell way in are made now, at build time: made at run
+            // time they cost a good part of a run on an emulating host.
             let sh_path = shell_fifo(self.config, "sh");
-            match sys::make_fifo(&sh_path, owner)
-                .and_then(|()| sys::open_fifo(&sh_path, libc::O_RDWR))
+            match make_shell_fifos(self.config, owner)
+                .and_then(|()| sys::open_fifo(&sh_path, libc::O_RDWR).map_err(|e| e.to_string()))
             {
                 Ok(fd) => sh = Some(fd),
                 Err(e) => {
                     let _ = std::fs::remove_file(path);
-                    let _ = std::fs::remove_file(&sh_path);
+                    remove_shell_fifos(self.config);
                     self.send(&AgentMsg::WarmReady {
                         req,
-                        state: WarmState::Failed(format!("{}: {e}", sh_path.display())),
+                        state: WarmState::Failed(e),
                     });
                     return;
                 }
@@ -1127,7 +1135,6 @@ impl<'a, T: Transport> Session<'a, T> {
                     sh,
                     sh_waiting: false,
                     start_env,
-                    owner,
                     status: None,
                     checks: 0,
                 });
@@ -1138,7 +1145,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     let _ = std::fs::remove_file(&self.config.invoke_socket);
                 }
                 if sh.is_some() {
-                    let _ = std::fs::remove_file(shell_fifo(self.config, "sh"));
+                    remove_shell_fifos(self.config);
                 }
                 self.send(&AgentMsg::WarmReady {
                     req,
@@ -1247,7 +1254,7 @@ impl<'a, T: Transport> Session<'a, T> {
         w.listener = None;
         let _ = std::fs::remove_file(&self.config.invoke_socket);
         if w.sh.take().is_some() {
-            let _ = std::fs::remove_file(shell_fifo(self.config, "sh"));
+            remove_shell_fifos(self.config);
         }
         if let Some(req) = w.starting.take() {
             let pid = w.pid as u32;
@@ -1258,6 +1265,33 @@ impl<'a, T: Transport> Session<'a, T> {
         }
     }
 
+    /// Reads back into the page cache what the waiting warm process has mapped (its
+    /// executable, libraries, other mapped files), after the snapshot's cache drop. A run
+    /// then touches code the start-up did not (a shell's builtins, its exit path, an
+    /// interpreter's modules) from memory instead of the disk; on an emulating host a read
+    /// from the disk in the middle of a run is among its slowest steps. Bounded by what the
+    /// process maps, and read once, at build time.
+    fn preload_warm_files(&self) {
+        let Some(w) = self.warm.as_ref().filter(|w| w.status.is_none()) else {
+            return;
+        };
+        let mut ranges: Vec<(String, u64, u64)> = sys::session_members(w.pid)
+            .into_iter()
+            .flat_map(sys::file_mappings)
+            .collect();
+        ranges.sort();
+        ranges.dedup();
+        let mut buf = vec![0u8; 128 * 1024];
+        let bytes: u64 = ranges
+            .iter()
+            .map(|(path, offset, len)| sys::read_through(path, *offset, *len, &mut buf))
+            .sum();
+        agent_log!(
+            "kept {} KiB of the warm process's mapped files in the page cache",
+            bytes / 1024
+        );
+    }
+
     /// Kills and forgets the warm entrypoint, if any.
     fn drop_warm(&mut self) {
         if let Some(w) = self.warm.take() {
@@ -1265,7 +1299,7 @@ impl<'a, T: Transport> Session<'a, T> {
                 let _ = std::fs::remove_file(&self.config.invoke_socket);
             }
             if w.sh.is_some() {
-                let _ = std::fs::remove_file(shell_fifo(self.config, "sh"));
+                remove_shell_fifos(self.config);
             }
             if w.status.is_none() {
                 let _ = sys::kill(-w.pid, libc::SIGKILL);
@@ -1504,29 +1538,39 @@ struct Spawned {
     handover: Option<Handover>,
 }
 
-/// The stdio FIFOs of a warm shell script's run while the script opens them. Until it says
-/// it has (by opening and closing `ack`), the agent keeps the stdin FIFO open for writing
-/// as well: a run whose stdin ends before the script opened it would otherwise lose what
-/// was written, or leave the script's open blocked for good. Dropping it removes the FIFOs.
+/// A warm shell script's run while the script opens its stdio FIFOs. Until it says it has
+/// (by opening and closing `ack`), the agent keeps the stdin FIFO open for writing as well:
+/// a run whose stdin ends before the script opened it would otherwise lose what was
+/// written, or leave the script's open blocked for good.
 struct Handover {
     _keep: OwnedFd,
     ack: OwnedFd,
-    /// stdin, stdout, stderr, ack.
-    paths: [PathBuf; 4],
-}
-
-impl Drop for Handover {
-    fn drop(&mut self) {
-        for p in &self.paths {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 /// The FIFOs of the shell way in sit beside the invocation socket: `invoke.sh`, which the
-/// script sources, and `invoke.stdin` etc. for a run's stdio.
+/// script sources, and `invoke.stdin`, `.stdout`, `.stderr` and `.ack` for its run.
+const SHELL_FIFOS: [&str; 5] = ["sh", "stdin", "stdout", "stderr", "ack"];
+
 fn shell_fifo(config: &SessionConfig, ext: &str) -> PathBuf {
     config.invoke_socket.with_extension(ext)
+}
+
+/// Makes the FIFOs of the shell way in, owned by the warm command's user.
+fn make_shell_fifos(config: &SessionConfig, owner: Option<(u32, u32)>) -> Result<(), String> {
+    for ext in SHELL_FIFOS {
+        let path = shell_fifo(config, ext);
+        if let Err(e) = sys::make_fifo(&path, owner) {
+            remove_shell_fifos(config);
+            return Err(format!("{}: {e}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+fn remove_shell_fifos(config: &SessionConfig) {
+    for ext in SHELL_FIFOS {
+        let _ = std::fs::remove_file(shell_fifo(config, ext));
+    }
 }
 
 /// Variables of the agent's own environment (set by the VMM on the kernel command
@@ -1813,57 +1857,31 @@ fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, 
     })
 }
 
-/// Makes the FIFOs of a shell run (owned by `owner`) and opens the agent's ends: the
-/// hand-over (which holds the stdin FIFO open until the script says it has opened it) and
-/// the run's stdin writer, stdout and stderr readers.
-fn shell_stdio(
-    config: &SessionConfig,
-    owner: Option<(u32, u32)>,
-) -> Result<(Handover, [OwnedFd; 3]), String> {
-    let names = ["stdin", "stdout", "stderr", "ack"].map(|ext| shell_fifo(config, ext));
-    for p in &names {
-        sys::make_fifo(p, owner).map_err(|e| {
-            for p in &names {
-                let _ = std::fs::remove_file(p);
-            }
-            e.to_string()
-        })?;
-    }
-    let [stdin, stdout, stderr, ack] = &names;
+/// Opens the agent's ends of a shell run's FIFOs (made with the warm process): the
+/// hand-over, and the run's stdin writer, stdout and stderr readers.
+fn shell_stdio(config: &SessionConfig) -> Result<(Handover, [OwnedFd; 3]), String> {
+    let [stdin, stdout, stderr, ack] =
+        ["stdin", "stdout", "stderr", "ack"].map(|e| shell_fifo(config, e));
     // A FIFO opens for writing without blocking only once it has a reader: each of ours is
     // opened with its reader first.
     let opened = (|| {
-        let keep = sys::open_fifo(stdin, libc::O_RDWR)?;
-        let ack = sys::open_fifo(ack, libc::O_RDONLY)?;
-        let in_w = sys::open_fifo(stdin, libc::O_WRONLY)?;
-        let out_r = sys::open_fifo(stdout, libc::O_RDONLY)?;
-        let err_r = sys::open_fifo(stderr, libc::O_RDONLY)?;
-        Ok::<_, sys::SysError>((keep, ack, [in_w, out_r, err_r]))
+        let keep = sys::open_fifo(&stdin, libc::O_RDWR)?;
+        let ack = sys::open_fifo(&ack, libc::O_RDONLY)?;
+        let in_w = sys::open_fifo(&stdin, libc::O_WRONLY)?;
+        let out_r = sys::open_fifo(&stdout, libc::O_RDONLY)?;
+        let err_r = sys::open_fifo(&stderr, libc::O_RDONLY)?;
+        Ok::<_, sys::SysError>((Handover { _keep: keep, ack }, [in_w, out_r, err_r]))
     })();
-    match opened {
-        Ok((keep, ack, ends)) => Ok((
-            Handover {
-                _keep: keep,
-                ack,
-                paths: names,
-            },
-            ends,
-        )),
-        Err(e) => {
-            for p in &names {
-                let _ = std::fs::remove_file(p);
-            }
-            Err(e.to_string())
-        }
-    }
+    opened.map_err(|e| e.to_string())
 }
 
 /// The shell way in: FIFOs for the run's stdio, and the commands that take them over
 /// (`invoke::shell_takeover`) written into the FIFO the script is reading with `.`. The
 /// script starts no process for this; it opens the FIFOs by name.
 fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spawned, String> {
-    let (handover, [in_w, out_r, err_r]) = shell_stdio(config, w.owner)?;
-    let [stdin, stdout, stderr, ack] = &handover.paths;
+    let (handover, [in_w, out_r, err_r]) = shell_stdio(config)?;
+    let [stdin, stdout, stderr, ack] =
+        ["stdin", "stdout", "stderr", "ack"].map(|e| shell_fifo(config, e));
     let run_env: std::collections::HashSet<&str> =
         inv.env.iter().map(|(k, _)| k.as_str()).collect();
     let unset: Vec<&str> = w
@@ -1873,7 +1891,7 @@ fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spaw
         .filter(|k| !run_env.contains(k))
         .collect();
     let lossy = |p: &PathBuf| p.to_string_lossy().into_owned();
-    let (i, o, e, a) = (lossy(stdin), lossy(stdout), lossy(stderr), lossy(ack));
+    let (i, o, e, a) = (lossy(&stdin), lossy(&stdout), lossy(&stderr), lossy(&ack));
     let stdio = invoke::ShellStdio {
         stdin: &i,
         stdout: &o,
@@ -1885,9 +1903,9 @@ fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spaw
         return Err("the script is not waiting on its FIFO".into());
     };
     sys::write_whole_fifo(sh.as_raw_fd(), code.as_bytes()).map_err(|e| e.to_string())?;
-    // Closing our end ends the script's `.` after it has read everything written.
+    // Closing our end ends the script's `.` after it has read everything written. The
+    // FIFOs stay until the next quiesce: removing them now would delay the run.
     drop(w.sh);
-    let _ = std::fs::remove_file(shell_fifo(config, "sh"));
     Ok(Spawned {
         pid: w.pid,
         pidfd: w.pidfd,
@@ -1916,8 +1934,9 @@ mod tests {
             invoke_socket: dir.path().join("invoke.sock"),
             ..SessionConfig::default()
         };
-        let (handover, [in_w, _out, _err]) = shell_stdio(&config, None).unwrap();
-        let paths = handover.paths.clone();
+        make_shell_fifos(&config, None).unwrap();
+        let (handover, [in_w, _out, _err]) = shell_stdio(&config).unwrap();
+        let paths = ["stdin", "ack"].map(|e| shell_fifo(&config, e));
         std::fs::File::from(in_w).write_all(b"early").unwrap();
         // The script opens its stdin only now, as its `exec 0<…` would.
         let mut script_in = std::fs::File::from(sys::open_fifo(&paths[0], libc::O_RDONLY).unwrap());
@@ -1929,7 +1948,7 @@ mod tests {
         drop(
             std::fs::OpenOptions::new()
                 .write(true)
-                .open(&paths[3])
+                .open(&paths[1])
                 .unwrap(),
         );
         let mut pfd = libc::pollfd {
@@ -1944,6 +1963,7 @@ mod tests {
         let mut rest = Vec::new();
         script_in.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "stdin ends once the hand-over is dropped");
+        remove_shell_fifos(&config);
         assert!(paths.iter().all(|p| !p.exists()), "the FIFOs are removed");
     }
 

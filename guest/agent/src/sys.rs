@@ -654,6 +654,63 @@ fn session_of(pid: &str) -> Option<i32> {
     after.split_ascii_whitespace().nth(3)?.parse().ok()
 }
 
+/// The file ranges process `pid` has mapped (`/proc/PID/maps`): path, offset, length.
+pub fn file_mappings(pid: i32) -> Vec<(String, u64, u64)> {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    maps.lines().filter_map(parse_maps_line).collect()
+}
+
+/// One line of `/proc/PID/maps` (`START-END PERMS OFFSET DEV INODE PATH`), when it maps a
+/// file that still exists: its path, offset and length.
+pub fn parse_maps_line(line: &str) -> Option<(String, u64, u64)> {
+    let mut f = line.splitn(6, ' ');
+    let (range, _perms, offset, _dev, inode) =
+        (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let path = f.next()?.trim_start();
+    if inode == "0" || !path.starts_with('/') || path.ends_with(" (deleted)") {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let offset = u64::from_str_radix(offset, 16).ok()?;
+    Some((path.to_string(), offset, end.checked_sub(start)?))
+}
+
+/// Processes in session `sid`, its leader first.
+pub fn session_members(sid: i32) -> Vec<i32> {
+    let mut out = vec![sid];
+    if let Ok(procs) = fs::read_dir("/proc") {
+        out.extend(procs.flatten().filter_map(|p| {
+            let name = p.file_name();
+            let name = name.to_str()?;
+            let pid: i32 = name.parse().ok()?;
+            (pid != sid && session_of(name) == Some(sid)).then_some(pid)
+        }));
+    }
+    out
+}
+
+/// Reads `len` bytes of `path` from `offset` (less at the end of the file) and discards
+/// them, so that they are in the page cache; returns how many were read.
+pub fn read_through(path: &str, offset: u64, len: u64, buf: &mut [u8]) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = fs::File::open(path) else {
+        return 0;
+    };
+    let mut done = 0;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        match f.read_at(&mut buf[..want], offset + done) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n as u64,
+        }
+    }
+    done
+}
+
 /// `len` bytes of process `pid`'s memory at `addr` (we are root, or its parent).
 fn read_mem(pid: &str, addr: u64, len: usize) -> Option<Vec<u8>> {
     use std::os::unix::fs::FileExt;
@@ -868,6 +925,34 @@ pub fn getsid(pid: i32) -> io::Result<i32> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn maps_lines_give_the_mapped_file_ranges() {
+        assert_eq!(
+            parse_maps_line("00400000-00452000 r-xp 00001000 fe:00 1234 /bin/busybox"),
+            Some(("/bin/busybox".into(), 0x1000, 0x52000))
+        );
+        assert_eq!(
+            parse_maps_line("7f00-8f00 r--p 00000000 fe:00 99 /usr/lib/a b.so"),
+            Some(("/usr/lib/a b.so".into(), 0, 0x1000))
+        );
+        for not_a_file in [
+            "7ffd000-7ffe000 rw-p 00000000 00:00 0 [stack]",
+            "01000-02000 rw-p 00000000 00:00 0 ",
+            "01000-02000 rw-p 00000000 00:00 0",
+            "01000-02000 r-xp 00000000 fe:00 7 /tmp/x (deleted)",
+            "02000-01000 r-xp 00000000 fe:00 7 /bin/sh",
+            "garbage",
+        ] {
+            assert_eq!(parse_maps_line(not_a_file), None, "{not_a_file}");
+        }
+        let own = file_mappings(std::process::id() as i32);
+        assert!(!own.is_empty(), "this test's own executable is mapped");
+        let mut buf = [0u8; 4096];
+        let (path, offset, len) = &own[0];
+        assert!(read_through(path, *offset, *len, &mut buf) > 0);
+    }
+
     use super::*;
 
     #[test]
