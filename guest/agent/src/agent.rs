@@ -1646,6 +1646,16 @@ fn build_env(
     env
 }
 
+/// The environment a run of `req` gets, as a fresh spawn would give it (the user's `HOME`,
+/// `USER` and `LOGNAME` included): what a warm process taking the run over installs.
+fn run_env(req: &ExecRequest, config: &SessionConfig) -> Vec<(String, String)> {
+    let creds = req
+        .user
+        .as_ref()
+        .and_then(|u| sys::resolve_user(u, &config.etc_dir).ok());
+    build_env(req, creds.as_ref(), &inherited_env())
+}
+
 fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
     let argv0 = &req.argv[0];
     let creds = match &req.user {
@@ -1821,7 +1831,7 @@ fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, 
     };
     let inv = Invocation {
         argv: req.argv.clone(),
-        env: build_env(req, None, &inherited_env()),
+        env: run_env(req, config),
         cwd: req.cwd.clone().unwrap_or_else(|| "/".into()),
         reseed: true,
     };
@@ -1965,6 +1975,30 @@ mod tests {
         assert!(rest.is_empty(), "stdin ends once the hand-over is dropped");
         remove_shell_fifos(&config);
         assert!(paths.iter().all(|p| !p.exists()), "the FIFOs are removed");
+    }
+
+    /// A warm run as another user gets that user's variables, as a fresh spawn does.
+    #[test]
+    fn a_warm_runs_environment_is_the_users() {
+        let etc = tempfile::tempdir().unwrap();
+        std::fs::write(
+            etc.path().join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        let config = SessionConfig {
+            etc_dir: etc.path().to_path_buf(),
+            ..SessionConfig::default()
+        };
+        let mut req = ExecRequest::new(["greet"]);
+        req.user = Some(crate::protocol::User::Name("app".into()));
+        let env = run_env(&req, &config);
+        assert_eq!(lookup(&env, "HOME"), Some("/home/app"));
+        assert_eq!(lookup(&env, "USER"), Some("app"));
+        assert_eq!(lookup(&env, "LOGNAME"), Some("app"));
+        let env = run_env(&ExecRequest::new(["greet"]), &config);
+        assert_eq!(lookup(&env, "HOME"), Some("/root"));
+        assert_eq!(lookup(&env, "USER"), None);
     }
 
     #[test]
