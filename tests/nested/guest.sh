@@ -32,13 +32,13 @@ dump_threads() {
     {
         echo "NESTED-HANG-DUMP: $1"
         cat /proc/loadavg
-        for p in /proc/[0-9]*; do
+        for pd in /proc/[0-9]*; do
             # Kernel threads have an empty command line (/proc files all show size 0, so
             # read it rather than test -s).
-            cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-160)"
+            cmd="$(tr '\0' ' ' <"$pd/cmdline" 2>/dev/null | cut -c1-160)"
             [ -n "$cmd" ] || continue
-            echo "-- pid ${p#/proc/}: $cmd"
-            for t in "$p"/task/*; do
+            echo "-- pid ${pd#/proc/}: $cmd"
+            for t in "$pd"/task/*; do
                 set -- $(sed 's/^.*) //' "$t/stat" 2>/dev/null)
                 # After the comm: state is field 1, processor field 37.
                 echo "   tid ${t##*/} $(cat "$t/comm" 2>/dev/null) state $1 cpu ${37:-?} wchan $(cat "$t/wchan" 2>/dev/null) syscall $(cut -d' ' -f1-3 "$t/syscall" 2>/dev/null)"
@@ -175,6 +175,21 @@ hello_checks() {
     want '<!doctype html>\n'
     expect "$tag: server started at build time answers" 0 "$T/want" \
         sh -c "timeout -s KILL $LIMIT ./smolvm run '$m' -- wget -qO- http://127.0.0.1:8080/ | head -1"
+    # Concurrent instances of one file: each its own machine (private memory, own disk
+    # overlay), each with its own arguments, status and output.
+    for i in 1 2 3; do
+        timeout -s KILL "$LIMIT" ./smolvm run "$m" -- sh -c "echo inst$i > /root/c; sleep 1; cat /root/c; exit $((i + 10))" \
+            >"$T/conc$i.out" 2>"$T/conc$i.err" &
+        eval "pid$i=\$!"
+    done
+    bad=""
+    for i in 1 2 3; do
+        eval "wait \$pid$i"
+        rc=$?
+        [ "$rc" = $((i + 10)) ] && [ "$(cat "$T/conc$i.out")" = "inst$i" ] && [ ! -s "$T/conc$i.err" ] ||
+            bad="$bad instance $i: exit status $rc, stdout '$(head -c 200 "$T/conc$i.out")', stderr '$(head -c 300 "$T/conc$i.err")';"
+    done
+    if [ -z "$bad" ]; then ok "$tag: three concurrent instances"; else fail "$tag: three concurrent instances" "$bad"; fi
     # --save chain: disk (/root/s) and memory (/tmp/s, a tmpfs) carry over.
     rm -f "$T/s1" "$T/s2"
     want ''
@@ -255,7 +270,7 @@ part_net() {
 
 # build_hello TAG VCPUS OUT: examples/hello with [resources] vcpus replaced.
 build_hello() {
-    tag=$1 vcpus=$2 out=$3
+    tag=$1 vcpus=$2 out=$3 extra=${4:-}
     rm -rf "$T/src-$tag"
     cp -r /work/hello "$T/src-$tag"
     sed -i "s/^vcpus = .*/vcpus = $vcpus/" "$T/src-$tag/Smolfile"
@@ -263,7 +278,8 @@ build_hello() {
     start=$(now)
     # -v: the guest's console goes into the log, so a failed or hung build shows where the
     # guest was.
-    if smolpack build -v "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
+    # shellcheck disable=SC2086 # $extra: flags, word-split on purpose
+    if smolpack build -v $extra "$T/src-$tag/Smolfile" -o "$out" >"$T/build-$tag.log" 2>&1; then
         ok "$tag: smolpack build examples/hello with $vcpus vCPU(s) ($(since "$start") s)"
         echo "NESTED-BUILD-SECONDS $tag $(since "$start")"
     else
@@ -565,6 +581,9 @@ part_loop() {
     what=$1 n=${NESTED_LOOP:-20} lim=${NESTED_LOOP_LIMIT:-120} i=0 good=0
     case "$what" in
         hello2) [ -f "$T/hello2.smolmachine" ] || build_hello hello2 2 "$T/hello2.smolmachine" || return ;;
+        hello2z) [ -f "$T/hello2z.smolmachine" ] || build_hello hello2z 2 "$T/hello2z.smolmachine" --compress || return ;;
+        hello2long) [ -f "$T/hello2.smolmachine" ] || build_hello hello2 2 "$T/hello2.smolmachine" || return ;;
+        hello1) [ -f "$T/hello1.smolmachine" ] || build_hello hello1 1 "$T/hello1.smolmachine" || return ;;
     esac
     while [ "$i" -lt "$n" ]; do
         i=$((i + 1))
@@ -572,6 +591,11 @@ part_loop() {
         case "$what" in
             host) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run /work/hello-host.smolmachine -- greet r >"$T/out" 2>"$T/err" ;;
             hello2) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run "$T/hello2.smolmachine" -- greet r >"$T/out" 2>"$T/err" ;;
+            hello1) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run "$T/hello1.smolmachine" -- greet r >"$T/out" 2>"$T/err" ;;
+            # Long runs: a failure per unit of guest work, not per resume, shows here.
+            hello2long) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run "$T/hello2.smolmachine" -- \
+                sh -c 'for c in 0 1; do (i=0; while [ $i -lt ${NESTED_LONG:-400} ]; do taskset -c $c /bin/true; i=$((i+1)); done) & done; wait' >"$T/out" 2>"$T/err" ;;
+            hello2z) limited "$lim" env SMOLVM_CONSOLE=1 /work/smolvm run "$T/hello2z.smolmachine" -- greet r >"$T/out" 2>"$T/err" ;;
             vmm) limited "$lim" env CI=true ./packed_runtime --test-threads=2 >"$T/out" 2>"$T/err" ;;
         esac
         rc=$?
@@ -581,6 +605,9 @@ part_loop() {
         else
             fail "loop-$what $i" "exit status $rc after $(since "$start") s; stdout and stderr tails:"
             tail -30 "$T/out" | sed 's/^/    | /'
+            # The start of a guest oops says where it began; the tail only how it ended.
+            awk '!s && /BUG:|Oops|PANIC|general protection|double fault|stack guard|detected stalls/ {s=1}
+                 s && n < 70 {print "    oops| " $0; n++}' "$T/err"
             tail -60 "$T/err" | sed 's/^/    | /'
         fi
     done
@@ -609,6 +636,9 @@ for p in "$@"; do
         loop-host) part_loop host ;;
         loop-vmm) part_loop vmm ;;
         loop-hello2) part_loop hello2 ;;
+        loop-hello2z) part_loop hello2z ;;
+        loop-hello2long) part_loop hello2long ;;
+        loop-hello1) part_loop hello1 ;;
         *) fail "part $p" "unknown part" ;;
     esac
     echo "== $p: $(since "$part_start") s"
