@@ -47,6 +47,24 @@ dump_threads() {
         done
         echo "-- /proc/interrupts"
         cat /proc/interrupts
+        # Where the guest is: kvm_amd's exits for one second carry each vCPU's guest RIP (a
+        # spinning guest still exits on every host timer tick). Look the addresses up in
+        # target/guest/vmlinux (nm).
+        tr=/sys/kernel/tracing
+        if [ -d "$tr/events/kvm" ] || mount -t tracefs tracefs "$tr" 2>/dev/null; then
+            echo 0 >"$tr/tracing_on"
+            : >"$tr/trace"
+            echo 1 >"$tr/events/kvm/kvm_exit/enable"
+            echo 1 >"$tr/tracing_on"
+            sleep 1
+            echo 0 >"$tr/tracing_on"
+            echo 0 >"$tr/events/kvm/kvm_exit/enable"
+            echo "-- kvm_exit for 1 s: $(grep -c 'kvm_exit:' "$tr/trace") exits; by reason and RIP (top 20):"
+            sed -n 's/.*kvm_exit: vcpu \([0-9]*\) reason \([A-Za-z_0-9]*\).* rip \(0x[0-9a-f]*\).*/vcpu\1 \2 \3/p' "$tr/trace" |
+                sort | uniq -c | sort -rn | head -20
+        else
+            echo "-- no tracefs: guest RIPs unknown"
+        fi
         echo "-- dmesg"
         dmesg | tail -20
         echo "NESTED-HANG-DUMP end"
