@@ -30,15 +30,72 @@ pub const CMDLINE_BASE: &str = include_str!("../../../../guest/kernel/cmdline-ba
 /// Workarounds for PVM hosts only (never on hardware KVM).
 pub const CMDLINE_PVM: &str = include_str!("../../../../guest/kernel/cmdline-pvm.txt");
 
-/// PVM hosts only: keep glibc in PID 1 (the agent, which carries every byte
-/// of the host stream) off AVX. Under PVM the guest kernel runs without XSAVE
-/// (hidden by `cmdline-pvm.txt`), so it saves only the legacy SSE state on a
-/// task switch, while user code runs natively with the host's XCR0 and sees
-/// AVX: upper YMM halves are then lost across switches, and AVX `memcpy`
-/// corrupted agent frames 64 bytes at a time (reproduced with 64 KiB of
-/// output; gone with this option). The kernel passes it to init's environment.
-pub const PVM_USER_NO_AVX: &str =
-    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load";
+/// PVM hosts only: what glibc in the guest's user space may use. Two reasons,
+/// both because under PVM user code runs natively with the host's CPUID and
+/// XCR0, not the CPU model's:
+///
+/// - AVX, always: the guest kernel runs without XSAVE (hidden by
+///   `cmdline-pvm.txt`), so it saves only the legacy SSE state on a task
+///   switch, and upper YMM halves are lost across switches (AVX `memcpy`
+///   corrupted agent frames 64 bytes at a time; gone with this mask).
+/// - Every feature glibc selects code by and the CPU model lacks: the
+///   processes in a snapshot (the agent, PID 1, above all) picked their
+///   `memcpy`, `strlen`, ... when they started, so a PVM-built default-model
+///   machine used SSE4.2 routines and its agent died of SIGILL on a host
+///   without them (`-cpu qemu64`). Hardware KVM needs none of this: there
+///   CPUID is the model's.
+///
+/// The kernel passes `GLIBC_TUNABLES=` to init's environment and the agent to
+/// every command. Programs that run CPUID themselves still see the host.
+pub const PVM_USER_NO_AVX: &[&str] = &[
+    "AVX",
+    "AVX2",
+    "AVX512F",
+    "AVX512VL",
+    "AVX_Fast_Unaligned_Load",
+];
+
+/// glibc's `glibc.cpu.hwcaps` names (glibc 2.36, sysdeps/x86/cpu-tunables.c)
+/// of the features its ifuncs and `glibc-hwcaps` directories select by, with
+/// the CPU model feature each one needs.
+const GLIBC_HWCAPS: &[(&str, &str)] = &[
+    ("SSSE3", "ssse3"),
+    ("SSE4_1", "sse4_1"),
+    ("SSE4_2", "sse4_2"),
+    ("POPCNT", "popcnt"),
+    ("AVX", "avx"),
+    ("AVX2", "avx2"),
+    ("FMA", "fma"),
+    ("FMA4", "fma4"),
+    ("BMI1", "bmi1"),
+    ("BMI2", "bmi2"),
+    ("LZCNT", "abm"),
+    ("MOVBE", "movbe"),
+    ("ERMS", "erms"),
+    ("RTM", "rtm"),
+    ("XSAVEC", "xsavec"),
+    ("AVX512F", "avx512f"),
+    ("AVX512CD", "avx512cd"),
+    ("AVX512BW", "avx512bw"),
+    ("AVX512DQ", "avx512dq"),
+    ("AVX512VL", "avx512vl"),
+];
+
+/// PVM hosts only: the `GLIBC_TUNABLES=` word for a CPU model (see
+/// [`PVM_USER_NO_AVX`]): the AVX mask, plus every glibc feature the model
+/// does not show (none more for `host`).
+pub fn pvm_glibc_tunables(cpu: CpuModel) -> String {
+    let mut off: Vec<&str> = PVM_USER_NO_AVX.to_vec();
+    if let Some(shown) = cpu.features() {
+        for (glibc, feature) in GLIBC_HWCAPS {
+            if !shown.contains(feature) && !off.contains(glibc) {
+                off.push(glibc);
+            }
+        }
+    }
+    let masks: Vec<String> = off.iter().map(|f| format!("-{f}")).collect();
+    format!("GLIBC_TUNABLES=glibc.cpu.hwcaps={}", masks.join(","))
+}
 
 /// Pieces of a guest command line, in the order they are joined.
 pub struct CmdlineParts<'a> {
@@ -65,11 +122,13 @@ pub const PVM_NO_FSGSBASE: &str = "nofsgsbase";
 
 /// Build the kernel command line.
 pub fn compose_cmdline(p: &CmdlineParts<'_>) -> Result<String, LinuxError> {
+    // Declared before `words`, which borrows it.
+    let tunables = pvm_glibc_tunables(p.cpu);
     let mut words: Vec<&str> = CMDLINE_BASE.split_whitespace().collect();
     if p.profile == HostProfile::KvmPvm {
         words.extend(CMDLINE_PVM.split_whitespace());
         if !CMDLINE_PVM.contains("GLIBC_TUNABLES=") {
-            words.push(PVM_USER_NO_AVX);
+            words.push(&tunables);
         }
         if p.cpu.features().is_some_and(|f| !f.contains(&"fsgsbase")) {
             words.push(PVM_NO_FSGSBASE);
@@ -140,5 +199,66 @@ mod tests {
         let long = "x".repeat(CMDLINE_MAX);
         parts.extra = &long;
         assert!(compose_cmdline(&parts).is_err());
+    }
+
+    /// The hwcaps a PVM guest's glibc is told to drop, per model: AVX always,
+    /// and exactly what the model does not show.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn pvm_glibc_mask_follows_the_model() {
+        use crate::arch::cpu_model::{FEATURES, NAMED};
+        let masked = |cpu: CpuModel| -> Vec<String> {
+            let word = pvm_glibc_tunables(cpu);
+            let list = word
+                .strip_prefix("GLIBC_TUNABLES=glibc.cpu.hwcaps=")
+                .unwrap_or_else(|| panic!("{word}"));
+            list.split(',')
+                .map(|m| {
+                    m.strip_prefix('-')
+                        .unwrap_or_else(|| panic!("{m}"))
+                        .to_string()
+                })
+                .collect()
+        };
+        for (glibc, feature) in GLIBC_HWCAPS {
+            assert!(
+                FEATURES.iter().any(|f| f.name == *feature),
+                "{glibc}: {feature}"
+            );
+        }
+        assert_eq!(masked(CpuModel::Host), PVM_USER_NO_AVX);
+        for cpu in NAMED {
+            let off = masked(cpu);
+            let shown = cpu.features().unwrap();
+            for avx in PVM_USER_NO_AVX {
+                assert!(off.iter().any(|m| m == avx), "{cpu}: {avx} not masked");
+            }
+            for (glibc, feature) in GLIBC_HWCAPS {
+                let is_off = off.iter().any(|m| m == glibc);
+                let must_be_off = !shown.contains(feature) || PVM_USER_NO_AVX.contains(glibc);
+                assert_eq!(is_off, must_be_off, "{cpu}: {glibc}");
+            }
+            let mut unique = off.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), off.len(), "{cpu}: {off:?}");
+        }
+        // The default model: the SSE4.2 string routines the agent died of on qemu64.
+        let default = masked(CpuModel::default());
+        for f in ["SSSE3", "SSE4_1", "SSE4_2", "POPCNT", "BMI2", "ERMS"] {
+            assert!(default.iter().any(|m| m == f), "{f}: {default:?}");
+        }
+        // The kernel takes the word whole, as init's environment.
+        let parts = CmdlineParts {
+            profile: HostProfile::KvmPvm,
+            devices: &[],
+            root_rw: false,
+            agent_port: "/dev/hvc0",
+            extra: "",
+            cpu: CpuModel::default(),
+        };
+        let line = compose_cmdline(&parts).unwrap();
+        let word = pvm_glibc_tunables(CpuModel::default());
+        assert!(line.split(' ').any(|w| w == word), "{line}");
     }
 }
