@@ -16,6 +16,7 @@
 
 use std::fs;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -34,8 +35,31 @@ pub(crate) fn find_tool(name: &'static str, hint: &'static str) -> Result<PathBu
         .ok_or(Error::ToolMissing { tool: name, hint })
 }
 
+/// Makes the child die with this thread (SIGKILL): a `smolpack build` killed while
+/// `mkfs.ext4` or `debootstrap` runs would otherwise leave the tool writing into the scratch
+/// directory that the next build is removing (and that removal then fails).
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs a command, turning a non-zero exit into an error carrying the tail of its output.
+/// The command dies if this process does.
 pub(crate) fn run(cmd: &mut Command, tool: &str) -> Result<()> {
+    die_with_parent(cmd);
     let out = cmd.output().map_err(|e| Error::io("running", tool, e))?;
     if out.status.success() {
         return Ok(());
