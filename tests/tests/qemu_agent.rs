@@ -1,6 +1,6 @@
 //! Proves the guest side (kernel, busybox rootfs, `smol-agent` as PID 1)
 //! without smolvm's VMM: QEMU's software emulator boots it once, and the host
-//! client drives the agent over a virtio-serial console port wired to a Unix
+//! client drives the agent over a virtio-serial port wired to a Unix
 //! socket. Checked through the client: command output, exit codes and
 //! signals, 1 MiB through `cat` byte for byte, two commands running at once,
 //! the clock set by `Resume`, and a clean end of the VM.

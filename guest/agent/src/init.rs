@@ -555,7 +555,6 @@ pub fn power_off(reboot: bool) -> ! {
     }
 }
 
-/// Opens the agent port read-write.
 /// The device node of the virtio-console port called `name`: the `vportNpM` directory of
 /// `sysfs` (normally `/sys/class/virtio-ports`) whose `name` file holds it, as `/dev/vportNpM`.
 pub fn find_virtio_port(sysfs: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
@@ -585,6 +584,7 @@ pub fn resolve_agent_port(configured: &str) -> Option<String> {
         .then(|| DEFAULT_AGENT_PORT.to_string())
 }
 
+/// Opens the agent port read-write.
 pub fn open_port(path: &str) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()

@@ -1,7 +1,7 @@
 //! A guest under QEMU, independent of smolvm's own VMM: the project's kernel,
 //! the busybox rootfs (agent as PID 1) on virtio-blk, the kernel log on the
 //! first serial port (ttyS0 on x86_64's microvm, the PL011 ttyAMA0 on arm64's
-//! virt) in a file and the agent port as a virtio-serial console wired to a
+//! virt) in a file and the agent port as a named virtio-serial port wired to a
 //! Unix socket. QEMU is killed when the [`QemuGuest`] is dropped.
 //!
 //! Use `#[path = "qemu_util/mod.rs"] mod qemu_util;` to include it.
@@ -16,9 +16,12 @@ use std::time::{Duration, Instant, SystemTime};
 /// The base kernel command line every smolvm guest gets.
 pub const CMDLINE_BASE: &str = include_str!("../../../guest/kernel/cmdline-base.txt");
 
-/// The agent port: the only console port of the only virtio-serial device is
-/// the kernel's first virtio console (the kernel log is on ttyS0).
-pub const AGENT_PORT: &str = "/dev/hvc0";
+/// The agent port, by name, as smolvm's VMM offers it: a plain port of the
+/// virtio-serial device (the kernel log is on the serial console). Not a
+/// `virtconsole`: QEMU drops what a console port cannot write to its
+/// chardev at once, so a host reader that fell behind (a loaded machine)
+/// saw the stream lose bytes and sync; a plain port waits for the reader.
+pub const AGENT_PORT: &str = "org.smolvm.agent";
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -129,7 +132,8 @@ impl QemuGuest {
                 "socket,id=agent,path={},server=on,wait=off",
                 socket.display()
             ))
-            .args(["-device", "virtconsole,chardev=agent"])
+            .arg("-device")
+            .arg(format!("virtserialport,chardev=agent,name={AGENT_PORT}"))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
