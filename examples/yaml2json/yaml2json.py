@@ -60,20 +60,24 @@ def main(argv=None):
                 sys.stdout.write("\n")
 
 
-if __name__ == "__main__":
-    # Warm start (Smolfile `warm = "invoke"`, docs/WARM.md): the machine was snapshotted
-    # here, with the interpreter, json, argparse and PyYAML already imported; each run of
-    # ./yaml2json resumes at this call with its own arguments, stdin, stdout and stderr.
-    # Started any other way, wait() returns at once.
-    try:
-        import smolvm_invoke
-    except ImportError:
-        smolvm_invoke = None
-    if smolvm_invoke is not None:
-        smolvm_invoke.wait()
+def cli():
     try:
         main()
     except BrokenPipeError:
         # `yaml2json big.yaml | head` is not an error.
         sys.stderr.close()
-        sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    # Warm start (Smolfile `warm = "invoke"`, docs/WARM.md): the machine was snapshotted
+    # here, with the interpreter, json, argparse and PyYAML already imported; each run of
+    # ./yaml2json resumes at this call with its own arguments, stdin, stdout and stderr,
+    # and ends as soon as its status is known, without waiting for the interpreter to be
+    # torn down. Started any other way, wait() returns at once and run() is sys.exit.
+    try:
+        import smolvm_invoke
+    except ImportError:
+        sys.exit(cli())
+    smolvm_invoke.wait()
+    smolvm_invoke.run(cli)

@@ -633,3 +633,195 @@ fn yaml2json_example_warm_and_cold_agree() {
         a.finish();
     }
 }
+
+/// State letter of a process (`/proc/PID/stat`), `None` once it is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A warm program that reports its status (`exit N` on its connection, after closing its
+/// stdio) ends its run with that status while the process is still there; the next quiesce
+/// kills it. A malformed report is ignored: the run then ends with the process.
+#[test]
+fn a_reported_exit_ends_the_run_before_the_process() {
+    if !have_python() {
+        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
+        return;
+    }
+    let a = agent();
+    let c = &a.client;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("linger.py");
+    // A program whose end is slow: it reports, then takes its time to go.
+    std::fs::write(
+        &script,
+        format!(
+            "import os, sys, time\n\
+             sys.path.insert(0, {helpers:?})\n\
+             import smolvm_invoke\n\
+             smolvm_invoke.wait()\n\
+             report = sys.argv[1].encode().decode('unicode_escape').encode()\n\
+             print('ran', sys.argv[1:])\n\
+             sys.stdout.flush()\n\
+             for fd in (0, 1, 2):\n\
+             \x20   os.close(fd)\n\
+             smolvm_invoke._conn.sendall(report)\n\
+             time.sleep(float(sys.argv[2]))\n\
+             os._exit(4)\n",
+            helpers = helpers_dir().display().to_string()
+        ),
+    )
+    .unwrap();
+    let s = script.to_str().unwrap();
+    let pid = ready_pid(warm(c, req(&["python3", s]), WarmMode::Invoke, 2));
+    let (p, out) = run(c, req(&["python3", s, "exit 9\\n", "600"]), b"");
+    assert_eq!(p, pid);
+    assert_eq!(out.stdout, b"ran ['exit 9\\\\n', '600']\n");
+    assert_eq!(out.status, ExitStatus::Code(9), "the reported status");
+    assert!(
+        matches!(proc_state(pid), Some(s) if s != 'Z'),
+        "the run ended while its process was still there: {:?}",
+        proc_state(pid)
+    );
+    c.quiesce().unwrap();
+    assert_eq!(
+        proc_state(pid),
+        None,
+        "a quiesce ends and reaps a reported process"
+    );
+    c.unquiesce().unwrap();
+
+    // Out of range: ignored, the process's own status counts.
+    let pid = ready_pid(warm(c, req(&["python3", s]), WarmMode::Invoke, 2));
+    let (p, out) = run(c, req(&["python3", s, "exit 300\\n", "0.2"]), b"");
+    assert_eq!(p, pid);
+    assert_eq!(out.status, ExitStatus::Code(4));
+    a.finish();
+}
+
+/// `smolvm_invoke.run(main)`: main's result is the status, `atexit` handlers of the
+/// start-up and of the run both write to the run's stderr (last registered first), and
+/// a cold start of the same program gives the same output and status.
+#[test]
+fn the_python_helpers_run_reports_what_sys_exit_would() {
+    if !have_python() {
+        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
+        return;
+    }
+    let a = agent();
+    let c = &a.client;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tool.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import atexit, sys\n\
+             sys.path.insert(0, {helpers:?})\n\
+             import smolvm_invoke\n\
+             atexit.register(lambda: print('atexit of the start-up', file=sys.stderr))\n\
+             smolvm_invoke.wait()\n\
+             def main():\n\
+             \x20   atexit.register(lambda: print('atexit of the run', file=sys.stderr))\n\
+             \x20   sys.stdout.write('out, unflushed ' + ' '.join(sys.argv[1:]))\n\
+             \x20   if sys.argv[1:] == ['message']:\n\
+             \x20       sys.exit('a message means status 1')\n\
+             \x20   return len(sys.argv[1:]) + 256\n\
+             smolvm_invoke.run(main)\n",
+            helpers = helpers_dir().display().to_string()
+        ),
+    )
+    .unwrap();
+    let s = script.to_str().unwrap();
+    for (args, status) in [(&["a", "b"][..], 2), (&["message"][..], 1)] {
+        let pid = ready_pid(warm(c, req(&["python3", s]), WarmMode::Invoke, 2));
+        let argv = [&["python3", s][..], args].concat();
+        let (p, warm_out) = run(c, req(&argv), b"");
+        assert_eq!(p, pid);
+        assert_eq!(warm_out.status, ExitStatus::Code(status));
+        let err = String::from_utf8_lossy(&warm_out.stderr).into_owned();
+        assert!(
+            err.ends_with("atexit of the run\natexit of the start-up\n"),
+            "{err}"
+        );
+        let (p, cold_out) = run(c, req(&argv), b"");
+        assert_ne!(p, pid);
+        assert_eq!(warm_out, cold_out, "{args:?}: warm and cold differ");
+    }
+    a.finish();
+}
+
+/// The shell way's `EXIT` trap reports the shell's own status only: a subshell, a command
+/// substitution or a child shell that exits does not end the run; a script's own `EXIT`
+/// trap set after the line still runs (its run then ends with the shell); warm and cold
+/// runs agree, under every shell found on the host.
+#[test]
+fn a_shell_runs_exit_trap_reports_the_scripts_status_only() {
+    let a = agent();
+    let c = &a.client;
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = [
+        (
+            "nested.sh",
+            "( exit 3 )\necho \"sub=$?\"\nv=$(exit 4; echo no)\necho \"cmdsub=$? $v\"\n\
+             sh -c 'exit 5'\necho \"child=$?\"\necho to-err >&2\nexit 6\n",
+            "sub=3\ncmdsub=4 \nchild=5\n",
+            6,
+        ),
+        (
+            "own-trap.sh",
+            "trap 'echo own trap' EXIT\necho body\nexit 2\n",
+            "body\nown trap\n",
+            2,
+        ),
+        ("falls-off.sh", "echo last\nfalse\n", "last\n", 1),
+        (
+            "errexit.sh",
+            "set -e\necho before\nfalse\necho after\n",
+            "before\n",
+            1,
+        ),
+    ];
+    let mut shells: Vec<Vec<&str>> = vec![vec!["sh"]];
+    for extra in [&["busybox", "sh"][..], &["bash"], &["dash"]] {
+        let found = std::process::Command::new(extra[0])
+            .args(&extra[1..])
+            .args(["-c", "true"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            shells.push(extra.to_vec());
+        } else {
+            eprintln!("{extra:?} not installed: not tried");
+        }
+    }
+    for (name, body, stdout, status) in scripts {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(". \"${{SMOLVM_INVOKE_SH:-/dev/null}}\"\n{body}"),
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        for shell in &shells {
+            let argv = [&shell[..], &[p]].concat();
+            let pid = ready_pid(warm(c, req(&argv), WarmMode::Invoke, argv.len() as u32));
+            let (got, warm_out) = run(c, req(&argv), b"");
+            assert_eq!(got, pid, "{shell:?} {name}");
+            assert_eq!(
+                String::from_utf8_lossy(&warm_out.stdout),
+                stdout,
+                "{shell:?} {name}"
+            );
+            assert_eq!(
+                warm_out.status,
+                ExitStatus::Code(status),
+                "{shell:?} {name}"
+            );
+            let (got, cold_out) = run(c, req(&argv), b"");
+            assert_ne!(got, pid);
+            assert_eq!(warm_out, cold_out, "{shell:?} {name}: warm and cold differ");
+        }
+    }
+    a.finish();
+}

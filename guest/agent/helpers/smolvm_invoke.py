@@ -8,24 +8,31 @@ docs/WARM.md of smolvm; this module implements it with the standard library only
     import smolvm_invoke
     import yaml            # slow start-up before the call...
     smolvm_invoke.wait()   # ...the run takes over here: sys.argv, stdio, cwd, environment
-    main(sys.argv[1:])
+    smolvm_invoke.run(main)  # main(), then its status reported: the run ends at once
 
 Outside a warm build (an ordinary start, ``SMOLVM_INVOKE_SOCKET`` unset) ``wait()``
-returns ``None`` at once and changes nothing, so the same program runs cold as well.
+returns ``None`` at once and changes nothing, and ``run``/``exit`` behave as
+``sys.exit``, so the same program runs cold as well.
 """
 
+import atexit
 import os
 import random
 import socket
 import struct
 import sys
 
-__all__ = ["Invocation", "wait", "receive", "decode", "SOCKET_ENV", "DEFAULT_SOCKET"]
+__all__ = [
+    "Invocation", "wait", "run", "exit", "receive", "decode", "SOCKET_ENV", "DEFAULT_SOCKET",
+]
 
 SOCKET_ENV = "SMOLVM_INVOKE_SOCKET"
 DEFAULT_SOCKET = "/run/smolvm/invoke.sock"
 REQUEST = b"smolvm-invoke 1\n"
 MAX_INVOCATION = 1 << 20
+
+# The invocation connection of the run in progress, kept by wait() for exit()'s report.
+_conn = None
 
 
 class Invocation:
@@ -69,25 +76,40 @@ def decode(payload):
 
 def receive(path=None):
     """Connects, asks for the run and waits for it: (Invocation, [stdin, stdout, stderr])."""
-    path = path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(path)
-        s.sendall(REQUEST)
-        head, fds, _flags, _addr = socket.recv_fds(s, 4, 8)
-        while len(head) < 4:
-            more = s.recv(4 - len(head))
-            if not more:
-                raise EOFError("the invocation socket closed")
-            head += more
-        (length,) = struct.unpack("<I", head)
-        if length > MAX_INVOCATION:
-            raise ValueError("invocation is too large")
-        payload = b""
-        while len(payload) < length:
-            more = s.recv(length - len(payload))
-            if not more:
-                raise EOFError("the invocation socket closed")
-            payload += more
+    s = _connect(path)
+    try:
+        return _receive(s)
+    finally:
+        s.close()
+
+
+def _connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _receive(s):
+    s.sendall(REQUEST)
+    head, fds, _flags, _addr = socket.recv_fds(s, 4, 8)
+    while len(head) < 4:
+        more = s.recv(4 - len(head))
+        if not more:
+            raise EOFError("the invocation socket closed")
+        head += more
+    (length,) = struct.unpack("<I", head)
+    if length > MAX_INVOCATION:
+        raise ValueError("invocation is too large")
+    payload = b""
+    while len(payload) < length:
+        more = s.recv(length - len(payload))
+        if not more:
+            raise EOFError("the invocation socket closed")
+        payload += more
     if len(fds) != 3:
         for fd in fds:
             os.close(fd)
@@ -116,7 +138,14 @@ def wait():
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return None
-    inv, fds = receive(path)
+    global _conn
+    s = _connect(path)
+    try:
+        inv, fds = _receive(s)
+    except BaseException:
+        s.close()
+        raise
+    _conn = s
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -140,3 +169,61 @@ def wait():
     if inv.reseed:
         reseed()
     return inv
+
+
+def _status(code):
+    """The process status ``sys.exit(code)`` would give, writing its message if any."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:
+        pass
+    return 1
+
+
+def exit(code=0):
+    """Ends the run now, as ``sys.exit(code)`` would end the program.
+
+    Warm (after ``wait()``): runs the ``atexit`` handlers, flushes and closes the run's
+    stdin, stdout and stderr, reports the status to the agent and leaves with
+    ``os._exit``. The run is over at the report; the process's own end (freeing the
+    interpreter, unmapping its memory) no longer delays it. Objects are not finalized, as
+    with ``os._exit``. Not warm: ``sys.exit(code)``.
+    """
+    global _conn
+    if _conn is None:
+        sys.exit(code)
+    status = _status(code)
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    for fd in (0, 1, 2):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        _conn.sendall(b"exit %d\n" % status)
+    except OSError:
+        pass
+    os._exit(status)
+
+
+def run(main, *args):
+    """Calls ``main(*args)`` and ends the run with its result, as ``sys.exit(main())``
+    would: a return value or a ``SystemExit`` becomes the status (see ``exit``). Other
+    exceptions propagate, and the program ends the usual way."""
+    try:
+        code = main(*args)
+    except SystemExit as e:
+        code = e.code
+    exit(code)

@@ -238,6 +238,22 @@ struct Exec {
     last_output: Instant,
     /// A warm shell script still opening its run's stdio FIFOs.
     handover: Option<Handover>,
+    /// A warm run's way to report its status before its process is gone.
+    report: Option<Report>,
+}
+
+/// Where a warm program writes `exit N` once its run is over (its invocation connection,
+/// or the shell way's `exit` FIFO), and what it has written so far.
+struct Report {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+/// A process whose run ended with its reported status: reaped when it is gone; killed at
+/// the next quiesce or resume (it said it was done), so no snapshot holds it.
+struct Ending {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
 }
 
 impl Exec {
@@ -255,6 +271,7 @@ impl Exec {
             status: None,
             exited_at: None,
             handover: None,
+            report: None,
             last_output: Instant::now(),
         }
     }
@@ -293,6 +310,7 @@ enum Token {
     Sock(StreamId),
     WarmListen,
     Handover(ExecId),
+    Report(ExecId),
 }
 
 /// Serves one session on `transport` until it ends. Catches panics: whatever happens, every
@@ -343,6 +361,7 @@ struct Session<'a, T: Transport> {
     readbuf: Vec<u8>,
     pidfds_work: bool,
     warm: Option<Warm>,
+    ending: Vec<Ending>,
 }
 
 impl<'a, T: Transport> Session<'a, T> {
@@ -369,6 +388,7 @@ impl<'a, T: Transport> Session<'a, T> {
             readbuf: vec![0u8; MAX_CHUNK],
             pidfds_work: true,
             warm: None,
+            ending: Vec::new(),
         })
     }
 
@@ -438,6 +458,7 @@ impl<'a, T: Transport> Session<'a, T> {
                             e.handover = None;
                         }
                     }
+                    Token::Report(id) => self.on_report(id),
                 }
                 if self.end.is_some() {
                     break;
@@ -499,6 +520,9 @@ impl<'a, T: Transport> Session<'a, T> {
                 if let Some(p) = &e.pidfd {
                     add(p.as_raw_fd(), libc::POLLIN, Token::Pid);
                 }
+                if let Some(r) = &e.report {
+                    add(r.fd.as_raw_fd(), libc::POLLIN, Token::Report(id));
+                }
             }
             if let Some(at) = e.exited_at {
                 if move_data && e.outs.iter().any(|o| o.is_some()) {
@@ -524,6 +548,9 @@ impl<'a, T: Transport> Session<'a, T> {
             if ev != 0 {
                 add(st.sock.as_raw_fd(), ev, Token::Sock(id));
             }
+        }
+        for p in self.ending.iter().filter_map(|p| p.pidfd.as_ref()) {
+            add(p.as_raw_fd(), libc::POLLIN, Token::Pid);
         }
         if let Some(w) = &self.warm {
             if w.status.is_none() {
@@ -717,6 +744,7 @@ impl<'a, T: Transport> Session<'a, T> {
             }
             HostMsg::Quiesce { req } => {
                 self.quiesced = true;
+                self.end_reported();
                 // A shell run's FIFOs outlive it (removing them would delay the run); a
                 // snapshot without a warm process waiting does not keep them.
                 if self.warm.as_ref().is_none_or(|w| w.sh.is_none()) {
@@ -1012,6 +1040,10 @@ impl<'a, T: Transport> Session<'a, T> {
         e.stdin = Some(sp.stdin);
         e.tty = sp.tty;
         e.handover = sp.handover;
+        e.report = sp.report.map(|fd| Report {
+            fd,
+            buf: Vec::with_capacity(invoke::EXIT_REPORT_MAX),
+        });
         e.outs = sp.outs.map(|o| {
             o.map(|fd| OutStream {
                 fd,
@@ -1435,7 +1467,66 @@ impl<'a, T: Transport> Session<'a, T> {
         e.outs[idx] = None;
     }
 
+    /// A warm run's report: `exit N` ends the run with status N now; its process, done
+    /// with the run's stdio, goes on ending by itself. Anything else is ignored and the run
+    /// ends when the process does, as without a report.
+    fn on_report(&mut self, id: ExecId) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        let Some(r) = e.report.as_mut() else {
+            return;
+        };
+        let mut chunk = [0u8; invoke::EXIT_REPORT_MAX + 1];
+        let room = chunk.len() - r.buf.len();
+        // SAFETY: `chunk` is writable for `room` <= its length bytes.
+        let n = unsafe { libc::read(r.fd.as_raw_fd(), chunk.as_mut_ptr().cast(), room) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if !matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
+                e.report = None;
+            }
+            return;
+        }
+        if n == 0 {
+            if !r.buf.is_empty() {
+                agent_log!("exec {id}: an exit report ended unfinished; waiting for the process");
+            }
+            e.report = None;
+            return;
+        }
+        r.buf.extend_from_slice(&chunk[..n as usize]);
+        match invoke::parse_exit_report(&r.buf) {
+            Ok(None) => {}
+            Ok(Some(code)) => {
+                e.status = Some(ExitStatus::Code(code as i32));
+                e.exited_at = Some(Instant::now());
+                e.handover = None;
+                e.report = None;
+                if let Some(pid) = e.pid {
+                    self.ending.push(Ending {
+                        pid,
+                        pidfd: e.pidfd.take(),
+                    });
+                }
+            }
+            Err(why) => {
+                agent_log!("exec {id}: {why}; waiting for the process");
+                e.report = None;
+            }
+        }
+    }
+
+    /// Kills and reaps the processes that reported their run's end and are still there.
+    fn end_reported(&mut self) {
+        for p in self.ending.drain(..) {
+            let _ = sys::kill(p.pid, libc::SIGKILL);
+            sys::wait_blocking(p.pid);
+        }
+    }
+
     fn reap(&mut self) {
+        self.ending.retain(|p| sys::try_wait(p.pid).is_none());
         if let Some(w) = self.warm.as_mut().filter(|w| w.status.is_none()) {
             if let Some((_, status)) = sys::try_wait(w.pid) {
                 w.status = Some(status);
@@ -1444,6 +1535,7 @@ impl<'a, T: Transport> Session<'a, T> {
         }
         if self.config.reap_all {
             while let Some((pid, status)) = sys::try_wait(-1) {
+                self.ending.retain(|p| p.pid != pid);
                 if let Some(w) = self.warm.as_mut().filter(|w| w.pid == pid) {
                     w.status = Some(status);
                     w.pidfd = None;
@@ -1458,6 +1550,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     e.exited_at = Some(Instant::now());
                     e.pidfd = None;
                     e.handover = None;
+                    e.report = None;
                 }
             }
         } else {
@@ -1467,6 +1560,7 @@ impl<'a, T: Transport> Session<'a, T> {
                     e.exited_at = Some(Instant::now());
                     e.pidfd = None;
                     e.handover = None;
+                    e.report = None;
                 }
             }
         }
@@ -1516,6 +1610,7 @@ impl<'a, T: Transport> Session<'a, T> {
             }
         }
         self.execs.clear();
+        self.end_reported();
         // The previous host's connections are gone with it.
         self.streams.clear();
         count
@@ -1536,6 +1631,8 @@ struct Spawned {
     tty: Option<OwnedFd>,
     outs: [Option<OwnedFd>; 2],
     handover: Option<Handover>,
+    /// Where a warm run reports its end (`Report`).
+    report: Option<OwnedFd>,
 }
 
 /// A warm shell script's run while the script opens its stdio FIFOs. Until it says it has
@@ -1549,7 +1646,7 @@ struct Handover {
 
 /// The FIFOs of the shell way in sit beside the invocation socket: `invoke.sh`, which the
 /// script sources, and `invoke.stdin`, `.stdout`, `.stderr` and `.ack` for its run.
-const SHELL_FIFOS: [&str; 5] = ["sh", "stdin", "stdout", "stderr", "ack"];
+const SHELL_FIFOS: [&str; 6] = ["sh", "stdin", "stdout", "stderr", "ack", "exit"];
 
 fn shell_fifo(config: &SessionConfig, ext: &str) -> PathBuf {
     config.invoke_socket.with_extension(ext)
@@ -1759,6 +1856,7 @@ fn spawn(req: &ExecRequest, config: &SessionConfig) -> Result<Spawned, String> {
         tty,
         outs,
         handover: None,
+        report: None,
     })
 }
 
@@ -1803,6 +1901,7 @@ fn spawn_piped(req: &ExecRequest, cwd: &str, env: &[(String, String)]) -> io::Re
         tty: None,
         outs: [Some(out_r), Some(err_r)],
         handover: None,
+        report: None,
     })
 }
 
@@ -1820,6 +1919,7 @@ fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, 
             tty: None,
             outs: [Some(out), Some(err)],
             handover: None,
+            report: None,
         });
     }
     let pid = w.pid;
@@ -1839,7 +1939,7 @@ fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, 
     if w.conn.is_none() && w.sh_waiting {
         return adopt_shell(&inv, w, config).map_err(&kill);
     }
-    let Some(conn) = &w.conn else {
+    let Some(conn) = w.conn else {
         return Err(kill("no invocation connection".into()));
     };
     let pipes = (|| {
@@ -1853,10 +1953,15 @@ fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, 
     })();
     let (theirs, [in_w, out_r, err_r]) = pipes.map_err(&kill)?;
     let fds = theirs.each_ref().map(|f| f.as_raw_fd());
-    invoke::send(conn, &inv, fds).map_err(|e| kill(e.to_string()))?;
+    invoke::send(&conn, &inv, fds).map_err(|e| kill(e.to_string()))?;
     // Its build-time pipes (`w.stdin`, `w.outs`) and our copies of the new ends close
     // here: it reads and writes only what it was sent.
     drop(theirs);
+    // The connection stays open for the program's exit report; it is read without blocking.
+    let report = conn
+        .set_nonblocking(true)
+        .ok()
+        .map(|()| OwnedFd::from(conn));
     Ok(Spawned {
         pid: w.pid,
         pidfd: w.pidfd,
@@ -1864,14 +1969,16 @@ fn adopt(req: &ExecRequest, w: Warm, config: &SessionConfig) -> Result<Spawned, 
         tty: None,
         outs: [Some(out_r), Some(err_r)],
         handover: None,
+        report,
     })
 }
 
 /// Opens the agent's ends of a shell run's FIFOs (made with the warm process): the
-/// hand-over, and the run's stdin writer, stdout and stderr readers.
-fn shell_stdio(config: &SessionConfig) -> Result<(Handover, [OwnedFd; 3]), String> {
-    let [stdin, stdout, stderr, ack] =
-        ["stdin", "stdout", "stderr", "ack"].map(|e| shell_fifo(config, e));
+/// hand-over, the run's stdin writer, stdout and stderr readers, and the exit report's
+/// reader.
+fn shell_stdio(config: &SessionConfig) -> Result<(Handover, [OwnedFd; 4]), String> {
+    let [stdin, stdout, stderr, ack, exit] =
+        ["stdin", "stdout", "stderr", "ack", "exit"].map(|e| shell_fifo(config, e));
     // A FIFO opens for writing without blocking only once it has a reader: each of ours is
     // opened with its reader first.
     let opened = (|| {
@@ -1880,7 +1987,9 @@ fn shell_stdio(config: &SessionConfig) -> Result<(Handover, [OwnedFd; 3]), Strin
         let in_w = sys::open_fifo(&stdin, libc::O_WRONLY)?;
         let out_r = sys::open_fifo(&stdout, libc::O_RDONLY)?;
         let err_r = sys::open_fifo(&stderr, libc::O_RDONLY)?;
-        Ok::<_, sys::SysError>((Handover { _keep: keep, ack }, [in_w, out_r, err_r]))
+        // Before its first writer, a FIFO's reader sees neither data nor a hang-up.
+        let exit_r = sys::open_fifo(&exit, libc::O_RDONLY)?;
+        Ok::<_, sys::SysError>((Handover { _keep: keep, ack }, [in_w, out_r, err_r, exit_r]))
     })();
     opened.map_err(|e| e.to_string())
 }
@@ -1889,9 +1998,9 @@ fn shell_stdio(config: &SessionConfig) -> Result<(Handover, [OwnedFd; 3]), Strin
 /// (`invoke::shell_takeover`) written into the FIFO the script is reading with `.`. The
 /// script starts no process for this; it opens the FIFOs by name.
 fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spawned, String> {
-    let (handover, [in_w, out_r, err_r]) = shell_stdio(config)?;
-    let [stdin, stdout, stderr, ack] =
-        ["stdin", "stdout", "stderr", "ack"].map(|e| shell_fifo(config, e));
+    let (handover, [in_w, out_r, err_r, exit_r]) = shell_stdio(config)?;
+    let [stdin, stdout, stderr, ack, exit] =
+        ["stdin", "stdout", "stderr", "ack", "exit"].map(|e| shell_fifo(config, e));
     let run_env: std::collections::HashSet<&str> =
         inv.env.iter().map(|(k, _)| k.as_str()).collect();
     let unset: Vec<&str> = w
@@ -1902,11 +2011,13 @@ fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spaw
         .collect();
     let lossy = |p: &PathBuf| p.to_string_lossy().into_owned();
     let (i, o, e, a) = (lossy(&stdin), lossy(&stdout), lossy(&stderr), lossy(&ack));
+    let x = lossy(&exit);
     let stdio = invoke::ShellStdio {
         stdin: &i,
         stdout: &o,
         stderr: &e,
         ack: &a,
+        exit: &x,
     };
     let code = invoke::shell_takeover(inv, &stdio, w.req.exec.argv.len(), &unset);
     let Some(sh) = &w.sh else {
@@ -1923,6 +2034,7 @@ fn adopt_shell(inv: &Invocation, w: Warm, config: &SessionConfig) -> Result<Spaw
         tty: None,
         outs: [Some(out_r), Some(err_r)],
         handover: Some(handover),
+        report: Some(exit_r),
     })
 }
 
@@ -1945,7 +2057,7 @@ mod tests {
             ..SessionConfig::default()
         };
         make_shell_fifos(&config, None).unwrap();
-        let (handover, [in_w, _out, _err]) = shell_stdio(&config).unwrap();
+        let (handover, [in_w, _out, _err, _exit]) = shell_stdio(&config).unwrap();
         let paths = ["stdin", "ack"].map(|e| shell_fifo(&config, e));
         std::fs::File::from(in_w).write_all(b"early").unwrap();
         // The script opens its stdin only now, as its `exec 0<…` would.
@@ -1975,6 +2087,53 @@ mod tests {
         assert!(rest.is_empty(), "stdin ends once the hand-over is dropped");
         remove_shell_fifos(&config);
         assert!(paths.iter().all(|p| !p.exists()), "the FIFOs are removed");
+    }
+
+    /// The exit report's FIFO: its reader, opened before any writer, is not woken (no
+    /// hang-up) until the shell's trap opens it read-write, writes and closes it; then the
+    /// report is there, then the end.
+    #[test]
+    fn the_exit_fifo_wakes_its_reader_only_with_a_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SessionConfig {
+            invoke_socket: dir.path().join("invoke.sock"),
+            ..SessionConfig::default()
+        };
+        make_shell_fifos(&config, None).unwrap();
+        let (_handover, [_in, _out, _err, exit_r]) = shell_stdio(&config).unwrap();
+        let poll = |timeout: i32| {
+            let mut pfd = libc::pollfd {
+                fd: exit_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+            (n, pfd.revents)
+        };
+        assert_eq!(poll(0), (0, 0), "woken before any report");
+        // What `echo "exit 3" 1<>FIFO` does.
+        let mut w = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(shell_fifo(&config, "exit"))
+            .unwrap();
+        std::io::Write::write_all(&mut w, invoke::exit_report(3).as_bytes()).unwrap();
+        drop(w);
+        let (n, revents) = poll(5000);
+        assert_eq!(n, 1);
+        assert_ne!(revents & libc::POLLIN, 0);
+        let mut buf = [0u8; 16];
+        // SAFETY: `buf` is writable for its length.
+        let got = unsafe { libc::read(exit_r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(
+            invoke::parse_exit_report(&buf[..got as usize]).unwrap(),
+            Some(3)
+        );
+        // SAFETY: as above.
+        let end = unsafe { libc::read(exit_r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(end, 0, "the writer's close ends it");
+        remove_shell_fifos(&config);
     }
 
     /// A warm run as another user gets that user's variables, as a fresh spawn does.

@@ -12,6 +12,9 @@
 //! 3. The payload is a sequence of NUL-terminated fields: the version `1`; the flags
 //!    (`reseed`, or empty); the working directory; argc in decimal; argc arguments; envc
 //!    in decimal; envc `NAME=VALUE` strings. Nothing follows the last field.
+//! 4. Optionally, once its run is over, the program closes its copies of the run's stdio
+//!    and writes [`exit_report`] (`exit N\n`) on the same connection: the run ends with
+//!    status N without waiting for the process to be gone.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -72,8 +75,56 @@ pub enum InvokeError {
     Nul,
     #[error("invocation carried {0} descriptors, not 3")]
     Descriptors(usize),
+    #[error("exit report {0:?} is not `exit N` with N from 0 to 255")]
+    BadReport(String),
     #[error("invocation socket: {0}")]
     Io(#[from] io::Error),
+}
+
+/// Longest exit report: `exit 255\n`.
+pub const EXIT_REPORT_MAX: usize = 9;
+
+/// The report a warm program may write when its run is over (docs/WARM.md, step 6):
+/// `exit N\n`, N the run's status in decimal. A process's own end (unmapping its memory,
+/// closing its files) comes after its last output and can be a good part of a short run
+/// on an emulating host; the report lets the run end first.
+pub fn exit_report(status: u8) -> String {
+    format!("exit {status}\n")
+}
+
+/// Parses what a warm program wrote after its run: `Ok(Some(status))` for a whole report,
+/// `Ok(None)` while `bytes` is the start of one (read on), an error for anything else.
+pub fn parse_exit_report(bytes: &[u8]) -> Result<Option<u8>, InvokeError> {
+    let bad = || InvokeError::BadReport(String::from_utf8_lossy(bytes).into_owned());
+    if bytes.len() > EXIT_REPORT_MAX {
+        return Err(bad());
+    }
+    const WORD: &[u8] = b"exit ";
+    let head = bytes.len().min(WORD.len());
+    if bytes[..head] != WORD[..head] {
+        return Err(bad());
+    }
+    let rest = &bytes[head..];
+    let (digits, whole) = match rest.iter().position(|&b| b == b'\n') {
+        Some(i) if i + 1 == rest.len() && head == WORD.len() => (&rest[..i], true),
+        Some(_) => return Err(bad()),
+        None => (rest, false),
+    };
+    if !digits.iter().all(u8::is_ascii_digit)
+        || digits.len() > 3
+        || (digits.len() > 1 && digits[0] == b'0')
+    {
+        return Err(bad());
+    }
+    if !whole {
+        return Ok(None);
+    }
+    // All ASCII digits, at most three: parses, and only the range can fail.
+    let n: u32 = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(bad)?;
+    u8::try_from(n).map(Some).map_err(|_| bad())
 }
 
 /// Encodes the payload (without the length prefix).
@@ -338,12 +389,19 @@ pub struct ShellStdio<'a> {
     pub stdout: &'a str,
     pub stderr: &'a str,
     pub ack: &'a str,
+    /// Where the shell's `EXIT` trap reports the run's status (see [`exit_report`]).
+    pub exit: &'a str,
 }
 
 /// The commands a shell script runs with `. "$SMOLVM_INVOKE_SH"` to become the run `inv`,
 /// with shell builtins only (no process starts, which is the point):
 /// - opens the run's stdio FIFOs onto 0, 1 and 2, then opens and closes `ack` so the
 ///   agent stops holding the stdin FIFO open (until then its early end cannot be lost);
+/// - sets the shell's `EXIT` trap to close its stdio and write [`exit_report`] with the
+///   shell's status into the `exit` FIFO, so the run ends before the shell process is gone
+///   (subshells do not inherit the trap; a script that sets its own `EXIT` trap replaces
+///   it, and its run then ends when the shell has exited, as without a report). The FIFO
+///   is opened read-write (`<>`), which never blocks, whatever the agent does;
 /// - unsets `unset` (the start-up's variables the run lacks), exports the run's variables,
 ///   changes directory;
 /// - sets the positional parameters to the run's arguments: `argv` less the words that
@@ -364,6 +422,11 @@ pub fn shell_takeover(
         q(stdio.stderr),
         q(stdio.ack)
     );
+    let report = format!(
+        "__smolvm_status=$?; exec 0<&- 1>&- 2>&-; echo \"exit $__smolvm_status\" 1<>{}",
+        q(stdio.exit)
+    );
+    out.push_str(&format!("trap -- {} EXIT\n", q(&report)));
     let unset: Vec<&str> = unset.iter().copied().filter(|k| shell_name_ok(k)).collect();
     if !unset.is_empty() {
         out.push_str(&format!("unset {}\n", unset.join(" ")));
@@ -399,6 +462,54 @@ mod tests {
             cwd: "/tmp".into(),
             reseed: true,
         }
+    }
+
+    #[test]
+    fn exit_reports_parse_whole_partial_and_bad() {
+        for status in 0..=255u8 {
+            let r = exit_report(status);
+            assert!(r.len() <= EXIT_REPORT_MAX);
+            assert_eq!(parse_exit_report(r.as_bytes()).unwrap(), Some(status));
+            for cut in 0..r.len() {
+                assert_eq!(parse_exit_report(&r.as_bytes()[..cut]).unwrap(), None);
+            }
+        }
+        for bad in [
+            &b"exit\n"[..],
+            b"exit \n",
+            b"exit 256\n",
+            b"exit 007\n",
+            b"exit 1\n\n",
+            b"exit -1\n",
+            b"exit 1 \n",
+            b"Exit 1\n",
+            b"exit 1000",
+            b"quit",
+            b"exit 12345",
+        ] {
+            assert!(parse_exit_report(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn shell_takeover_reports_through_an_exit_trap() {
+        let stdio = ShellStdio {
+            stdin: "/run/i",
+            stdout: "/run/o",
+            stderr: "/run/e",
+            ack: "/run/a",
+            exit: "/run/it's",
+        };
+        let code = shell_takeover(&sample(), &stdio, 2, &[]);
+        let trap = code.lines().find(|l| l.starts_with("trap ")).unwrap();
+        assert_eq!(
+            trap,
+            r#"trap -- '__smolvm_status=$?; exec 0<&- 1>&- 2>&-; echo "exit $__smolvm_status" 1<>'\''/run/it'\''\'\'''\''s'\''' EXIT"#
+        );
+        // The trap is set once the run's stdio is open, before anything of the run.
+        let lines: Vec<&str> = code.lines().collect();
+        assert!(lines[0].starts_with("exec 0<"));
+        assert_eq!(lines[2], trap);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Property tests of the invocation protocol's payload (docs/WARM.md): every invocation
 //! survives a round trip, and arbitrary bytes never panic the decoder; what it accepts
-//! encodes back to the same bytes (one encoding per invocation).
+//! encodes back to the same bytes (one encoding per invocation). The same for the exit
+//! report a warm program may send after its run.
 
 use proptest::prelude::*;
-use smolvm_agent::invoke::{decode, encode, Invocation};
+use smolvm_agent::invoke::{
+    decode, encode, exit_report, parse_exit_report, Invocation, EXIT_REPORT_MAX,
+};
 
 fn field() -> impl Strategy<Value = String> {
     "[^\u{0}]{0,12}"
@@ -55,5 +58,21 @@ proptest! {
         let bytes = encode(&inv).unwrap();
         let cut = cut % bytes.len();
         prop_assert!(decode(&bytes[..cut]).is_err());
+    }
+
+    #[test]
+    fn exit_reports_round_trip_and_reject_the_rest(
+        status in any::<u8>(),
+        bytes in prop::collection::vec(any::<u8>(), 0..16),
+    ) {
+        let r = exit_report(status);
+        prop_assert_eq!(parse_exit_report(r.as_bytes()).unwrap(), Some(status));
+        match parse_exit_report(&bytes) {
+            // Only the canonical form is whole.
+            Ok(Some(n)) => prop_assert_eq!(exit_report(n).into_bytes(), bytes),
+            // A partial report is the start of one, never longer than the longest.
+            Ok(None) => prop_assert!(bytes.len() < EXIT_REPORT_MAX),
+            Err(_) => {}
+        }
     }
 }
