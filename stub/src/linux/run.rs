@@ -690,7 +690,9 @@ fn run_exec(mut handle: ExecHandle, tty: bool) -> Result<ExitStatus, LinuxError>
                 copy_out(r, &mut io::stderr());
             }
         });
-        s.spawn(|| {
+        // Polls for the signal handlers' flags (a handler can only set a flag); woken
+        // at once when the output has ended, so the run's end waits for no poll.
+        let forwarder = s.spawn(|| {
             let mut piped = false;
             while !done.load(Ordering::SeqCst) {
                 if RESIZED.swap(false, Ordering::SeqCst) && tty {
@@ -704,12 +706,13 @@ fn run_exec(mut handle: ExecHandle, tty: bool) -> Result<ExitStatus, LinuxError>
                     piped = true;
                     let _ = h.signal(libc::SIGPIPE);
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::park_timeout(Duration::from_millis(20));
             }
         });
         let _ = o.join();
         let _ = e.join();
         done.store(true, Ordering::SeqCst);
+        forwarder.thread().unpark();
     });
     let status = handle.wait()?;
     drop(raw);
