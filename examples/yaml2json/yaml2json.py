@@ -23,7 +23,7 @@ def documents(stream, name):
         raise SystemExit(f"yaml2json: {name}: {e}".replace("\n", " ")) from None
 
 
-def main(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(
         prog="yaml2json", description="Convert YAML documents to JSON."
     )
@@ -31,7 +31,11 @@ def main(argv=None):
     parser.add_argument("-c", "--compact", action="store_true", help="one line per document")
     parser.add_argument("-k", "--keys", action="store_true", help="list top-level keys only")
     parser.add_argument("-s", "--sort-keys", action="store_true", help="sort mapping keys")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None, parser=None):
+    args = (parser or make_parser()).parse_args(argv)
 
     indent = None if args.compact else 2
     separators = (",", ":") if args.compact else None
@@ -60,9 +64,9 @@ def main(argv=None):
                 sys.stdout.write("\n")
 
 
-def cli():
+def cli(parser=None):
     try:
-        main()
+        main(parser=parser)
     except BrokenPipeError:
         # `yaml2json big.yaml | head` is not an error.
         sys.stderr.close()
@@ -79,5 +83,8 @@ if __name__ == "__main__":
         import smolvm_invoke
     except ImportError:
         sys.exit(cli())
+    # Start-up work belongs before the wait: making the parser loads gettext's locale
+    # module, which a run would otherwise read from the disk.
+    parser = make_parser()
     smolvm_invoke.wait()
-    smolvm_invoke.run(cli)
+    smolvm_invoke.run(cli, parser)

@@ -325,8 +325,11 @@ fn invoke_mode_through_the_python_helper() {
              sys.path.insert(0, {helpers:?})\n\
              import smolvm_invoke\n\
              before = random.random()\n\
+             import tempfile\n\
+             tempfile._get_candidate_names()\n\
              print('start-up output stays out of runs')\n\
              inv = smolvm_invoke.wait()\n\
+             print('tempfile names fresh', tempfile._name_sequence is None)\n\
              data = sys.stdin.read()\n\
              print('argv', sys.argv[1:], 'cwd', os.getcwd(), 'mode', os.environ.get('MODE'))\n\
              print('socket var', os.environ.get('SMOLVM_INVOKE_SOCKET'))\n\
@@ -357,7 +360,8 @@ fn invoke_mode_through_the_python_helper() {
     let text = String::from_utf8(out.stdout.clone()).unwrap();
     assert_eq!(
         text,
-        "argv ['--compact', 'a b'] cwd /tmp mode warm\n\
+        "tempfile names fresh True\n\
+         argv ['--compact', 'a b'] cwd /tmp mode warm\n\
          socket var None\n\
          stdin 'in\\n'\n\
          warm True reseeded True\n"
@@ -370,7 +374,9 @@ fn invoke_mode_through_the_python_helper() {
     let (p, out) = run(c, req(&["python3", "-u", s, "--compact", "a b"]), b"in\n");
     assert_ne!(p, pid);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.starts_with("start-up output stays out of runs\nargv ['--compact', 'a b']"));
+    assert!(text.starts_with(
+        "start-up output stays out of runs\ntempfile names fresh False\nargv ['--compact', 'a b']"
+    ));
     assert!(text.contains("warm False"), "{text}");
     assert_eq!(out.status, ExitStatus::Code(3));
     a.finish();

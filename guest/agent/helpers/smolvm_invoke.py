@@ -120,11 +120,12 @@ def _receive(s):
 def reseed():
     """Fresh seeds for what a snapshot would otherwise repeat in every run."""
     random.seed()
-    try:
-        import tempfile
-        tempfile._name_sequence = None  # its generator is reseeded only on a pid change
-    except Exception:
-        pass
+    # tempfile's name generator is reseeded only on a pid change. Reset only when the
+    # program has the module: importing it here (shutil, bz2, lzma, zlib) would cost the
+    # run seconds on an emulating host, and a later import makes a fresh generator anyway.
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile._name_sequence = None
 
 
 def wait():
