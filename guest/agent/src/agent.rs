@@ -1361,16 +1361,14 @@ impl<'a, T: Transport> Session<'a, T> {
                 }
             }
         }
-        let mut entries = 0;
+        let (mut read, mut entries) = (0, 0);
         for d in dirs.iter().take(MAX_PRELOAD_DIRS) {
             if let Ok(rd) = std::fs::read_dir(d) {
+                read += 1;
                 entries += rd.take(MAX_PRELOAD_ENTRIES).count();
             }
         }
-        agent_log!(
-            "kept {} command directories ({entries} entries) in the cache",
-            dirs.len().min(MAX_PRELOAD_DIRS)
-        );
+        agent_log!("kept {read} command directories ({entries} entries) in the cache");
     }
 
     /// Kills and forgets the warm entrypoint, if any.
@@ -1694,7 +1692,8 @@ struct Handover {
 }
 
 /// The FIFOs of the shell way in sit beside the invocation socket: `invoke.sh`, which the
-/// script sources, and `invoke.stdin`, `.stdout`, `.stderr` and `.ack` for its run.
+/// script sources, and `invoke.stdin`, `.stdout`, `.stderr`, `.ack` and `.exit` (the
+/// `EXIT` trap's report) for its run.
 const SHELL_FIFOS: [&str; 6] = ["sh", "stdin", "stdout", "stderr", "ack", "exit"];
 
 fn shell_fifo(config: &SessionConfig, ext: &str) -> PathBuf {
