@@ -759,8 +759,9 @@ fn the_python_helpers_run_reports_what_sys_exit_would() {
 
 /// The shell way's `EXIT` trap reports the shell's own status only: a subshell, a command
 /// substitution or a child shell that exits does not end the run; a script's own `EXIT`
-/// trap set after the line still runs (its run then ends with the shell); warm and cold
-/// runs agree, under every shell found on the host.
+/// trap set after the line still runs (its run then ends with the shell); a script killed
+/// by a signal ends as killed, also under bash, whose `EXIT` trap runs on signals; warm and
+/// cold runs agree, under every shell found on the host.
 #[test]
 fn a_shell_runs_exit_trap_reports_the_scripts_status_only() {
     let a = agent();
@@ -786,6 +787,13 @@ fn a_shell_runs_exit_trap_reports_the_scripts_status_only() {
             "set -e\necho before\nfalse\necho after\n",
             "before\n",
             1,
+        ),
+        // bash runs an `EXIT` trap on a fatal signal too, with `$?` 0: no report there.
+        (
+            "signal.sh",
+            "echo before\nkill -TERM $$\necho after\n",
+            "before\n",
+            -15,
         ),
     ];
     let mut shells: Vec<Vec<&str>> = vec![vec!["sh"]];
@@ -819,11 +827,12 @@ fn a_shell_runs_exit_trap_reports_the_scripts_status_only() {
                 stdout,
                 "{shell:?} {name}"
             );
-            assert_eq!(
-                warm_out.status,
-                ExitStatus::Code(status),
-                "{shell:?} {name}"
-            );
+            let want = if status < 0 {
+                ExitStatus::Signal(-status)
+            } else {
+                ExitStatus::Code(status)
+            };
+            assert_eq!(warm_out.status, want, "{shell:?} {name}");
             let (got, cold_out) = run(c, req(&argv), b"");
             assert_ne!(got, pid);
             assert_eq!(warm_out, cold_out, "{shell:?} {name}: warm and cold differ");

@@ -426,7 +426,14 @@ pub fn shell_takeover(
         "__smolvm_status=$?; exec 0<&- 1>&- 2>&-; echo \"exit $__smolvm_status\" 1<>{}",
         q(stdio.exit)
     );
-    out.push_str(&format!("trap -- {} EXIT\n", q(&report)));
+    // bash (and zsh and ksh) also run the `EXIT` trap when a fatal signal kills them, with
+    // `$?` the last command's status: the report would turn "killed by SIGTERM" into
+    // "exit 0". Those shells get no report; their runs end with the process. busybox ash
+    // and dash run it only on an exit. `[` is a builtin: nothing is forked.
+    out.push_str(&format!(
+        "if [ -z \"${{BASH_VERSION-}}${{ZSH_VERSION-}}${{KSH_VERSION-}}\" ]; then trap -- {} EXIT; fi\n",
+        q(&report)
+    ));
     let unset: Vec<&str> = unset.iter().copied().filter(|k| shell_name_ok(k)).collect();
     if !unset.is_empty() {
         out.push_str(&format!("unset {}\n", unset.join(" ")));
@@ -501,10 +508,10 @@ mod tests {
             exit: "/run/it's",
         };
         let code = shell_takeover(&sample(), &stdio, 2, &[]);
-        let trap = code.lines().find(|l| l.starts_with("trap ")).unwrap();
+        let trap = code.lines().find(|l| l.contains("trap ")).unwrap();
         assert_eq!(
             trap,
-            r#"trap -- '__smolvm_status=$?; exec 0<&- 1>&- 2>&-; echo "exit $__smolvm_status" 1<>'\''/run/it'\''\'\'''\''s'\''' EXIT"#
+            r#"if [ -z "${BASH_VERSION-}${ZSH_VERSION-}${KSH_VERSION-}" ]; then trap -- '__smolvm_status=$?; exec 0<&- 1>&- 2>&-; echo "exit $__smolvm_status" 1<>'\''/run/it'\''\'\'''\''s'\''' EXIT; fi"#
         );
         // The trap is set once the run's stdio is open, before anything of the run.
         let lines: Vec<&str> = code.lines().collect();
