@@ -186,7 +186,6 @@ fn a_child_of_the_entrypoint_reading_stdin_makes_it_ready() {
 #[test]
 fn waiting_in_poll_select_or_epoll_on_stdin_makes_it_ready() {
     if !have_python() {
-        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
         return;
     }
     let waits = [
@@ -236,6 +235,12 @@ fn waiting_in_poll_select_or_epoll_on_stdin_makes_it_ready() {
     a.finish();
 }
 
+/// State letter of a process (`/proc/PID/stat`), `None` once it is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
 #[test]
 fn a_warm_process_that_died_before_the_run_falls_back() {
     let a = agent();
@@ -245,8 +250,7 @@ fn a_warm_process_that_died_before_the_run_falls_back() {
     // SAFETY: kill with a pid the agent reported; the process is ours.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     // Dead (a zombie, or reaped already) before the run arrives, as in a snapshot.
-    let stat = format!("/proc/{pid}/stat");
-    while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+    while proc_state(pid).is_some_and(|s| s != 'Z') {
         thread::sleep(Duration::from_millis(10));
     }
     let (p, out) = run(c, r, b"x\n");
@@ -300,29 +304,44 @@ fn helpers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/agent/helpers")
 }
 
+/// Whether the host has a Python the helper runs on; says so loudly when it has not.
 fn have_python() -> bool {
-    std::process::Command::new("python3")
+    let ok = std::process::Command::new("python3")
         .arg("-c")
         .arg("import socket; socket.recv_fds")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
+    }
+    ok
+}
+
+/// Writes a Python program `name` into `dir` that finds the helper module in the source
+/// tree (as an image finds it in dist-packages), then runs `body`; its path.
+fn python_tool(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    let helpers = helpers_dir().display().to_string();
+    std::fs::write(
+        &path,
+        format!("import sys\nsys.path.insert(0, {helpers:?})\n{body}"),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
 }
 
 #[test]
 fn invoke_mode_through_the_python_helper() {
     if !have_python() {
-        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
         return;
     }
     let a = agent();
     let c = &a.client;
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("tool.py");
-    std::fs::write(
-        &script,
-        format!(
-            "import os, random, sys\n\
-             sys.path.insert(0, {helpers:?})\n\
+    let s = &python_tool(
+        dir.path(),
+        "tool.py",
+        "import os, random, sys\n\
              import smolvm_invoke\n\
              before = random.random()\n\
              import tempfile\n\
@@ -337,11 +356,7 @@ fn invoke_mode_through_the_python_helper() {
              print('warm', inv is not None, 'reseeded', random.random() != before)\n\
              print('err', file=sys.stderr)\n\
              sys.exit(len(sys.argv))\n",
-            helpers = helpers_dir().display().to_string()
-        ),
-    )
-    .unwrap();
-    let s = script.to_str().unwrap();
+    );
     let w = req(&["python3", "-u", s, "--default"]);
     let pid = ready_pid(warm(c, w.clone(), WarmMode::Invoke, 3));
     assert!(
@@ -640,31 +655,22 @@ fn yaml2json_example_warm_and_cold_agree() {
     }
 }
 
-/// State letter of a process (`/proc/PID/stat`), `None` once it is gone.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?.1.chars().next()
-}
-
 /// A warm program that reports its status (`exit N` on its connection, after closing its
 /// stdio) ends its run with that status while the process is still there; the next quiesce
 /// kills it. A malformed report is ignored: the run then ends with the process.
 #[test]
 fn a_reported_exit_ends_the_run_before_the_process() {
     if !have_python() {
-        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
         return;
     }
     let a = agent();
     let c = &a.client;
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("linger.py");
     // A program whose end is slow: it reports, then takes its time to go.
-    std::fs::write(
-        &script,
-        format!(
-            "import os, sys, time\n\
-             sys.path.insert(0, {helpers:?})\n\
+    let s = &python_tool(
+        dir.path(),
+        "linger.py",
+        "import os, sys, time\n\
              import smolvm_invoke\n\
              smolvm_invoke.wait()\n\
              report = sys.argv[1].encode().decode('unicode_escape').encode()\n\
@@ -675,11 +681,7 @@ fn a_reported_exit_ends_the_run_before_the_process() {
              smolvm_invoke._conn.sendall(report)\n\
              time.sleep(float(sys.argv[2]))\n\
              os._exit(4)\n",
-            helpers = helpers_dir().display().to_string()
-        ),
-    )
-    .unwrap();
-    let s = script.to_str().unwrap();
+    );
     let pid = ready_pid(warm(c, req(&["python3", s]), WarmMode::Invoke, 2));
     let (p, out) = run(c, req(&["python3", s, "exit 9\\n", "600"]), b"");
     assert_eq!(p, pid);
@@ -712,18 +714,15 @@ fn a_reported_exit_ends_the_run_before_the_process() {
 #[test]
 fn the_python_helpers_run_reports_what_sys_exit_would() {
     if !have_python() {
-        eprintln!("SKIPPED: needs python3 (3.9 or later) on the host");
         return;
     }
     let a = agent();
     let c = &a.client;
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("tool.py");
-    std::fs::write(
-        &script,
-        format!(
-            "import atexit, sys\n\
-             sys.path.insert(0, {helpers:?})\n\
+    let s = &python_tool(
+        dir.path(),
+        "tool.py",
+        "import atexit, sys\n\
              import smolvm_invoke\n\
              atexit.register(lambda: print('atexit of the start-up', file=sys.stderr))\n\
              smolvm_invoke.wait()\n\
@@ -734,11 +733,7 @@ fn the_python_helpers_run_reports_what_sys_exit_would() {
              \x20       sys.exit('a message means status 1')\n\
              \x20   return len(sys.argv[1:]) + 256\n\
              smolvm_invoke.run(main)\n",
-            helpers = helpers_dir().display().to_string()
-        ),
-    )
-    .unwrap();
-    let s = script.to_str().unwrap();
+    );
     for (args, status) in [(&["a", "b"][..], 2), (&["message"][..], 1)] {
         let pid = ready_pid(warm(c, req(&["python3", s]), WarmMode::Invoke, 2));
         let argv = [&["python3", s][..], args].concat();
